@@ -1,0 +1,358 @@
+"""GGUF container I/O at the byte level: a fast metadata reader and a byte-exact metadata appender.
+
+Read in the order of the format (https://github.com/ggml-org/ggml/blob/master/docs/gguf.md):
+header -> key/values -> tensor infos -> padding -> tensor data. gguf-py's GGUFReader builds one
+numpy object per array element (a 1 M-element array takes ~23 s); here a numeric array is one
+`np.frombuffer`, so NKAT's INT8 theta arrays load in milliseconds.
+
+`write_with_metadata` copies a GGUF's tensor infos and tensor data unchanged and rewrites only the
+key/value section, so "every tensor of the quantized model unchanged" holds byte for byte.
+"""
+
+from __future__ import annotations
+
+import mmap
+import shutil
+import struct
+from dataclasses import dataclass
+from enum import IntEnum
+from pathlib import Path
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from .atomic import atomic_output
+from .errors import InputError
+
+GGUF_MAGIC = b"GGUF"
+DEFAULT_ALIGNMENT = 32
+
+
+class ValueType(IntEnum):
+    UINT8 = 0
+    INT8 = 1
+    UINT16 = 2
+    INT16 = 3
+    UINT32 = 4
+    INT32 = 5
+    FLOAT32 = 6
+    BOOL = 7
+    STRING = 8
+    ARRAY = 9
+    UINT64 = 10
+    INT64 = 11
+    FLOAT64 = 12
+
+
+_SCALAR_DTYPES: dict[ValueType, np.dtype] = {
+    ValueType.UINT8: np.dtype("<u1"),
+    ValueType.INT8: np.dtype("<i1"),
+    ValueType.UINT16: np.dtype("<u2"),
+    ValueType.INT16: np.dtype("<i2"),
+    ValueType.UINT32: np.dtype("<u4"),
+    ValueType.INT32: np.dtype("<i4"),
+    ValueType.FLOAT32: np.dtype("<f4"),
+    ValueType.BOOL: np.dtype("<u1"),
+    ValueType.UINT64: np.dtype("<u8"),
+    ValueType.INT64: np.dtype("<i8"),
+    ValueType.FLOAT64: np.dtype("<f8"),
+}
+_TYPE_OF_DTYPE = {dt: t for t, dt in _SCALAR_DTYPES.items() if t != ValueType.BOOL}
+
+
+@dataclass(frozen=True)
+class Value:
+    """A typed metadata value. Arrays hold a numpy array (numeric) or a list of str (STRING)."""
+
+    type: ValueType
+    data: Any
+    sub_type: ValueType | None = None
+
+    def python(self) -> Any:
+        """The value as plain Python (scalars) or numpy/list (arrays)."""
+        if self.type == ValueType.BOOL:
+            return bool(self.data)
+        return self.data
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]  # ggml order (ne0 = row length first), as in the file
+    type: GGMLQuantizationType
+    offset: int  # relative to the start of the data section
+
+    @property
+    def n_bytes(self) -> int:
+        block, size = GGML_QUANT_SIZES[self.type]
+        return int(np.prod(self.shape, dtype=np.int64)) // block * size
+
+
+@dataclass(frozen=True)
+class GGUFLayout:
+    """Everything before the tensor data, plus where each section starts in the file."""
+
+    path: Path
+    version: int
+    metadata: dict[str, Value]
+    kv_spans: dict[str, tuple[int, int]]  # key -> (start, end) byte span of the whole KV record
+    tensors: list[TensorInfo]
+    tensor_infos_span: tuple[int, int]
+    alignment: int
+    data_offset: int
+    file_size: int
+
+    def get(self, key: str, default: Any = None) -> Any:
+        value = self.metadata.get(key)
+        return default if value is None else value.python()
+
+    @property
+    def architecture(self) -> str:
+        arch = self.get("general.architecture")
+        if not isinstance(arch, str):
+            raise InputError(f"{self.path}: GGUF has no general.architecture")
+        return arch
+
+
+class _Cursor:
+    """Sequential little-endian reads over a buffer; running past the end means a truncated file."""
+
+    def __init__(self, buf: memoryview | bytes, path: Path):
+        self.buf = buf
+        self.pos = 0
+        self.path = path
+
+    def take(self, n: int) -> memoryview:
+        end = self.pos + n
+        if n < 0 or end > len(self.buf):
+            raise InputError(f"truncated GGUF: {self.path} ends inside its header at byte {len(self.buf)}")
+        view = memoryview(self.buf)[self.pos:end]
+        self.pos = end
+        return view
+
+    def unpack(self, fmt: str) -> Any:
+        size = struct.calcsize(fmt)
+        return struct.unpack_from(fmt, self.take(size))[0]
+
+    def string(self) -> str:
+        n = self.unpack("<Q")
+        raw = self.take(n)
+        try:
+            return str(raw, "utf-8")
+        except UnicodeDecodeError:
+            return bytes(raw).decode("utf-8", errors="replace")
+
+    def value(self, vtype: ValueType) -> Value:
+        if vtype == ValueType.STRING:
+            return Value(vtype, self.string())
+        if vtype == ValueType.ARRAY:
+            sub = self._value_type()
+            count = self.unpack("<Q")
+            if sub == ValueType.STRING:
+                return Value(vtype, [self.string() for _ in range(count)], sub)
+            if sub == ValueType.ARRAY:
+                return Value(vtype, [self.value(self._value_type()) for _ in range(count)], sub)
+            dtype = _SCALAR_DTYPES[sub]
+            arr = np.frombuffer(self.take(dtype.itemsize * count), dtype=dtype).copy()
+            return Value(vtype, arr, sub)
+        dtype = _SCALAR_DTYPES[vtype]
+        item = np.frombuffer(self.take(dtype.itemsize), dtype=dtype)[0].item()
+        return Value(vtype, item)
+
+    def _value_type(self) -> ValueType:
+        raw = self.unpack("<I")
+        try:
+            return ValueType(raw)
+        except ValueError:
+            raise InputError(f"corrupt GGUF: {self.path} has unknown value type {raw} at byte {self.pos - 4}") from None
+
+
+def read_layout(path: str | Path) -> GGUFLayout:
+    """Parse header, metadata and tensor infos; validate that the tensor data is all there."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"no such file: {path}")
+    size = path.stat().st_size
+    if size < 24:
+        raise InputError(f"not a GGUF file: {path} ({size} bytes)")
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        if mm[:4] != GGUF_MAGIC:
+            raise InputError(f"not a GGUF file: {path} (magic {bytes(mm[:4])!r}, expected b'GGUF')")
+        cur = _Cursor(mm, path)
+        try:
+            layout = _parse(cur, path, size)
+        finally:
+            cur.buf = b""  # release the mmap export before closing
+    return layout
+
+
+def _parse(cur: _Cursor, path: Path, size: int) -> GGUFLayout:
+    cur.take(4)
+    version = cur.unpack("<I")
+    if version not in (2, 3):
+        raise InputError(f"unsupported GGUF version {version} in {path} (expected 2 or 3)")
+    n_tensors = cur.unpack("<Q")
+    n_kv = cur.unpack("<Q")
+    metadata: dict[str, Value] = {}
+    spans: dict[str, tuple[int, int]] = {}
+    for _ in range(n_kv):
+        start = cur.pos
+        key = cur.string()
+        metadata[key] = cur.value(cur._value_type())
+        spans[key] = (start, cur.pos)
+    infos_start = cur.pos
+    tensors = []
+    for _ in range(n_tensors):
+        name = cur.string()
+        n_dims = cur.unpack("<I")
+        shape = tuple(cur.unpack("<Q") for _ in range(n_dims))
+        raw_type = cur.unpack("<I")
+        try:
+            ttype = GGMLQuantizationType(raw_type)
+        except ValueError:
+            raise InputError(f"unsupported tensor type {raw_type} for {name} in {path}") from None
+        tensors.append(TensorInfo(name, shape, ttype, cur.unpack("<Q")))
+    infos_end = cur.pos
+    alignment_value = metadata.get("general.alignment")
+    alignment = int(alignment_value.data) if alignment_value else DEFAULT_ALIGNMENT
+    data_offset = -(-infos_end // alignment) * alignment
+    needed = max((data_offset + t.offset + t.n_bytes for t in tensors), default=infos_end)
+    if needed > size:
+        raise InputError(f"truncated GGUF: {path} has {size} bytes, its tensors need {needed}")
+    return GGUFLayout(path, version, metadata, spans, tensors, (infos_start, infos_end), alignment, data_offset, size)
+
+
+# ---- encoding ---------------------------------------------------------------------------------
+
+
+def value_from_python(value: Any) -> Value:
+    """Infer a GGUF type: str, bool, int (INT64/UINT64 only if needed), float (FLOAT32),
+    list[str], or a numpy array (its dtype decides the element type)."""
+    if isinstance(value, Value):
+        return value
+    if isinstance(value, str):
+        return Value(ValueType.STRING, value)
+    if isinstance(value, bool):
+        return Value(ValueType.BOOL, value)
+    if isinstance(value, int):
+        return Value(ValueType.UINT32 if 0 <= value < 2**32 else ValueType.INT64, value)
+    if isinstance(value, float):
+        return Value(ValueType.FLOAT32, value)
+    if isinstance(value, np.ndarray):
+        dtype = value.dtype.newbyteorder("<") if value.dtype.byteorder == ">" else value.dtype
+        sub = _TYPE_OF_DTYPE.get(np.dtype(dtype))
+        if sub is None:
+            raise TypeError(f"no GGUF array type for dtype {value.dtype}")
+        return Value(ValueType.ARRAY, np.ascontiguousarray(value.ravel(), dtype=_SCALAR_DTYPES[sub]), sub)
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return Value(ValueType.ARRAY, list(value), ValueType.STRING)
+    raise TypeError(f"cannot store {type(value).__name__} in GGUF metadata")
+
+
+def _encode_string(s: str) -> bytes:
+    raw = s.encode("utf-8")
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def encode_kv(key: str, value: Value) -> bytes:
+    """One KV record exactly as llama.cpp's gguf reader expects it."""
+    out = [_encode_string(key), struct.pack("<I", value.type)]
+    if value.type == ValueType.STRING:
+        out.append(_encode_string(value.data))
+    elif value.type == ValueType.ARRAY:
+        assert value.sub_type is not None
+        out.append(struct.pack("<IQ", value.sub_type, len(value.data)))
+        if value.sub_type == ValueType.STRING:
+            out.extend(_encode_string(s) for s in value.data)
+        else:
+            out.append(np.asarray(value.data, dtype=_SCALAR_DTYPES[value.sub_type]).tobytes())
+    else:
+        out.append(np.array([value.data], dtype=_SCALAR_DTYPES[value.type]).tobytes())
+    return b"".join(out)
+
+
+def write_with_metadata(
+    src: str | Path,
+    dst: str | Path,
+    new_metadata: dict[str, Any],
+    drop_prefixes: tuple[str, ...] = (),
+) -> None:
+    """Write `dst` = `src` with keys under `drop_prefixes` removed and `new_metadata` added (or replaced).
+
+    Tensor infos and tensor data are copied byte for byte (offsets are relative to the data
+    section, so only the padding before it is recomputed). The output appears atomically.
+    """
+    layout = read_layout(src)
+    kept = [k for k in layout.metadata if k not in new_metadata and not k.startswith(drop_prefixes)]
+    with open(src, "rb") as fin, atomic_output(Path(dst)) as tmp, open(tmp, "wb") as fout:
+        n_kv = len(kept) + len(new_metadata)
+        fout.write(GGUF_MAGIC + struct.pack("<IQQ", layout.version, len(layout.tensors), n_kv))
+        for key in kept:
+            start, end = layout.kv_spans[key]
+            fin.seek(start)
+            fout.write(fin.read(end - start))
+        for key, value in new_metadata.items():
+            fout.write(encode_kv(key, value_from_python(value)))
+        infos_start, infos_end = layout.tensor_infos_span
+        fin.seek(infos_start)
+        fout.write(fin.read(infos_end - infos_start))
+        pad = (-fout.tell()) % layout.alignment
+        fout.write(b"\0" * pad)
+        fin.seek(layout.data_offset)
+        shutil.copyfileobj(fin, fout, length=16 << 20)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A tensor to write: numpy-order shape (out, in) and its ggml type."""
+
+    name: str
+    shape: tuple[int, ...]
+    type: GGMLQuantizationType
+
+    @property
+    def n_bytes(self) -> int:
+        block, size = GGML_QUANT_SIZES[self.type]
+        return int(np.prod(self.shape, dtype=np.int64)) // block * size
+
+
+def write_gguf(
+    dst: str | Path,
+    metadata: dict[str, Any],
+    tensors: list[TensorSpec],
+    produce: Callable[[TensorSpec], np.ndarray],
+    alignment: int = DEFAULT_ALIGNMENT,
+) -> None:
+    """Write a complete GGUF v3, asking `produce` for each tensor's data in order.
+
+    `produce` returns the tensor's bytes (any array whose `.tobytes()` has exactly `n_bytes`:
+    float32/float16 values or quantized uint8 blocks). Only one tensor is held at a time, so
+    memory stays flat however deep the model is. The output appears atomically.
+    """
+    offsets, offset = [], 0
+    for spec in tensors:
+        offsets.append(offset)
+        offset += -(-spec.n_bytes // alignment) * alignment
+    if "general.alignment" in metadata and int(value_from_python(metadata["general.alignment"]).data) != alignment:
+        raise ValueError("metadata general.alignment differs from the alignment used for writing")
+    with atomic_output(Path(dst)) as tmp, open(tmp, "wb") as out:
+        out.write(GGUF_MAGIC + struct.pack("<IQQ", 3, len(tensors), len(metadata)))
+        for key, value in metadata.items():
+            out.write(encode_kv(key, value_from_python(value)))
+        for spec, off in zip(tensors, offsets):
+            ne = tuple(reversed(spec.shape))
+            out.write(_encode_string(spec.name) + struct.pack("<I", len(ne)))
+            out.write(struct.pack(f"<{len(ne)}Q", *ne) + struct.pack("<IQ", spec.type, off))
+        out.write(b"\0" * ((-out.tell()) % alignment))
+        for spec in tensors:
+            raw = np.ascontiguousarray(produce(spec)).tobytes()
+            if len(raw) != spec.n_bytes:
+                raise ValueError(f"{spec.name}: produced {len(raw)} bytes, expected {spec.n_bytes}")
+            out.write(raw + b"\0" * ((-len(raw)) % alignment))
+
+
+def copy_metadata(layout: GGUFLayout, drop_prefixes: tuple[str, ...] = ("GGUF.",)) -> dict[str, Value]:
+    """The layout's metadata as typed Values, ready for `write_gguf` (keys under drop_prefixes left out)."""
+    return {k: v for k, v in layout.metadata.items() if not k.startswith(drop_prefixes)}
