@@ -1,0 +1,1 @@
+"""Optuna search over theta rank and gamma."""
