@@ -1,0 +1,145 @@
+"""`nkat-gguf compare`: theta off vs theta on in one process, plus the reference, all measured.
+
+Speed repetitions are interleaved (off, on, off, on, ...) so machine noise hits both alike; the
+ratios are what carries over to another machine, not the absolute tokens per second.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from nkat_gguf.convert import sha256_file
+from nkat_gguf.default_model import default_model_path
+from nkat_gguf.errors import InputError
+from nkat_gguf.texts import Text
+
+from .bench import device_name, summarize, time_generation, time_prompt
+from .perplexity import perplexity, tokenize_text
+from .runtime import NkatRuntime, RuntimeOptions
+
+
+@dataclass(frozen=True)
+class CompareSettings:
+    n_ctx: int = 512
+    n_chunks: int | None = 16
+    repetitions: int = 3
+    n_prompt: int = 512
+    n_gen: int = 128
+    progress: bool = True
+
+
+def default_reference_for(runtime: NkatRuntime) -> Path | None:
+    """The embedded default model, when it is the reference this NKAT file was made against."""
+    expected = (runtime.theta.provenance if runtime.theta else {}).get("nkat.reference.sha256")
+    try:
+        candidate = default_model_path()
+    except InputError:
+        return None
+    return candidate if expected and sha256_file(candidate) == expected else None
+
+
+def interleaved_speed(runtime: NkatRuntime, gammas: dict[str, float | None], settings: CompareSettings) -> dict:
+    """pp and tg tokens/s per configuration, measured in alternation after one warm-up each."""
+    rngs = {name: np.random.default_rng(i) for i, name in enumerate(gammas)}
+    pp: dict[str, list[float]] = {name: [] for name in gammas}
+    tg: dict[str, list[float]] = {name: [] for name in gammas}
+    for name, gamma in gammas.items():
+        runtime.set_gamma(gamma)
+        time_prompt(runtime.llm, settings.n_prompt, rngs[name])
+        time_generation(runtime.llm, 8, rngs[name])
+    total = settings.repetitions * len(gammas)
+    with tqdm(total=total, desc="speed", unit="run", file=sys.stderr, disable=not settings.progress) as bar:
+        for _ in range(settings.repetitions):
+            for name, gamma in gammas.items():
+                runtime.set_gamma(gamma)
+                pp[name].append(settings.n_prompt / time_prompt(runtime.llm, settings.n_prompt, rngs[name]))
+                tg[name].append(settings.n_gen / time_generation(runtime.llm, settings.n_gen, rngs[name]))
+                bar.update()
+    out = {}
+    for name in gammas:
+        pp_mean, pp_sd = summarize(pp[name])
+        tg_mean, tg_sd = summarize(tg[name])
+        out[name] = {"pp_tokens_per_second": pp_mean, "pp_sd": pp_sd, "tg_tokens_per_second": tg_mean,
+                     "tg_sd": tg_sd, "avg_latency_ms": 1000.0 / statistics.harmonic_mean(tg[name])}
+    return out
+
+
+def compare(model: Path, text: Text, runtime_options: RuntimeOptions, settings: CompareSettings,
+            gamma: float | None = None, reference: Path | None = None) -> dict:
+    """Measure one NKAT model with theta off and on, and its reference; every figure is measured here."""
+    with NkatRuntime(model, runtime_options) as runtime:
+        if not runtime.has_theta:
+            raise InputError(f"{model.name} carries no theta: nothing to compare (convert it with --theta-rank > 0)")
+        gamma = runtime.default_gamma if gamma is None else gamma
+        reference = reference or default_reference_for(runtime)
+        tokens = tokenize_text(runtime.llm, text.content)
+        speed = interleaved_speed(runtime, {"baseline": None, "theta": gamma}, settings)
+        ppl = {}
+        for name, g in (("baseline", None), ("theta", gamma)):
+            runtime.set_gamma(g)
+            ppl[name] = perplexity(runtime.llm, tokens, settings.n_ctx, settings.n_chunks, settings.progress)
+        provenance = dict(runtime.theta.provenance)
+        rank = runtime.theta.rank
+    if reference is not None:
+        with NkatRuntime(reference, runtime_options) as ref_runtime:
+            ppl["reference"] = perplexity(ref_runtime.llm, tokenize_text(ref_runtime.llm, text.content),
+                                          settings.n_ctx, settings.n_chunks, settings.progress)
+    base, theta = speed["baseline"], speed["theta"]
+    result = {
+        "model": str(model),
+        "reference": str(reference) if reference else None,
+        "text": text.source,
+        "text_sha256": text.sha256,
+        "device": device_name(),
+        "theta_enabled": True,
+        "theta_rank": rank,
+        "gamma": gamma,
+        "outtype": provenance.get("nkat.outtype"),
+        "imatrix": provenance.get("nkat.imatrix"),
+        "n_ctx": settings.n_ctx,
+        "chunks": ppl["baseline"].n_chunks,
+        "repetitions": settings.repetitions,
+        "speed": speed,
+        "speed_ratio": {"pp": theta["pp_tokens_per_second"] / base["pp_tokens_per_second"],
+                        "tg": theta["tg_tokens_per_second"] / base["tg_tokens_per_second"]},
+        "overhead_percentage": {
+            "pp": 100.0 * (base["pp_tokens_per_second"] / theta["pp_tokens_per_second"] - 1.0),
+            "tg": 100.0 * (base["tg_tokens_per_second"] / theta["tg_tokens_per_second"] - 1.0)},
+        "perplexity": {name: r.as_dict() for name, r in ppl.items()},
+        "gap_recovered": None,
+    }
+    if "reference" in ppl:
+        gap = ppl["baseline"].ppl - ppl["reference"].ppl
+        result["gap_recovered"] = (ppl["baseline"].ppl - ppl["theta"].ppl) / gap if gap > 0 else None
+    return result
+
+
+def format_compare(result: dict) -> str:
+    """A short human-readable table of a compare result."""
+    s, p = result["speed"], result["perplexity"]
+    lines = [
+        f"model      {result['model']}  (theta rank {result['theta_rank']}, gamma {result['gamma']:g}, "
+        f"outtype {result['outtype']}, imatrix {result['imatrix']})",
+        f"text       {result['text']}  ({result['chunks']} chunks of {result['n_ctx']})",
+        f"{'':12}{'pp tok/s':>18}{'tg tok/s':>18}{'perplexity':>20}",
+    ]
+    for name in ("baseline", "theta"):
+        lines.append(f"{name:12}{s[name]['pp_tokens_per_second']:>10.1f} ± {s[name]['pp_sd']:<5.1f}"
+                     f"{s[name]['tg_tokens_per_second']:>10.1f} ± {s[name]['tg_sd']:<5.1f}"
+                     f"{p[name]['ppl']:>12.4f} ± {p[name]['ppl_stderr']:.4f}")
+    if "reference" in p:
+        lines.append(f"{'reference':12}{'':36}{p['reference']['ppl']:>12.4f} ± {p['reference']['ppl_stderr']:.4f}")
+    o = result["overhead_percentage"]
+    lines.append(f"theta overhead: pp {o['pp']:+.1f} %, tg {o['tg']:+.1f} %   "
+                 f"(speed ratio pp {result['speed_ratio']['pp']:.3f}, tg {result['speed_ratio']['tg']:.3f})")
+    if result["gap_recovered"] is not None:
+        lines.append(f"share of the reference gap recovered by theta: {100 * result['gap_recovered']:.1f} %")
+    else:
+        lines.append("no reference measured (pass --reference REF.gguf): gap recovered not computed")
+    return "\n".join(lines)

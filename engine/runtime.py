@@ -1,0 +1,134 @@
+"""Load an (NKAT) GGUF into llama.cpp and switch theta on, off, or to another γ without reloading."""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from nkat_gguf.errors import InputError
+from nkat_gguf.gguf_file import read_layout
+from nkat_gguf.native_log import captured_llama_log
+from nkat_gguf.nkat_format import NkatTheta, read_theta
+
+from .adapter import cached_adapter
+
+MAX_GAMMA = 16.0
+
+
+def check_gamma(gamma: float) -> float:
+    """γ scales the correction B·A: 1 applies it in full, 0 switches it off. Negative or absurd is refused."""
+    if not isinstance(gamma, (int, float)) or math.isnan(gamma) or math.isinf(gamma):
+        raise InputError(f"gamma must be a number, got {gamma!r}")
+    if not 0.0 <= gamma <= MAX_GAMMA:
+        raise InputError(f"gamma {gamma} is out of range [0, {MAX_GAMMA:g}]")
+    return float(gamma)
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    n_ctx: int = 512
+    n_batch: int = 512
+    n_threads: int | None = None  # None: all cores
+    n_gpu_layers: int = -1  # all layers on a GPU build; a CPU build ignores it
+    f32_kv_cache: bool = False  # needed to compare logits across models (an F16 cache adds ~2e-2)
+    logits_all: bool = False
+
+
+def check_loadable(path: Path) -> None:
+    """Refuse, in one line, a GGUF that llama.cpp cannot load (unknown architecture, missing tensors...)."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_default_params()
+    params.n_gpu_layers = 0
+    params.use_mmap = True
+    with captured_llama_log() as log:
+        model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+    if not model:
+        raise InputError(f"llama.cpp cannot load {path.name}: {log.reason('load failed')}")
+    llama_cpp.llama_model_free(model)
+
+
+class NkatRuntime:
+    """A llama.cpp context over a GGUF; theta (if the file has it) is a LoRA adapter whose scale is γ."""
+
+    def __init__(self, model_path: str | Path, options: RuntimeOptions = RuntimeOptions(),
+                 gamma: float | None = None, cache_dir: Path | None = None):
+        import llama_cpp
+
+        self.path = Path(model_path)
+        layout = read_layout(self.path)
+        self.theta: NkatTheta | None = read_theta(layout)
+        self.options = options
+        with captured_llama_log() as log:
+            try:
+                self.llm = llama_cpp.Llama(
+                    model_path=str(self.path), n_ctx=options.n_ctx, n_batch=options.n_batch,
+                    n_ubatch=options.n_batch, n_threads=options.n_threads or os.cpu_count(),
+                    n_gpu_layers=options.n_gpu_layers, logits_all=options.logits_all,
+                    type_k=0 if options.f32_kv_cache else None, type_v=0 if options.f32_kv_cache else None,
+                    verbose=False,
+                )
+            except ValueError:
+                self.llm = None
+        if self.llm is None:
+            raise InputError(f"llama.cpp cannot load {self.path.name}: {log.reason('load failed')}")
+        self._adapter = None
+        if self.theta is not None and self.theta.tensors:
+            adapter_path = cached_adapter(self.theta, layout.architecture, cache_dir)
+            with captured_llama_log() as log:
+                self._adapter = llama_cpp.llama_adapter_lora_init(self.llm.model, str(adapter_path).encode())
+            if not self._adapter:
+                raise InputError(f"llama.cpp rejected the theta adapter of {self.path.name}: {log.reason('')}")
+        self.gamma: float | None = None
+        self.set_gamma(self.default_gamma if gamma is None else gamma)
+
+    @property
+    def has_theta(self) -> bool:
+        return self._adapter is not None
+
+    @property
+    def default_gamma(self) -> float | None:
+        return self.theta.gamma if self.has_theta else None
+
+    def set_gamma(self, gamma: float | None) -> None:
+        """None removes the adapter (the plain quantized model); a number applies W x + γ·B·A·x.
+
+        The KV cache is reset: states computed under the old γ would otherwise be reused.
+        """
+        import llama_cpp
+
+        if gamma is not None:
+            gamma = check_gamma(gamma)
+            if not self.has_theta:
+                raise InputError(f"{self.path.name} carries no theta; gamma has nothing to scale")
+        if gamma is None:
+            status = llama_cpp.llama_set_adapters_lora(self.llm.ctx, None, 0, None)
+        else:
+            adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(self._adapter)
+            scales = (ctypes.c_float * 1)(gamma)
+            status = llama_cpp.llama_set_adapters_lora(self.llm.ctx, adapters, 1, scales)
+        if status != 0:
+            raise RuntimeError(f"llama_set_adapters_lora failed with status {status}")
+        self.llm.reset()
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.llm.ctx), True)
+        self.gamma = gamma
+
+    def close(self) -> None:
+        import llama_cpp
+
+        if self.llm is not None:
+            llama_cpp.llama_set_adapters_lora(self.llm.ctx, None, 0, None)
+            if self._adapter:
+                llama_cpp.llama_adapter_lora_free(self._adapter)
+                self._adapter = None
+            self.llm.close()
+            self.llm = None
+
+    def __enter__(self) -> "NkatRuntime":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

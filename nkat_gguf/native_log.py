@@ -1,0 +1,44 @@
+"""Capture what llama.cpp logs, so a failure becomes one line and success stays quiet.
+
+llama-cpp-python routes llama.cpp's log through a Python callback that prints to `sys.stderr`
+when its logger level allows; raising the level to DEBUG and redirecting stderr collects it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+
+@dataclass
+class LlamaLog:
+    text: str = ""
+    lines: list[str] = field(default_factory=list)
+
+    def reason(self, default: str) -> str:
+        """The most telling line of a failure: the last error-looking line, else `default`."""
+        keys = ("error", "failed", "unknown", "invalid", "wrong", "mismatch", "cannot", "unsupported")
+        for line in reversed(self.lines):
+            if any(k in line.lower() for k in keys):
+                return line.strip()
+        return default
+
+
+@contextlib.contextmanager
+def captured_llama_log() -> Iterator[LlamaLog]:
+    from llama_cpp import _logger
+
+    log = LlamaLog()
+    old_level = _logger.logger.level
+    buffer = io.StringIO()
+    _logger.logger.setLevel(logging.DEBUG)
+    try:
+        with contextlib.redirect_stderr(buffer):
+            yield log
+    finally:
+        _logger.logger.setLevel(old_level)
+        log.text = buffer.getvalue()
+        log.lines = log.text.splitlines()

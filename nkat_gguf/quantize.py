@@ -1,0 +1,86 @@
+"""Quantization with llama.cpp's own quantizer (`llama_model_quantize`), optionally with an importance matrix.
+
+Using llama.cpp itself makes the output exactly what `llama-quantize` would write, for every type
+(gguf-py can only quantize a few types in numpy).
+"""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError, NkatError
+from .gguf_file import GGUFLayout
+from .native_log import captured_llama_log
+
+_FTYPE_PREFIX = "LLAMA_FTYPE_MOSTLY_"
+
+
+def outtypes() -> dict[str, int]:
+    """Every output type this llama.cpp build can write, by llama-quantize's name (Q4_0, Q4_K_M, ...)."""
+    import llama_cpp
+
+    names = {k[len(_FTYPE_PREFIX):]: v for k, v in vars(llama_cpp).items()
+             if k.startswith(_FTYPE_PREFIX) and isinstance(v, int)}
+    names["F32"] = llama_cpp.LLAMA_FTYPE_ALL_F32
+    return dict(sorted(names.items(), key=lambda kv: kv[1]))
+
+
+def resolve_outtype(outtype: str, layout: GGUFLayout) -> tuple[str, int]:
+    """(name, llama_ftype) for `--outtype`; "same" means the input's general.file_type."""
+    table = outtypes()
+    if outtype.lower() == "same":
+        ftype = layout.get("general.file_type")
+        if ftype is None:
+            raise InputError(f"{layout.path.name} has no general.file_type; pass --outtype explicitly")
+        by_value = {v: k for k, v in table.items()}
+        if ftype not in by_value:
+            raise InputError(f"{layout.path.name}: file type {ftype} is not one llama.cpp can write; pass --outtype")
+        return by_value[ftype], int(ftype)
+    name = outtype.upper()
+    if name not in table:
+        raise InputError(f"unknown --outtype {outtype!r}; choose one of: same, {', '.join(table)}")
+    return name, table[name]
+
+
+def _imatrix_array(imatrix: dict[str, np.ndarray]) -> tuple[ctypes.Array, list]:
+    """NULL-terminated `llama_model_imatrix_data[]`; the list keeps the buffers alive during the call."""
+    import llama_cpp
+
+    keep: list = []
+    entries = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()
+    for i, (name, values) in enumerate(sorted(imatrix.items())):
+        data = np.ascontiguousarray(values, dtype=np.float32)
+        raw_name = name.encode()
+        keep += [data, raw_name]
+        entries[i].name = raw_name
+        entries[i].data = data.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        entries[i].size = data.size
+    return entries, keep
+
+
+def quantize_model(
+    src: Path, dst: Path, ftype: int, imatrix: dict[str, np.ndarray] | None = None, threads: int = 0
+) -> str:
+    """Quantize `src` to `dst` (llama ftype); returns llama.cpp's log. Raises NkatError on failure.
+
+    `imatrix` maps weight names to the mean of x^2 per input column (llama.cpp's importance matrix).
+    """
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.nthread = threads
+    params.allow_requantize = True  # the input may already be quantized (the default model is Q4_1)
+    keep: list = []
+    if imatrix:
+        entries, keep = _imatrix_array(imatrix)
+        params.imatrix = ctypes.cast(entries, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
+    with captured_llama_log() as log:
+        status = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    del keep
+    if status != 0:
+        raise NkatError(f"llama.cpp could not quantize {src.name}: {log.reason(f'status {status}')}")
+    return log.text
