@@ -74,8 +74,7 @@ class BakePlan:
 
     def blocks(self) -> np.ndarray:
         """Every block of the plan, for the orthogonality and det figures."""
-        parts = [b for b in (self.residual, *self.heads, *self.gates.values()) if b is not None]
-        return np.concatenate(parts) if parts else np.eye(8)[None]
+        return np.concatenate([b for b in (self.residual, *self.heads, *self.gates.values()) if b is not None])
 
 
 @dataclass(frozen=True)
@@ -191,7 +190,8 @@ def _residual_recipes(
     q, d = plan.residual, model.d_model
     if q is None or q.shape[0] * 8 != d:
         raise InputError(f"residual rotation must have {d // 8} blocks for d_model {d}")
-    if plan.heads and (len(plan.heads) != model.n_layers or plan.heads[0].shape[0] * 8 != model.head_dim_v):
+    head_widths = {h.shape[0] * 8 for h in plan.heads}
+    if plan.heads and (len(plan.heads) != model.n_layers or head_widths != {model.head_dim_v}):
         raise InputError(f"head rotations must be {model.n_layers} layers of {model.head_dim_v // 8} blocks")
     if plan.heads and source.numpy_shape("blk.0.attn_output.weight")[1] != model.n_head * model.head_dim_v:
         raise UnsupportedModelError("attn_output's input width is not head_count × value head_dim")

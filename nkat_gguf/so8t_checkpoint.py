@@ -59,8 +59,10 @@ def _gate_rotation(
     if name not in model_shapes:
         raise InputError(f"{file}: gate for {name}, a tensor the model lacks")
     shape = model_shapes[name]
-    if len(shape) != 2 or name in NOT_GATEABLE:
-        raise InputError(f"{file}: {name} (shape {shape}) is not a weight matrix with an input to gate")
+    if len(shape) != 2:
+        raise InputError(f"{file}: {name} has shape {shape}: only weight matrices (out, in) can be gated")
+    if name in NOT_GATEABLE:
+        raise InputError(f"{file}: {name} cannot be gated: it is a lookup table, with no input vector to rotate")
     if (GENERATOR in found) == (ROTATION in found):
         raise InputError(f"{file}: {name} needs exactly one of .{GENERATOR} and .{ROTATION}")
     kind = GENERATOR if GENERATOR in found else ROTATION
