@@ -17,8 +17,11 @@ def check_writable_dir(directory: Path) -> None:
         raise InputError(f"output directory does not exist: {directory}")
     if not directory.is_dir():
         raise InputError(f"output path's parent is not a directory: {directory}")
-    if not os.access(directory, os.W_OK | os.X_OK):
-        raise InputError(f"output directory is not writable: {directory}")
+    try:  # a real probe: permission bits say nothing for root or read-only file systems
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as exc:
+        raise InputError(f"output directory is not writable: {directory} ({exc.strerror})") from None
 
 
 @contextlib.contextmanager

@@ -72,7 +72,26 @@ def _runtime_options(gpu_layers: int, no_cuda: bool, threads: int | None, n_ctx:
                           n_gpu_layers=0 if no_cuda else gpu_layers, **extra)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class OneLineErrors(click.Group):
+    """Every error, usage errors included, is one line on stderr: 'Error: ... (see nkat-gguf CMD --help)'."""
+
+    def main(self, args: list[str] | None = None, **kwargs: Any) -> Any:
+        try:
+            result = super().main(args, standalone_mode=False, **kwargs)
+        except click.UsageError as exc:
+            where = exc.ctx.command_path if exc.ctx else "nkat-gguf"
+            click.echo(f"Error: {exc.format_message()} (see {where} --help)", err=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            click.echo(f"Error: {exc.format_message()}", err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("Aborted.", err=True)
+            sys.exit(1)
+        sys.exit(result if isinstance(result, int) else 0)
+
+
+@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="nkat-gguf")
 def main() -> None:
     """Convert GGUF models to NKAT GGUF (a low-rank quantization correction, theta, stored in metadata)
@@ -242,6 +261,182 @@ def compare(model: str, reference: Path | None, gamma: float | None, text: Path 
     result["command"] = "nkat-gguf " + " ".join(sys.argv[1:])
     _emit(result, as_json, format_compare)
 
+
+@main.command()
+@click.option("--input", "input_", default="default", show_default=True, help=MODEL_HELP)
+@click.option("--reference", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Higher-precision GGUF theta aims at and the gap is measured to (default: the input).")
+@click.option("--outtype", default="Q4_0", show_default=True, help="llama.cpp quantization type of every variant.")
+@click.option("--theta-rank", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--calib-text", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="UTF-8 calibration text (default: the calibration split of Python's pydoc topics).")
+@click.option("--text", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="UTF-8 evaluation text (default: the evaluation split of Python's pydoc topics).")
+@click.option("--ctx", type=int, default=512, show_default=True)
+@click.option("--chunks", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--repetitions", "-r", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Interleaved speed rounds over all five rows.")
+@click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Keep the four variant files here (default: a temporary directory, deleted afterwards).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@engine_options
+@_fail_cleanly
+def quality(input_: str, reference: Path | None, outtype: str, theta_rank: int, calib_text: Path | None,
+            text: Path | None, ctx: int, chunks: int, repetitions: int, out_dir: Path | None, as_json: bool,
+            gpu_layers: int, no_cuda: bool, threads: int | None) -> None:
+    """Reference, plain quantization, importance matrix, theta alone, importance matrix + theta: one run, one table."""
+    from engine.quality_table import QualitySettings, format_quality_table, quality_table
+
+    from .default_model import resolve_model
+    from .texts import load_text
+
+    settings = QualitySettings(outtype=outtype, theta_rank=theta_rank, n_ctx=ctx, n_chunks=chunks,
+                               repetitions=repetitions)
+    result = quality_table(resolve_model(input_), load_text(text, "evaluation"),
+                           _runtime_options(gpu_layers, no_cuda, threads,
+                                            n_ctx=max(ctx, settings.n_prompt, settings.n_gen)),
+                           settings, reference, calib_text, out_dir)
+    result["command"] = "nkat-gguf " + " ".join(sys.argv[1:])
+    _emit(result, as_json, format_quality_table)
+
+
+
+@main.group()
+def export() -> None:
+    """Export an NKAT model for llama.cpp (--lora), Ollama or KoboldCpp, with gamma folded into theta's B.
+
+    Every exported file is loaded back through llama.cpp before the export reports success.
+    """
+
+
+def _format_export(r: dict) -> str:
+    lines = [f"wrote {role}: {path}" for role, path in r["files"].items()]
+    lines += [f"note: {n}" for n in r["notes"]]
+    return "\n".join(lines + ["run:"] + [f"  {c}" for c in r["commands"]])
+
+
+@export.command("adapter")
+@click.argument("model")
+@click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="Adapter GGUF to write.")
+@click.option("--gamma", callback=_gamma, default=None, help="theta scale folded into B (default: the file's).")
+@click.option("--type", "tensor_type", type=click.Choice(["F16", "F32"]), default="F16", show_default=True,
+              help="Tensor type of the adapter's factors.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_fail_cleanly
+def export_adapter_command(model: str, output: Path, gamma: float | None, tensor_type: str, as_json: bool) -> None:
+    """theta as a llama.cpp LoRA adapter GGUF; apply it at scale 1 (llama-cli --lora)."""
+    from .default_model import resolve_model
+    from .exports import export_adapter
+
+    _emit(export_adapter(resolve_model(model), output, gamma, tensor_type).as_dict(), as_json, _format_export)
+
+
+@export.command("ollama")
+@click.argument("model")
+@click.option("--output-dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Directory for the model, the adapter and the Modelfile (created if missing).")
+@click.option("--gamma", callback=_gamma, default=None, help="theta scale folded into B (default: the file's).")
+@click.option("--name", default=None, help="Ollama model name (default: from the file name).")
+@click.option("--merged", is_flag=True,
+              help="One GGUF with W' = dequant(W_q) + gamma*B*A requantized, for Ollama releases that refuse ADAPTER.")
+@click.option("--outtype", default=None,
+              help="--merged: llama.cpp type for the merged file (Q4_K_M, Q8_0, ...); default keeps each tensor's type.")
+@click.option("--ppl-chunks", type=click.IntRange(min=1), default=4, show_default=True,
+              help="--merged: chunks of 512 tokens to measure perplexity on (theta off, adapter, merged).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: all cores).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_fail_cleanly
+def export_ollama_command(model: str, output_dir: Path, gamma: float | None, name: str | None, merged: bool,
+                          outtype: str | None, ppl_chunks: int, threads: int | None, as_json: bool) -> None:
+    """A directory Ollama creates a model from: FROM the model, ADAPTER theta (or one merged GGUF)."""
+    from .default_model import resolve_model
+    from .exports import export_ollama
+
+    report = export_ollama(resolve_model(model), output_dir, gamma, name, merged, outtype, ppl_chunks, threads=threads)
+    _emit(report.as_dict(), as_json, _format_export)
+
+
+@export.command("kobold")
+@click.argument("model")
+@click.option("--output-dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Directory for the adapter and the .kcpps (created if missing).")
+@click.option("--gamma", callback=_gamma, default=None, help="theta scale folded into B (default: the file's).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="KoboldCpp threads (default: all cores).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_fail_cleanly
+def export_kobold_command(model: str, output_dir: Path, gamma: float | None, threads: int | None,
+                          as_json: bool) -> None:
+    """The adapter plus a KoboldCpp .kcpps config; start it with koboldcpp --config."""
+    from .default_model import resolve_model
+    from .exports import export_kobold
+
+    _emit(export_kobold(resolve_model(model), output_dir, gamma, threads).as_dict(), as_json, _format_export)
+
+
+@main.command()
+@click.argument("model", required=False)
+@click.option("--gamma", callback=_gamma, default=None, help="theta scale (default: the file's).")
+@click.option("--launch", metavar="NAME", default=None, help="Run the commands shown for this backend.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_fail_cleanly
+def backends(model: str | None, gamma: float | None, launch: str | None, as_json: bool) -> None:
+    """Runtimes installed here (llama-cpp-python, llama.cpp, KoboldCpp, Ollama) and the command for each."""
+    from tools.backend_selector import detect, format_backends, launch as run_launch, resolve_target
+
+    from .default_model import resolve_model
+
+    target = resolve_target(resolve_model(model), gamma) if model else None
+    found = detect(target)
+    out = {"model": str(target.model) if target else None, "gamma": target.gamma if target else None,
+           "backends": [b.as_dict() for b in found]}
+    _emit(out, as_json, lambda r: format_backends(found, target))
+    if launch:
+        sys.exit(run_launch(found, launch))
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def doctor(as_json: bool) -> None:
+    """Check versions, CPU features, the default model and the cache; say what to fix. Exit 1 on a failure."""
+    from .doctor import FAIL, format_checks, run_checks
+
+    checks = run_checks()
+    _emit({"checks": [c.as_dict() for c in checks]}, as_json, lambda r: format_checks(checks))
+    if any(c.status == FAIL for c in checks):
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("model")
+@click.option("--gamma", callback=_gamma, default=None, help="theta scale (default: the file's).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--ctx", type=click.IntRange(min=16), default=4096, show_default=True, help="Context size in tokens.")
+@engine_options
+@_fail_cleanly
+def serve(model: str, gamma: float | None, host: str, port: int, ctx: int, gpu_layers: int, no_cuda: bool,
+          threads: int | None) -> None:
+    """OpenAI-compatible server (/v1/chat/completions, /v1/models) with theta applied at gamma.
+
+    A request may set "nkat_gamma" (a number, or null for theta off) to use another gamma without reloading.
+    """
+    from engine.runtime import NkatRuntime
+    from engine.server import ChatServer, is_loopback
+
+    from .default_model import resolve_model
+
+    path = resolve_model(model)
+    with NkatRuntime(path, _runtime_options(gpu_layers, no_cuda, threads, n_ctx=ctx), gamma=gamma) as runtime, \
+            ChatServer(runtime, host, port) as server:
+        theta = f"theta at gamma {runtime.gamma:g}" if runtime.gamma is not None else "no theta"
+        click.echo(f"serving {path.name} ({theta}) at {server.url}  (Ctrl-C stops)", err=True)
+        if not is_loopback(host):
+            click.echo(f"warning: listening on {host} without authentication: anyone who can reach it can use "
+                       "the model", err=True)
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            click.echo("stopped", err=True)
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,32 @@
+"""Fixtures shared by the test modules: an isolated adapter cache and models built once per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from nkat_gguf.convert import ConvertOptions, convert
+from nkat_gguf.default_model import default_model_path
+from tools.synthetic_model import build_llama_gguf
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Adapters written by tests go to a temporary cache, never the user's ~/.cache."""
+    os.environ["NKAT_CACHE_DIR"] = str(tmp_path_factory.mktemp("nkat-cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_f32(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer random llama (d=64, GQA 4/2, tied head) with the default model's tokenizer."""
+    return build_llama_gguf(tmp_path_factory.mktemp("tiny") / "tiny-f32.gguf")
+
+
+@pytest.fixture(scope="session")
+def default_q4_0_rank8(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The embedded model converted as in the README: Q4_1 -> Q4_0, theta rank 8, activation calibration."""
+    out = tmp_path_factory.mktemp("default-nkat") / "smollm2-q4_0-r8.nkat.gguf"
+    convert(ConvertOptions(input=default_model_path(), output=out, outtype="Q4_0", theta_rank=8, progress=False))
+    return out

@@ -1,0 +1,117 @@
+"""The byte-level GGUF reader/writer and the NKAT metadata format, checked against gguf-py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gguf import GGUFReader, GGUFValueType, GGUFWriter
+
+from nkat_gguf.errors import InputError
+from nkat_gguf.gguf_file import read_layout, write_with_metadata
+from nkat_gguf.nkat_format import NkatTheta, read_theta, theta_metadata
+from nkat_gguf.theta import LowRank, quantize_int8
+
+RNG = np.random.default_rng(3)
+
+
+@pytest.fixture()
+def gguf_py_file(tmp_path: Path) -> Path:
+    """A file written by gguf-py with every kind of value and two tensors."""
+    path = tmp_path / "ref.gguf"
+    w = GGUFWriter(str(path), "llama")
+    w.add_uint32("t.u32", 7)
+    w.add_int32("t.i32", -5)
+    w.add_float32("t.f32", 0.25)
+    w.add_float64("t.f64", 1e-300)
+    w.add_bool("t.bool", True)
+    w.add_string("t.str", "héllo")
+    w.add_uint64("t.u64", 2**40)
+    w.add_array("t.strs", ["a", "bc", ""])
+    w.add_key_value("t.i8s", [-128, 0, 127], GGUFValueType.ARRAY, sub_type=GGUFValueType.INT8)
+    w.add_key_value("t.f32s", [1.5, -2.0], GGUFValueType.ARRAY, sub_type=GGUFValueType.FLOAT32)
+    w.add_tensor("w", RNG.standard_normal((3, 64)).astype(np.float32))
+    w.add_tensor("v", RNG.standard_normal(16).astype(np.float16))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_reader_agrees_with_gguf_py(gguf_py_file: Path) -> None:
+    layout = read_layout(gguf_py_file)
+    assert layout.get("general.architecture") == "llama"
+    assert layout.get("t.u32") == 7 and layout.get("t.i32") == -5 and layout.get("t.bool") is True
+    assert layout.get("t.f32") == 0.25 and layout.get("t.f64") == 1e-300 and layout.get("t.u64") == 2**40
+    assert layout.get("t.str") == "héllo" and layout.get("t.strs") == ["a", "bc", ""]
+    assert layout.get("t.i8s").dtype == np.int8 and layout.get("t.i8s").tolist() == [-128, 0, 127]
+    assert layout.get("t.f32s").tolist() == [1.5, -2.0]
+    reader = GGUFReader(str(gguf_py_file))
+    assert [(t.name, tuple(t.shape)) for t in layout.tensors] == [(t.name, tuple(int(x) for x in t.shape))
+                                                                 for t in reader.tensors]
+    assert layout.data_offset == reader.data_offset
+
+
+def test_metadata_rewrite_keeps_tensors_byte_for_byte(gguf_py_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out.gguf"
+    values = RNG.integers(-127, 128, 100_000).astype(np.int8)
+    write_with_metadata(gguf_py_file, out, {"x.i8": values, "t.u32": 9, "x.s": "new"})
+    before, after = GGUFReader(str(gguf_py_file)), GGUFReader(str(out))
+    for t0, t1 in zip(before.tensors, after.tensors, strict=True):
+        assert t0.name == t1.name and t0.tensor_type == t1.tensor_type
+        assert t0.data.tobytes() == t1.data.tobytes()
+    assert after.fields["x.i8"].types == [GGUFValueType.ARRAY, GGUFValueType.INT8]
+    assert np.array_equal(np.concatenate([after.fields["x.i8"].parts[i] for i in after.fields["x.i8"].data]), values)
+    assert after.fields["t.u32"].contents() == 9 and after.fields["x.s"].contents() == "new"
+    assert after.fields["t.str"].contents() == "héllo"
+
+
+def test_not_a_gguf_and_truncated_files_are_refused(gguf_py_file: Path, tmp_path: Path) -> None:
+    text = tmp_path / "notes.txt"
+    text.write_text("this is not a model\n" * 10)
+    with pytest.raises(InputError, match="not a GGUF"):
+        read_layout(text)
+    raw = gguf_py_file.read_bytes()
+    for cut in (30, len(raw) - 10):
+        short = tmp_path / f"cut{cut}.gguf"
+        short.write_bytes(raw[:cut])
+        with pytest.raises(InputError, match="truncated"):
+            read_layout(short)
+
+
+def make_theta(shapes: dict[str, tuple[int, int]], rank: int) -> NkatTheta:
+    tensors = {n: quantize_int8(LowRank(RNG.standard_normal((o, rank)).astype(np.float32),
+                                        RNG.standard_normal((rank, i)).astype(np.float32)))
+               for n, (o, i) in shapes.items()}
+    return NkatTheta(rank, 0.97, tensors, {"nkat.outtype": "Q4_0"})
+
+
+def test_nkat_writer_and_reader_round_trip_and_gguf_py_reads_int8(gguf_py_file: Path, tmp_path: Path) -> None:
+    theta = make_theta({"w": (3, 64)}, rank=2)
+    out = tmp_path / "nkat.gguf"
+    write_with_metadata(gguf_py_file, out, theta_metadata(theta))
+    back = read_theta(out)
+    assert back is not None and back.rank == 2 and back.gamma == pytest.approx(0.97)
+    assert back.provenance == {"nkat.outtype": "Q4_0"}
+    for part in ("a", "a_scale", "b", "b_scale"):
+        assert np.array_equal(getattr(back.tensors["w"], part), getattr(theta.tensors["w"], part))
+    fields = GGUFReader(str(out)).fields
+    assert fields["nkat.theta.w.a"].types == [GGUFValueType.ARRAY, GGUFValueType.INT8]
+    assert fields["nkat.theta.w.b_scale"].types == [GGUFValueType.ARRAY, GGUFValueType.FLOAT32]
+    assert fields["nkat.version"].types == [GGUFValueType.UINT32]
+    assert back.digest() == theta.digest()
+
+
+def test_reader_checks_shapes_against_the_model(gguf_py_file: Path, tmp_path: Path) -> None:
+    wrong = make_theta({"w": (64, 3)}, rank=2)  # transposed: sizes no longer fit the tensor
+    out = tmp_path / "bad.gguf"
+    write_with_metadata(gguf_py_file, out, theta_metadata(wrong))
+    with pytest.raises(InputError, match="expected"):
+        read_theta(out)
+    absent = make_theta({"nope": (3, 64)}, rank=2)
+    write_with_metadata(gguf_py_file, out, theta_metadata(absent))
+    with pytest.raises(InputError, match="not a 2-D tensor"):
+        read_theta(out)
+    assert read_theta(gguf_py_file) is None
