@@ -41,7 +41,7 @@ class TensorSource:
         """Bytes of a quantized tensor as (rows, bytes_per_row), or the typed array for F32/F16/..."""
         info = self.info(name)
         start = self.layout.data_offset + info.offset
-        data = self._map[start : start + info.n_bytes]
+        data = np.asarray(self._map[start : start + info.n_bytes])  # a plain view: memmap subclass costs ~1 s/pass
         block, size = GGML_QUANT_SIZES[info.type]
         row_bytes = info.shape[0] // block * size
         return data.reshape(-1, row_bytes)

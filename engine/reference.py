@@ -1,0 +1,340 @@
+"""PyTorch reference forward of the llama architecture, computed from the weights of a GGUF.
+
+Read top to bottom like nanoGPT's model.py: the config, then one function per box of the
+architecture diagram (RMSNorm, RoPE, attention, MLP), then `LlamaReference`, which runs them.
+It gives float32 logits and activations independent of llama.cpp: to check llama.cpp's numbers,
+to collect the per-column input statistics that drive the activation-weighted SVD and llama.cpp's
+quantizer importance matrix, and to run a model whose weight inputs are transformed online
+(y = W·(R·x) through `input_hooks`).
+
+Memory is flat in depth: the forward is layer-major. One layer's weights are dequantized, every
+sequence goes through that layer, and the weights are dropped before the next layer is read.
+The hidden states of all sequences are one (N, d) tensor, N the total token count, so each weight
+is one big matmul; only attention is split by sequence (sequences of equal length share one call).
+
+Shapes: N all tokens, T one sequence's tokens, d = embedding_length, nh/nkv query/kv heads,
+hd = head_dim, ff = feed_forward_length, V = vocabulary. Weights are numpy order (out, in).
+"""
+
+from __future__ import annotations
+
+import math
+from itertools import accumulate
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from nkat_gguf.errors import InputError, UnsupportedModelError
+from nkat_gguf.gguf_file import GGUFLayout
+from nkat_gguf.weights import TensorSource
+
+Hook = Callable[[torch.Tensor], torch.Tensor]
+Sums = dict[str, torch.Tensor] | None  # per-weight column sums of x^2, when collecting statistics
+Layer = dict[str, torch.Tensor]  # one block's weights by part name ("attn_q", ...)
+
+# The 2-D weights of one block, in the order the block uses them.
+BLOCK_MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+
+
+# ---- config -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    n_layer: int  # llama.block_count
+    n_embd: int  # llama.embedding_length (d)
+    n_ff: int  # llama.feed_forward_length (ff)
+    n_head: int  # llama.attention.head_count (nh)
+    n_head_kv: int  # llama.attention.head_count_kv (nkv), defaults to nh
+    head_dim: int  # llama.attention.key_length, defaults to d / nh (hd)
+    rope_dim: int  # llama.rope.dimension_count; llama.cpp requires it to equal hd for llama
+    rope_base: float  # llama.rope.freq_base, defaults to 10000
+    rope_freq_scale: float  # 1 / llama.rope.scaling.factor for linear scaling, else 1
+    norm_eps: float  # llama.attention.layer_norm_rms_epsilon
+    vocab_size: int  # rows of token_embd.weight (V)
+    tied_embeddings: bool  # no output.weight: the head is token_embd.weight
+    rope_freq_factors: bool  # a rope_freqs.weight tensor (Llama 3) divides each theta_i
+
+    @classmethod
+    def from_layout(cls, layout: GGUFLayout) -> LlamaConfig:
+        """Read the hyperparameters the way llama.cpp does; raise UnsupportedModelError if this
+        forward would not compute what llama.cpp computes for the file."""
+        name = layout.path.name
+        arch = layout.get("general.architecture")
+        if arch != "llama":
+            raise UnsupportedModelError(f"{name}: architecture {arch!r}; the reference forward supports only 'llama'")
+        n_embd, n_head = _int(layout, "llama.embedding_length"), _int(layout, "llama.attention.head_count")
+        head_dim = _int(layout, "llama.attention.key_length", n_embd // n_head)
+        if _int(layout, "llama.attention.value_length", head_dim) != head_dim:
+            raise UnsupportedModelError(f"{name}: key and value head sizes differ")
+        rope_dim = _int(layout, "llama.rope.dimension_count", head_dim)
+        if rope_dim != head_dim:
+            raise UnsupportedModelError(f"{name}: rope dimension {rope_dim} differs from head size {head_dim}")
+        scaling = layout.get("llama.rope.scaling.type", "linear")
+        if scaling not in ("linear", "none"):
+            raise UnsupportedModelError(f"{name}: rope scaling {scaling!r} is not supported (only linear)")
+        factor = _float(layout, "llama.rope.scaling.factor", _float(layout, "llama.rope.scale_linear", 0.0))
+        tensors = {t.name: t for t in layout.tensors}
+        if "token_embd.weight" not in tensors:
+            raise UnsupportedModelError(f"{name}: no token_embd.weight tensor")
+        config = cls(
+            n_layer=_int(layout, "llama.block_count"),
+            n_embd=n_embd,
+            n_ff=_int(layout, "llama.feed_forward_length"),
+            n_head=n_head,
+            n_head_kv=_int(layout, "llama.attention.head_count_kv", n_head),
+            head_dim=head_dim,
+            rope_dim=rope_dim,
+            rope_base=_float(layout, "llama.rope.freq_base", 10000.0),
+            rope_freq_scale=1.0 if scaling == "none" or factor == 0.0 else 1.0 / factor,
+            norm_eps=_float(layout, "llama.attention.layer_norm_rms_epsilon"),
+            vocab_size=tensors["token_embd.weight"].shape[1],
+            tied_embeddings="output.weight" not in tensors,
+            rope_freq_factors="rope_freqs.weight" in tensors,
+        )
+        if config.n_head % config.n_head_kv:
+            raise UnsupportedModelError(f"{name}: {n_head} heads are not a multiple of {config.n_head_kv} kv heads")
+        expected = config.tensor_shapes()
+        for tensor in layout.tensors:
+            shape = tuple(reversed(tensor.shape))
+            if tensor.name not in expected:
+                raise UnsupportedModelError(f"{name}: tensor {tensor.name} is not part of a plain llama model")
+            if shape != expected[tensor.name]:
+                want = expected[tensor.name]
+                raise UnsupportedModelError(f"{name}: {tensor.name} has shape {shape}, expected {want}")
+        missing = sorted(expected.keys() - tensors.keys())
+        if missing:
+            raise UnsupportedModelError(f"{name}: missing tensor {missing[0]}")
+        return config
+
+    def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor this config implies, numpy-order shapes; exactly llama.cpp's llama tensor set."""
+        d, ff, q, kv = self.n_embd, self.n_ff, self.n_head * self.head_dim, self.n_head_kv * self.head_dim
+        shapes: dict[str, tuple[int, ...]] = {"token_embd.weight": (self.vocab_size, d), "output_norm.weight": (d,)}
+        if not self.tied_embeddings:
+            shapes["output.weight"] = (self.vocab_size, d)
+        if self.rope_freq_factors:
+            shapes["rope_freqs.weight"] = (self.rope_dim // 2,)
+        block = {
+            "attn_norm": (d,), "attn_q": (q, d), "attn_k": (kv, d), "attn_v": (kv, d), "attn_output": (d, q),
+            "ffn_norm": (d,), "ffn_gate": (ff, d), "ffn_up": (ff, d), "ffn_down": (d, ff),
+        }
+        for i in range(self.n_layer):
+            shapes.update({f"blk.{i}.{part}.weight": shape for part, shape in block.items()})
+        return shapes
+
+    @property
+    def head_weight(self) -> str:
+        """The head's weight: output.weight, or token_embd.weight in a tied model."""
+        return "token_embd.weight" if self.tied_embeddings else "output.weight"
+
+
+def _int(layout: GGUFLayout, key: str, default: int | None = None) -> int:
+    value = layout.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UnsupportedModelError(f"{layout.path.name}: metadata {key} is {value!r}, expected one integer")
+    return value
+
+
+def _float(layout: GGUFLayout, key: str, default: float | None = None) -> float:
+    value = layout.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UnsupportedModelError(f"{layout.path.name}: metadata {key} is {value!r}, expected a number")
+    return float(value)
+
+
+def supports_reference(layout: GGUFLayout) -> bool:
+    """True when `LlamaReference` computes what llama.cpp computes for this file."""
+    try:
+        LlamaConfig.from_layout(layout)
+    except UnsupportedModelError:
+        return False
+    return True
+
+
+# ---- the boxes of the diagram -------------------------------------------------------------------
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / sqrt(mean(x^2) + eps) * w over the last dimension (llama.cpp's RMS_NORM then MUL)."""
+    return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps) * weight
+
+
+def rope_rotations(
+    config: LlamaConfig, positions: torch.Tensor, freq_factors: torch.Tensor | None, dtype: torch.dtype
+) -> torch.Tensor:
+    """e^(i * pos * theta_i), theta_i = base^(-2i/rope_dim), complex (N, 1, hd/2).
+
+    Angles are computed in float64: llama.cpp computes them in float32, and the difference is
+    far below the float32 rounding of the matmuls around them.
+    """
+    i = torch.arange(config.rope_dim // 2, dtype=torch.float64)
+    theta = config.rope_base ** (-2.0 * i / config.rope_dim)  # (hd/2,)
+    if freq_factors is not None:
+        theta = theta / freq_factors.double()  # Llama 3 long-context factors (rope_freqs.weight)
+    angles = positions.double()[:, None] * (theta * config.rope_freq_scale)[None, :]  # (N, hd/2)
+    return torch.polar(torch.ones_like(angles), angles).to(dtype.to_complex())[:, None, :]  # (N, 1, hd/2)
+
+
+def apply_rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
+    """Rotate ADJACENT pairs (x[2i], x[2i+1]) of every head by pos * theta_i.
+
+    llama.cpp's convert permutes the rows of attn_q/attn_k so that the pairs Hugging Face
+    rotates, (i, i + hd/2), become adjacent (Meta's original layout); llama.cpp then applies its
+    "normal" rope mode to LLM_ARCH_LLAMA. Read as a complex number x[2i] + i*x[2i+1], a pair is
+    rotated by one complex multiplication. Half-split pairs would be wrong for every GGUF llama.
+    """
+    pairs = torch.view_as_complex(x.reshape(*x.shape[:-1], -1, 2))  # (N, heads, hd/2) complex
+    return torch.view_as_real(pairs * rotations).flatten(-2)  # (N, heads, hd)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(hd) + causal mask) v for B sequences of equal length T.
+
+    q, k, v (B, T, nh, hd) -> (B, T, nh, hd): position t attends to positions 0..t of its own sequence.
+    """
+    y = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=1.0 / math.sqrt(q.shape[-1])
+    )  # (B, nh, T, hd)
+    return y.transpose(1, 2)  # (B, T, nh, hd)
+
+
+# ---- the model ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """The sequences of one forward, flattened into N tokens."""
+
+    tokens: torch.Tensor  # (N,)
+    lengths: list[int]
+    rotations: torch.Tensor  # (N, 1, hd/2) complex: RoPE at each token's position in its sequence
+    groups: list[torch.Tensor]  # (B, T) token indices of the B sequences of length T, one attention call each
+
+
+class LlamaReference:
+    """The llama forward over a GGUF's weights, layer-major, with optional input hooks per weight.
+
+    `weights(name)` replaces `source.dequantize` (reference weights from another file, or modified
+    ones); it must return numpy-order arrays of the source's shapes. `input_hooks[name]` maps the
+    input x (N, in) of the 2-D weight `name` before its matmul: y = W · hook(x). Hook keys are GGUF
+    weight names; the head is "output.weight", or "token_embd.weight" in a tied model. A hook
+    returns a new tensor and leaves x alone: attn_q/k/v (and ffn_gate/up) are handed the same x.
+    """
+
+    def __init__(
+        self,
+        source: TensorSource | str | Path,
+        weights: Callable[[str], np.ndarray] | None = None,
+        input_hooks: Mapping[str, Hook] | None = None,
+        dtype: torch.dtype = torch.float32,
+    ):
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"dtype must be torch.float32 or torch.float64, not {dtype}")
+        self.source = source if isinstance(source, TensorSource) else TensorSource(source)
+        self.config = LlamaConfig.from_layout(self.source.layout)
+        self.dtype = dtype
+        self._weights = weights or self.source.dequantize
+        self._hooks = dict(input_hooks or {})
+        matrices = {name for name, shape in self.config.tensor_shapes().items() if len(shape) == 2}
+        unknown = sorted(self._hooks.keys() - matrices)
+        if unknown:
+            raise InputError(f"input hook for {unknown[0]}, which is not a 2-D weight of {self.source.path.name}")
+
+    @torch.inference_mode()
+    def logits(self, token_sequences: Sequence[Sequence[int]]) -> list[np.ndarray]:
+        """Logits at every position of every sequence, each (T, V) float32; full causal attention."""
+        batch = self._batch(token_sequences)
+        hidden = self._forward(batch, sums=None)  # (N, d)
+        x = self._input(self.config.head_weight, hidden, sums=None)  # (N, d)
+        logits = F.linear(x, self._weight(self.config.head_weight)).float()  # (N, V); tied: x @ token_embd^T
+        return [chunk.numpy() for chunk in logits.split(batch.lengths)]
+
+    @torch.inference_mode()
+    def input_mean_squares(self, token_sequences: Sequence[Sequence[int]]) -> dict[str, np.ndarray]:
+        """mean over all tokens of x^2, per input column, of the input each 2-D weight multiplies.
+
+        Keys: every blk.*.{attn_q,attn_k,attn_v,attn_output,ffn_gate,ffn_up,ffn_down}.weight and,
+        if the model has one, output.weight (a tied head shares token_embd.weight with the
+        embedding, so it gets no entry). x is taken after the weight's input hook, because that is
+        what the weight multiplies. Sums are float64; values float32 of length in_features.
+        """
+        batch = self._batch(token_sequences)
+        sums: dict[str, torch.Tensor] = {}
+        hidden = self._forward(batch, sums)  # (N, d)
+        if not self.config.tied_embeddings:
+            self._input("output.weight", hidden, sums)
+        return {name: (total / len(batch.tokens)).float().numpy() for name, total in sums.items()}
+
+    # -- internals --
+
+    def _forward(self, batch: _Batch, sums: Sums) -> torch.Tensor:
+        """Final-normed hidden states (N, d) of all tokens, one layer at a time."""
+        cfg = self.config
+        h = self._weight("token_embd.weight")[batch.tokens]  # (N, d); llama does not scale embeddings
+        for i in range(cfg.n_layer):
+            w = {part: self._weight(f"blk.{i}.{part}.weight") for part in ("attn_norm", "ffn_norm", *BLOCK_MATRICES)}
+            h = h + self._attention(i, rms_norm(h, w["attn_norm"], cfg.norm_eps), w, batch, sums)  # (N, d)
+            h = h + self._mlp(i, rms_norm(h, w["ffn_norm"], cfg.norm_eps), w, sums)  # (N, d)
+            del w  # this layer's weights go before the next layer's are read
+        return rms_norm(h, self._weight("output_norm.weight"), cfg.norm_eps)
+
+    def _attention(self, i: int, x: torch.Tensor, w: Layer, batch: _Batch, sums: Sums) -> torch.Tensor:
+        cfg, n, p = self.config, x.shape[0], f"blk.{i}."
+        q = self._linear(p + "attn_q.weight", x, w["attn_q"], sums).view(n, cfg.n_head, cfg.head_dim)  # (N, nh, hd)
+        k = self._linear(p + "attn_k.weight", x, w["attn_k"], sums).view(n, cfg.n_head_kv, cfg.head_dim)  # (N, nkv, hd)
+        v = self._linear(p + "attn_v.weight", x, w["attn_v"], sums).view(n, cfg.n_head_kv, cfg.head_dim)  # (N, nkv, hd)
+        q, k = apply_rope(q, batch.rotations), apply_rope(k, batch.rotations)
+        # GQA: query head h reads kv head h // (nh / nkv), i.e. each kv head serves a run of adjacent query heads
+        k = k.repeat_interleave(cfg.n_head // cfg.n_head_kv, dim=1)  # (N, nh, hd)
+        v = v.repeat_interleave(cfg.n_head // cfg.n_head_kv, dim=1)  # (N, nh, hd)
+        heads = torch.empty_like(q)  # (N, nh, hd)
+        for index in batch.groups:  # (B, T)
+            heads[index] = causal_attention(q[index], k[index], v[index])  # (B, T, nh, hd)
+        heads = heads.view(n, cfg.n_head * cfg.head_dim)  # (N, nh*hd): head h in columns h*hd .. (h+1)*hd
+        return self._linear(p + "attn_output.weight", heads, w["attn_output"], sums)  # (N, d)
+
+    def _mlp(self, i: int, x: torch.Tensor, w: Layer, sums: Sums) -> torch.Tensor:
+        gate = self._linear(f"blk.{i}.ffn_gate.weight", x, w["ffn_gate"], sums)  # (N, ff)
+        up = self._linear(f"blk.{i}.ffn_up.weight", x, w["ffn_up"], sums)  # (N, ff)
+        return self._linear(f"blk.{i}.ffn_down.weight", F.silu(gate) * up, w["ffn_down"], sums)  # (N, d)
+
+    def _linear(self, name: str, x: torch.Tensor, weight: torch.Tensor, sums: Sums) -> torch.Tensor:
+        """y = W · hook(x): (N, in) -> (N, out)."""
+        return F.linear(self._input(name, x, sums), weight)
+
+    def _input(self, name: str, x: torch.Tensor, sums: Sums) -> torch.Tensor:
+        """The input weight `name` multiplies, hook(x); its per-column sum of x^2 goes to `sums`."""
+        hook = self._hooks.get(name)
+        if hook is not None:
+            x = hook(x)
+        if sums is not None:
+            sums[name] = x.square().sum(0, dtype=torch.float64)  # (in,); all N tokens pass at once
+        return x
+
+    def _weight(self, name: str) -> torch.Tensor:
+        array = self._weights(name)
+        expected = self.source.numpy_shape(name)
+        if tuple(array.shape) != expected:
+            raise InputError(f"weights for {name} have shape {tuple(array.shape)}, expected {expected}")
+        # np.array copies: a source may hand out read-only views of its memory map
+        return torch.from_numpy(np.array(array, dtype=np.float32)).to(self.dtype)
+
+    def _batch(self, token_sequences: Sequence[Sequence[int]]) -> _Batch:
+        if not token_sequences or any(len(seq) == 0 for seq in token_sequences):
+            raise InputError("token sequences must be a non-empty list of non-empty sequences")
+        tokens = torch.tensor([t for seq in token_sequences for t in seq], dtype=torch.long)  # (N,)
+        if tokens.min() < 0 or tokens.max() >= self.config.vocab_size:
+            raise InputError(f"token ids must lie in [0, {self.config.vocab_size})")
+        lengths = [len(seq) for seq in token_sequences]
+        positions = torch.cat([torch.arange(n) for n in lengths])  # (N,): each sequence starts at 0
+        freq_factors = self._weight("rope_freqs.weight") if self.config.rope_freq_factors else None
+        starts: dict[int, list[int]] = {}  # sequence length -> where those sequences start in N
+        for start, n in zip(accumulate(lengths, initial=0), lengths):
+            starts.setdefault(n, []).append(start)
+        groups = [torch.tensor(s)[:, None] + torch.arange(n)[None, :] for n, s in starts.items()]  # (B, T) each
+        return _Batch(tokens, lengths, rope_rotations(self.config, positions, freq_factors, self.dtype), groups)
