@@ -6,11 +6,14 @@ ratios are what carries over to another machine, not the absolute tokens per sec
 
 from __future__ import annotations
 
+import functools
 import statistics
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import llama_cpp
 import numpy as np
 from tqdm import tqdm
 
@@ -45,24 +48,31 @@ def default_reference_for(runtime: NkatRuntime) -> Path | None:
 
 
 def interleaved_speed(runtime: NkatRuntime, gammas: dict[str, float | None], settings: CompareSettings) -> dict:
-    """pp and tg tokens/s per configuration, measured in alternation after one warm-up each."""
-    rngs = {name: np.random.default_rng(i) for i, name in enumerate(gammas)}
-    pp: dict[str, list[float]] = {name: [] for name in gammas}
-    tg: dict[str, list[float]] = {name: [] for name in gammas}
-    for name, gamma in gammas.items():
-        runtime.set_gamma(gamma)
-        time_prompt(runtime.llm, settings.n_prompt, rngs[name])
-        time_generation(runtime.llm, 8, rngs[name])
-    total = settings.repetitions * len(gammas)
+    """pp and tg tokens/s per γ (None: theta off), measured in alternation after one warm-up each."""
+    return interleaved_rates(runtime.llm, {name: functools.partial(runtime.set_gamma, gamma)
+                                           for name, gamma in gammas.items()}, settings)
+
+
+def interleaved_rates(llm: llama_cpp.Llama, configurations: dict[str, Callable[[], None]],
+                      settings: CompareSettings) -> dict:
+    """pp and tg tokens/s per configuration (each switched on by its callable), in alternation after a warm-up."""
+    rngs = {name: np.random.default_rng(i) for i, name in enumerate(configurations)}
+    pp: dict[str, list[float]] = {name: [] for name in configurations}
+    tg: dict[str, list[float]] = {name: [] for name in configurations}
+    for name, configure in configurations.items():
+        configure()
+        time_prompt(llm, settings.n_prompt, rngs[name])
+        time_generation(llm, 8, rngs[name])
+    total = settings.repetitions * len(configurations)
     with tqdm(total=total, desc="speed", unit="run", file=sys.stderr, disable=not settings.progress) as bar:
         for _ in range(settings.repetitions):
-            for name, gamma in gammas.items():
-                runtime.set_gamma(gamma)
-                pp[name].append(settings.n_prompt / time_prompt(runtime.llm, settings.n_prompt, rngs[name]))
-                tg[name].append(settings.n_gen / time_generation(runtime.llm, settings.n_gen, rngs[name]))
+            for name, configure in configurations.items():
+                configure()
+                pp[name].append(settings.n_prompt / time_prompt(llm, settings.n_prompt, rngs[name]))
+                tg[name].append(settings.n_gen / time_generation(llm, settings.n_gen, rngs[name]))
                 bar.update()
     out = {}
-    for name in gammas:
+    for name in configurations:
         pp_mean, pp_sd = summarize(pp[name])
         tg_mean, tg_sd = summarize(tg[name])
         out[name] = {"pp_tokens_per_second": pp_mean, "pp_sd": pp_sd, "tg_tokens_per_second": tg_mean,

@@ -75,15 +75,35 @@ class NkatRuntime:
                 self.llm = None
         if self.llm is None:
             raise InputError(f"llama.cpp cannot load {self.path.name}: {log.reason('load failed')}")
+        self._architecture, self._cache_dir = layout.architecture, cache_dir
+        self._adapters: dict[str, object] = {}  # theta digest -> llama.cpp adapter, each loaded once
         self._adapter = None
         if self.theta is not None and self.theta.tensors:
-            adapter_path = cached_adapter(self.theta, layout.architecture, cache_dir)
-            with captured_llama_log() as log:
-                self._adapter = llama_cpp.llama_adapter_lora_init(self.llm.model, str(adapter_path).encode())
-            if not self._adapter:
-                raise InputError(f"llama.cpp rejected the theta adapter of {self.path.name}: {log.reason('')}")
+            self._adapter = self._load_adapter(self.theta)
         self.gamma: float | None = None
         self.set_gamma(self.default_gamma if gamma is None else gamma)
+
+    def _load_adapter(self, theta: NkatTheta) -> object:
+        import llama_cpp
+
+        key = theta.digest()
+        if key not in self._adapters:
+            adapter_path = cached_adapter(theta, self._architecture, self._cache_dir)
+            with captured_llama_log() as log:
+                adapter = llama_cpp.llama_adapter_lora_init(self.llm.model, str(adapter_path).encode())
+            if not adapter:
+                raise InputError(f"llama.cpp rejected the theta adapter of {self.path.name}: {log.reason('')}")
+            self._adapters[key] = adapter
+        return self._adapters[key]
+
+    def use_theta(self, theta: NkatTheta, gamma: float | None) -> None:
+        """Apply another theta for the same model (another rank, say) at γ, without reloading the model.
+
+        Each adapter is loaded once and kept, so a search over ranks switches adapters instead of models.
+        """
+        self._adapter = self._load_adapter(theta) if theta.tensors else None
+        self.theta = theta
+        self.set_gamma(gamma)
 
     @property
     def has_theta(self) -> bool:
@@ -121,9 +141,10 @@ class NkatRuntime:
 
         if self.llm is not None:
             llama_cpp.llama_set_adapters_lora(self.llm.ctx, None, 0, None)
-            if self._adapter:
-                llama_cpp.llama_adapter_lora_free(self._adapter)
-                self._adapter = None
+            for adapter in self._adapters.values():
+                llama_cpp.llama_adapter_lora_free(adapter)
+            self._adapters.clear()
+            self._adapter = None
             self.llm.close()
             self.llm = None
 

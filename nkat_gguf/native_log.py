@@ -32,13 +32,15 @@ def captured_llama_log() -> Iterator[LlamaLog]:
     from llama_cpp import _logger
 
     log = LlamaLog()
-    old_level = _logger.logger.level
+    # NOTSET (before any Llama(verbose=False)) would print every debug line afterwards; ERROR is its quiet level
+    old_level = _logger.logger.level or logging.ERROR
     buffer = io.StringIO()
     _logger.logger.setLevel(logging.DEBUG)
     try:
         with contextlib.redirect_stderr(buffer):
             yield log
     finally:
-        _logger.logger.setLevel(old_level)
+        # NOTSET would let every later llama.cpp line through; outside a capture only errors print
+        _logger.logger.setLevel(old_level or logging.ERROR)
         log.text = buffer.getvalue()
         log.lines = log.text.splitlines()
