@@ -30,3 +30,11 @@ def default_q4_0_rank8(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("default-nkat") / "smollm2-q4_0-r8.nkat.gguf"
     convert(ConvertOptions(input=default_model_path(), output=out, outtype="Q4_0", theta_rank=8, progress=False))
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_nkat(tiny_f32: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny_f32 converted to Q4_0 with theta rank 4 (gamma 0.97): a complete NKAT file in seconds."""
+    out = tmp_path_factory.mktemp("tiny-nkat") / "tiny.nkat.gguf"
+    convert(ConvertOptions(input=tiny_f32, output=out, outtype="Q4_0", theta_rank=4, progress=False))
+    return out

@@ -1,0 +1,229 @@
+"""An OpenAI-compatible HTTP server over one NkatRuntime: theta applied at γ, γ switchable per request.
+
+Built on the standard library's `http.server`, not llama-cpp-python's FastAPI server: that server
+builds its own `Llama` from settings, where theta could only be a `lora_path` at a fixed scale, and
+it needs five more packages (fastapi, uvicorn, sse-starlette, starlette-context, pydantic-settings).
+Here the runtime that already holds theta as an adapter serves the requests, one at a time under a
+lock (one llama.cpp context), and a request may carry `"nkat_gamma"` (a number, or null for theta
+off) to use another γ without reloading anything.
+
+Endpoints: GET /v1/models, POST /v1/chat/completions (with `"stream": true` as server-sent events).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import socket
+import threading
+import time
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from nkat_gguf.errors import InputError
+
+from .runtime import NkatRuntime
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8000
+MAX_BODY_BYTES = 4 << 20
+GAMMA_FIELD = "nkat_gamma"
+# OpenAI request fields passed on to llama-cpp-python's create_chat_completion; others are ignored
+FORWARDED = ("messages", "temperature", "top_p", "top_k", "min_p", "typical_p", "stop", "seed", "max_tokens",
+             "presence_penalty", "frequency_penalty", "repeat_penalty", "response_format", "tools", "tool_choice")
+_UNSET = object()
+
+
+class RequestError(Exception):
+    """A request the client must fix: answered with 400 and OpenAI's error body."""
+
+
+class ChatServer:
+    """Serves `runtime` on host:port (port 0 picks a free one); `close()` stops it and frees the socket."""
+
+    def __init__(self, runtime: NkatRuntime, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
+                 model_id: str | None = None, quiet: bool = False):
+        self.runtime = runtime
+        self.model_id = model_id or runtime.path.name
+        self.default_gamma = runtime.gamma
+        self.quiet = quiet
+        self.created = int(time.time())
+        self._lock = threading.Lock()
+        self._serving = False
+        self._thread: threading.Thread | None = None
+        server_class = _HTTPServer6 if ":" in host else _HTTPServer
+        try:
+            self._httpd = server_class((host, port), _Handler)
+        except OSError as exc:
+            raise InputError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+        self._httpd.app = self
+
+    @property
+    def url(self) -> str:
+        host, port = self._httpd.server_address[:2]
+        return f"http://[{host}]:{port}/v1" if ":" in host else f"http://{host}:{port}/v1"
+
+    def serve_forever(self) -> None:
+        """Serve in this thread until close() is called from another one (or KeyboardInterrupt)."""
+        self._serving = True
+        try:
+            self._httpd.serve_forever(poll_interval=0.2)
+        finally:
+            self._serving = False
+
+    def start(self) -> None:
+        """Serve in a background thread; close() stops it."""
+        self._serving = True
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.2},
+                                        name="nkat-server", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop serving and release the socket (shutdown() returns once the serving loop has exited)."""
+        if self._serving:
+            self._httpd.shutdown()
+            self._serving = False
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self._httpd.server_close()
+
+    def __enter__(self) -> "ChatServer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- requests -------------------------------------------------------------------------------
+
+    def models(self) -> dict:
+        return {"object": "list", "data": [{
+            "id": self.model_id, "object": "model", "created": self.created, "owned_by": "nkat-gguf",
+            "nkat": {"has_theta": self.runtime.has_theta, "default_gamma": self.default_gamma}}]}
+
+    def chat(self, body: Any, stream_to: Any = None) -> dict | None:
+        """One chat completion. With `stream_to` (a callable taking each chunk), chunks are passed on."""
+        if not isinstance(body, dict):
+            raise RequestError("the request body must be a JSON object")
+        if not isinstance(body.get("messages"), list) or not body["messages"]:
+            raise RequestError("'messages' must be a non-empty list")
+        kwargs = {k: body[k] for k in FORWARDED if body.get(k) is not None}
+        if body.get("max_completion_tokens") is not None:
+            kwargs.setdefault("max_tokens", body["max_completion_tokens"])
+        gamma = body.get(GAMMA_FIELD, _UNSET)
+        with self._lock:
+            self._use_gamma(self.default_gamma if gamma is _UNSET else gamma)
+            extra = {GAMMA_FIELD: self.runtime.gamma, "model": self.model_id}
+            try:
+                if stream_to is None:
+                    return {**self.runtime.llm.create_chat_completion(**kwargs), **extra}
+                for chunk in self.runtime.llm.create_chat_completion(**kwargs, stream=True):
+                    stream_to({**chunk, **extra})
+                return None
+            except (ValueError, TypeError) as exc:  # llama-cpp-python's way of refusing arguments
+                raise RequestError(str(exc)) from None
+
+    def _use_gamma(self, gamma: Any) -> None:
+        if isinstance(gamma, bool) or not (gamma is None or isinstance(gamma, (int, float))):
+            raise RequestError(f"'{GAMMA_FIELD}' must be a number or null, got {json.dumps(gamma)}")
+        if gamma != self.runtime.gamma:
+            try:
+                self.runtime.set_gamma(gamma)  # also empties the KV cache computed under the old γ
+            except InputError as exc:
+                raise RequestError(str(exc)) from None
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    app: ChatServer
+
+
+class _HTTPServer6(_HTTPServer):
+    address_family = socket.AF_INET6
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _HTTPServer
+    server_version = "nkat-gguf"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        if not self.server.app.quiet:
+            super().log_message(format, *args)
+
+    def do_GET(self) -> None:
+        if self.path.rstrip("/") == "/v1/models":
+            self._send_json(HTTPStatus.OK, self.server.app.models())
+        else:
+            self._send_error(HTTPStatus.NOT_FOUND, f"no such endpoint: GET {self.path}")
+
+    def do_POST(self) -> None:
+        if self.path.rstrip("/") != "/v1/chat/completions":
+            self._send_error(HTTPStatus.NOT_FOUND, f"no such endpoint: POST {self.path}")
+            return
+        try:
+            body = self._read_json()
+            if isinstance(body, dict) and body.get("stream"):
+                self._stream(body)
+            else:
+                self._send_json(HTTPStatus.OK, self.server.app.chat(body))
+        except RequestError as exc:
+            self._send_error(HTTPStatus.BAD_REQUEST, str(exc))
+        except Exception as exc:  # one failed request must not stop the server
+            self._send_error(HTTPStatus.INTERNAL_SERVER_ERROR, f"{type(exc).__name__}: {exc}")
+
+    def _read_json(self) -> Any:
+        length = int(self.headers.get("Content-Length") or 0)
+        if not 0 < length <= MAX_BODY_BYTES:
+            raise RequestError(f"request body must be 1 to {MAX_BODY_BYTES} bytes with a Content-Length")
+        try:
+            return json.loads(self.rfile.read(length))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise RequestError(f"request body is not JSON: {exc}") from None
+
+    def _stream(self, body: dict) -> None:
+        started = False
+
+        def send(chunk: dict) -> None:
+            nonlocal started
+            if not started:
+                self.send_response(HTTPStatus.OK)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Cache-Control", "no-cache")
+                self.end_headers()
+                started = True
+            self.wfile.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+            self.wfile.flush()
+
+        try:
+            self.server.app.chat(body, stream_to=send)
+        except Exception as exc:
+            if not started:
+                raise
+            send({"error": {"message": str(exc), "type": "server_error"}})  # headers are gone: report in-stream
+        if not started:  # a generation with no chunk at all still ends like a stream
+            send({"object": "chat.completion.chunk", "choices": []})
+        self.wfile.write(b"data: [DONE]\n\n")
+
+    def _send_json(self, status: HTTPStatus, payload: dict) -> None:
+        raw = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(raw)))
+        self.end_headers()
+        self.wfile.write(raw)
+
+    def _send_error(self, status: HTTPStatus, message: str) -> None:
+        kind = "invalid_request_error" if status < 500 else "server_error"
+        self._send_json(status, {"error": {"message": message, "type": kind, "code": int(status)}})
+
+
+
+def is_loopback(host: str) -> bool:
+    """Whether listening on `host` keeps the server reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

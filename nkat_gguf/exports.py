@@ -1,0 +1,337 @@
+"""Exports for the runtimes users already have: a LoRA adapter, an Ollama directory, a KoboldCpp config.
+
+Ollama always applies an adapter at scale 1 and KoboldCpp releases before mid-2025 do too, so every
+exported adapter has γ folded into B (alpha = r, scale 1 gives W x + γ·B·A·x). Every file written is
+loaded back through llama.cpp before the export reports success. A model without theta still
+exports (the plain model), with a note that there is no correction to carry.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .atomic import atomic_output, check_writable_dir
+from .errors import InputError
+from .gguf_file import GGUFLayout, read_layout, write_with_metadata
+from .nkat_format import NkatTheta, read_theta
+
+MAX_EXPORT_CTX = 8192  # num_ctx / contextsize: the model's training context, capped to what a laptop can hold
+NO_THETA_NOTE = "{name} carries no theta: there is no correction to carry, so the export is the plain model"
+_OLLAMA_NAME = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*/)?[A-Za-z0-9][A-Za-z0-9._-]*(:[A-Za-z0-9._-]+)?$")
+_STOP_NAME = re.compile(r"end|eot|eos", re.IGNORECASE)
+_CONTROL_TOKEN = 3  # tokenizer.ggml.token_type of control tokens (<|im_end|>, <|eot_id|>, ...)
+
+
+@dataclass
+class ExportReport:
+    kind: str  # "adapter", "ollama" or "kobold"
+    model: str
+    gamma: float | None  # None: the model has no theta
+    files: dict[str, str] = field(default_factory=dict)  # role -> path
+    commands: list[str] = field(default_factory=list)  # what to run next, exactly
+    notes: list[str] = field(default_factory=list)
+    perplexity: dict | None = None  # --merged only: theta off / adapter / merged, measured
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class _Model:
+    """The NKAT model an export reads: its layout, theta (None if it has none) and the γ to fold."""
+
+    path: Path
+    layout: GGUFLayout
+    theta: NkatTheta | None
+    gamma: float | None
+
+    @property
+    def stem(self) -> str:
+        return export_stem(self.path)
+
+
+def export_stem(model: Path) -> str:
+    """File-name-safe base name of every exported file: `foo.nkat.gguf` -> `foo`."""
+    name = model.name.removesuffix(".gguf").removesuffix(".nkat")
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "model"
+
+
+def ollama_name(model: Path) -> str:
+    """The default `--name`: the export stem in lower case."""
+    return export_stem(model).lower()
+
+
+def _open(model: Path, gamma: float | None, report_notes: list[str]) -> _Model:
+    from engine.runtime import check_gamma
+
+    layout = read_layout(model)
+    theta = read_theta(layout)
+    if theta is None or not theta.tensors:
+        report_notes.append(NO_THETA_NOTE.format(name=model.name))
+        if gamma is not None:
+            check_gamma(gamma)
+            report_notes.append(f"--gamma {gamma:g} ignored: nothing to scale")
+        return _Model(model, layout, None, None)
+    return _Model(model, layout, theta, check_gamma(theta.gamma if gamma is None else gamma))
+
+
+def _output_dir(directory: Path) -> Path:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot create output directory {directory}: {exc.strerror}") from None
+    check_writable_dir(directory)
+    return directory.resolve()
+
+
+def _target(model: _Model, path: Path) -> Path:
+    if path.exists() and path.resolve() == model.path.resolve():
+        raise InputError(f"{path} is the input model; choose another output")
+    return path
+
+
+# ---- loading back through llama.cpp -------------------------------------------------------------
+
+
+def _check_adapter_loads(model_path: Path, adapter_path: Path) -> None:
+    """The base loads and llama.cpp accepts the adapter on it (architecture, names, shapes)."""
+    import llama_cpp
+
+    from .native_log import captured_llama_log
+
+    params = llama_cpp.llama_model_default_params()
+    params.n_gpu_layers = 0
+    with captured_llama_log() as log:
+        model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), params)
+        adapter = llama_cpp.llama_adapter_lora_init(model, str(adapter_path).encode()) if model else None
+    try:
+        if not model:
+            raise InputError(f"llama.cpp cannot load {model_path.name}: {log.reason('load failed')}")
+        if not adapter:
+            raise InputError(f"llama.cpp rejects the exported adapter {adapter_path.name}: {log.reason('')}")
+    finally:
+        if adapter:
+            llama_cpp.llama_adapter_lora_free(adapter)
+        if model:
+            llama_cpp.llama_model_free(model)
+
+
+def _write_adapter(model: _Model, dst: Path, base: Path, tensor_type: str = "F16") -> Path:
+    """theta with γ folded into B, then loaded back on `base`, the model file the runtime will use."""
+    from engine.adapter import write_lora_adapter
+
+    theta = model.theta or NkatTheta(rank=1, gamma=0.0, tensors={})
+    write_lora_adapter(_target(model, dst), theta, model.layout.architecture,
+                       scale_folded_into_b=model.gamma or 0.0, tensor_type=tensor_type,
+                       name=f"{model.stem}-theta-gamma-{model.gamma or 0:g}")
+    _check_adapter_loads(base, dst)
+    return dst
+
+
+def export_adapter(model: Path, output: Path, gamma: float | None = None, tensor_type: str = "F16") -> ExportReport:
+    """theta as a standard llama.cpp LoRA GGUF that gives the engine's logits at γ when applied at scale 1.
+
+    The output's directory is created if missing, as the other exports create theirs.
+    """
+    report = ExportReport("adapter", str(model), None)
+    source = _open(model, gamma, report.notes)
+    report.gamma = source.gamma
+    if output.is_dir():
+        raise InputError(f"-o {output} is a directory; give a file name")
+    _output_dir(output.parent)
+    report.files["adapter"] = str(_write_adapter(source, output, source.path, tensor_type))
+    if source.theta is None:
+        report.notes.append("the adapter has no tensors: applying it changes nothing")
+    else:
+        report.notes.append(f"gamma {source.gamma:g} is folded into B: apply the adapter at scale 1 "
+                            "(--lora, or --lora-scaled with scale 1)")
+    report.commands.append(f"llama-cli -m {shlex.quote(str(model))} --lora {shlex.quote(str(output))}")
+    return report
+
+
+# ---- Ollama ---------------------------------------------------------------------------------------
+
+
+def context_length(layout: GGUFLayout) -> int:
+    """The model's training context, capped at MAX_EXPORT_CTX (a bigger KV cache rarely fits on a laptop)."""
+    trained = layout.get(f"{layout.architecture}.context_length")
+    return min(int(trained), MAX_EXPORT_CTX) if trained else MAX_EXPORT_CTX
+
+
+def stop_tokens(layout: GGUFLayout) -> list[str]:
+    """End-of-turn strings: the EOS/EOT tokens, and control tokens in the chat template named end/eot/eos."""
+    tokens = layout.get("tokenizer.ggml.tokens") or []
+    found: list[str] = []
+    for key in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eos_token_id"):
+        token_id = layout.get(key)
+        if token_id is not None and 0 <= token_id < len(tokens):
+            found.append(tokens[token_id])
+    template = layout.get("tokenizer.chat_template")
+    types = layout.get("tokenizer.ggml.token_type")
+    if isinstance(template, str) and types is not None:
+        found += [t for t, kind in zip(tokens, types) if kind == _CONTROL_TOKEN and t in template and _STOP_NAME.search(t)]
+    return list(dict.fromkeys(t for t in found if t))
+
+
+def modelfile_text(model_file: str, adapter_file: str | None, num_ctx: int, stops: list[str]) -> str:
+    """Ollama's Modelfile syntax: one instruction per line, FROM first, paths relative to the Modelfile."""
+    lines = [f"FROM ./{model_file}"]
+    if adapter_file:
+        lines.append(f"ADAPTER ./{adapter_file}")
+    lines.append(f"PARAMETER num_ctx {num_ctx}")
+    lines += [f"PARAMETER stop {json.dumps(s)}" for s in stops]
+    return "\n".join(lines) + "\n"
+
+
+def _ollama_name(name: str | None, source: _Model) -> str:
+    if name is None:
+        return ollama_name(source.path)
+    if not _OLLAMA_NAME.match(name):
+        raise InputError(f"--name {name!r} is not an Ollama model name (letters, digits, '.', '_', '-', "
+                         "optionally 'namespace/' and ':tag')")
+    return name
+
+
+def _write_text(path: Path, text: str) -> None:
+    with atomic_output(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def export_ollama(model: Path, output_dir: Path, gamma: float | None = None, name: str | None = None,
+                  merged: bool = False, outtype: str | None = None, ppl_chunks: int = 4, ppl_ctx: int = 512,
+                  threads: int | None = None) -> ExportReport:
+    """DIR with the model, the γ-folded adapter and a Modelfile; `merged` puts theta into one GGUF instead."""
+    if outtype is not None and not merged:
+        raise InputError("--outtype applies to --merged only (the adapter form keeps the model as it is)")
+    report = ExportReport("ollama", str(model), None)
+    source = _open(model, gamma, report.notes)
+    report.gamma = source.gamma
+    name = _ollama_name(name, source)
+    directory = _output_dir(output_dir)
+    adapter_file = None
+    if merged:
+        model_file = f"{source.stem}.merged.gguf"
+        target = _target(source, directory / model_file)
+        if source.theta is None:
+            write_with_metadata(source.path, target, {}, drop_prefixes=("nkat.",))
+        else:
+            from .merge import write_merged
+
+            write_merged(source.path, target, source.theta, source.gamma, outtype, threads or 0)
+        report.files["model"] = str(target)
+        report.perplexity = _measure_merged(source, target, ppl_chunks, ppl_ctx, threads)
+        report.notes.append(_merged_summary(report.perplexity))
+        report.notes += _merged_caveats(source, outtype)
+    else:
+        model_file = f"{source.stem}.gguf"
+        target = _target(source, directory / model_file)
+        # theta lives in the adapter now; the model file is the plain quantized model, tensors byte for byte
+        write_with_metadata(source.path, target, {}, drop_prefixes=("nkat.",))
+        report.files["model"] = str(target)
+        if source.theta is not None:
+            adapter_file = f"{source.stem}.theta.gguf"
+            report.files["adapter"] = str(_write_adapter(source, directory / adapter_file, target))
+        else:
+            from engine.runtime import check_loadable
+
+            check_loadable(target)
+    modelfile = directory / "Modelfile"
+    _write_text(modelfile, modelfile_text(model_file, adapter_file, context_length(source.layout),
+                                          stop_tokens(source.layout)))
+    report.files["modelfile"] = str(modelfile)
+    report.commands += [f"ollama create {name} -f {shlex.quote(str(modelfile))}", f"ollama run {name}"]
+    return report
+
+
+def _measure_merged(source: _Model, merged_path: Path, chunks: int, ctx: int, threads: int | None) -> dict:
+    """Perplexity (evaluation split) of theta off, the adapter form at γ, and the merged file; loads each."""
+    from engine.perplexity import perplexity, tokenize_text
+    from engine.runtime import NkatRuntime, RuntimeOptions
+
+    from .texts import load_text
+
+    text = load_text(None, "evaluation")
+    options = RuntimeOptions(n_ctx=ctx, n_batch=ctx, n_threads=threads)
+    results = {}
+    with NkatRuntime(source.path, options) as runtime:
+        tokens = tokenize_text(runtime.llm, text.content)
+        configs = {"theta_off": None} if source.theta is None else {"theta_off": None, "adapter": source.gamma}
+        for label, gamma in configs.items():
+            runtime.set_gamma(gamma)
+            results[label] = perplexity(runtime.llm, tokens, ctx, chunks, progress=False).as_dict()
+    with NkatRuntime(merged_path, options) as runtime:
+        results["merged"] = perplexity(runtime.llm, tokens, ctx, chunks, progress=False).as_dict()
+    results["text"] = text.source
+    return results
+
+
+def _merged_summary(ppl: dict) -> str:
+    """One line users must read: how much of the adapter's improvement survived requantization."""
+    parts = [f"{label} {ppl[label]['ppl']:.4f}" for label in ("theta_off", "adapter", "merged") if label in ppl]
+    line = f"perplexity ({ppl['merged']['n_chunks']} chunks of {ppl['merged']['n_ctx']}): " + ", ".join(parts)
+    if "adapter" in ppl:
+        gain = ppl["theta_off"]["ppl"] - ppl["adapter"]["ppl"]
+        if gain > 0:
+            kept = (ppl["theta_off"]["ppl"] - ppl["merged"]["ppl"]) / gain
+            line += f"; the merged file keeps {100 * kept:.0f} % of the adapter's improvement"
+        else:
+            line += "; the adapter does not improve perplexity on this text"
+    return line
+
+
+def _merged_caveats(source: _Model, outtype: str | None) -> list[str]:
+    if source.theta is None:
+        return []
+    notes = []
+    imatrix = str(source.theta.provenance.get("nkat.imatrix", "none"))
+    if not imatrix.startswith("none"):
+        notes.append(f"the merged weights are requantized without an importance matrix (the file was quantized "
+                     f"with one: {imatrix}), which at 2-5 bits alone can cost more than theta gains")
+    if outtype is None:
+        notes.append("a finer --outtype (e.g. Q8_0) keeps more of the correction, at a larger file")
+    return notes
+
+
+# ---- KoboldCpp ------------------------------------------------------------------------------------
+
+
+def kcpps_config(model_path: Path, adapter_path: Path | None, contextsize: int, threads: int) -> dict:
+    """KoboldCpp's `.kcpps`: the JSON of its command-line arguments, bound to loopback."""
+    return {
+        "model_param": str(model_path),
+        "lora": [str(adapter_path)] if adapter_path else None,  # KoboldCpp uses only the first file
+        "loramult": 1.0,  # γ is folded into the adapter; releases before mid-2025 ignore this key
+        "contextsize": contextsize,
+        "threads": threads,
+        "host": "127.0.0.1",
+        "port": 5001,
+        "launch": False,
+    }
+
+
+def export_kobold(model: Path, output_dir: Path, gamma: float | None = None, threads: int | None = None) -> ExportReport:
+    """DIR with the γ-folded adapter and a `.kcpps` that runs the NKAT model with it."""
+    report = ExportReport("kobold", str(model), None)
+    source = _open(model, gamma, report.notes)
+    report.gamma = source.gamma
+    directory = _output_dir(output_dir)
+    model_path = source.path.resolve()
+    adapter = None
+    if source.theta is not None:
+        adapter = _write_adapter(source, directory / f"{source.stem}.theta.gguf", model_path)
+        report.files["adapter"] = str(adapter)
+    else:
+        from engine.runtime import check_loadable
+
+        check_loadable(model_path)
+    config = kcpps_config(model_path, adapter, context_length(source.layout), threads or os.cpu_count() or 1)
+    kcpps = directory / f"{source.stem}.kcpps"
+    _write_text(kcpps, json.dumps(config, indent=2) + "\n")
+    report.files["kcpps"] = str(kcpps)
+    report.commands.append(f"koboldcpp --config {shlex.quote(str(kcpps))}")
+    return report

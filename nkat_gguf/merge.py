@@ -1,0 +1,92 @@
+"""theta merged into the weights: W' = dequant(W_q) + γ·B·A, requantized, for runtimes without adapters.
+
+Two ways to requantize:
+- keep (default): every tensor keeps its own type. Weights without theta are copied byte for byte;
+  each merged weight is quantized by ggml's own `ggml_quantize_chunk` to the type it had, so the
+  output has exactly the input's tensor types (no importance matrix: the file does not carry one).
+- `outtype`: an intermediate GGUF (merged weights F32, the rest unchanged) goes through
+  llama.cpp's quantizer, whose per-tensor type rules for that file type apply as in `convert`.
+Either way the correction is rounded by the quantizer again, which can lose much of it: measure.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from .errors import UnsupportedModelError
+from .gguf_file import TensorSpec, copy_metadata, read_layout, write_gguf
+from .nkat_format import NkatTheta
+from .quantize import quantize_model, resolve_outtype
+from .weights import TensorSource
+
+DROPPED_PREFIXES = ("GGUF.", "nkat.")  # the merged file carries no theta: applying it again would double it
+
+
+def _ggml() -> ctypes.CDLL:
+    """llama-cpp-python's own libggml (its private `_ggml` module loads it for every platform)."""
+    from llama_cpp._ggml import libggml
+
+    libggml.ggml_quantize_chunk.restype = ctypes.c_size_t
+    libggml.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                            ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    libggml.ggml_quantize_requires_imatrix.restype = ctypes.c_bool
+    libggml.ggml_quantize_requires_imatrix.argtypes = [ctypes.c_int]
+    return libggml
+
+
+def quantize_rows(name: str, values: np.ndarray, ggml_type: GGMLQuantizationType) -> np.ndarray:
+    """A float32 (rows, n) weight in `ggml_type`, exactly as llama.cpp quantizes it without an imatrix."""
+    if ggml_type == GGMLQuantizationType.F32:
+        return values
+    lib = _ggml()
+    if lib.ggml_quantize_requires_imatrix(int(ggml_type)):
+        raise UnsupportedModelError(f"{name} is {ggml_type.name}, which llama.cpp quantizes only with an importance "
+                                    "matrix; choose a merged type with --outtype (e.g. Q4_K_M)")
+    rows, n_per_row = values.shape
+    block, size = GGML_QUANT_SIZES[ggml_type]
+    out = np.empty(rows * (n_per_row // block) * size, dtype=np.uint8)
+    src = np.ascontiguousarray(values, dtype=np.float32)
+    written = lib.ggml_quantize_chunk(int(ggml_type), src.ctypes.data, out.ctypes.data, 0, rows, n_per_row, None)
+    if written != out.size:
+        raise RuntimeError(f"ggml_quantize_chunk wrote {written} bytes for {name}, expected {out.size}")
+    return out
+
+
+def write_merged(model: Path, dst: Path, theta: NkatTheta, gamma: float, outtype: str | None = None,
+                 threads: int = 0) -> None:
+    """Write `dst` = `model` with γ·B·A added to every weight theta covers (see module docstring)."""
+    layout = read_layout(model)
+    source = TensorSource(model, layout)
+    factors = {name: t.dequantize() for name, t in theta.tensors.items()}
+
+    def merged(name: str) -> np.ndarray:
+        f = factors[name]
+        return source.dequantize(name) + np.float32(gamma) * (f.b @ f.a)
+
+    def produce(quantize: bool) -> Callable[[TensorSpec], np.ndarray]:
+        def tensor(spec: TensorSpec) -> np.ndarray:
+            if spec.name not in factors:
+                return source.raw(spec.name)
+            return quantize_rows(spec.name, merged(spec.name), spec.type) if quantize else merged(spec.name)
+        return tensor
+
+    metadata = copy_metadata(layout, DROPPED_PREFIXES)
+    if outtype is None:
+        specs = [TensorSpec(t.name, tuple(reversed(t.shape)), t.type) for t in layout.tensors]
+        write_gguf(dst, metadata, specs, produce(quantize=True), layout.alignment)
+        return
+    _, ftype = resolve_outtype(outtype, layout)
+    specs = [TensorSpec(t.name, tuple(reversed(t.shape)), GGMLQuantizationType.F32 if t.name in factors else t.type)
+             for t in layout.tensors]
+    with tempfile.TemporaryDirectory(prefix=".nkat-merge-", dir=dst.parent) as tmp:
+        intermediate, quantized = Path(tmp) / "merged-f32.gguf", Path(tmp) / "merged.gguf"
+        write_gguf(intermediate, metadata, specs, produce(quantize=False), layout.alignment)
+        quantize_model(intermediate, quantized, ftype, threads=threads)
+        os.replace(quantized, dst)
