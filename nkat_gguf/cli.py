@@ -126,21 +126,42 @@ def main() -> None:
               help="Importance matrix for quantization: auto (from the calibration), none, or a llama.cpp "
                    "imatrix file (GGUF or legacy .dat).")
 @click.option("--threads", type=int, default=0, help="Quantization threads (0: all cores).")
+@click.option("--so8t", default="none", show_default=True, metavar="none|hadamard|random|file:PATH",
+              help="Bake SO(8) rotations into the weights before quantizing: hadamard/random rotate the residual "
+                   "stream (the function is kept), file:PATH.safetensors folds trained gates (docs/SO8T.md). "
+                   "QC compares before and after; if it fails nothing is written.")
+@click.option("--so8t-seed", type=click.IntRange(min=0), default=None,
+              help="Seed of the random rotation, or of random signs on the Hadamard blocks.")
+@click.option("--so8t-heads", is_flag=True, help="Also rotate each layer's value/output pair per head (R2).")
+@click.option("--force", is_flag=True, help="Write even if SO8T QC fails (the file records it).")
+@click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Write the SO8T QC report (so8t-qc.json and so8t-qc.md) into this directory.")
+@click.option("--optimize-rank", is_flag=True,
+              help="Search rank and gamma with a quick Optuna study (nkat-gguf optimize --mode quick; study files in "
+                   "OUTPUT.optimize/) and write the best model to --output; --theta-rank/--theta-gamma are ignored.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
 @_fail_cleanly
 def convert(input_: str, output: Path, outtype: str, reference: Path | None, theta_rank: int, theta_gamma: float,
             selective_layers: tuple[str, ...], calib_text: Path | None, theta_calib: str, imatrix: str,
-            threads: int, as_json: bool) -> None:
+            threads: int, so8t: str, so8t_seed: int | None, so8t_heads: bool, force: bool, report_dir: Path | None,
+            optimize_rank: bool, as_json: bool) -> None:
     """Quantize a GGUF with llama.cpp and store theta (what quantization lost, low rank) in its metadata."""
     from .convert import ConvertOptions, convert as run_convert
     from .default_model import resolve_model
 
-    report = run_convert(ConvertOptions(
+    options = ConvertOptions(
         input=resolve_model(input_), output=output, outtype=outtype, reference=reference,
         theta_rank=theta_rank, theta_gamma=theta_gamma, selective_layers=list(selective_layers) or None,
         calib_text=calib_text, theta_calib=theta_calib, imatrix=imatrix, threads=threads,
-        progress=sys.stderr.isatty() or not as_json))
-    _emit(report.as_dict(), as_json, _format_convert)
+        so8t=so8t, so8t_seed=so8t_seed, so8t_heads=so8t_heads, force=force, report_dir=report_dir,
+        progress=sys.stderr.isatty() or not as_json)
+    if optimize_rank:
+        from optimizer.outputs import format_summary
+        from optimizer.study import optimize_convert
+
+        _emit(optimize_convert(options), as_json, format_summary)
+        return
+    _emit(run_convert(options).as_dict(), as_json, _format_convert)
 
 
 def _format_convert(r: dict) -> str:
@@ -152,7 +173,42 @@ def _format_convert(r: dict) -> str:
              f"calibration: {r['calibration']}, importance matrix: {r['imatrix']}, "
              f"mean residual energy captured: {mean_energy}",
              "time: " + ", ".join(f"{k} {v:.2f} s" for k, v in r["seconds"].items())]
+    if r.get("so8t"):
+        lines.append(f"SO8T {r['so8t']['description']}: {_format_qc(r['so8t']['qc'])}"
+                     + (", written anyway (--force)" if r["so8t"]["forced"] else ""))
     return "\n".join(lines + [f"note: {n}" for n in r["notes"]])
+
+
+def _format_qc(qc: dict) -> str:
+    verdict = "QC passed" if qc["passed"] else f"QC FAILED ({'; '.join(qc['failures'])})"
+    blocks = ("" if qc["max_orthogonality_error"] is None else
+              f", max ‖RᵀR − I‖_F {qc['max_orthogonality_error']:.2g}, min det {qc['min_det']:.6g}")
+    return (f"{verdict}: max |Δz| {qc['max_abs_dz']:.3g}, mean KL {qc['mean_kl']:.3g}, max KL {qc['max_kl']:.3g}, "
+            f"top-1 agreement {qc['top1_agreement']:.4f} over {qc['tokens']} tokens{blocks}")
+
+
+@main.group()
+def qc() -> None:
+    """Quality checks: `qc bake` compares a model before and after SO8T baking."""
+
+
+@qc.command("bake")
+@click.option("--pre", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="GGUF before baking (F32 weights for a meaningful comparison).")
+@click.option("--post", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="GGUF after baking.")
+@click.option("--text", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="UTF-8 text; its first 128 tokens are compared (default: the evaluation split of pydoc topics).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_fail_cleanly
+def qc_bake(pre: Path, post: Path, text: Path | None, as_json: bool) -> None:
+    """Logits of two GGUFs in llama.cpp (F32 KV cache): max |Δz|, KL, top-1; exit 1 if a QC gate is missed."""
+    from .qc import QCFailed, compare_ggufs, qc_text
+
+    result = compare_ggufs(pre, post, qc_text(text))
+    _emit({"pre": str(pre), "post": str(post), **result.as_dict()}, as_json, _format_qc)
+    if not result.passed:
+        raise QCFailed(f"SO8T QC failed: {result.summary()}")
 
 
 @main.command()
@@ -267,13 +323,15 @@ def compare(model: str, reference: Path | None, gamma: float | None, text: Path 
 @click.option("--reference", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Higher-precision GGUF theta aims at and the gap is measured to (default: the input).")
 @click.option("--outtype", default="Q4_0", show_default=True, help="llama.cpp quantization type of every variant.")
-@click.option("--theta-rank", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--theta-rank", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Rank of theta in the two theta rows.")
 @click.option("--calib-text", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="UTF-8 calibration text (default: the calibration split of Python's pydoc topics).")
 @click.option("--text", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="UTF-8 evaluation text (default: the evaluation split of Python's pydoc topics).")
-@click.option("--ctx", type=int, default=512, show_default=True)
-@click.option("--chunks", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--ctx", type=int, default=512, show_default=True, help="Tokens per perplexity chunk.")
+@click.option("--chunks", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Evaluation chunks scored per row.")
 @click.option("--repetitions", "-r", type=click.IntRange(min=1), default=3, show_default=True,
               help="Interleaved speed rounds over all five rows.")
 @click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -437,6 +495,65 @@ def serve(model: str, gamma: float | None, host: str, port: int, ctx: int, gpu_l
             server.serve_forever()
         except KeyboardInterrupt:
             click.echo("stopped", err=True)
+
+@main.command()
+@click.option("--model", "-m", default="default", show_default=True, help=MODEL_HELP)
+@click.option("--output-dir", "-o", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Study database, JSON reports, plot and best model (created if missing; rerun to continue).")
+@click.option("--mode", default="quick", show_default=True, help="quick (12 trials), full (100) or custom (--trials).")
+@click.option("--trials", type=int, default=None, help="Complete trials to reach with --mode custom.")
+@click.option("--ranks", default="2,4,6,8", show_default=True, help="theta ranks to try; rank 0 (theta off) always is.")
+@click.option("--gamma-range", default="0.90,0.99", show_default=True, help="LOW,HIGH for gamma (any range >= 0).")
+@click.option("--pareto", is_flag=True, help="Minimize (perplexity, slowdown) and report the Pareto front.")
+@click.option("--storage", default=None,
+              help="Optuna RDB URL shared by workers, e.g. postgresql://user:pw@host/db "
+                   "(default: SQLite in --output-dir).")
+@click.option("--study-name", default="nkat-optimize", show_default=True, help="Study in the storage.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Sampler seed; give each worker its own.")
+@click.option("--ctx", type=int, default=512, show_default=True, help="Tokens per perplexity chunk.")
+@click.option("--chunks", type=int, default=4, show_default=True, help="Calibration-split chunks scored per trial.")
+@click.option("--eval-chunks", type=int, default=8, show_default=True,
+              help="Evaluation-split chunks of the best model's final comparison.")
+@click.option("--n-gen", type=int, default=64, show_default=True,
+              help="Generated tokens per speed run (tg of each rank, measured once per study).")
+@click.option("--speed-repetitions", type=int, default=3, show_default=True,
+              help="Interleaved speed runs per rank, and per side of the final comparison.")
+@click.option("--outtype", default="Q4_0", show_default=True,
+              help="llama.cpp quantization type theta corrects ('same' keeps the input's: requantizing a Q4_1 model "
+                   "to Q4_1 loses nothing, so theta would be zero).")
+@click.option("--reference", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Higher-precision GGUF theta aims at (default: the model).")
+@click.option("--calib-text", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="UTF-8 text to calibrate and score trials on (default: the calibration split of pydoc topics).")
+@click.option("--text", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="UTF-8 text for the final comparison (default: the evaluation split of pydoc topics).")
+@click.option("--json", "as_json", is_flag=True, help="Print the study summary as JSON.")
+@engine_options
+@_fail_cleanly
+def optimize(model: str, output_dir: Path, mode: str, trials: int | None, ranks: str, gamma_range: str, pareto: bool,
+             storage: str | None, study_name: str, seed: int, ctx: int, chunks: int, eval_chunks: int, n_gen: int,
+             speed_repetitions: int, outtype: str, reference: Path | None, calib_text: Path | None, text: Path | None,
+             as_json: bool, gpu_layers: int, no_cuda: bool, threads: int | None) -> None:
+    """Optuna TPE search over theta rank and gamma for the best TPE score; resumable, shareable by workers."""
+    from optimizer.options import OptimizeOptions, parse_gamma_range, parse_ranks
+    from optimizer.outputs import format_summary
+    from optimizer.study import optimize as run_optimize
+
+    from .convert import ConvertOptions
+    from .default_model import resolve_model
+
+    progress = sys.stderr.isatty() or not as_json
+    convert_options = ConvertOptions(input=resolve_model(model), output=output_dir, outtype=outtype,
+                                     reference=reference, calib_text=calib_text, threads=threads or 0,
+                                     progress=progress)
+    summary = run_optimize(OptimizeOptions(
+        convert=convert_options, output_dir=output_dir, mode=mode, trials=trials, ranks=parse_ranks(ranks),
+        gamma_range=parse_gamma_range(gamma_range), pareto=pareto, storage=storage, study_name=study_name,
+        seed=seed, n_ctx=ctx, chunks=chunks, eval_chunks=eval_chunks, eval_text=text, n_gen=n_gen,
+        speed_repetitions=speed_repetitions,
+        runtime=_runtime_options(gpu_layers, no_cuda, threads, n_ctx=max(ctx, 512)), progress=progress))
+    _emit(summary, as_json, format_summary)
+
 
 if __name__ == "__main__":
     main()

@@ -1,4 +1,4 @@
-"""`nkat-gguf convert`: read -> calibrate -> quantize -> theta -> write. Each step is its own module.
+"""`nkat-gguf convert`: read -> (bake) -> calibrate -> quantize -> theta -> write. Each step is its own module.
 
 The output is llama.cpp's own quantization of the input, byte for byte, plus theta in metadata
 (NKAT format v1), so a stock llama.cpp loads it as the plain quantized model.
@@ -18,10 +18,14 @@ from tqdm import tqdm
 
 from . import __version__
 from .atomic import check_writable_dir
+from .bake import BakePlan
+from .bake_step import bake_step, check_so8t_options
 from .calibrate import Calibration, calibrate
 from .errors import InputError
 from .gguf_file import read_layout, write_with_metadata
+from .imatrix import input_widths, missing_note, read_imatrix_file
 from .nkat_format import NkatTheta, theta_metadata
+from .qc import write_report
 from .quantize import quantize_model, resolve_outtype
 from .selection import select_tensors
 from .texts import load_text
@@ -45,6 +49,11 @@ class ConvertOptions:
     imatrix: str = "auto"  # "auto": from the calibration; "none"; or a llama.cpp imatrix file
     threads: int = 0
     progress: bool = True
+    so8t: str | BakePlan = "none"  # "hadamard", "random", "file:PATH.safetensors", or a ready plan (Python)
+    so8t_seed: int | None = None
+    so8t_heads: bool = False  # also R2 per layer on the value/output pair (hadamard/random)
+    force: bool = False  # write even when SO8T QC fails; the file records it
+    report_dir: Path | None = None  # SO8T QC report as so8t-qc.json and so8t-qc.md
 
 
 @dataclass
@@ -62,6 +71,7 @@ class ConvertReport:
     theta_metadata_bytes: int = 0
     tensors: dict[str, dict] = field(default_factory=dict)  # name -> {rank, captured_energy, ...}
     seconds: dict[str, float] = field(default_factory=dict)
+    so8t: dict | None = None  # rotation and QC figures when --so8t baked one
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -113,22 +123,24 @@ def fit_theta(quantized: TensorSource, weights: Callable[[str], np.ndarray], nam
     return fits
 
 
-def load_imatrix_option(option: str, calibration: Calibration | None, names_in_model: set[str]) -> tuple[
-        dict[str, np.ndarray] | None, str]:
+def load_imatrix_option(option: str, calibration: Calibration | None, widths: dict[str, int],
+                        notes: list[str]) -> tuple[dict[str, np.ndarray] | None, str]:
     """The importance matrix to quantize with, and how it was obtained (for provenance)."""
     if option == "none":
         return None, "none"
     if option == "auto":
         if calibration is None:
             return None, "none (no calibration)"
-        return {k: v for k, v in calibration.mean_squares.items() if k in names_in_model}, "calibration"
-    from .imatrix import read_imatrix_file
-
-    return read_imatrix_file(Path(option), names_in_model), f"file:{Path(option).name}"
+        return {k: v for k, v in calibration.mean_squares.items() if k in widths}, "calibration"
+    imatrix = read_imatrix_file(Path(option), widths)
+    if note := missing_note(Path(option), imatrix, widths):
+        notes.append(note)
+    return imatrix, f"file:{Path(option).name}"
 
 
 def convert(opts: ConvertOptions, calibration: Calibration | None = None) -> ConvertReport:
-    """Run the whole pipeline; `calibration` may be passed in to reuse one across several converts."""
+    """Run the whole pipeline; `calibration` may be passed in to reuse one across several converts
+    (not with so8t: a calibration of the unrotated model does not describe the rotated one)."""
     t_start = time.perf_counter()
     seconds: dict[str, float] = {}
     input_path, output_path = Path(opts.input), Path(opts.output)
@@ -138,6 +150,7 @@ def convert(opts: ConvertOptions, calibration: Calibration | None = None) -> Con
 
     check_gamma(opts.theta_gamma)
     check_loadable(input_path)
+    check_so8t_options(opts, reuses_calibration=calibration is not None)
     outtype_name, ftype = resolve_outtype(opts.outtype, layout)
     source = TensorSource(input_path, layout)
     names = select_tensors(layout, opts.selective_layers)
@@ -146,27 +159,33 @@ def convert(opts: ConvertOptions, calibration: Calibration | None = None) -> Con
     report = ConvertReport(str(input_path), str(output_path), outtype_name, opts.theta_rank, opts.theta_gamma,
                            "none", "none", input_bytes=input_path.stat().st_size)
 
-    needs_calibration = (opts.theta_calib == "activation" and opts.theta_rank > 0) or opts.imatrix == "auto"
-    if needs_calibration and calibration is None:
-        from engine.reference import supports_reference
-
-        if supports_reference(ref_source.layout):
-            t = time.perf_counter()
-            calibration = calibrate(ref_source, weights, input_path, load_text(opts.calib_text, "calibration"),
-                                    opts.progress)
-            seconds["calibrate"] = time.perf_counter() - t
-        else:
-            report.notes.append(f"architecture {layout.architecture}: no PyTorch reference, so theta uses "
-                                "plain SVD and quantization has no importance matrix")
-    calibration_for_theta = None if opts.theta_calib == "none" else calibration
-    report.calibration = "activation" if calibration_for_theta else "none"
-    quantized_names = {t.name for t in layout.tensors if len(t.shape) >= 2}
-    imatrix, report.imatrix = load_imatrix_option(opts.imatrix, calibration, quantized_names)
-
     with tempfile.TemporaryDirectory(prefix=".nkat-convert-", dir=output_path.parent) as tmp:
+        model_path, so8t = input_path, None
+        if opts.so8t != "none":  # everything below runs on the baked F32 copy (and baked reference)
+            so8t = bake_step(opts, source, ref_source, Path(tmp))
+            seconds.update(so8t.seconds)
+            model_path, layout, ref_source = so8t.model.path, so8t.model.layout, so8t.reference
+            weights = ref_source.dequantize
+
+        needs_calibration = (opts.theta_calib == "activation" and opts.theta_rank > 0) or opts.imatrix == "auto"
+        if needs_calibration and calibration is None:
+            from engine.reference import supports_reference
+
+            if supports_reference(ref_source.layout):
+                t = time.perf_counter()
+                calibration = calibrate(ref_source, weights, input_path, load_text(opts.calib_text, "calibration"),
+                                        opts.progress)
+                seconds["calibrate"] = time.perf_counter() - t
+            else:
+                report.notes.append(f"architecture {layout.architecture}: no PyTorch reference, so theta uses "
+                                    "plain SVD and quantization has no importance matrix")
+        calibration_for_theta = None if opts.theta_calib == "none" else calibration
+        report.calibration = "activation" if calibration_for_theta else "none"
+        imatrix, report.imatrix = load_imatrix_option(opts.imatrix, calibration, input_widths(layout), report.notes)
+
         quantized_path = Path(tmp) / "quantized.gguf"
         t = time.perf_counter()
-        quantize_model(input_path, quantized_path, ftype, imatrix, opts.threads)
+        quantize_model(model_path, quantized_path, ftype, imatrix, opts.threads)
         seconds["quantize"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -174,7 +193,8 @@ def convert(opts: ConvertOptions, calibration: Calibration | None = None) -> Con
                          opts.progress) if opts.theta_rank > 0 else {}
         seconds["theta"] = time.perf_counter() - t
         theta = NkatTheta(opts.theta_rank, opts.theta_gamma, {n: quantize_int8(f) for n, (f, _) in fits.items()},
-                          _provenance(input_path, opts, outtype_name, calibration, report.imatrix))
+                          _provenance(input_path, opts, outtype_name, calibration, report.imatrix)
+                          | (so8t.metadata() if so8t else {}))
         for name, (factors, captured) in fits.items():
             report.tensors[name] = {"rank": factors.rank, "captured_energy": round(captured, 6)}
 
@@ -186,6 +206,10 @@ def convert(opts: ConvertOptions, calibration: Calibration | None = None) -> Con
     report.theta_metadata_bytes = sum(v.nbytes for v in metadata.values() if isinstance(v, np.ndarray))
     seconds["total"] = time.perf_counter() - t_start
     report.seconds = {k: round(v, 3) for k, v in seconds.items()}
+    if so8t is not None:
+        report.so8t = so8t.summary()
+        if opts.report_dir is not None:
+            write_report(Path(opts.report_dir), report.as_dict())
     return report
 
 

@@ -51,6 +51,11 @@ class ThetaInt8:
     def rank(self) -> int:
         return self.a.shape[0]
 
+    def truncate(self, rank: int) -> "ThetaInt8":
+        """The leading components; scales are per component, so this equals quantizing the truncated fit."""
+        return ThetaInt8(self.a[:rank].copy(), self.a_scale[:rank].copy(), self.b[:, :rank].copy(),
+                         self.b_scale[:rank].copy())
+
     def dequantize(self) -> LowRank:
         return LowRank(
             (self.b.astype(np.float32) * self.b_scale[None, :]).astype(np.float32),

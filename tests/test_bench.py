@@ -21,7 +21,9 @@ from tools.synthetic_model import build_llama_gguf
 @pytest.fixture(scope="module")
 def llm(tmp_path_factory: pytest.TempPathFactory) -> llama_cpp.Llama:
     path = build_llama_gguf(tmp_path_factory.mktemp("tiny") / "tiny.gguf")
-    return llama_cpp.Llama(model_path=str(path), n_ctx=512, n_batch=64, n_ubatch=64, verbose=False, n_threads=2)
+    return llama_cpp.Llama(
+        model_path=str(path), n_ctx=512, n_batch=64, n_ubatch=64, verbose=False, n_threads=1, n_threads_batch=1
+    )
 
 
 def tokens_decoded(llm: llama_cpp.Llama) -> int:

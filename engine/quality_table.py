@@ -1,0 +1,175 @@
+"""The quality table: what the importance matrix and θ each buy, measured in one process.
+
+Five rows — the reference, plain quantization, importance-matrix quantization, θ alone (plain + θ)
+and importance matrix + θ — each a real file that `nkat-gguf convert` writes, with its perplexity on
+the evaluation split, its size, its speed and the share of the reference gap it recovers. One
+calibration feeds every variant (the importance matrix and θ's activation weighting), so the rows
+differ only in what they switch on. The README's headline comes from this table, whatever it shows.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from nkat_gguf.atomic import check_writable_dir
+from nkat_gguf.calibrate import Calibration, calibrate
+from nkat_gguf.convert import ConvertOptions, ConvertReport, convert, reference_weights
+from nkat_gguf.errors import UnsupportedModelError
+from nkat_gguf.gguf_file import read_layout
+from nkat_gguf.selection import select_tensors
+from nkat_gguf.texts import Text, load_text
+from nkat_gguf.weights import TensorSource
+
+from .bench import device_name, summarize
+from .compare import CompareSettings, interleaved_speed
+from .perplexity import perplexity, tokenize_text
+from .reference import supports_reference
+from .runtime import NkatRuntime, RuntimeOptions
+
+# variant -> (--imatrix, carries θ); the reference row is the input (or --reference) itself
+VARIANTS: dict[str, tuple[str, bool]] = {
+    "plain": ("none", False),
+    "imatrix": ("auto", False),
+    "theta": ("none", True),
+    "imatrix+theta": ("auto", True),
+}
+
+
+@dataclass(frozen=True)
+class QualitySettings:
+    outtype: str = "Q4_0"
+    theta_rank: int = 8
+    theta_gamma: float = ConvertOptions.theta_gamma
+    n_ctx: int = 512
+    n_chunks: int = 16
+    repetitions: int = 3
+    n_prompt: int = 512
+    n_gen: int = 128
+    progress: bool = True
+
+
+def calibrate_once(model: Path, reference: Path | None, calib_text: Path | None, progress: bool) -> Calibration:
+    """The one calibration pass every variant shares, on the weights θ aims at (as convert does it)."""
+    source = TensorSource(model)
+    ref_source, weights = reference_weights(source, reference, select_tensors(source.layout, None))
+    if not supports_reference(ref_source.layout):
+        raise UnsupportedModelError(f"{model.name}: architecture {source.layout.architecture} has no PyTorch "
+                                    "reference, so there is no calibration and no importance matrix to compare")
+    return calibrate(ref_source, weights, model, load_text(calib_text, "calibration"), progress)
+
+
+def build_variants(model: Path, reference: Path | None, calibration: Calibration, workdir: Path,
+                   settings: QualitySettings) -> dict[str, ConvertReport]:
+    """Convert the model once per variant; only the variants that use the calibration are given it."""
+    reports = {}
+    for name, (imatrix, with_theta) in VARIANTS.items():
+        opts = ConvertOptions(input=model, output=workdir / f"{model.stem}.{settings.outtype}.{name}.gguf",
+                              outtype=settings.outtype, reference=reference,
+                              theta_rank=settings.theta_rank if with_theta else 0, theta_gamma=settings.theta_gamma,
+                              imatrix=imatrix, progress=settings.progress)
+        uses_calibration = imatrix == "auto" or with_theta
+        reports[name] = convert(opts, calibration if uses_calibration else None)
+    return reports
+
+
+def measure(files: dict[str, Path], text: Text, runtime_options: RuntimeOptions,
+            settings: QualitySettings) -> dict[str, dict]:
+    """Perplexity and speed of every file, θ on at the file's γ where it has θ, all loaded at once.
+
+    Speed rounds go file by file, one repetition each (with interleaved_speed's warm-up, which also
+    re-warms the caches after switching model), starting one file later each round, so drift on a
+    shared machine hits every row alike.
+    """
+    speed_settings = CompareSettings(n_ctx=settings.n_ctx, repetitions=1, n_prompt=settings.n_prompt,
+                                     n_gen=settings.n_gen, progress=False)
+    with ExitStack() as stack:
+        runtimes = {name: stack.enter_context(NkatRuntime(path, runtime_options)) for name, path in files.items()}
+        gammas = {name: rt.default_gamma for name, rt in runtimes.items()}  # None: no θ in the file
+        pp: dict[str, list[float]] = {name: [] for name in files}
+        tg: dict[str, list[float]] = {name: [] for name in files}
+        with tqdm(total=settings.repetitions * len(files), desc="speed", unit="run", file=sys.stderr,
+                  disable=not settings.progress) as bar:
+            names = list(runtimes)
+            for round_ in range(settings.repetitions):
+                for name in names[round_ % len(names):] + names[:round_ % len(names)]:
+                    run = interleaved_speed(runtimes[name], {name: gammas[name]}, speed_settings)[name]
+                    pp[name].append(run["pp_tokens_per_second"])
+                    tg[name].append(run["tg_tokens_per_second"])
+                    bar.update()
+        tokens = tokenize_text(next(iter(runtimes.values())).llm, text.content)  # one model, one tokenizer
+        rows = {}
+        for name, rt in runtimes.items():
+            rt.set_gamma(gammas[name])
+            ppl = perplexity(rt.llm, tokens, settings.n_ctx, settings.n_chunks, settings.progress)
+            pp_mean, pp_sd = summarize(pp[name])
+            tg_mean, tg_sd = summarize(tg[name])
+            rows[name] = {"file": files[name].name, "file_bytes": files[name].stat().st_size,
+                          "theta": gammas[name] is not None, "gamma": gammas[name],
+                          "ppl": ppl.ppl, "ppl_stderr": ppl.ppl_stderr, "chunks": ppl.n_chunks,
+                          "pp_tokens_per_second": pp_mean, "pp_sd": pp_sd,
+                          "tg_tokens_per_second": tg_mean, "tg_sd": tg_sd}
+    return rows
+
+
+def quality_table(model: Path, text: Text, runtime_options: RuntimeOptions,
+                  settings: QualitySettings = QualitySettings(), reference: Path | None = None,
+                  calib_text: Path | None = None, out_dir: Path | None = None) -> dict:
+    """Calibrate once, write the four variants (into `out_dir`, else a temporary directory), measure all five rows."""
+    if out_dir is not None:
+        check_writable_dir(Path(out_dir).resolve())  # before the long calibration, not after it
+    start = time.perf_counter()
+    calibration = calibrate_once(model, reference, calib_text, settings.progress)
+    calibrate_seconds = time.perf_counter() - start
+    with tempfile.TemporaryDirectory(prefix="nkat-quality-") as tmp:
+        reports = build_variants(model, reference, calibration, Path(out_dir or tmp), settings)
+        files = {"reference": reference or model, **{name: Path(r.output) for name, r in reports.items()}}
+        rows = measure(files, text, runtime_options, settings)
+        imatrix = {name: read_layout(path).get("nkat.imatrix") for name, path in files.items()}
+    gap = rows["plain"]["ppl"] - rows["reference"]["ppl"]
+    for name, row in rows.items():
+        row["gap_recovered"] = (rows["plain"]["ppl"] - row["ppl"]) / gap if gap > 0 else None
+        row["tg_vs_plain"] = row["tg_tokens_per_second"] / rows["plain"]["tg_tokens_per_second"]
+        row["imatrix"] = imatrix[name]  # the provenance each file carries; None for an unconverted reference
+        row["convert_seconds"] = reports[name].seconds if name in reports else None
+    return {
+        "model": str(model), "reference": str(reference or model), "out_dir": str(out_dir) if out_dir else None,
+        "outtype": settings.outtype,
+        "theta_rank": settings.theta_rank, "theta_gamma": settings.theta_gamma,
+        "text": text.source, "text_sha256": text.sha256, "n_ctx": settings.n_ctx,
+        "repetitions": settings.repetitions, "n_prompt": settings.n_prompt, "n_gen": settings.n_gen,
+        "device": device_name(),
+        "calibration": {"source": calibration.text_source, "sha256": calibration.text_sha256,
+                        "tokens": calibration.tokens, "seconds": round(calibrate_seconds, 3)},
+        "variants": rows,
+    }
+
+
+def format_quality_table(result: dict) -> str:
+    """The table as text: one row per variant, the gap share last because it is the point."""
+    rows = result["variants"]
+    mib = 1 << 20
+    lines = [
+        f"model {result['model']} -> {result['outtype']}, theta rank {result['theta_rank']} "
+        f"(gamma {result['theta_gamma']:g}); reference {result['reference']}",
+        f"text {result['text']} ({rows['plain']['chunks']} chunks of {result['n_ctx']}); calibration "
+        f"{result['calibration']['source']} ({result['calibration']['tokens']} tokens); "
+        f"{result['repetitions']} interleaved speed rounds on {result['device']}",
+        f"{'':15}{'MiB':>8}{'perplexity':>20}{'pp' + str(result['n_prompt']) + ' tok/s':>18}"
+        f"{'tg' + str(result['n_gen']) + ' tok/s':>18}{'tg vs plain':>13}{'gap recovered':>15}",
+    ]
+    for name, r in rows.items():
+        share = "n/a" if r["gap_recovered"] is None else f"{100 * r['gap_recovered']:.1f} %"
+        lines.append(f"{name:15}{r['file_bytes'] / mib:>8.2f}{r['ppl']:>11.4f} ± {r['ppl_stderr']:<6.4f}"
+                     f"{r['pp_tokens_per_second']:>10.1f} ± {r['pp_sd']:<5.1f}"
+                     f"{r['tg_tokens_per_second']:>10.1f} ± {r['tg_sd']:<5.1f}{r['tg_vs_plain']:>11.3f}"
+                     f"{share:>15}")
+    if rows["reference"]["gap_recovered"] is None:
+        lines.append("plain quantization is not worse than the reference here: no gap to recover")
+    return "\n".join(lines)
