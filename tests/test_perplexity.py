@@ -20,8 +20,10 @@ TEXT = builtin_text("evaluation").content[:60_000]  # ample for the few chunks u
 
 
 def load(path: Path, **kwargs: object) -> llama_cpp.Llama:
+    # One thread: on a busy 2-core machine, two spinning llama.cpp threads run several times slower.
     return llama_cpp.Llama(
-        model_path=str(path), n_ctx=512, n_batch=512, n_ubatch=512, verbose=False, n_threads=2, **kwargs
+        model_path=str(path), n_ctx=512, n_batch=512, n_ubatch=512, verbose=False, n_threads=1, n_threads_batch=1,
+        **kwargs,
     )
 
 
@@ -107,6 +109,6 @@ def test_rejects_bad_input(tiny: Path) -> None:
         perplexity(llm, tokens, n_ctx=1024, progress=False)
     with pytest.raises(InputError, match="n_chunks"):
         perplexity(llm, tokens, n_ctx=64, n_chunks=0, progress=False)
-    small_batch = llama_cpp.Llama(model_path=str(tiny), n_ctx=512, n_batch=128, verbose=False, n_threads=2)
+    small_batch = llama_cpp.Llama(model_path=str(tiny), n_ctx=512, n_batch=128, verbose=False, n_threads=1)
     with pytest.raises(InputError, match="n_batch=128 < n_ctx=256"):
         perplexity(small_batch, tokens, n_ctx=256, progress=False)
