@@ -24,6 +24,16 @@ def check_writable_dir(directory: Path) -> None:
         raise InputError(f"output directory is not writable: {directory} ({exc.strerror})") from None
 
 
+def make_output_dir(directory: Path) -> Path:
+    """Create `directory` (and its parents) if needed and check it is writable; its resolved path."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot create output directory {directory}: {exc.strerror}") from None
+    check_writable_dir(directory)
+    return directory.resolve()
+
+
 @contextlib.contextmanager
 def atomic_output(path: Path, suffix: str = ".tmp") -> Iterator[Path]:
     """Yield a temporary path in the target's directory; rename it to `path` only if the block succeeds."""

@@ -15,7 +15,7 @@ import shlex
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .atomic import atomic_output, check_writable_dir
+from .atomic import atomic_output, make_output_dir
 from .errors import InputError
 from .gguf_file import GGUFLayout, read_layout, write_with_metadata
 from .nkat_format import NkatTheta, read_theta
@@ -80,15 +80,6 @@ def _open(model: Path, gamma: float | None, report_notes: list[str]) -> _Model:
     return _Model(model, layout, theta, check_gamma(theta.gamma if gamma is None else gamma))
 
 
-def _output_dir(directory: Path) -> Path:
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(f"cannot create output directory {directory}: {exc.strerror}") from None
-    check_writable_dir(directory)
-    return directory.resolve()
-
-
 def _target(model: _Model, path: Path) -> Path:
     if path.exists() and path.resolve() == model.path.resolve():
         raise InputError(f"{path} is the input model; choose another output")
@@ -143,7 +134,7 @@ def export_adapter(model: Path, output: Path, gamma: float | None = None, tensor
     report.gamma = source.gamma
     if output.is_dir():
         raise InputError(f"-o {output} is a directory; give a file name")
-    _output_dir(output.parent)
+    make_output_dir(output.parent)
     report.files["adapter"] = str(_write_adapter(source, output, source.path, tensor_type))
     if source.theta is None:
         report.notes.append("the adapter has no tensors: applying it changes nothing")
@@ -212,7 +203,7 @@ def export_ollama(model: Path, output_dir: Path, gamma: float | None = None, nam
     source = _open(model, gamma, report.notes)
     report.gamma = source.gamma
     name = _ollama_name(name, source)
-    directory = _output_dir(output_dir)
+    directory = make_output_dir(output_dir)
     adapter_file = None
     if merged:
         model_file = f"{source.stem}.merged.gguf"
@@ -319,7 +310,7 @@ def export_kobold(model: Path, output_dir: Path, gamma: float | None = None, thr
     report = ExportReport("kobold", str(model), None)
     source = _open(model, gamma, report.notes)
     report.gamma = source.gamma
-    directory = _output_dir(output_dir)
+    directory = make_output_dir(output_dir)
     model_path = source.path.resolve()
     adapter = None
     if source.theta is not None:

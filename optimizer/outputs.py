@@ -1,0 +1,157 @@
+"""The output files, all derived from the storage after the trials (Optuna's study/storage split).
+
+Whichever worker writes them sees every trial of every worker. The best model is measured once more
+on the EVALUATION split, which the search never saw, against the same model with theta off.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from engine.compare import CompareSettings, compare, interleaved_speed
+from engine.perplexity import perplexity, tokenize_text
+from engine.runtime import NkatRuntime
+from nkat_gguf.atomic import atomic_output
+from nkat_gguf.texts import Text
+
+from .base_model import write_model
+from .options import OptimizeOptions, rank_choices
+from .plots import write_plots
+from .score import SCORE_DEFINITION
+from .speed import SPEED_ATTR
+from .storage import SETTINGS_ATTR, public_url
+
+HISTORY_FILE = "optimization_history.json"
+STUDY_FILE = "optuna_study.json"
+PLOT_FILE = "optimization_results.png"
+
+
+def write_json(path: Path, data: Any) -> Path:
+    with atomic_output(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+    return path
+
+
+def trial_record(t: FrozenTrial) -> dict[str, Any]:
+    """One trial as the history lists it; γ is None when theta is off (rank 0)."""
+    measured = t.user_attrs.get("measurement", {})
+    seconds = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start \
+        else None
+    return {"number": t.number, "state": t.state.name,
+            "params": {"rank": t.params.get("rank"), "gamma": t.params.get("gamma")},
+            "ppl": t.user_attrs.get("ppl"), "slowdown": t.user_attrs.get("slowdown"),
+            "tpe_score": t.user_attrs.get("tpe_score"), "seconds": seconds, "worker": measured.get("worker"),
+            "reused_from": measured.get("reused_from"), "retry_of": t.system_attrs.get("failed_trial")}
+
+
+def best_trial(study: optuna.Study, pareto: bool) -> FrozenTrial | None:
+    """The highest TPE score; in a Pareto study, the front's member with the highest TPE score."""
+    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        return None
+    return max(study.best_trials, key=lambda t: t.user_attrs["tpe_score"]) if pareto else study.best_trial
+
+
+def best_config(trial: FrozenTrial) -> tuple[int, float]:
+    """(rank, γ); theta off is written as rank 0 with γ 0."""
+    return trial.params["rank"], trial.params.get("gamma", 0.0)
+
+
+def model_stem(rank: int, gamma: float) -> str:
+    return f"optimal_rank{rank}_gamma{f'{gamma:.4f}'.rstrip('0').rstrip('.') or '0'}"
+
+
+def final_comparison(model: Path, rank: int, text: Text, opts: OptimizeOptions) -> dict[str, Any]:
+    """theta off vs the best theta on the evaluation split: `nkat-gguf compare`, or the baseline alone."""
+    settings = CompareSettings(n_ctx=opts.n_ctx, n_chunks=opts.eval_chunks, repetitions=opts.speed_repetitions,
+                               n_gen=opts.n_gen, progress=opts.progress)  # tg as the search measured it
+    if rank > 0:
+        return compare(model, text, opts.runtime, settings)
+    with NkatRuntime(model, opts.runtime) as runtime:  # the best is theta off: nothing to compare it with
+        result = perplexity(runtime.llm, tokenize_text(runtime.llm, text.content), opts.n_ctx, opts.eval_chunks,
+                            opts.progress)
+        speed = interleaved_speed(runtime, {"baseline": None}, settings)
+    return {"model": str(model), "text": text.source, "text_sha256": text.sha256, "theta_enabled": False,
+            "n_ctx": opts.n_ctx, "chunks": result.n_chunks, "speed": speed,
+            "overhead_percentage": {"pp": 0.0, "tg": 0.0}, "perplexity": {"baseline": result.as_dict()}}
+
+
+def write_best(study: optuna.Study, best: FrozenTrial, base: Path, text: Text, opts: OptimizeOptions,
+               storage: str) -> dict[str, str]:
+    """optimal_rank{r}_gamma{g}.nkat.gguf (or opts.best_model) and its JSON with the final comparison."""
+    rank, gamma = best_config(best)
+    stem = model_stem(rank, gamma)
+    model = write_model(base, rank, gamma, opts.best_model or opts.output_dir / f"{stem}.nkat.gguf")
+    comparison = final_comparison(model, rank, text, opts)
+    report = {
+        "config": {"rank": rank, "gamma": gamma, "theta_enabled": rank > 0, "model": str(model),
+                   "trial": best.number},
+        "search": {"split": "calibration", "ppl": best.user_attrs["ppl"], "slowdown": best.user_attrs["slowdown"],
+                   "tpe_score": best.user_attrs["tpe_score"], "study_name": study.study_name,
+                   "storage": public_url(storage)},
+        "score_definition": SCORE_DEFINITION,
+        "evaluation": comparison,
+    }
+    report_path = write_json(opts.output_dir / f"{stem}.json", report)
+    return {"model": str(model), "report": str(report_path)}
+
+
+def study_summary(study: optuna.Study, opts: OptimizeOptions, total: int, storage: str, sampler: dict[str, Any],
+                  best: FrozenTrial | None, files: dict[str, str]) -> dict[str, Any]:
+    """optuna_study.json: what was searched, how, how far it got, and the best point."""
+    trials = study.get_trials(deepcopy=False)
+    counts = Counter(t.state.name.lower() for t in trials)
+    return {
+        "study_name": study.study_name,
+        "storage": public_url(storage),
+        "directions": [d.name.lower() for d in study.directions],
+        "objective": "minimize (ppl, slowdown); best = Pareto member with the highest TPE score" if opts.pareto
+        else "maximize the TPE score",
+        "score_definition": SCORE_DEFINITION,
+        "search_space": {"rank": rank_choices(opts.ranks), "gamma": list(opts.gamma_range),
+                         "note": "rank 0 is theta off (the baseline) and has no gamma"},
+        "settings": study.user_attrs.get(SETTINGS_ATTR),
+        "sampler": sampler,
+        "trials": {"requested": total, "all": len(trials), **{s.name.lower(): counts.get(s.name.lower(), 0)
+                                                                  for s in TrialState}},
+        "best": trial_record(best) if best else None,
+        "pareto_front": [trial_record(t) for t in study.best_trials] if opts.pareto else None,
+        "generation_speed": study.user_attrs.get(SPEED_ATTR),
+        "files": files,
+    }
+
+
+def write_outputs(study: optuna.Study, opts: OptimizeOptions, total: int, storage: str, sampler: dict[str, Any],
+                  base: Path, evaluation: Text) -> dict[str, Any]:
+    """Every output file, from the storage; returns the study summary (also written as optuna_study.json)."""
+    out = opts.output_dir
+    history = [trial_record(t) for t in study.get_trials(deepcopy=False)]
+    files = {"history": str(write_json(out / HISTORY_FILE, {"score_definition": SCORE_DEFINITION,
+                                                             "trials": history})),
+             "plot": str(write_plots(study, out / PLOT_FILE, opts.pareto)),
+             "study": str(out / STUDY_FILE)}
+    best = best_trial(study, opts.pareto)
+    if best is not None:
+        files.update(write_best(study, best, base, evaluation, opts, storage))
+    summary = study_summary(study, opts, total, storage, sampler, best, files)
+    write_json(out / STUDY_FILE, summary)
+    return summary
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """A few lines for the terminal."""
+    t, best = summary["trials"], summary["best"]
+    lines = [f"study {summary['study_name']} in {summary['storage']}: {t['complete']} of {t['requested']} trials "
+             f"complete ({t['fail']} failed)"]
+    if best:
+        gamma = best["params"]["gamma"]
+        lines.append(f"best: trial {best['number']}, rank {best['params']['rank']}"
+                     f"{f', gamma {gamma:.4f}' if gamma is not None else ' (theta off)'}: TPE {best['tpe_score']:.6f}, "
+                     f"calibration ppl {best['ppl']:.4f}, slowdown {best['slowdown']:.3f}")
+    lines += [f"wrote {role}: {path}" for role, path in summary["files"].items()]
+    return "\n".join(lines)

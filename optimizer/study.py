@@ -1,0 +1,174 @@
+"""`nkat-gguf optimize`: an Optuna TPE search over theta rank and γ, resumable and shareable by workers.
+
+check options -> open the study (fails fast on a bad storage) -> build the base once -> load it once
+-> speeds per rank once -> trials until the study has enough -> outputs from the storage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.exceptions import ExperimentalWarning
+from optuna.trial import TrialState
+from tqdm import tqdm
+
+from engine.perplexity import tokenize_text
+from nkat_gguf.atomic import make_output_dir
+from nkat_gguf.convert import ConvertOptions, sha256_file
+from nkat_gguf.errors import InputError
+from nkat_gguf.texts import Text, load_text
+
+from .base_model import WORK_DIR, SearchModel, base_key, search_base
+from .objective import Objective
+from .options import OptimizeOptions, check_options, seed_point
+from .outputs import write_outputs
+from .speed import rank_speeds
+from .storage import HEARTBEAT_SECONDS, open_storage, open_study, storage_url
+
+N_STARTUP_TRIALS = 4  # the two enqueued points count among them
+
+
+@contextlib.contextmanager
+def quiet_optuna() -> Iterator[None]:
+    """Optuna's line per trial and its experimental-feature warnings would break the progress bar."""
+    level = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            yield
+    finally:
+        optuna.logging.set_verbosity(level)
+
+
+def sampler_settings(seed: int) -> dict[str, Any]:
+    return {"name": "TPESampler", "multivariate": True, "group": True, "constant_liar": True,
+            "n_startup_trials": N_STARTUP_TRIALS, "seed": seed}
+
+
+def make_sampler(settings: dict[str, Any]) -> optuna.samplers.TPESampler:
+    """Multivariate TPE; `group` because γ exists only for rank > 0; the constant liar spreads parallel workers."""
+    return optuna.samplers.TPESampler(**{k: v for k, v in settings.items() if k != "name"})
+
+
+def first_points(opts: OptimizeOptions) -> list[dict[str, float]]:
+    """Enqueued before any sampling: the baseline (theta off), then the seed's recommended point."""
+    rank, gamma = seed_point(opts.ranks, opts.gamma_range)
+    return [{"rank": 0}, {"rank": rank, "gamma": gamma}]
+
+
+def study_settings(opts: OptimizeOptions, input_sha256: str, key: str, calibration: Text) -> dict[str, Any]:
+    """What makes trials comparable; a worker or rerun with different values is refused."""
+    return {"model_sha256": input_sha256, "base_key": key, "outtype": opts.convert.outtype,
+            "calibration_text_sha256": calibration.sha256, "ranks": list(opts.ranks),
+            "gamma_range": list(opts.gamma_range), "n_ctx": opts.n_ctx, "chunks": opts.chunks,
+            "n_gen": opts.n_gen, "speed_repetitions": opts.speed_repetitions}
+
+
+def run_trials(study: optuna.Study, objective: Objective, total: int, progress: bool) -> list[int]:
+    """Run trials until the study has `total` complete ones; returns the numbers of those run here.
+
+    Trials running elsewhere count as on their way. A dead worker's trial is failed once its heartbeat is
+    stale and its parameters are queued again, so this loop waits for it rather than stopping short.
+    Workers that start their last trials at the same moment can overshoot by one trial each.
+    """
+    ran: list[int] = []
+    with tqdm(total=total, desc="trials", unit="trial", file=sys.stderr, disable=not progress) as bar:
+        while True:
+            optuna.storages.fail_stale_trials(study)
+            trials = study.get_trials(deepcopy=False)
+            complete = [t for t in trials if t.state == TrialState.COMPLETE]
+            running = sum(t.state == TrialState.RUNNING for t in trials)
+            bar.n = min(len(complete), total)
+            if complete:
+                bar.set_postfix_str(f"best TPE {max(t.user_attrs['tpe_score'] for t in complete):.6f}", refresh=False)
+            bar.refresh()
+            if len(complete) >= total:
+                return ran
+            if len(complete) + running >= total:
+                time.sleep(HEARTBEAT_SECONDS)
+                continue
+            study.optimize(objective, n_trials=1, callbacks=[lambda _, trial: ran.append(trial.number)])
+
+
+@dataclass(frozen=True)
+class Search:
+    """An open study with its base model built: everything a trial needs but the loaded model."""
+
+    opts: OptimizeOptions  # output_dir created
+    total: int  # complete trials to reach
+    study: optuna.Study
+    url: str
+    sampler: dict[str, Any]
+    base: Path
+    calibration: Text
+    evaluation: Text
+
+
+def open_search(opts: OptimizeOptions) -> Search:
+    """Check everything cheap first, then open the study (a bad storage fails here), then build the base once."""
+    total = check_options(opts)
+    model = Path(opts.convert.input)
+    if not model.is_file():
+        raise InputError(f"no such file: {model}")
+    if opts.best_model is not None and opts.best_model.is_dir():
+        raise InputError(f"--output {opts.best_model} is a directory; give a file name")
+    calibration = load_text(opts.convert.calib_text, "calibration")
+    evaluation = load_text(opts.eval_text, "evaluation")
+    input_sha256 = sha256_file(model)
+    rank = max(opts.ranks)
+    key = base_key(opts.convert, rank, input_sha256, calibration)
+    url = storage_url(opts.storage, Path(opts.output_dir))
+    if opts.storage is None:  # the SQLite file lives in the output directory
+        make_output_dir(Path(opts.output_dir))
+    storage = open_storage(url)
+    opts = replace(opts, output_dir=make_output_dir(Path(opts.output_dir)))
+    directions = ["minimize", "minimize"] if opts.pareto else ["maximize"]
+    study, created = open_study(storage, opts.study_name, directions,
+                                study_settings(opts, input_sha256, key, calibration))
+    sampler = sampler_settings(opts.seed + len(study.get_trials(deepcopy=False)))  # a rerun draws anew
+    study.sampler = make_sampler(sampler)
+    if created:
+        for params in first_points(opts):
+            study.enqueue_trial(params)
+    base = search_base(replace(opts.convert, progress=opts.progress), rank, opts.output_dir / WORK_DIR, key)
+    return Search(opts, total, study, url, sampler, base, calibration, evaluation)
+
+
+def make_objective(search: Search, model: SearchModel) -> Objective:
+    """The trial function over the loaded model: calibration tokens once, speeds per rank once per study."""
+    opts = search.opts
+    tokens = tokenize_text(model.runtime.llm, search.calibration.content)
+    if len(tokens) < opts.n_ctx:
+        raise InputError(f"calibration text has {len(tokens)} tokens; one chunk needs --ctx {opts.n_ctx}")
+    speeds = rank_speeds(search.study, model, opts.ranks, opts.n_gen, opts.speed_repetitions, opts.progress)
+    return Objective(model, tokens, opts.n_ctx, opts.chunks, opts.ranks, opts.gamma_range, speeds, opts.pareto)
+
+
+def optimize(opts: OptimizeOptions) -> dict[str, Any]:
+    """Run (or continue) the study up to the requested number of complete trials and write every output."""
+    with quiet_optuna():
+        search = open_search(opts)
+        with SearchModel(search.base, opts.ranks, opts.runtime) as model:
+            ran = run_trials(search.study, make_objective(search, model), search.total, opts.progress)
+        summary = write_outputs(search.study, search.opts, search.total, search.url, search.sampler, search.base,
+                                search.evaluation)
+    return {**summary, "trials_run_here": ran}
+
+
+def optimize_convert(opts: ConvertOptions, **search: Any) -> dict[str, Any]:
+    """`convert --optimize-rank`: a quick study in OUTPUT.optimize/, whose best model is written to OUTPUT.
+
+    `search` overrides other OptimizeOptions fields (the command line uses the defaults).
+    """
+    output = Path(opts.output)
+    return optimize(OptimizeOptions(convert=opts, output_dir=output.with_name(output.name + ".optimize"),
+                                    best_model=output, progress=opts.progress, **search))
