@@ -56,7 +56,7 @@ def main() -> None:
             objective = make_objective(search, model)
             for n in range(1, args.trials + 1):
                 start = time.perf_counter()
-                number = run_trials(search.study, objective, n, progress=False)[-1]
+                number = run_trials(search.study, search.storage, objective, n, progress=False)[-1]
                 trial_seconds = time.perf_counter() - start
                 trial = search.study.trials[number]
                 rank, gamma = trial.params["rank"], trial.params.get("gamma")

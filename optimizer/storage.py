@@ -15,6 +15,7 @@ from typing import Any
 
 import optuna
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.trial import FrozenTrial, TrialState
 
 from nkat_gguf.errors import InputError
 
@@ -95,3 +96,17 @@ def open_study(storage: RDBStorage, name: str, directions: list[str],
         raise InputError(f"study {name!r} in {public_url(storage.url)} was made with other settings ({diff}); "
                          "use the same options or another --study-name")
     return study, False
+
+
+def adopt_running_trials(storage: RDBStorage, trials: list[FrozenTrial], adopted: set[int]) -> None:
+    """Give each running trial seen for the first time one heartbeat, stamped by the database.
+
+    Optuna starts a trial's heartbeat only after sampling its parameters and never fails a running trial
+    that has none: a worker killed in between would leave a trial every other worker waits for forever.
+    With one heartbeat it goes stale like any dead trial; a live one keeps beating.
+    """
+    for trial in trials:
+        if trial.state == TrialState.RUNNING and trial._trial_id not in adopted:
+            storage.record_heartbeat(trial._trial_id)
+            adopted.add(trial._trial_id)
+

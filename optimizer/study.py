@@ -10,13 +10,14 @@ import contextlib
 import sys
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import optuna
 from optuna.exceptions import ExperimentalWarning
+from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 from tqdm import tqdm
 
@@ -31,7 +32,7 @@ from .objective import Objective
 from .options import OptimizeOptions, check_options, seed_point
 from .outputs import write_outputs
 from .speed import rank_speeds
-from .storage import HEARTBEAT_SECONDS, open_storage, open_study, storage_url
+from .storage import HEARTBEAT_SECONDS, adopt_running_trials, open_storage, open_study, storage_url
 
 N_STARTUP_TRIALS = 4  # the two enqueued points count among them
 
@@ -73,7 +74,8 @@ def study_settings(opts: OptimizeOptions, input_sha256: str, key: str, calibrati
             "n_gen": opts.n_gen, "speed_repetitions": opts.speed_repetitions}
 
 
-def run_trials(study: optuna.Study, objective: Objective, total: int, progress: bool) -> list[int]:
+def run_trials(study: optuna.Study, storage: RDBStorage, objective: Callable[[optuna.Trial], Any], total: int,
+               progress: bool) -> list[int]:
     """Run trials until the study has `total` complete ones; returns the numbers of those run here.
 
     Trials running elsewhere count as on their way. A dead worker's trial is failed once its heartbeat is
@@ -81,10 +83,12 @@ def run_trials(study: optuna.Study, objective: Objective, total: int, progress: 
     Workers that start their last trials at the same moment can overshoot by one trial each.
     """
     ran: list[int] = []
+    adopted: set[int] = set()
     with tqdm(total=total, desc="trials", unit="trial", file=sys.stderr, disable=not progress) as bar:
         while True:
             optuna.storages.fail_stale_trials(study)
             trials = study.get_trials(deepcopy=False)
+            adopt_running_trials(storage, trials, adopted)
             complete = [t for t in trials if t.state == TrialState.COMPLETE]
             running = sum(t.state == TrialState.RUNNING for t in trials)
             bar.n = min(len(complete), total)
@@ -106,6 +110,7 @@ class Search:
     opts: OptimizeOptions  # output_dir created
     total: int  # complete trials to reach
     study: optuna.Study
+    storage: RDBStorage
     url: str
     sampler: dict[str, Any]
     base: Path
@@ -140,7 +145,7 @@ def open_search(opts: OptimizeOptions) -> Search:
         for params in first_points(opts):
             study.enqueue_trial(params)
     base = search_base(replace(opts.convert, progress=opts.progress), rank, opts.output_dir / WORK_DIR, key)
-    return Search(opts, total, study, url, sampler, base, calibration, evaluation)
+    return Search(opts, total, study, storage, url, sampler, base, calibration, evaluation)
 
 
 def make_objective(search: Search, model: SearchModel) -> Objective:
@@ -158,7 +163,8 @@ def optimize(opts: OptimizeOptions) -> dict[str, Any]:
     with quiet_optuna():
         search = open_search(opts)
         with SearchModel(search.base, opts.ranks, opts.runtime) as model:
-            ran = run_trials(search.study, make_objective(search, model), search.total, opts.progress)
+            ran = run_trials(search.study, search.storage, make_objective(search, model), search.total,
+                             opts.progress)
         summary = write_outputs(search.study, search.opts, search.total, search.url, search.sampler, search.base,
                                 search.evaluation)
     return {**summary, "trials_run_here": ran}

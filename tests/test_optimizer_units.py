@@ -1,12 +1,15 @@
-"""optimizer pieces without llama.cpp: the score, the options, the search space, rank truncation."""
+"""optimizer pieces without llama.cpp: the score, the options, the search space, rank truncation, heartbeats."""
 
 from __future__ import annotations
 
 import math
+import threading
 from pathlib import Path
 
 import numpy as np
+import optuna
 import pytest
+from optuna.trial import TrialState
 
 from nkat_gguf.convert import ConvertOptions
 from nkat_gguf.errors import InputError
@@ -14,7 +17,8 @@ from nkat_gguf.theta import LowRank, quantize_int8
 from optimizer.options import (OptimizeOptions, check_options, parse_gamma_range, parse_ranks, rank_choices,
                                seed_point)
 from optimizer.score import SCORE_DEFINITION, slowdown, tpe_score
-from optimizer.study import first_points
+from optimizer.storage import open_storage
+from optimizer.study import first_points, quiet_optuna, run_trials
 
 
 def options(**changes: object) -> OptimizeOptions:
@@ -86,3 +90,28 @@ def test_truncating_int8_theta_equals_quantizing_the_truncated_fit() -> None:
         for name in ("a", "a_scale", "b", "b_scale"):
             np.testing.assert_array_equal(getattr(cut, name), getattr(direct, name))
         assert cut.rank == rank
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # study.ask() stands in for a worker's trial
+def test_a_trial_killed_before_its_first_heartbeat_is_failed_and_retried(tmp_path: Path) -> None:
+    """Optuna samples before it starts a trial's heartbeat; a worker killed then leaves a silent RUNNING trial."""
+    def objective(trial: optuna.Trial) -> float:
+        x = trial.suggest_int("x", 0, 9)
+        trial.set_user_attr("tpe_score", float(x))
+        return float(x)
+
+    finished: list[list[int]] = []
+    with quiet_optuna():
+        storage = open_storage(f"sqlite:///{tmp_path / 'study.db'}")
+        study = optuna.create_study(storage=storage, study_name="s", direction="maximize")
+        orphan = study.ask()  # RUNNING with no heartbeat, as a worker killed while sampling leaves it
+        orphan.suggest_int("x", 0, 9)
+        worker = threading.Thread(target=lambda: finished.append(run_trials(study, storage, objective, 1, False)),
+                                  daemon=True)
+        worker.start()
+        worker.join(timeout=120)
+    assert finished, "run_trials waited for a trial nobody will finish"
+    first, retry = study.trials
+    assert first.state == TrialState.FAIL
+    assert retry.state == TrialState.COMPLETE and retry.system_attrs["failed_trial"] == 0
+    assert retry.params == first.params and finished == [[1]]
