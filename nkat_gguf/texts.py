@@ -1,8 +1,13 @@
-"""Calibration and evaluation text: CPython's own documentation, split once and for all.
+"""Calibration and evaluation text: real English nobody here wrote, fixed once and for all.
 
-`pydoc_data.topics` is real English nobody here wrote and ships with every CPython. The topics are
-taken in sorted key order; every fifth one (index 0, 5, 10, ...) is the calibration split, all others
-are the evaluation split, so the two never share a sentence. `--text FILE` replaces either.
+- `pydoc_data.topics` (CPython's own documentation, shipped with every CPython): the topics are taken
+  in sorted key order; every fifth one (index 0, 5, 10, ...) is the calibration split, all others are
+  the evaluation split, so the two never share a sentence.
+- `licenses`: a second evaluation text of another kind, legal prose: the licence texts every Debian
+  system ships in /usr/share/common-licenses (package base-files), in sorted file order. A gain that
+  shows on pydoc but not here is a gain on text like the calibration text only.
+
+`--text FILE` / `--calib-text FILE` replace any of them.
 """
 
 from __future__ import annotations
@@ -14,8 +19,11 @@ from typing import Literal
 
 from .errors import InputError
 
-Split = Literal["calibration", "evaluation"]
+Split = Literal["calibration", "evaluation", "licenses"]
 CALIBRATION_EVERY = 5
+LICENSES_DIR = Path("/usr/share/common-licenses")
+# The licence files of the second evaluation text; the other files there are older versions or links to these.
+LICENSE_FILES = ("Apache-2.0", "Artistic", "GFDL-1.3", "GPL-3", "LGPL-2.1", "MPL-2.0")
 
 
 @dataclass(frozen=True)
@@ -29,7 +37,9 @@ class Text:
 
 
 def builtin_text(split: Split) -> Text:
-    """The fixed split of `pydoc_data.topics` described in the module docstring."""
+    """The fixed texts described in the module docstring."""
+    if split == "licenses":
+        return _licenses_text()
     from pydoc_data.topics import topics
 
     keys = sorted(topics)
@@ -52,3 +62,12 @@ def load_text(path: str | Path | None, split: Split) -> Text:
     if not content.strip():
         raise InputError(f"text file is empty: {p}")
     return Text(content, str(p))
+
+
+def _licenses_text() -> Text:
+    missing = [name for name in LICENSE_FILES if not (LICENSES_DIR / name).is_file()]
+    if missing:
+        raise InputError(f"the second evaluation text needs {LICENSES_DIR}/{missing[0]} (Debian's base-files); "
+                         "pass --text FILE instead")
+    content = "\n\n".join((LICENSES_DIR / name).read_text(encoding="utf-8") for name in LICENSE_FILES)
+    return Text(content, "licenses:" + ",".join(LICENSE_FILES))
