@@ -25,13 +25,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.compare import CompareSettings, compare  # noqa: E402
-from engine.runtime import RuntimeOptions  # noqa: E402
+from gguf import GGUFReader
+
 from nkat_gguf.convert import ConvertOptions, convert  # noqa: E402
 from nkat_gguf.default_model import default_model_path  # noqa: E402
-from nkat_gguf.gguf_file import read_layout  # noqa: E402
-from nkat_gguf.nkat_format import read_theta  # noqa: E402
-from nkat_gguf.quantize import quantize_model, resolve_outtype  # noqa: E402
+from nkat_gguf.engine.compare import CompareSettings, compare  # noqa: E402
+from nkat_gguf.engine.quantize import quantize_model, resolve_outtype  # noqa: E402
+from nkat_gguf.engine.runtime import RuntimeOptions  # noqa: E402
+from nkat_gguf.format.gguf_file import read_layout  # noqa: E402
+from nkat_gguf.format.nkat import read_theta  # noqa: E402
 from nkat_gguf.texts import load_text  # noqa: E402
 
 
@@ -72,8 +74,6 @@ def main() -> None:
         read_seconds = best_of(3, lambda: read_theta(nkat))
         result["theta_read"] = {"nkat_seconds": read_seconds}
         if not args.skip_gguf_py:
-            from gguf import GGUFReader
-
             result["theta_read"]["gguf_py_reader_seconds"] = best_of(1, lambda: GGUFReader(str(nkat)))
         settings = CompareSettings(n_chunks=args.chunks, repetitions=args.repetitions, progress=False)
         measured = compare(nkat, load_text(None, "evaluation"), RuntimeOptions(), settings, gamma=None)

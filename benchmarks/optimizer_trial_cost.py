@@ -23,13 +23,13 @@ import statistics
 import time
 from pathlib import Path
 
-from engine.perplexity import perplexity
-from engine.runtime import RuntimeOptions
 from nkat_gguf.convert import ConvertOptions
 from nkat_gguf.default_model import resolve_model
-from optimizer.base_model import SearchModel
-from optimizer.options import OptimizeOptions
-from optimizer.study import make_objective, open_search, quiet_optuna, run_trials
+from nkat_gguf.engine.perplexity import perplexity
+from nkat_gguf.engine.runtime import RuntimeOptions
+from nkat_gguf.optimizer.base_model import SearchModel
+from nkat_gguf.optimizer.options import OptimizeOptions
+from nkat_gguf.optimizer.study import make_objective, open_search, quiet_optuna, run_trials
 
 
 def main() -> None:

@@ -26,13 +26,14 @@ from safetensors.numpy import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.perplexity import perplexity, tokenize_text  # noqa: E402
-from engine.runtime import NkatRuntime, RuntimeOptions  # noqa: E402
-from nkat_gguf.bake import BakePlan  # noqa: E402
 from nkat_gguf.convert import ConvertOptions, convert  # noqa: E402
 from nkat_gguf.default_model import default_model_path  # noqa: E402
-from nkat_gguf.gguf_file import read_layout  # noqa: E402
-from nkat_gguf.rotations import BLOCK  # noqa: E402
+from nkat_gguf.engine.perplexity import perplexity, tokenize_text  # noqa: E402
+from nkat_gguf.engine.runtime import NkatRuntime, RuntimeOptions  # noqa: E402
+from nkat_gguf.format.gguf_file import read_layout  # noqa: E402
+from nkat_gguf.math.rotations import BLOCK  # noqa: E402
+from nkat_gguf.so8t.bake import BakePlan  # noqa: E402
+from nkat_gguf.so8t.bake_step import So8tOptions  # noqa: E402
 from nkat_gguf.texts import load_text  # noqa: E402
 
 
@@ -75,9 +76,9 @@ def main() -> None:
     model = default_model_path()
     text = load_text(None, "evaluation")
     d_model = read_layout(model).get("llama.embedding_length")
-    rows: dict[str, dict] = {"none": {"so8t": "none"}, "fold": {"so8t": identity_plan(d_model)},
-                             "hadamard": {"so8t": "hadamard"}, "random": {"so8t": "random", "so8t_seed": 0},
-                             "random+R2": {"so8t": "random", "so8t_seed": 0, "so8t_heads": True}}
+    rows: dict[str, So8tOptions] = {"none": So8tOptions(), "fold": So8tOptions(identity_plan(d_model)),
+                                    "hadamard": So8tOptions("hadamard"), "random": So8tOptions("random", seed=0),
+                                    "random+R2": So8tOptions("random", seed=0, heads=True)}
     result: dict = {"command": "python benchmarks/so8t_quality.py " + " ".join(sys.argv[1:]), "model": model.name,
                     "outtype": "Q4_0", "theta_rank": args.rank, "gamma_on": args.gamma, "n_ctx": 512,
                     "chunks": args.chunks, "text": text.source, "text_sha256": text.sha256,
@@ -87,7 +88,7 @@ def main() -> None:
             out = Path(tmp) / f"{name}.gguf"
             t = time.perf_counter()
             report = convert(ConvertOptions(input=model, output=out, outtype="Q4_0", theta_rank=args.rank,
-                                            progress=False, **so8t))
+                                            progress=False, so8t=so8t))
             row = {"convert_seconds": time.perf_counter() - t, "phases": report.seconds,
                    "file_bytes": out.stat().st_size, "qc": report.so8t["qc"] if report.so8t else None,
                    "perplexity": measure(out, text.content, args.chunks, args.gamma)}
@@ -96,7 +97,8 @@ def main() -> None:
             out.unlink()
         checkpoint = gate_checkpoint(model, Path(tmp) / "gates.safetensors")
         gated = convert(ConvertOptions(input=model, output=Path(tmp) / "gated.gguf", outtype="Q4_0", theta_rank=0,
-                                       imatrix="none", progress=False, so8t=f"file:{checkpoint}"))
+                                       imatrix="none", progress=False,
+                                       so8t=So8tOptions(f"file:{checkpoint}")))
         result["file_gates_qc"] = gated.so8t
     json.dump(result, sys.stdout, indent=2)
     print()

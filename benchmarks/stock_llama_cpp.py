@@ -24,9 +24,9 @@ from pathlib import Path
 
 import llama_cpp
 
-from engine.bench import bench
-from engine.perplexity import perplexity, tokenize_text
 from nkat_gguf.default_model import resolve_model
+from nkat_gguf.engine.measure import bench
+from nkat_gguf.engine.perplexity import perplexity, tokenize_text
 from nkat_gguf.texts import builtin_text
 
 VERSION = "0.3.36"

@@ -25,14 +25,15 @@ from pathlib import Path
 import numpy as np
 from gguf.constants import GGMLQuantizationType
 
-from engine.adapter import adapter_cache_dir
-from engine.bench import device_name
-from engine.compare import CompareSettings, interleaved_speed
-from engine.runtime import NkatRuntime, RuntimeOptions
-from nkat_gguf.gguf_file import read_layout, write_with_metadata
-from nkat_gguf.nkat_format import NkatTheta, theta_metadata
-from nkat_gguf.selection import default_theta_tensors
-from nkat_gguf.theta import LowRank, quantize_int8
+from nkat_gguf.convert.selection import default_theta_tensors
+from nkat_gguf.engine.adapter import adapter_cache_dir
+from nkat_gguf.engine.bench import device_name
+from nkat_gguf.engine.compare import CompareSettings
+from nkat_gguf.engine.measure import interleaved_speed
+from nkat_gguf.engine.runtime import NkatRuntime, RuntimeOptions
+from nkat_gguf.format.gguf_file import read_layout, write_with_metadata
+from nkat_gguf.format.nkat import NkatTheta, theta_metadata
+from nkat_gguf.math.theta import LowRank, quantize_int8
 from tools.synthetic_model import TINY, TINYLLAMA_1B, LlamaShape, build_llama_gguf
 
 SIZES = {

@@ -10,11 +10,11 @@ import os
 from pathlib import Path
 
 import numpy as np
-from gguf.constants import GGMLQuantizationType
+from gguf.constants import GGMLQuantizationType, GGUFValueType
 
 from nkat_gguf.errors import InputError
-from nkat_gguf.gguf_file import TensorSpec, Value, ValueType, write_gguf
-from nkat_gguf.nkat_format import NkatTheta
+from nkat_gguf.format.gguf_file import TensorSpec, Value, write_gguf
+from nkat_gguf.format.nkat import NkatTheta
 
 ADAPTER_TYPES = {"F32": GGMLQuantizationType.F32, "F16": GGMLQuantizationType.F16}
 
@@ -45,7 +45,7 @@ def write_lora_adapter(
         "general.name": name,
         "adapter.type": "lora",
         # FLOAT32 is required: any other type aborts llama.cpp (see shared facts)
-        "adapter.lora.alpha": Value(ValueType.FLOAT32, float(theta.rank)),
+        "adapter.lora.alpha": Value(GGUFValueType.FLOAT32, float(theta.rank)),
     }
     write_gguf(dst, metadata, specs, lambda s: arrays[s.name].astype(numpy_type))
     return Path(dst)

@@ -6,20 +6,18 @@ tg = n_gen single-token decodes of random tokens from position 0 on an empty cac
 untimed warm-up (tg's is a single token, as llama-bench's); the reported rate is the mean of the
 per-repetition rates, the ± their sample standard deviation.
 
-`time_prompt` and `time_generation` are single repetitions, so a caller can interleave two
-configurations (θ off / θ on) in one process and let drift hit both equally.
+`time_prompt` and `time_generation` are single repetitions; engine/measure.py repeats and interleaves
+them, so every speed this tool reports is measured the same way.
 """
 
 from __future__ import annotations
 
 import statistics
-import sys
 import time
 from dataclasses import asdict, dataclass
 
 import llama_cpp
 import numpy as np
-from tqdm import tqdm
 
 from nkat_gguf.errors import InputError
 
@@ -125,43 +123,3 @@ def time_generation(llm: llama_cpp.Llama, n_gen: int, rng: np.random.Generator) 
     finally:
         llama_cpp.llama_batch_free(batch)
         _clear(llm)
-
-
-def bench(
-    llm: llama_cpp.Llama,
-    n_prompt: int = 512,
-    n_gen: int = 128,
-    repetitions: int = 5,
-    warmup: int = 1,
-    progress: bool = True,
-    seed: int = 0,
-) -> BenchResult:
-    """pp{n_prompt} and tg{n_gen} like llama-bench: all pp repetitions, then all tg repetitions."""
-    if repetitions < 1:
-        raise InputError(f"repetitions must be at least 1, got {repetitions}")
-    rng = np.random.default_rng(seed)
-    for _ in range(warmup):
-        time_prompt(llm, n_prompt, rng)
-        time_generation(llm, 1, rng)
-    with tqdm(total=2 * repetitions, desc="bench", unit="run", file=sys.stderr, disable=not progress) as bar:
-        pp_seconds = []
-        for _ in range(repetitions):
-            pp_seconds.append(time_prompt(llm, n_prompt, rng))
-            bar.update()
-        tg_seconds = []
-        for _ in range(repetitions):
-            tg_seconds.append(time_generation(llm, n_gen, rng))
-            bar.update()
-    pp, pp_sd = summarize([n_prompt / s for s in pp_seconds])
-    tg, tg_sd = summarize([n_gen / s for s in tg_seconds])
-    return BenchResult(
-        pp_tokens_per_second=pp,
-        pp_sd=pp_sd,
-        tg_tokens_per_second=tg,
-        tg_sd=tg_sd,
-        avg_latency_ms=1000 * statistics.fmean(tg_seconds) / n_gen,
-        repetitions=repetitions,
-        n_prompt=n_prompt,
-        n_gen=n_gen,
-        device=device_name(),
-    )

@@ -1,83 +1,41 @@
 """`nkat-gguf compare`: theta off vs theta on in one process, plus the reference, all measured.
 
-Speed repetitions are interleaved (off, on, off, on, ...) so machine noise hits both alike; the
-ratios are what carries over to another machine, not the absolute tokens per second.
+Speed repetitions are interleaved (off, on, off, on, ...; engine/measure.py) so machine noise hits both
+alike; the ratios are what carries over to another machine, not the absolute tokens per second.
 """
 
 from __future__ import annotations
 
-import functools
-import statistics
-import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import llama_cpp
-import numpy as np
-from tqdm import tqdm
-
-from nkat_gguf.convert import sha256_file
 from nkat_gguf.default_model import default_model_path
+from nkat_gguf.engine.bench import device_name
+from nkat_gguf.engine.measure import SpeedSettings, interleaved_speed
+from nkat_gguf.engine.perplexity import perplexity, tokenize_text
+from nkat_gguf.engine.runtime import NkatRuntime, RuntimeOptions
 from nkat_gguf.errors import InputError
+from nkat_gguf.format import nkat
+from nkat_gguf.format.hashing import sha256_file
 from nkat_gguf.texts import Text
-
-from .bench import device_name, summarize, time_generation, time_prompt
-from .perplexity import perplexity, tokenize_text
-from .runtime import NkatRuntime, RuntimeOptions
 
 
 @dataclass(frozen=True)
-class CompareSettings:
+class CompareSettings(SpeedSettings):
+    """Speed settings plus the perplexity chunks."""
+
     n_ctx: int = 512
     n_chunks: int | None = 16
-    repetitions: int = 3
-    n_prompt: int = 512
-    n_gen: int = 128
-    progress: bool = True
 
 
 def default_reference_for(runtime: NkatRuntime) -> Path | None:
     """The embedded default model, when it is the reference this NKAT file was made against."""
-    expected = (runtime.theta.provenance if runtime.theta else {}).get("nkat.reference.sha256")
+    expected = (runtime.theta.provenance if runtime.theta else {}).get(nkat.REFERENCE_SHA256)
     try:
         candidate = default_model_path()
     except InputError:
         return None
     return candidate if expected and sha256_file(candidate) == expected else None
-
-
-def interleaved_speed(runtime: NkatRuntime, gammas: dict[str, float | None], settings: CompareSettings) -> dict:
-    """pp and tg tokens/s per γ (None: theta off), measured in alternation after one warm-up each."""
-    return interleaved_rates(runtime.llm, {name: functools.partial(runtime.set_gamma, gamma)
-                                           for name, gamma in gammas.items()}, settings)
-
-
-def interleaved_rates(llm: llama_cpp.Llama, configurations: dict[str, Callable[[], None]],
-                      settings: CompareSettings) -> dict:
-    """pp and tg tokens/s per configuration (each switched on by its callable), in alternation after a warm-up."""
-    rngs = {name: np.random.default_rng(i) for i, name in enumerate(configurations)}
-    pp: dict[str, list[float]] = {name: [] for name in configurations}
-    tg: dict[str, list[float]] = {name: [] for name in configurations}
-    for name, configure in configurations.items():
-        configure()
-        time_prompt(llm, settings.n_prompt, rngs[name])
-        time_generation(llm, 8, rngs[name])
-    total = settings.repetitions * len(configurations)
-    with tqdm(total=total, desc="speed", unit="run", file=sys.stderr, disable=not settings.progress) as bar:
-        for _ in range(settings.repetitions):
-            for name, configure in configurations.items():
-                configure()
-                pp[name].append(settings.n_prompt / time_prompt(llm, settings.n_prompt, rngs[name]))
-                tg[name].append(settings.n_gen / time_generation(llm, settings.n_gen, rngs[name]))
-                bar.update()
-    out = {}
-    for name in configurations:
-        pp_mean, pp_sd = summarize(pp[name])
-        tg_mean, tg_sd = summarize(tg[name])
-        out[name] = {"pp_tokens_per_second": pp_mean, "pp_sd": pp_sd, "tg_tokens_per_second": tg_mean,
-                     "tg_sd": tg_sd, "avg_latency_ms": 1000.0 / statistics.harmonic_mean(tg[name])}
-    return out
 
 
 def compare(model: Path, text: Text, runtime_options: RuntimeOptions, settings: CompareSettings,
@@ -110,8 +68,8 @@ def compare(model: Path, text: Text, runtime_options: RuntimeOptions, settings: 
         "theta_enabled": True,
         "theta_rank": rank,
         "gamma": gamma,
-        "outtype": provenance.get("nkat.outtype"),
-        "imatrix": provenance.get("nkat.imatrix"),
+        "outtype": provenance.get(nkat.OUTTYPE),
+        "imatrix": provenance.get(nkat.IMATRIX),
         "n_ctx": settings.n_ctx,
         "chunks": ppl["baseline"].n_chunks,
         "repetitions": settings.repetitions,

@@ -19,9 +19,9 @@ hd = head_dim, ff = feed_forward_length, V = vocabulary. Weights are numpy order
 from __future__ import annotations
 
 import math
-from itertools import accumulate
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import accumulate
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from nkat_gguf.errors import InputError, UnsupportedModelError
-from nkat_gguf.gguf_file import GGUFLayout
-from nkat_gguf.weights import TensorSource
+from nkat_gguf.format.gguf_file import GGUFLayout
+from nkat_gguf.format.tensors import TensorSource
 
 Hook = Callable[[torch.Tensor], torch.Tensor]
 Sums = dict[str, torch.Tensor] | None  # per-weight column sums of x^2, when collecting statistics

@@ -3,28 +3,17 @@
 from __future__ import annotations
 
 import ctypes
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import llama_cpp
+
+from nkat_gguf.engine.adapter import cached_adapter
+from nkat_gguf.engine.native_log import captured_llama_log
 from nkat_gguf.errors import InputError
-from nkat_gguf.gguf_file import read_layout
-from nkat_gguf.native_log import captured_llama_log
-from nkat_gguf.nkat_format import NkatTheta, read_theta
-
-from .adapter import cached_adapter
-
-MAX_GAMMA = 16.0
-
-
-def check_gamma(gamma: float) -> float:
-    """γ scales the correction B·A: 1 applies it in full, 0 switches it off. Negative or absurd is refused."""
-    if not isinstance(gamma, (int, float)) or math.isnan(gamma) or math.isinf(gamma):
-        raise InputError(f"gamma must be a number, got {gamma!r}")
-    if not 0.0 <= gamma <= MAX_GAMMA:
-        raise InputError(f"gamma {gamma} is out of range [0, {MAX_GAMMA:g}]")
-    return float(gamma)
+from nkat_gguf.format.gguf_file import read_layout
+from nkat_gguf.format.nkat import NkatTheta, check_gamma, read_theta
 
 
 @dataclass(frozen=True)
@@ -37,18 +26,25 @@ class RuntimeOptions:
     logits_all: bool = False
 
 
-def check_loadable(path: Path) -> None:
-    """Refuse, in one line, a GGUF that llama.cpp cannot load (unknown architecture, missing tensors...)."""
-    import llama_cpp
-
+def check_loadable(path: Path, adapter: Path | None = None) -> None:
+    """Refuse, in one line, a GGUF that llama.cpp cannot load (unknown architecture, missing tensors...),
+    or an adapter it rejects on that model (architecture, names, shapes)."""
     params = llama_cpp.llama_model_default_params()
     params.n_gpu_layers = 0
     params.use_mmap = True
     with captured_llama_log() as log:
         model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
-    if not model:
-        raise InputError(f"llama.cpp cannot load {path.name}: {log.reason('load failed')}")
-    llama_cpp.llama_model_free(model)
+        lora = llama_cpp.llama_adapter_lora_init(model, str(adapter).encode()) if model and adapter else None
+    try:
+        if not model:
+            raise InputError(f"llama.cpp cannot load {path.name}: {log.reason('load failed')}")
+        if adapter is not None and not lora:
+            raise InputError(f"llama.cpp rejects the adapter {adapter.name}: {log.reason('')}")
+    finally:
+        if lora:
+            llama_cpp.llama_adapter_lora_free(lora)
+        if model:
+            llama_cpp.llama_model_free(model)
 
 
 class NkatRuntime:
@@ -56,8 +52,6 @@ class NkatRuntime:
 
     def __init__(self, model_path: str | Path, options: RuntimeOptions = RuntimeOptions(),
                  gamma: float | None = None, cache_dir: Path | None = None):
-        import llama_cpp
-
         self.path = Path(model_path)
         layout = read_layout(self.path)
         self.theta: NkatTheta | None = read_theta(layout)
@@ -84,8 +78,6 @@ class NkatRuntime:
         self.set_gamma(self.default_gamma if gamma is None else gamma)
 
     def _load_adapter(self, theta: NkatTheta) -> object:
-        import llama_cpp
-
         key = theta.digest()
         if key not in self._adapters:
             adapter_path = cached_adapter(theta, self._architecture, self._cache_dir)
@@ -118,8 +110,6 @@ class NkatRuntime:
 
         The KV cache is reset: states computed under the old γ would otherwise be reused.
         """
-        import llama_cpp
-
         if gamma is not None:
             gamma = check_gamma(gamma)
             if not self.has_theta:
@@ -137,8 +127,6 @@ class NkatRuntime:
         self.gamma = gamma
 
     def close(self) -> None:
-        import llama_cpp
-
         if self.llm is not None:
             llama_cpp.llama_set_adapters_lora(self.llm.ctx, None, 0, None)
             for adapter in self._adapters.values():

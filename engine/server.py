@@ -21,9 +21,8 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from nkat_gguf.engine.runtime import NkatRuntime
 from nkat_gguf.errors import InputError
-
-from .runtime import NkatRuntime
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000

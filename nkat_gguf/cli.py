@@ -15,8 +15,8 @@ from typing import Any, Callable
 
 import click
 
-from . import __version__
-from .errors import NkatError
+from nkat_gguf import __version__
+from nkat_gguf.errors import NkatError
 
 MODEL_HELP = "GGUF file, or 'default' for the embedded SmolLM2-135M-Instruct Q4_1."
 
@@ -66,7 +66,7 @@ def engine_options(fn: Callable) -> Callable:
 
 
 def _runtime_options(gpu_layers: int, no_cuda: bool, threads: int | None, n_ctx: int = 512, **extra: Any):
-    from engine.runtime import RuntimeOptions
+    from nkat_gguf.engine.runtime import RuntimeOptions
 
     return RuntimeOptions(n_ctx=n_ctx, n_batch=max(n_ctx, 512), n_threads=threads,
                           n_gpu_layers=0 if no_cuda else gpu_layers, **extra)
@@ -146,18 +146,20 @@ def convert(input_: str, output: Path, outtype: str, reference: Path | None, the
             threads: int, so8t: str, so8t_seed: int | None, so8t_heads: bool, force: bool, report_dir: Path | None,
             optimize_rank: bool, as_json: bool) -> None:
     """Quantize a GGUF with llama.cpp and store theta (what quantization lost, low rank) in its metadata."""
-    from .convert import ConvertOptions, convert as run_convert
-    from .default_model import resolve_model
+    from nkat_gguf.convert import ConvertOptions
+    from nkat_gguf.convert import convert as run_convert
+    from nkat_gguf.default_model import resolve_model
+    from nkat_gguf.so8t.bake_step import So8tOptions
 
     options = ConvertOptions(
         input=resolve_model(input_), output=output, outtype=outtype, reference=reference,
         theta_rank=theta_rank, theta_gamma=theta_gamma, selective_layers=list(selective_layers) or None,
         calib_text=calib_text, theta_calib=theta_calib, imatrix=imatrix, threads=threads,
-        so8t=so8t, so8t_seed=so8t_seed, so8t_heads=so8t_heads, force=force, report_dir=report_dir,
+        so8t=So8tOptions(mode=so8t, seed=so8t_seed, heads=so8t_heads, force=force, report_dir=report_dir),
         progress=sys.stderr.isatty() or not as_json)
     if optimize_rank:
-        from optimizer.outputs import format_summary
-        from optimizer.study import optimize_convert
+        from nkat_gguf.optimizer.outputs import format_summary
+        from nkat_gguf.optimizer.study import optimize_convert
 
         _emit(optimize_convert(options), as_json, format_summary)
         return
@@ -203,7 +205,7 @@ def qc() -> None:
 @_fail_cleanly
 def qc_bake(pre: Path, post: Path, text: Path | None, as_json: bool) -> None:
     """Logits of two GGUFs in llama.cpp (F32 KV cache): max |Δz|, KL, top-1; exit 1 if a QC gate is missed."""
-    from .qc import QCFailed, compare_ggufs, qc_text
+    from nkat_gguf.so8t.qc import QCFailed, compare_ggufs, qc_text
 
     result = compare_ggufs(pre, post, qc_text(text))
     _emit({"pre": str(pre), "post": str(post), **result.as_dict()}, as_json, _format_qc)
@@ -225,11 +227,11 @@ def qc_bake(pre: Path, post: Path, text: Path | None, as_json: bool) -> None:
 def perplexity(model: str, gamma: float | None, no_theta: bool, text: Path | None, ctx: int, chunks: int | None,
                as_json: bool, gpu_layers: int, no_cuda: bool, threads: int | None) -> None:
     """Perplexity exactly as llama.cpp's llama-perplexity computes it."""
-    from engine.perplexity import perplexity as run_perplexity, tokenize_text
-    from engine.runtime import NkatRuntime
-
-    from .default_model import resolve_model
-    from .texts import load_text
+    from nkat_gguf.default_model import resolve_model
+    from nkat_gguf.engine.perplexity import perplexity as run_perplexity
+    from nkat_gguf.engine.perplexity import tokenize_text
+    from nkat_gguf.engine.runtime import NkatRuntime
+    from nkat_gguf.texts import load_text
 
     path = resolve_model(model)
     content = load_text(text, "evaluation")
@@ -255,14 +257,13 @@ def perplexity(model: str, gamma: float | None, no_theta: bool, text: Path | Non
 def bench(model: str, gamma: float | None, n_prompt: int, n_gen: int, repetitions: int, as_json: bool,
           gpu_layers: int, no_cuda: bool, threads: int | None) -> None:
     """Prompt (pp) and generation (tg) speed as llama-bench measures it, theta off and on, interleaved."""
-    from engine.compare import CompareSettings, interleaved_speed
-    from engine.bench import device_name
-    from engine.runtime import NkatRuntime
-
-    from .default_model import resolve_model
+    from nkat_gguf.default_model import resolve_model
+    from nkat_gguf.engine.bench import device_name
+    from nkat_gguf.engine.measure import SpeedSettings, interleaved_speed
+    from nkat_gguf.engine.runtime import NkatRuntime
 
     path = resolve_model(model)
-    settings = CompareSettings(n_ctx=max(n_prompt, n_gen), repetitions=repetitions, n_prompt=n_prompt, n_gen=n_gen)
+    settings = SpeedSettings(repetitions=repetitions, n_prompt=n_prompt, n_gen=n_gen)
     with NkatRuntime(path, _runtime_options(gpu_layers, no_cuda, threads, n_ctx=max(512, n_prompt + n_gen))) as rt:
         gammas = {"baseline": None}
         if rt.has_theta:
@@ -305,10 +306,10 @@ def _format_bench(r: dict) -> str:
 def compare(model: str, reference: Path | None, gamma: float | None, text: Path | None, ctx: int, chunks: int,
             repetitions: int, as_json: bool, gpu_layers: int, no_cuda: bool, threads: int | None) -> None:
     """theta off vs on in one run: tok/s, overhead, perplexity, and the share of the reference gap recovered."""
-    from engine.compare import CompareSettings, compare as run_compare, format_compare
-
-    from .default_model import resolve_model
-    from .texts import load_text
+    from nkat_gguf.default_model import resolve_model
+    from nkat_gguf.engine.compare import CompareSettings, format_compare
+    from nkat_gguf.engine.compare import compare as run_compare
+    from nkat_gguf.texts import load_text
 
     settings = CompareSettings(n_ctx=ctx, n_chunks=chunks, repetitions=repetitions)
     result = run_compare(resolve_model(model), load_text(text, "evaluation"),
@@ -343,10 +344,9 @@ def quality(input_: str, reference: Path | None, outtype: str, theta_rank: int, 
             text: Path | None, ctx: int, chunks: int, repetitions: int, out_dir: Path | None, as_json: bool,
             gpu_layers: int, no_cuda: bool, threads: int | None) -> None:
     """Reference, plain quantization, importance matrix, theta alone, importance matrix + theta: one run, one table."""
-    from engine.quality_table import QualitySettings, format_quality_table, quality_table
-
-    from .default_model import resolve_model
-    from .texts import load_text
+    from nkat_gguf.default_model import resolve_model
+    from nkat_gguf.evaluate.quality import QualitySettings, format_quality_table, quality_table
+    from nkat_gguf.texts import load_text
 
     settings = QualitySettings(outtype=outtype, theta_rank=theta_rank, n_ctx=ctx, n_chunks=chunks,
                                repetitions=repetitions)
@@ -383,8 +383,8 @@ def _format_export(r: dict) -> str:
 @_fail_cleanly
 def export_adapter_command(model: str, output: Path, gamma: float | None, tensor_type: str, as_json: bool) -> None:
     """theta as a llama.cpp LoRA adapter GGUF; apply it at scale 1 (llama-cli --lora)."""
-    from .default_model import resolve_model
-    from .exports import export_adapter
+    from nkat_gguf.default_model import resolve_model
+    from nkat_gguf.export.exports import export_adapter
 
     _emit(export_adapter(resolve_model(model), output, gamma, tensor_type).as_dict(), as_json, _format_export)
 
@@ -407,8 +407,8 @@ def export_adapter_command(model: str, output: Path, gamma: float | None, tensor
 def export_ollama_command(model: str, output_dir: Path, gamma: float | None, name: str | None, merged: bool,
                           outtype: str | None, ppl_chunks: int, threads: int | None, as_json: bool) -> None:
     """A directory Ollama creates a model from: FROM the model, ADAPTER theta (or one merged GGUF)."""
-    from .default_model import resolve_model
-    from .exports import export_ollama
+    from nkat_gguf.default_model import resolve_model
+    from nkat_gguf.export.exports import export_ollama
 
     report = export_ollama(resolve_model(model), output_dir, gamma, name, merged, outtype, ppl_chunks, threads=threads)
     _emit(report.as_dict(), as_json, _format_export)
@@ -425,8 +425,8 @@ def export_ollama_command(model: str, output_dir: Path, gamma: float | None, nam
 def export_kobold_command(model: str, output_dir: Path, gamma: float | None, threads: int | None,
                           as_json: bool) -> None:
     """The adapter plus a KoboldCpp .kcpps config; start it with koboldcpp --config."""
-    from .default_model import resolve_model
-    from .exports import export_kobold
+    from nkat_gguf.default_model import resolve_model
+    from nkat_gguf.export.exports import export_kobold
 
     _emit(export_kobold(resolve_model(model), output_dir, gamma, threads).as_dict(), as_json, _format_export)
 
@@ -439,9 +439,9 @@ def export_kobold_command(model: str, output_dir: Path, gamma: float | None, thr
 @_fail_cleanly
 def backends(model: str | None, gamma: float | None, launch: str | None, as_json: bool) -> None:
     """Runtimes installed here (llama-cpp-python, llama.cpp, KoboldCpp, Ollama) and the command for each."""
-    from tools.backend_selector import detect, format_backends, launch as run_launch, resolve_target
-
-    from .default_model import resolve_model
+    from nkat_gguf.backends import detect, format_backends, resolve_target
+    from nkat_gguf.backends import launch as run_launch
+    from nkat_gguf.default_model import resolve_model
 
     target = resolve_target(resolve_model(model), gamma) if model else None
     found = detect(target)
@@ -456,7 +456,7 @@ def backends(model: str | None, gamma: float | None, launch: str | None, as_json
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def doctor(as_json: bool) -> None:
     """Check versions, CPU features, the default model and the cache; say what to fix. Exit 1 on a failure."""
-    from .doctor import FAIL, format_checks, run_checks
+    from nkat_gguf.doctor import FAIL, format_checks, run_checks
 
     checks = run_checks()
     _emit({"checks": [c.as_dict() for c in checks]}, as_json, lambda r: format_checks(checks))
@@ -478,10 +478,9 @@ def serve(model: str, gamma: float | None, host: str, port: int, ctx: int, gpu_l
 
     A request may set "nkat_gamma" (a number, or null for theta off) to use another gamma without reloading.
     """
-    from engine.runtime import NkatRuntime
-    from engine.server import ChatServer, is_loopback
-
-    from .default_model import resolve_model
+    from nkat_gguf.default_model import resolve_model
+    from nkat_gguf.engine.runtime import NkatRuntime
+    from nkat_gguf.engine.server import ChatServer, is_loopback
 
     path = resolve_model(model)
     with NkatRuntime(path, _runtime_options(gpu_layers, no_cuda, threads, n_ctx=ctx), gamma=gamma) as runtime, \
@@ -535,12 +534,11 @@ def optimize(model: str, output_dir: Path, mode: str, trials: int | None, ranks:
              speed_repetitions: int, outtype: str, reference: Path | None, calib_text: Path | None, text: Path | None,
              as_json: bool, gpu_layers: int, no_cuda: bool, threads: int | None) -> None:
     """Optuna TPE search over theta rank and gamma for the best TPE score; resumable, shareable by workers."""
-    from optimizer.options import OptimizeOptions, parse_gamma_range, parse_ranks
-    from optimizer.outputs import format_summary
-    from optimizer.study import optimize as run_optimize
-
-    from .convert import ConvertOptions
-    from .default_model import resolve_model
+    from nkat_gguf.convert import ConvertOptions
+    from nkat_gguf.default_model import resolve_model
+    from nkat_gguf.optimizer.options import OptimizeOptions, parse_gamma_range, parse_ranks
+    from nkat_gguf.optimizer.outputs import format_summary
+    from nkat_gguf.optimizer.study import optimize as run_optimize
 
     progress = sys.stderr.isatty() or not as_json
     convert_options = ConvertOptions(input=resolve_model(model), output=output_dir, outtype=outtype,

@@ -14,6 +14,11 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from nkat_gguf.backends import detect
+from nkat_gguf.default_model import default_model_path
+from nkat_gguf.engine.adapter import adapter_cache_dir
+from nkat_gguf.errors import InputError
+
 OK, WARN, FAIL = "ok", "warn", "fail"
 # CPU flag in /proc/cpuinfo -> the feature name llama.cpp's system info prints for it
 CPU_FEATURES = {"avx2": "AVX2", "fma": "FMA", "f16c": "F16C", "avx512f": "AVX512"}
@@ -99,9 +104,6 @@ def _cpu_flags() -> set[str]:
 
 
 def check_default_model() -> Check:
-    from .default_model import default_model_path
-    from .errors import InputError
-
     try:
         return Check("default model", OK, str(default_model_path()))
     except InputError as exc:
@@ -110,8 +112,6 @@ def check_default_model() -> Check:
 
 def check_cache() -> Check:
     """Write access to the adapter cache the runtime writes theta adapters to."""
-    from engine.adapter import adapter_cache_dir
-
     directory = adapter_cache_dir()
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -123,8 +123,6 @@ def check_cache() -> Check:
 
 
 def check_runtimes() -> Check:
-    from tools.backend_selector import detect
-
     backends = detect()
     found = [f"{b.name} {b.version or ''}".strip() for b in backends if b.installed]
     missing = [b.name for b in backends if not b.installed]

@@ -15,9 +15,10 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from pydoc_data.topics import topics
 from typing import Literal
 
-from .errors import InputError
+from nkat_gguf.errors import InputError
 
 Split = Literal["calibration", "evaluation", "licenses"]
 CALIBRATION_EVERY = 5
@@ -40,7 +41,6 @@ def builtin_text(split: Split) -> Text:
     """The fixed texts described in the module docstring."""
     if split == "licenses":
         return _licenses_text()
-    from pydoc_data.topics import topics
 
     keys = sorted(topics)
     in_calibration = split == "calibration"

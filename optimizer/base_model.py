@@ -14,11 +14,13 @@ import json
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from engine.runtime import NkatRuntime, RuntimeOptions
 from nkat_gguf import __version__
-from nkat_gguf.convert import ConvertOptions, convert, sha256_file
-from nkat_gguf.gguf_file import write_with_metadata
-from nkat_gguf.nkat_format import NkatTheta, read_theta, theta_metadata
+from nkat_gguf.convert import ConvertOptions, convert
+from nkat_gguf.engine.runtime import NkatRuntime, RuntimeOptions
+from nkat_gguf.format import nkat
+from nkat_gguf.format.gguf_file import write_with_metadata
+from nkat_gguf.format.hashing import sha256_file
+from nkat_gguf.format.nkat import NkatTheta, read_theta, theta_metadata
 from nkat_gguf.texts import Text
 
 WORK_DIR = "work"
@@ -27,7 +29,7 @@ WORK_DIR = "work"
 # Options that do not change the base, or whose file paths stand in for contents hashed separately
 # (so workers on machines with other paths agree).
 NOT_IN_KEY = ("input", "output", "reference", "calib_text", "imatrix", "theta_rank", "theta_gamma", "threads",
-              "progress", "report_dir")
+              "progress")
 
 
 def base_key(opts: ConvertOptions, rank: int, input_sha256: str, calibration: Text) -> str:
@@ -61,7 +63,7 @@ def theta_at_rank(theta: NkatTheta, rank: int, gamma: float) -> NkatTheta:
 def write_model(base: Path, rank: int, gamma: float, dst: Path) -> Path:
     """The base's quantized tensors with theta cut to `rank` at γ, written as convert writes (atomically)."""
     theta = theta_at_rank(read_theta(base), rank, gamma)
-    write_with_metadata(base, dst, theta_metadata(theta), drop_prefixes=("nkat.",))
+    write_with_metadata(base, dst, theta_metadata(theta), drop_prefixes=(nkat.PREFIX,))
     return dst
 
 

@@ -13,11 +13,10 @@ from dataclasses import dataclass, field
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from engine.perplexity import perplexity
-
-from .base_model import SearchModel
-from .options import rank_choices
-from .score import slowdown, tpe_score
+from nkat_gguf.engine.perplexity import perplexity
+from nkat_gguf.optimizer.base_model import SearchModel
+from nkat_gguf.optimizer.options import rank_choices
+from nkat_gguf.optimizer.score import slowdown, tpe_score
 
 
 def suggest(trial: optuna.Trial, ranks: tuple[int, ...], gamma_range: tuple[float, float]) -> tuple[int, float | None]:

@@ -6,10 +6,11 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.perplexity import MIN_N_CTX
-from engine.runtime import MAX_GAMMA, RuntimeOptions
 from nkat_gguf.convert import ConvertOptions
+from nkat_gguf.engine.perplexity import MIN_N_CTX
+from nkat_gguf.engine.runtime import RuntimeOptions
 from nkat_gguf.errors import InputError
+from nkat_gguf.format.nkat import MAX_GAMMA
 
 MODES = {"quick": 12, "full": 100}  # "custom" takes --trials
 DEFAULT_RANKS = (2, 4, 6, 8)  # the seed's table

@@ -14,18 +14,18 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from engine.compare import CompareSettings, compare, interleaved_speed
-from engine.perplexity import perplexity, tokenize_text
-from engine.runtime import NkatRuntime
-from nkat_gguf.atomic import atomic_output
+from nkat_gguf.engine.compare import CompareSettings, compare
+from nkat_gguf.engine.measure import interleaved_speed
+from nkat_gguf.engine.perplexity import perplexity, tokenize_text
+from nkat_gguf.engine.runtime import NkatRuntime
+from nkat_gguf.format.atomic import atomic_output
+from nkat_gguf.optimizer.base_model import write_model
+from nkat_gguf.optimizer.options import OptimizeOptions, rank_choices
+from nkat_gguf.optimizer.plots import write_plots
+from nkat_gguf.optimizer.score import SCORE_DEFINITION
+from nkat_gguf.optimizer.speed import SPEED_ATTR
+from nkat_gguf.optimizer.storage import SETTINGS_ATTR, public_url
 from nkat_gguf.texts import Text
-
-from .base_model import write_model
-from .options import OptimizeOptions, rank_choices
-from .plots import write_plots
-from .score import SCORE_DEFINITION
-from .speed import SPEED_ATTR
-from .storage import SETTINGS_ATTR, public_url
 
 HISTORY_FILE = "optimization_history.json"
 STUDY_FILE = "optuna_study.json"

@@ -8,18 +8,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import matplotlib
+import matplotlib.pyplot as plt
 import numpy as np
 import optuna
+from optuna.visualization import matplotlib as plots
 
-from nkat_gguf.atomic import atomic_output
+from nkat_gguf.format.atomic import atomic_output
 
 DPI = 110
 
 
 def _pixels(axes: object) -> np.ndarray:
     """One Optuna figure rendered to RGB pixels, then closed."""
-    import matplotlib.pyplot as plt
-
     figure = np.atleast_1d(axes).flat[0].figure
     figure.canvas.draw()
     pixels = np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()
@@ -36,11 +37,7 @@ def _stack(images: list[np.ndarray]) -> np.ndarray:
 
 def write_plots(study: optuna.Study, path: Path, pareto: bool) -> Path:
     """History and parameter plots of `study` as one PNG, written atomically."""
-    import matplotlib
-
     matplotlib.use("Agg")  # files only: no display on servers
-    import matplotlib.pyplot as plt
-    from optuna.visualization import matplotlib as plots
 
     # A Pareto study has no single value: plot the TPE score, recorded on every trial, instead.
     score = (lambda t: t.user_attrs["tpe_score"]) if pareto else None

@@ -13,9 +13,8 @@ import socket
 
 import optuna
 
-from engine.compare import CompareSettings, interleaved_rates
-
-from .base_model import SearchModel
+from nkat_gguf.engine.measure import Configuration, SpeedSettings, interleaved_rates
+from nkat_gguf.optimizer.base_model import SearchModel
 
 SPEED_ATTR = "generation_speed"
 SPEED_PROMPT_TOKENS = 64  # pp is recorded for information only; the score uses tg
@@ -26,10 +25,11 @@ def rank_speeds(study: optuna.Study, model: SearchModel, ranks: tuple[int, ...],
     """Generation tokens/s by rank (0: theta off): the study's stored figures, measured here if none are."""
     stored = study.user_attrs.get(SPEED_ATTR)
     if stored is None:
-        configurations = {str(r): functools.partial(model.apply, r, 1.0 if r else None) for r in (0, *ranks)}
-        settings = CompareSettings(repetitions=repetitions, n_prompt=SPEED_PROMPT_TOKENS, n_gen=n_gen,
-                                   progress=progress)
-        rates = interleaved_rates(model.runtime.llm, configurations, settings)
+        configurations = {str(r): Configuration(model.runtime.llm, functools.partial(model.apply, r, 1.0 if r else None))
+                          for r in (0, *ranks)}
+        settings = SpeedSettings(repetitions=repetitions, n_prompt=SPEED_PROMPT_TOKENS, n_gen=n_gen,
+                                 progress=progress)
+        rates = interleaved_rates(configurations, settings)
         per_rank = {key: {r: s[key] for r, s in rates.items()}
                     for key in ("tg_tokens_per_second", "tg_sd", "pp_tokens_per_second")}
         stored = {**per_rank, "n_prompt": SPEED_PROMPT_TOKENS, "n_gen": n_gen, "repetitions": repetitions,

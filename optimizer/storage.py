@@ -16,6 +16,8 @@ from typing import Any
 import optuna
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, IntegrityError, ProgrammingError, SQLAlchemyError
 
 from nkat_gguf.errors import InputError
 
@@ -34,9 +36,6 @@ def storage_url(storage: str | None, output_dir: Path) -> str:
 
 def public_url(url: str) -> str:
     """The URL with its password masked, for outputs and messages."""
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
     try:
         return make_url(url).render_as_string(hide_password=True)
     except ArgumentError:
@@ -54,8 +53,6 @@ def open_storage(url: str) -> RDBStorage:
 
     Workers started together race to create the tables; the loser's duplicate-table error is retried.
     """
-    from sqlalchemy.exc import IntegrityError, ProgrammingError, SQLAlchemyError
-
     postgres = url.startswith("postgres")
     engine_kwargs = {"connect_args": {"connect_timeout": CONNECT_TIMEOUT_SECONDS}} if postgres else None
     for attempt in range(1, TABLE_RACE_ATTEMPTS + 1):

@@ -21,18 +21,18 @@ from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 from tqdm import tqdm
 
-from engine.perplexity import tokenize_text
-from nkat_gguf.atomic import make_output_dir
-from nkat_gguf.convert import ConvertOptions, sha256_file
+from nkat_gguf.convert import ConvertOptions
+from nkat_gguf.engine.perplexity import tokenize_text
 from nkat_gguf.errors import InputError
+from nkat_gguf.format.atomic import make_output_dir
+from nkat_gguf.format.hashing import sha256_file
+from nkat_gguf.optimizer.base_model import WORK_DIR, SearchModel, base_key, search_base
+from nkat_gguf.optimizer.objective import Objective
+from nkat_gguf.optimizer.options import OptimizeOptions, check_options, seed_point
+from nkat_gguf.optimizer.outputs import write_outputs
+from nkat_gguf.optimizer.speed import rank_speeds
+from nkat_gguf.optimizer.storage import HEARTBEAT_SECONDS, adopt_running_trials, open_storage, open_study, storage_url
 from nkat_gguf.texts import Text, load_text
-
-from .base_model import WORK_DIR, SearchModel, base_key, search_base
-from .objective import Objective
-from .options import OptimizeOptions, check_options, seed_point
-from .outputs import write_outputs
-from .speed import rank_speeds
-from .storage import HEARTBEAT_SECONDS, adopt_running_trials, open_storage, open_study, storage_url
 
 N_STARTUP_TRIALS = 4  # the two enqueued points count among them
 

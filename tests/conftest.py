@@ -11,6 +11,16 @@ from nkat_gguf.convert import ConvertOptions, convert
 from nkat_gguf.default_model import default_model_path
 from tools.synthetic_model import build_llama_gguf
 
+# Fixtures that load the embedded default model: every test using one is `slow`, so `pytest -m "not slow"`
+# runs without it (tests that load it directly carry the marker themselves).
+DEFAULT_MODEL_FIXTURES = {"default_q4_0_rank8", "default_f32_path"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if DEFAULT_MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:

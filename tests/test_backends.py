@@ -12,10 +12,10 @@ from pathlib import Path
 import llama_cpp
 import pytest
 
+from nkat_gguf.backends import detect, format_backends, launch, nkat_command, resolve_target
 from nkat_gguf.doctor import FAIL, OK, run_checks
 from nkat_gguf.errors import InputError
-from nkat_gguf.gguf_file import read_layout
-from tools.backend_selector import detect, format_backends, launch, nkat_command, resolve_target
+from nkat_gguf.format.gguf_file import read_layout
 
 FAKE = """#!/bin/sh
 if [ "$1" = "--version" ]; then printf '%s\\n' {version}; exit 0; fi

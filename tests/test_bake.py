@@ -12,16 +12,16 @@ import llama_cpp
 import numpy as np
 import pytest
 import torch
-from gguf.constants import GGMLQuantizationType
+from gguf.constants import GGMLQuantizationType, GGUFValueType
 from safetensors.numpy import save_file
 
-from nkat_gguf.bake import BakePlan, bake_rotations, make_plan
 from nkat_gguf.default_model import default_model_path
 from nkat_gguf.errors import InputError
-from nkat_gguf.gguf_file import TensorSpec, Value, ValueType, copy_metadata, read_layout, write_gguf
-from nkat_gguf.rotations import random_blocks
+from nkat_gguf.format.gguf_file import TensorSpec, Value, copy_metadata, read_layout, write_gguf
+from nkat_gguf.format.tensors import TensorSource
+from nkat_gguf.math.rotations import random_blocks
+from nkat_gguf.so8t.bake import BakePlan, bake_rotations, make_plan
 from nkat_gguf.texts import builtin_text
-from nkat_gguf.weights import TensorSource
 from tools.synthetic_model import TINY, LlamaShape, build_llama_gguf
 
 MAX_MEAN_KL = 1e-6  # the issue's gates for function-preserving modes
@@ -307,9 +307,9 @@ def test_pickle_and_missing_checkpoints_are_refused(tied, tmp_path):
 
 _BAKE_AND_REPORT_PEAK = """
 import sys
-from nkat_gguf.bake import bake_rotations, make_plan
-from nkat_gguf.gguf_file import write_gguf
-from nkat_gguf.weights import TensorSource
+from nkat_gguf.so8t.bake import bake_rotations, make_plan
+from nkat_gguf.format.gguf_file import write_gguf
+from nkat_gguf.format.tensors import TensorSource
 source = TensorSource(sys.argv[1])
 baked = bake_rotations(source, make_plan("random", source, seed=1, heads=True))
 write_gguf(sys.argv[2], baked.metadata, baked.specs, baked.produce)
@@ -347,7 +347,7 @@ def test_default_model_hadamard_keeps_the_function(tmp_path):
     """Measured: max |Δz| 6.2e-5, mean KL 5.0e-12 over 64 tokens (logits up to 36)."""
     source = TensorSource(default_model_path())
     metadata = copy_metadata(source.layout)
-    metadata["general.file_type"] = Value(ValueType.UINT32, 0)
+    metadata["general.file_type"] = Value(GGUFValueType.UINT32, 0)
     specs = [TensorSpec(t.name, source.numpy_shape(t.name), GGMLQuantizationType.F32) for t in source.layout.tensors]
     pre = tmp_path / "default-f32.gguf"
     write_gguf(pre, metadata, specs, lambda spec: source.dequantize(spec.name))

@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 import math
 import statistics
-from pathlib import Path
 
 import llama_cpp
 import numpy as np
 import pytest
 
-from engine.bench import bench, device_name, summarize, time_generation, time_prompt
-from engine.perplexity import perplexity, tokenize_text
+from nkat_gguf.engine.bench import device_name, summarize, time_generation, time_prompt
+from nkat_gguf.engine.measure import bench
+from nkat_gguf.engine.perplexity import perplexity, tokenize_text
 from nkat_gguf.errors import InputError
 from nkat_gguf.texts import builtin_text
 from tools.synthetic_model import build_llama_gguf

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from nkat_gguf.gguf_file import write_with_metadata
+from nkat_gguf.format.gguf_file import write_with_metadata
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

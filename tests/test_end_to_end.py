@@ -7,18 +7,18 @@ from pathlib import Path
 import llama_cpp
 import numpy as np
 import pytest
-from gguf.constants import GGMLQuantizationType
+from gguf.constants import GGMLQuantizationType, GGUFValueType
 
-from engine.perplexity import perplexity, tokenize_text
-from engine.runtime import NkatRuntime, RuntimeOptions
-from nkat_gguf.calibrate import calibrate
 from nkat_gguf.convert import ConvertOptions, convert
+from nkat_gguf.convert.calibrate import calibrate
 from nkat_gguf.default_model import default_model_path
-from nkat_gguf.gguf_file import TensorSpec, Value, ValueType, copy_metadata, read_layout, write_gguf
-from nkat_gguf.nkat_format import read_theta
-from nkat_gguf.quantize import quantize_model, resolve_outtype
+from nkat_gguf.engine.perplexity import perplexity, tokenize_text
+from nkat_gguf.engine.quantize import quantize_model, resolve_outtype
+from nkat_gguf.engine.runtime import NkatRuntime, RuntimeOptions
+from nkat_gguf.format.gguf_file import TensorSpec, Value, copy_metadata, read_layout, write_gguf
+from nkat_gguf.format.nkat import read_theta
+from nkat_gguf.format.tensors import TensorSource
 from nkat_gguf.texts import builtin_text, load_text
-from nkat_gguf.weights import TensorSource
 
 EVAL_TEXT = builtin_text("evaluation").content[:40_000]
 
@@ -74,7 +74,7 @@ def merged_f32(nkat: Path, dst: Path, gamma: float) -> Path:
     dense = {n: t.dequantize() for n, t in theta.tensors.items()}
     specs = [TensorSpec(t.name, tuple(reversed(t.shape)), GGMLQuantizationType.F32) for t in source.layout.tensors]
     metadata = {k: v for k, v in copy_metadata(source.layout).items() if not k.startswith("nkat.")}
-    metadata["general.file_type"] = Value(ValueType.UINT32, 0)
+    metadata["general.file_type"] = Value(GGUFValueType.UINT32, 0)
 
     def produce(spec: TensorSpec) -> np.ndarray:
         w = source.dequantize(spec.name)
@@ -84,6 +84,7 @@ def merged_f32(nkat: Path, dst: Path, gamma: float) -> Path:
     return dst
 
 
+@pytest.mark.slow
 def test_star_product_in_llama_cpp_equals_merged_weights(tmp_path: Path) -> None:
     """On an F32 base (Q4_0 weights dequantized, the Q4_1 model as reference), theta applied by llama.cpp
     as an adapter at γ gives the logits of a model whose weights are W + γ·B·A."""

@@ -20,14 +20,14 @@ import pytest
 from gguf import quants
 from gguf.constants import GGMLQuantizationType
 
-from engine.perplexity import perplexity, tokenize_text
-from engine.runtime import NkatRuntime, RuntimeOptions
+from nkat_gguf.engine.perplexity import perplexity, tokenize_text
+from nkat_gguf.engine.runtime import NkatRuntime, RuntimeOptions
 from nkat_gguf.errors import InputError
-from nkat_gguf.exports import export_adapter, export_kobold, export_ollama
-from nkat_gguf.gguf_file import read_layout, write_with_metadata
-from nkat_gguf.nkat_format import read_theta, theta_metadata
+from nkat_gguf.export.exports import export_adapter, export_kobold, export_ollama
+from nkat_gguf.format.gguf_file import read_layout, write_with_metadata
+from nkat_gguf.format.nkat import read_theta, theta_metadata
+from nkat_gguf.format.tensors import TensorSource
 from nkat_gguf.texts import builtin_text
-from nkat_gguf.weights import TensorSource
 
 TEXT = builtin_text("evaluation").content[:20_000]
 N_TOKENS = 64

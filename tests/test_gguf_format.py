@@ -9,9 +9,9 @@ import pytest
 from gguf import GGUFReader, GGUFValueType, GGUFWriter
 
 from nkat_gguf.errors import InputError
-from nkat_gguf.gguf_file import read_layout, write_with_metadata
-from nkat_gguf.nkat_format import NkatTheta, read_theta, theta_metadata
-from nkat_gguf.theta import LowRank, quantize_int8
+from nkat_gguf.format.gguf_file import read_layout, write_with_metadata
+from nkat_gguf.format.nkat import NkatTheta, read_theta, theta_metadata
+from nkat_gguf.math.theta import LowRank, quantize_int8
 
 RNG = np.random.default_rng(3)
 

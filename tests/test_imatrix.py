@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 
 from nkat_gguf.convert import ConvertOptions, convert
+from nkat_gguf.engine.quantize import outtypes, quantize_model
 from nkat_gguf.errors import InputError
-from nkat_gguf.gguf_file import read_layout
-from nkat_gguf.imatrix import input_widths, missing_note, read_imatrix_file
-from nkat_gguf.quantize import outtypes, quantize_model
-from nkat_gguf.weights import TensorSource
+from nkat_gguf.format.gguf_file import read_layout
+from nkat_gguf.format.imatrix import input_widths, missing_note, read_imatrix_file
+from nkat_gguf.format.tensors import TensorSource
 
 Q4_0 = outtypes()["Q4_0"]
 

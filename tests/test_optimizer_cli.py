@@ -15,9 +15,9 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from engine.runtime import NkatRuntime
 from nkat_gguf.convert import ConvertOptions
-from optimizer.study import optimize_convert
+from nkat_gguf.engine.runtime import NkatRuntime
+from nkat_gguf.optimizer.study import optimize_convert
 
 CLI = [sys.executable, "-m", "nkat_gguf.cli"]
 

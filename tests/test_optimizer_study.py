@@ -10,17 +10,17 @@ from pathlib import Path
 import optuna
 import pytest
 
-from engine.perplexity import perplexity, tokenize_text
-from engine.runtime import NkatRuntime, RuntimeOptions
 from nkat_gguf.convert import ConvertOptions
+from nkat_gguf.engine.perplexity import perplexity, tokenize_text
+from nkat_gguf.engine.runtime import NkatRuntime, RuntimeOptions
 from nkat_gguf.errors import InputError
-from nkat_gguf.gguf_file import read_layout
+from nkat_gguf.format.gguf_file import read_layout
+from nkat_gguf.optimizer.options import OptimizeOptions
+from nkat_gguf.optimizer.outputs import write_best
+from nkat_gguf.optimizer.score import SCORE_DEFINITION, slowdown, tpe_score
+from nkat_gguf.optimizer.storage import DB_NAME
+from nkat_gguf.optimizer.study import optimize
 from nkat_gguf.texts import builtin_text
-from optimizer.options import OptimizeOptions
-from optimizer.outputs import write_best
-from optimizer.score import SCORE_DEFINITION, slowdown, tpe_score
-from optimizer.storage import DB_NAME
-from optimizer.study import optimize
 
 RUNTIME = RuntimeOptions(n_ctx=512, n_threads=2)
 TRIALS = 6

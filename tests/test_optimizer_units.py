@@ -13,12 +13,18 @@ from optuna.trial import TrialState
 
 from nkat_gguf.convert import ConvertOptions
 from nkat_gguf.errors import InputError
-from nkat_gguf.theta import LowRank, quantize_int8
-from optimizer.options import (OptimizeOptions, check_options, parse_gamma_range, parse_ranks, rank_choices,
-                               seed_point)
-from optimizer.score import SCORE_DEFINITION, slowdown, tpe_score
-from optimizer.storage import open_storage
-from optimizer.study import first_points, quiet_optuna, run_trials
+from nkat_gguf.math.theta import LowRank, quantize_int8
+from nkat_gguf.optimizer.options import (
+    OptimizeOptions,
+    check_options,
+    parse_gamma_range,
+    parse_ranks,
+    rank_choices,
+    seed_point,
+)
+from nkat_gguf.optimizer.score import SCORE_DEFINITION, slowdown, tpe_score
+from nkat_gguf.optimizer.storage import open_storage
+from nkat_gguf.optimizer.study import first_points, quiet_optuna, run_trials
 
 
 def options(**changes: object) -> OptimizeOptions:

@@ -9,10 +9,10 @@ import llama_cpp
 import numpy as np
 import pytest
 
-from engine.perplexity import perplexity, tokenize_text
 from nkat_gguf.default_model import default_model_path
+from nkat_gguf.engine.perplexity import perplexity, tokenize_text
 from nkat_gguf.errors import InputError
-from nkat_gguf.gguf_file import write_with_metadata
+from nkat_gguf.format.gguf_file import write_with_metadata
 from nkat_gguf.texts import builtin_text
 from tools.synthetic_model import build_llama_gguf
 
@@ -62,7 +62,7 @@ def tiny_bos(tiny: Path) -> Path:
     return dst
 
 
-@pytest.mark.parametrize(("model", "n_ctx", "n_chunks"), [("tiny", 64, 3), ("default", 128, 2)])
+@pytest.mark.parametrize(("model", "n_ctx", "n_chunks"), [("tiny", 64, 3), pytest.param("default", 128, 2, marks=pytest.mark.slow)])
 def test_matches_slow_reference(model: str, n_ctx: int, n_chunks: int, request: pytest.FixtureRequest) -> None:
     path = request.getfixturevalue("tiny") if model == "tiny" else default_model_path()
     llm = load(path)

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-import engine.quality_table
-from engine.quality_table import QualitySettings, format_quality_table, quality_table
-from engine.runtime import RuntimeOptions
+import nkat_gguf.evaluate.quality as quality_module
 from nkat_gguf.cli import main
-from nkat_gguf.gguf_file import read_layout
+from nkat_gguf.engine.runtime import RuntimeOptions
+from nkat_gguf.evaluate.quality import QualitySettings, format_quality_table, quality_table
+from nkat_gguf.format.gguf_file import read_layout
 from nkat_gguf.texts import builtin_text
 
 SETTINGS = QualitySettings(theta_rank=4, n_ctx=64, n_chunks=2, repetitions=1, n_prompt=64, n_gen=8, progress=False)
@@ -88,7 +88,7 @@ def test_cli_is_a_thin_shell(table: tuple[dict, Path], tiny_f32: Path, monkeypat
         calls.append(args)
         return dict(table[0])
 
-    monkeypatch.setattr(engine.quality_table, "quality_table", fake)
+    monkeypatch.setattr(quality_module, "quality_table", fake)
     run = CliRunner().invoke(main, ["quality", "--input", str(tiny_f32), "--theta-rank", "4", "--ctx", "64",
                                     "--chunks", "3", "--json"])
     assert run.exit_code == 0, run.output

@@ -10,17 +10,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from gguf.constants import GGMLQuantizationType
+from gguf.constants import GGMLQuantizationType, GGUFValueType
 from llama_cpp import Llama
 
-from engine.reference import BLOCK_MATRICES, LlamaConfig, LlamaReference, supports_reference
 from nkat_gguf.default_model import default_model_path
+from nkat_gguf.engine.reference import BLOCK_MATRICES, LlamaConfig, LlamaReference, supports_reference
 from nkat_gguf.errors import InputError, UnsupportedModelError
-from nkat_gguf.gguf_file import (
-    TensorSpec, Value, ValueType, copy_metadata, read_layout, write_gguf, write_with_metadata,
+from nkat_gguf.format.gguf_file import (
+    TensorSpec,
+    Value,
+    copy_metadata,
+    read_layout,
+    write_gguf,
+    write_with_metadata,
 )
+from nkat_gguf.format.tensors import TensorSource
 from nkat_gguf.texts import builtin_text
-from nkat_gguf.weights import TensorSource
 from tools.synthetic_model import TINY, LlamaShape, build_llama_gguf, llama_tensor_specs
 
 # Measured max |reference - llama.cpp| logit (F32 weights, F32 KV cache), asserted with a margin:
@@ -102,7 +107,7 @@ def default_f32_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The default model dequantized to F32, so llama.cpp computes in float32 as the reference does."""
     source = TensorSource(default_model_path())
     metadata = copy_metadata(source.layout)
-    metadata["general.file_type"] = Value(ValueType.UINT32, 0)
+    metadata["general.file_type"] = Value(GGUFValueType.UINT32, 0)
     specs = [TensorSpec(t.name, source.numpy_shape(t.name), GGMLQuantizationType.F32) for t in source.layout.tensors]
     dst = tmp_path_factory.mktemp("ref") / "default-f32.gguf"
     write_gguf(dst, metadata, specs, produce=lambda spec: source.dequantize(spec.name))

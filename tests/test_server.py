@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.runtime import NkatRuntime, RuntimeOptions
-from engine.server import DEFAULT_HOST, ChatServer, is_loopback
+from nkat_gguf.engine.runtime import NkatRuntime, RuntimeOptions
+from nkat_gguf.engine.server import DEFAULT_HOST, ChatServer, is_loopback
 
 TIMEOUT_S = 60
 CHAT = {"messages": [{"role": "user", "content": "Say hello"}], "max_tokens": 12, "temperature": 0}

@@ -19,14 +19,15 @@ import pytest
 from gguf.constants import GGMLQuantizationType
 from safetensors.numpy import save_file
 
-from engine.reference import LlamaReference
-from nkat_gguf.bake import bake_rotations, make_plan
 from nkat_gguf.convert import ConvertOptions, convert
+from nkat_gguf.engine.reference import LlamaReference
 from nkat_gguf.errors import InputError
-from nkat_gguf.gguf_file import read_layout, write_gguf
-from nkat_gguf.qc import MAX_ABS_DZ, MAX_MEAN_KL, QCFailed, qc_text, qc_tokens, reference_logits
-from nkat_gguf.rotations import apply_blocks_right, so8_blocks_from_generators
-from nkat_gguf.weights import TensorSource
+from nkat_gguf.format.gguf_file import read_layout, write_gguf
+from nkat_gguf.format.tensors import TensorSource
+from nkat_gguf.math.rotations import apply_blocks_right, so8_blocks_from_generators
+from nkat_gguf.so8t.bake import bake_rotations, make_plan
+from nkat_gguf.so8t.bake_step import So8tOptions
+from nkat_gguf.so8t.qc import MAX_ABS_DZ, MAX_MEAN_KL, QCFailed, qc_text, qc_tokens, reference_logits
 from tools.synthetic_model import TINY, build_llama_gguf
 
 
@@ -39,10 +40,13 @@ def so8t_keys(path: Path) -> dict:
     return {k: v.python() for k, v in read_layout(path).metadata.items() if k.startswith("nkat.so8t.")}
 
 
-def quick(tiny: Path, output: Path, **so8t) -> ConvertOptions:
+SO8T_OPTION = {"so8t": "mode", "so8t_seed": "seed", "so8t_heads": "heads", "force": "force", "report_dir": "report_dir"}
+
+
+def quick(tiny: Path, output: Path, imatrix: str = "none", **so8t) -> ConvertOptions:
     """No theta and no calibration: these tests are about the bake step, not θ."""
-    return ConvertOptions(input=tiny, output=output, outtype="Q8_0", theta_rank=0, imatrix="none", progress=False,
-                          **so8t)
+    return ConvertOptions(input=tiny, output=output, outtype="Q8_0", theta_rank=0, imatrix=imatrix, progress=False,
+                          so8t=So8tOptions(**{SO8T_OPTION[k]: v for k, v in so8t.items()}))
 
 
 # ---- passing: the command line, "same" outtype, metadata and the report ---------------------------
@@ -137,7 +141,7 @@ def test_cli_refuses_in_one_line_and_leaves_nothing(tiny_f32, tmp_path):
     ({"so8t": "file:g.safetensors", "so8t_seed": 1}, "trained gates"),
 ])
 def test_options_that_do_not_go_together_are_refused_before_any_work(tiny_f32, tmp_path, extra, message):
-    opts = dataclasses.replace(quick(tiny_f32, tmp_path / "out.gguf"), **extra)
+    opts = quick(tiny_f32, tmp_path / "out.gguf", **extra)
     with pytest.raises(InputError, match=re.escape(message)):
         convert(opts)
     assert list(tmp_path.iterdir()) == []
@@ -168,7 +172,7 @@ def test_trained_gates_round_trip_against_the_reference(tiny_f32, tmp_path):
 
     out = tmp_path / "gated.gguf"
     report = convert(ConvertOptions(input=tiny_f32, output=out, outtype="Q8_0", theta_rank=2, progress=False,
-                                    so8t=f"file:{tmp_path / 'gates.safetensors'}"))
+                                    so8t=So8tOptions(f"file:{tmp_path / 'gates.safetensors'}")))
     qc = report.so8t["qc"]
     assert qc["pre"] == "PyTorch reference with the gates applied online"
     assert qc["passed"] and qc["max_abs_dz"] <= MAX_ABS_DZ and qc["mean_kl"] <= MAX_MEAN_KL, qc

@@ -5,8 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from nkat_gguf.theta import (
-    LowRank, activation_scale, antisymmetrize, quantize_int8, star_product, theta_from_residual,
+from nkat_gguf.math.theta import (
+    LowRank,
+    activation_scale,
+    antisymmetrize,
+    quantize_int8,
+    star_product,
+    theta_from_residual,
 )
 
 RNG = np.random.default_rng(7)

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 from gguf import quants
-from gguf.constants import GGMLQuantizationType
+from gguf.constants import GGMLQuantizationType, GGUFValueType
 
 from nkat_gguf.default_model import default_model_path
-from nkat_gguf.gguf_file import TensorSpec, Value, ValueType, read_layout, write_gguf
+from nkat_gguf.format.gguf_file import TensorSpec, Value, read_layout, write_gguf
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,7 @@ def build_llama_gguf(
         "llama.attention.layer_norm_rms_epsilon": 1e-5,
         "llama.vocab_size": vocab,
         "llama.rope.dimension_count": shape.d_model // shape.n_head,
-        "general.file_type": Value(ValueType.UINT32, {GGMLQuantizationType.F32: 0}.get(weight_type, 7)),
+        "general.file_type": Value(GGUFValueType.UINT32, {GGMLQuantizationType.F32: 0}.get(weight_type, 7)),
     }
     metadata.update({k: v for k, v in source.metadata.items() if k.startswith("tokenizer.")})
     rng = np.random.default_rng(seed)

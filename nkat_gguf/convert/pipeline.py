@@ -6,83 +6,33 @@ The output is llama.cpp's own quantization of the input, byte for byte, plus the
 
 from __future__ import annotations
 
-import hashlib
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Literal
 
 import numpy as np
 from tqdm import tqdm
 
-from . import __version__
-from .atomic import check_writable_dir
-from .bake import BakePlan
-from .bake_step import bake_step, check_so8t_options
-from .calibrate import Calibration, calibrate
-from .errors import InputError
-from .gguf_file import read_layout, write_with_metadata
-from .imatrix import input_widths, missing_note, read_imatrix_file
-from .nkat_format import NkatTheta, theta_metadata
-from .qc import write_report
-from .quantize import quantize_model, resolve_outtype
-from .selection import select_tensors
-from .texts import load_text
-from .theta import LowRank, activation_scale, quantize_int8, theta_from_residual
-from .weights import TensorSource
-
-ThetaCalib = Literal["activation", "none"]
-
-
-@dataclass(frozen=True)
-class ConvertOptions:
-    input: Path
-    output: Path
-    outtype: str = "same"
-    reference: Path | None = None
-    theta_rank: int = 4
-    theta_gamma: float = 0.97
-    selective_layers: list[str] | None = None
-    calib_text: Path | None = None
-    theta_calib: ThetaCalib = "activation"
-    imatrix: str = "auto"  # "auto": from the calibration; "none"; or a llama.cpp imatrix file
-    threads: int = 0
-    progress: bool = True
-    so8t: str | BakePlan = "none"  # "hadamard", "random", "file:PATH.safetensors", or a ready plan (Python)
-    so8t_seed: int | None = None
-    so8t_heads: bool = False  # also R2 per layer on the value/output pair (hadamard/random)
-    force: bool = False  # write even when SO8T QC fails; the file records it
-    report_dir: Path | None = None  # SO8T QC report as so8t-qc.json and so8t-qc.md
-
-
-@dataclass
-class ConvertReport:
-    input: str
-    output: str
-    outtype: str
-    theta_rank: int
-    theta_gamma: float
-    calibration: str  # "activation" or "none"
-    imatrix: str
-    notes: list[str] = field(default_factory=list)
-    input_bytes: int = 0
-    output_bytes: int = 0
-    theta_metadata_bytes: int = 0
-    tensors: dict[str, dict] = field(default_factory=dict)  # name -> {rank, captured_energy, ...}
-    seconds: dict[str, float] = field(default_factory=dict)
-    so8t: dict | None = None  # rotation and QC figures when --so8t baked one
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(16 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+from nkat_gguf import __version__
+from nkat_gguf.convert.calibrate import Calibration, calibrate
+from nkat_gguf.convert.options import ConvertOptions, ConvertReport
+from nkat_gguf.convert.selection import select_tensors
+from nkat_gguf.engine.quantize import quantize_model, resolve_outtype
+from nkat_gguf.engine.reference import supports_reference
+from nkat_gguf.engine.runtime import check_loadable
+from nkat_gguf.errors import InputError
+from nkat_gguf.format import nkat
+from nkat_gguf.format.atomic import check_writable_dir
+from nkat_gguf.format.gguf_file import read_layout, write_with_metadata
+from nkat_gguf.format.hashing import sha256_file
+from nkat_gguf.format.imatrix import input_widths, missing_note, read_imatrix_file
+from nkat_gguf.format.nkat import NkatTheta, check_gamma, theta_metadata
+from nkat_gguf.format.tensors import TensorSource
+from nkat_gguf.math.theta import LowRank, activation_scale, quantize_int8, theta_from_residual
+from nkat_gguf.so8t.bake_step import bake_step, check_so8t_options
+from nkat_gguf.so8t.qc import write_report
+from nkat_gguf.texts import load_text
 
 
 def reference_weights(input_source: TensorSource, reference: Path | None, names: list[str]) -> tuple[
@@ -146,11 +96,9 @@ def convert(opts: ConvertOptions, calibration: Calibration | None = None) -> Con
     input_path, output_path = Path(opts.input), Path(opts.output)
     layout = read_layout(input_path)
     _check_paths(input_path, output_path, opts.reference)
-    from engine.runtime import check_gamma, check_loadable
-
     check_gamma(opts.theta_gamma)
     check_loadable(input_path)
-    check_so8t_options(opts, reuses_calibration=calibration is not None)
+    check_so8t_options(opts.so8t, opts.imatrix, reuses_calibration=calibration is not None)
     outtype_name, ftype = resolve_outtype(opts.outtype, layout)
     source = TensorSource(input_path, layout)
     names = select_tensors(layout, opts.selective_layers)
@@ -161,16 +109,14 @@ def convert(opts: ConvertOptions, calibration: Calibration | None = None) -> Con
 
     with tempfile.TemporaryDirectory(prefix=".nkat-convert-", dir=output_path.parent) as tmp:
         model_path, so8t = input_path, None
-        if opts.so8t != "none":  # everything below runs on the baked F32 copy (and baked reference)
-            so8t = bake_step(opts, source, ref_source, Path(tmp))
+        if opts.so8t.enabled:  # everything below runs on the baked F32 copy (and baked reference)
+            so8t = bake_step(opts.so8t, source, ref_source, Path(tmp))
             seconds.update(so8t.seconds)
             model_path, layout, ref_source = so8t.model.path, so8t.model.layout, so8t.reference
             weights = ref_source.dequantize
 
         needs_calibration = (opts.theta_calib == "activation" and opts.theta_rank > 0) or opts.imatrix == "auto"
         if needs_calibration and calibration is None:
-            from engine.reference import supports_reference
-
             if supports_reference(ref_source.layout):
                 t = time.perf_counter()
                 calibration = calibrate(ref_source, weights, input_path, load_text(opts.calib_text, "calibration"),
@@ -200,7 +146,7 @@ def convert(opts: ConvertOptions, calibration: Calibration | None = None) -> Con
 
         t = time.perf_counter()
         metadata = theta_metadata(theta)
-        write_with_metadata(quantized_path, output_path, metadata, drop_prefixes=("nkat.",))
+        write_with_metadata(quantized_path, output_path, metadata, drop_prefixes=(nkat.PREFIX,))
         seconds["write"] = time.perf_counter() - t
     report.output_bytes = output_path.stat().st_size
     report.theta_metadata_bytes = sum(v.nbytes for v in metadata.values() if isinstance(v, np.ndarray))
@@ -208,8 +154,8 @@ def convert(opts: ConvertOptions, calibration: Calibration | None = None) -> Con
     report.seconds = {k: round(v, 3) for k, v in seconds.items()}
     if so8t is not None:
         report.so8t = so8t.summary()
-        if opts.report_dir is not None:
-            write_report(Path(opts.report_dir), report.as_dict())
+        if opts.so8t.report_dir is not None:
+            write_report(Path(opts.so8t.report_dir), report.as_dict())
     return report
 
 
@@ -228,17 +174,17 @@ def _provenance(input_path: Path, opts: ConvertOptions, outtype: str, calibratio
                 imatrix: str) -> dict[str, object]:
     source_sha = sha256_file(input_path)
     provenance: dict[str, object] = {
-        "nkat.source.sha256": source_sha,
-        "nkat.source.name": input_path.name,
-        "nkat.reference.sha256": sha256_file(opts.reference) if opts.reference else source_sha,
-        "nkat.outtype": outtype,
-        "nkat.calibration.method": "activation" if (calibration and opts.theta_calib == "activation") else "none",
-        "nkat.imatrix": imatrix,
-        "nkat.tool.version": __version__,
+        nkat.SOURCE_SHA256: source_sha,
+        nkat.SOURCE_NAME: input_path.name,
+        nkat.REFERENCE_SHA256: sha256_file(opts.reference) if opts.reference else source_sha,
+        nkat.OUTTYPE: outtype,
+        nkat.CALIBRATION_METHOD: "activation" if (calibration and opts.theta_calib == "activation") else "none",
+        nkat.IMATRIX: imatrix,
+        nkat.TOOL_VERSION: __version__,
     }
     if calibration is not None:
-        provenance["nkat.calibration.sha256"] = calibration.text_sha256
-        provenance["nkat.calibration.tokens"] = calibration.tokens
-        provenance["nkat.calibration.source"] = calibration.text_source
+        provenance[nkat.CALIBRATION_SHA256] = calibration.text_sha256
+        provenance[nkat.CALIBRATION_TOKENS] = calibration.tokens
+        provenance[nkat.CALIBRATION_SOURCE] = calibration.text_source
     return provenance
 

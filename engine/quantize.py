@@ -9,19 +9,18 @@ from __future__ import annotations
 import ctypes
 from pathlib import Path
 
+import llama_cpp
 import numpy as np
 
-from .errors import InputError, NkatError
-from .gguf_file import GGUFLayout
-from .native_log import captured_llama_log
+from nkat_gguf.engine.native_log import captured_llama_log
+from nkat_gguf.errors import InputError, NkatError
+from nkat_gguf.format.gguf_file import GGUFLayout
 
 _FTYPE_PREFIX = "LLAMA_FTYPE_MOSTLY_"
 
 
 def outtypes() -> dict[str, int]:
     """Every output type this llama.cpp build can write, by llama-quantize's name (Q4_0, Q4_K_M, ...)."""
-    import llama_cpp
-
     names = {k[len(_FTYPE_PREFIX):]: v for k, v in vars(llama_cpp).items()
              if k.startswith(_FTYPE_PREFIX) and isinstance(v, int)}
     names["F32"] = llama_cpp.LLAMA_FTYPE_ALL_F32
@@ -47,8 +46,6 @@ def resolve_outtype(outtype: str, layout: GGUFLayout) -> tuple[str, int]:
 
 def _imatrix_array(imatrix: dict[str, np.ndarray]) -> tuple[ctypes.Array, list]:
     """NULL-terminated `llama_model_imatrix_data[]`; the list keeps the buffers alive during the call."""
-    import llama_cpp
-
     keep: list = []
     entries = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()
     for i, (name, values) in enumerate(sorted(imatrix.items())):
@@ -68,8 +65,6 @@ def quantize_model(
 
     `imatrix` maps weight names to the mean of x^2 per input column (llama.cpp's importance matrix).
     """
-    import llama_cpp
-
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
     params.nthread = threads

@@ -7,8 +7,8 @@ import re
 
 import gguf
 
-from .errors import InputError
-from .gguf_file import GGUFLayout
+from nkat_gguf.errors import InputError
+from nkat_gguf.format.gguf_file import GGUFLayout
 
 _BLOCK_WEIGHT = re.compile(r"^blk\.\d+\.(attn|ffn)_[a-z_]+\.weight$")
 

@@ -13,19 +13,41 @@ import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from .bake import ALL_F32, F32, FILE_PREFIX, BakedModel, BakePlan, bake_rotations, make_plan
-from .errors import InputError
-from .gguf_file import TensorSpec, copy_metadata, write_gguf
-from .qc import QCFailed, QCResult, check_report_dir, judge, llama_logits, qc_text, qc_tokens, reference_logits
-from .rotations import check_so8
-from .weights import TensorSource
+from nkat_gguf.errors import InputError
+from nkat_gguf.format import nkat
+from nkat_gguf.format.gguf_file import TensorSpec, copy_metadata, write_gguf
+from nkat_gguf.format.tensors import TensorSource
+from nkat_gguf.math.rotations import check_so8
+from nkat_gguf.so8t.bake import ALL_F32, F32, FILE_PREFIX, BakedModel, BakePlan, bake_rotations, make_plan
+from nkat_gguf.so8t.qc import (
+    QCFailed,
+    QCResult,
+    check_report_dir,
+    judge,
+    llama_logits,
+    qc_text,
+    qc_tokens,
+    reference_logits,
+)
 
-if TYPE_CHECKING:
-    from .convert import ConvertOptions
+
+@dataclass(frozen=True)
+class So8tOptions:
+    """convert's SO8T options as one object: which rotation to bake and what to do when its QC fails."""
+
+    mode: str | BakePlan = "none"  # "hadamard", "random", "file:PATH.safetensors", or a ready plan (Python)
+    seed: int | None = None  # of the random rotation, or of random signs on the Hadamard blocks
+    heads: bool = False  # also R2 per layer on the value/output pair (hadamard/random)
+    force: bool = False  # write even when QC fails; the file records it
+    report_dir: Path | None = None  # QC report as so8t-qc.json and so8t-qc.md
+
+    @property
+    def enabled(self) -> bool:
+        return not (isinstance(self.mode, str) and self.mode == "none")
 
 
 @dataclass(frozen=True)
@@ -57,18 +79,17 @@ def describe(plan: BakePlan) -> str:
     return f"{plan.mode} ({seed}): residual R1 of {8 * len(plan.residual)}{heads}"
 
 
-def check_so8t_options(opts: ConvertOptions, reuses_calibration: bool) -> None:
+def check_so8t_options(opts: So8tOptions, imatrix: str, reuses_calibration: bool) -> None:
     """One-line refusals before any long work: options that need --so8t, or that cannot go with it."""
-    mode = opts.so8t
-    if mode == "none":
-        for given, flag in ((opts.so8t_seed is not None, "--so8t-seed"), (opts.so8t_heads, "--so8t-heads"),
+    if not opts.enabled:
+        for given, flag in ((opts.seed is not None, "--so8t-seed"), (opts.heads, "--so8t-heads"),
                             (opts.force, "--force"), (opts.report_dir is not None, "--report")):
             if given:
                 raise InputError(f"{flag} goes with --so8t hadamard, random or file:PATH; --so8t is none")
         return
-    if isinstance(mode, str) and mode.startswith(FILE_PREFIX) and opts.so8t_seed is not None:
+    if isinstance(opts.mode, str) and opts.mode.startswith(FILE_PREFIX) and opts.seed is not None:
         raise InputError("--so8t-seed goes with hadamard or random; trained gates (file:) are fixed")
-    if opts.imatrix not in ("auto", "none"):
+    if imatrix not in ("auto", "none"):
         raise InputError("--imatrix FILE describes the inputs of the unrotated model; with --so8t use auto or none")
     if reuses_calibration:
         raise ValueError("a calibration of the unrotated model cannot be reused with --so8t")
@@ -76,11 +97,10 @@ def check_so8t_options(opts: ConvertOptions, reuses_calibration: bool) -> None:
         check_report_dir(Path(opts.report_dir))
 
 
-def bake_step(opts: ConvertOptions, source: TensorSource, reference: TensorSource, work_dir: Path) -> BakeStep:
+def bake_step(opts: So8tOptions, source: TensorSource, reference: TensorSource, work_dir: Path) -> BakeStep:
     """Bake `source` (and `reference`, if it is another file) into `work_dir`; QC before returning."""
     t = time.perf_counter()
-    plan = opts.so8t if isinstance(opts.so8t, BakePlan) else make_plan(opts.so8t, source, opts.so8t_seed,
-                                                                      opts.so8t_heads)
+    plan = opts.mode if isinstance(opts.mode, BakePlan) else make_plan(opts.mode, source, opts.seed, opts.heads)
     baked = bake_rotations(source, plan)
     model = _write_f32(work_dir / "baked.gguf", source, baked)
     seconds = {"bake": time.perf_counter() - t}
@@ -95,7 +115,7 @@ def bake_step(opts: ConvertOptions, source: TensorSource, reference: TensorSourc
         t = time.perf_counter()
         baked_reference = _write_f32(work_dir / "baked-reference.gguf", reference, bake_rotations(reference, plan))
         seconds["bake_reference"] = time.perf_counter() - t
-    so8t_keys = {k: v for k, v in baked.metadata.items() if k.startswith("nkat.so8t.")}
+    so8t_keys = {k: v for k, v in baked.metadata.items() if k.startswith(nkat.SO8T_PREFIX)}
     return BakeStep(model, baked_reference, plan, so8t_keys, qc, not qc.passed, seconds)
 
 
@@ -115,7 +135,7 @@ def check_bake(source: TensorSource, plan: BakePlan, post: Path, work_dir: Path)
 
 def _unchanged(source: TensorSource) -> BakedModel:
     """The model as it is, in BakedModel form, so the F32 writer serves both sides of QC."""
-    metadata = copy_metadata(source.layout, drop_prefixes=("GGUF.", "nkat.", "general.alignment"))
+    metadata = copy_metadata(source.layout, drop_prefixes=("GGUF.", nkat.PREFIX, "general.alignment"))
     specs = [TensorSpec(t.name, source.numpy_shape(t.name), t.type) for t in source.layout.tensors]
     return BakedModel(metadata, specs, {})
 

@@ -27,13 +27,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from .atomic import atomic_output, check_writable_dir
-from .calibrate import tokenize
-from .errors import InputError, NkatError
-from .gguf_file import read_layout
-from .rotations import BLOCK, ORTHOGONALITY_TOLERANCE
-from .texts import Text, load_text
-from .weights import TensorSource
+from nkat_gguf.engine.reference import LlamaReference
+from nkat_gguf.engine.runtime import NkatRuntime, RuntimeOptions
+from nkat_gguf.engine.vocab import tokenize
+from nkat_gguf.errors import InputError, NkatError
+from nkat_gguf.format import nkat
+from nkat_gguf.format.atomic import atomic_output, check_writable_dir
+from nkat_gguf.format.gguf_file import read_layout
+from nkat_gguf.format.tensors import TensorSource
+from nkat_gguf.math.rotations import BLOCK, ORTHOGONALITY_TOLERANCE
+from nkat_gguf.texts import Text, load_text
 
 QC_TOKENS = 128
 MAX_ABS_DZ = 1e-3
@@ -75,20 +78,14 @@ class QCResult:
 
     def metadata(self, forced: bool) -> dict[str, Any]:
         """nkat.so8t.qc.* keys for the output file (orthogonality and det are nkat.so8t.* already)."""
-        keys: dict[str, Any] = {
-            "nkat.so8t.qc.passed": self.passed,
-            "nkat.so8t.qc.forced": forced,
-            "nkat.so8t.qc.max_abs_dz": self.max_abs_dz,
-            "nkat.so8t.qc.mean_kl": self.mean_kl,
-            "nkat.so8t.qc.max_kl": self.max_kl,
-            "nkat.so8t.qc.top1_agreement": self.top1_agreement,
-            "nkat.so8t.qc.tokens": self.tokens,
-            "nkat.so8t.qc.pre": self.pre,
-            "nkat.so8t.qc.text_sha256": self.text_sha256,
+        fields: dict[str, Any] = {
+            "passed": self.passed, "forced": forced, "max_abs_dz": self.max_abs_dz, "mean_kl": self.mean_kl,
+            "max_kl": self.max_kl, "top1_agreement": self.top1_agreement, "tokens": self.tokens, "pre": self.pre,
+            "text_sha256": self.text_sha256,
         }
         if self.failures:
-            keys["nkat.so8t.qc.failures"] = self.summary()
-        return keys
+            fields["failures"] = self.summary()
+        return {nkat.SO8T_QC_PREFIX + name: value for name, value in fields.items()}
 
 
 def qc_text(path: Path | None = None) -> Text:
@@ -105,8 +102,6 @@ def qc_tokens(model: Path, text: Text) -> list[int]:
 
 def llama_logits(model: Path, tokens: Sequence[int]) -> np.ndarray:
     """(T, V) float64 logits from llama.cpp, F32 KV cache, theta (if the file has one) off."""
-    from engine.runtime import NkatRuntime, RuntimeOptions
-
     options = RuntimeOptions(n_ctx=len(tokens), n_batch=len(tokens), n_gpu_layers=0, f32_kv_cache=True,
                              logits_all=True)
     with NkatRuntime(model, options) as runtime:
@@ -117,8 +112,6 @@ def llama_logits(model: Path, tokens: Sequence[int]) -> np.ndarray:
 
 def reference_logits(source: TensorSource, tokens: Sequence[int], gates: Mapping[str, np.ndarray]) -> np.ndarray:
     """(T, V) float64 logits of the gated model: the PyTorch reference computes W·(R·x) for each gate."""
-    from engine.reference import LlamaReference
-
     hooks = {name: _rotate_input(blocks) for name, blocks in gates.items()}
     return LlamaReference(source, input_hooks=hooks).logits([list(tokens)])[0].astype(np.float64)
 
@@ -159,9 +152,9 @@ def compare_ggufs(pre: Path, post: Path, text: Text) -> QCResult:
     """`qc bake`: both files in llama.cpp on the pre file's tokens; block figures from post's nkat.so8t.* keys."""
     tokens = qc_tokens(pre, text)
     layout = read_layout(post)
-    return judge(layout.get("nkat.so8t.mode", "gguf"), f"llama.cpp: {pre.name}", text,
+    return judge(layout.get(nkat.SO8T_MODE, "gguf"), f"llama.cpp: {pre.name}", text,
                  llama_logits(pre, tokens), llama_logits(post, tokens),
-                 layout.get("nkat.so8t.max_orthogonality_error"), layout.get("nkat.so8t.min_det"))
+                 layout.get(nkat.SO8T_MAX_ORTHOGONALITY_ERROR), layout.get(nkat.SO8T_MIN_DET))
 
 
 def check_report_dir(directory: Path) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .errors import InputError
+from nkat_gguf.errors import InputError
 
 BLOCK = 8
 ORTHOGONALITY_TOLERANCE = 1e-4  # ‖RᵀR − I‖_F per block, the acceptance bound

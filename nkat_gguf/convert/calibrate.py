@@ -12,10 +12,11 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import InputError
-from .native_log import captured_llama_log
-from .texts import Text
-from .weights import TensorSource
+from nkat_gguf.engine.reference import LlamaReference
+from nkat_gguf.engine.vocab import tokenize
+from nkat_gguf.errors import InputError
+from nkat_gguf.format.tensors import TensorSource
+from nkat_gguf.texts import Text
 
 CALIBRATION_SEQUENCES = 8
 CALIBRATION_LENGTH = 256
@@ -27,24 +28,6 @@ class Calibration:
     tokens: int
     text_sha256: str
     text_source: str
-
-
-def tokenize(model_path: Path, text: str) -> list[int]:
-    """llama.cpp's own tokenizer for the model (vocab only, nothing else loaded); BOS per the model's flag."""
-    import llama_cpp
-
-    with captured_llama_log() as log:
-        try:
-            vocab = llama_cpp.Llama(model_path=str(model_path), vocab_only=True, verbose=False)
-        except ValueError:
-            vocab = None
-    if vocab is None:
-        raise InputError(f"llama.cpp cannot load the tokenizer of {model_path.name}: {log.reason('')}")
-    try:
-        add_bos = bool(llama_cpp.llama_vocab_get_add_bos(llama_cpp.llama_model_get_vocab(vocab.model)))
-        return vocab.tokenize(text.encode("utf-8"), add_bos=add_bos, special=False)
-    finally:
-        vocab.close()
 
 
 def calibration_sequences(tokens: list[int], n_seq: int = CALIBRATION_SEQUENCES,
@@ -59,8 +42,6 @@ def calibration_sequences(tokens: list[int], n_seq: int = CALIBRATION_SEQUENCES,
 def calibrate(source: TensorSource, weights: Callable[[str], np.ndarray], model_path: Path, text: Text,
               progress: bool = True) -> Calibration:
     """Run the reference forward (with the reference weights) over the calibration windows."""
-    from engine.reference import LlamaReference
-
     sequences = calibration_sequences(tokenize(model_path, text.content))
     reference = LlamaReference(source, weights=weights)
     stats = reference.input_mean_squares(sequences)

@@ -12,8 +12,8 @@ import numpy as np
 from gguf import quants
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from .errors import InputError
-from .gguf_file import GGUFLayout, TensorInfo, read_layout
+from nkat_gguf.errors import InputError
+from nkat_gguf.format.gguf_file import GGUFLayout, TensorInfo, read_layout
 
 
 class TensorSource:

@@ -15,10 +15,16 @@ import shlex
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .atomic import atomic_output, make_output_dir
-from .errors import InputError
-from .gguf_file import GGUFLayout, read_layout, write_with_metadata
-from .nkat_format import NkatTheta, read_theta
+from nkat_gguf.engine.adapter import write_lora_adapter
+from nkat_gguf.engine.perplexity import perplexity, tokenize_text
+from nkat_gguf.engine.runtime import NkatRuntime, RuntimeOptions, check_loadable
+from nkat_gguf.errors import InputError
+from nkat_gguf.export.merge import write_merged
+from nkat_gguf.format import nkat
+from nkat_gguf.format.atomic import atomic_output, make_output_dir
+from nkat_gguf.format.gguf_file import GGUFLayout, read_layout, write_with_metadata
+from nkat_gguf.format.nkat import NkatTheta, check_gamma, read_theta
+from nkat_gguf.texts import load_text
 
 MAX_EXPORT_CTX = 8192  # num_ctx / contextsize: the model's training context, capped to what a laptop can hold
 NO_THETA_NOTE = "{name} carries no theta: there is no correction to carry, so the export is the plain model"
@@ -67,8 +73,6 @@ def ollama_name(model: Path) -> str:
 
 
 def _open(model: Path, gamma: float | None, report_notes: list[str]) -> _Model:
-    from engine.runtime import check_gamma
-
     layout = read_layout(model)
     theta = read_theta(layout)
     if theta is None or not theta.tensors:
@@ -89,38 +93,13 @@ def _target(model: _Model, path: Path) -> Path:
 # ---- loading back through llama.cpp -------------------------------------------------------------
 
 
-def _check_adapter_loads(model_path: Path, adapter_path: Path) -> None:
-    """The base loads and llama.cpp accepts the adapter on it (architecture, names, shapes)."""
-    import llama_cpp
-
-    from .native_log import captured_llama_log
-
-    params = llama_cpp.llama_model_default_params()
-    params.n_gpu_layers = 0
-    with captured_llama_log() as log:
-        model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), params)
-        adapter = llama_cpp.llama_adapter_lora_init(model, str(adapter_path).encode()) if model else None
-    try:
-        if not model:
-            raise InputError(f"llama.cpp cannot load {model_path.name}: {log.reason('load failed')}")
-        if not adapter:
-            raise InputError(f"llama.cpp rejects the exported adapter {adapter_path.name}: {log.reason('')}")
-    finally:
-        if adapter:
-            llama_cpp.llama_adapter_lora_free(adapter)
-        if model:
-            llama_cpp.llama_model_free(model)
-
-
 def _write_adapter(model: _Model, dst: Path, base: Path, tensor_type: str = "F16") -> Path:
     """theta with γ folded into B, then loaded back on `base`, the model file the runtime will use."""
-    from engine.adapter import write_lora_adapter
-
     theta = model.theta or NkatTheta(rank=1, gamma=0.0, tensors={})
     write_lora_adapter(_target(model, dst), theta, model.layout.architecture,
                        scale_folded_into_b=model.gamma or 0.0, tensor_type=tensor_type,
                        name=f"{model.stem}-theta-gamma-{model.gamma or 0:g}")
-    _check_adapter_loads(base, dst)
+    check_loadable(base, adapter=dst)
     return dst
 
 
@@ -209,10 +188,8 @@ def export_ollama(model: Path, output_dir: Path, gamma: float | None = None, nam
         model_file = f"{source.stem}.merged.gguf"
         target = _target(source, directory / model_file)
         if source.theta is None:
-            write_with_metadata(source.path, target, {}, drop_prefixes=("nkat.",))
+            write_with_metadata(source.path, target, {}, drop_prefixes=(nkat.PREFIX,))
         else:
-            from .merge import write_merged
-
             write_merged(source.path, target, source.theta, source.gamma, outtype, threads or 0)
         report.files["model"] = str(target)
         report.perplexity = _measure_merged(source, target, ppl_chunks, ppl_ctx, threads)
@@ -222,14 +199,12 @@ def export_ollama(model: Path, output_dir: Path, gamma: float | None = None, nam
         model_file = f"{source.stem}.gguf"
         target = _target(source, directory / model_file)
         # theta lives in the adapter now; the model file is the plain quantized model, tensors byte for byte
-        write_with_metadata(source.path, target, {}, drop_prefixes=("nkat.",))
+        write_with_metadata(source.path, target, {}, drop_prefixes=(nkat.PREFIX,))
         report.files["model"] = str(target)
         if source.theta is not None:
             adapter_file = f"{source.stem}.theta.gguf"
             report.files["adapter"] = str(_write_adapter(source, directory / adapter_file, target))
         else:
-            from engine.runtime import check_loadable
-
             check_loadable(target)
     modelfile = directory / "Modelfile"
     _write_text(modelfile, modelfile_text(model_file, adapter_file, context_length(source.layout),
@@ -241,11 +216,6 @@ def export_ollama(model: Path, output_dir: Path, gamma: float | None = None, nam
 
 def _measure_merged(source: _Model, merged_path: Path, chunks: int, ctx: int, threads: int | None) -> dict:
     """Perplexity (evaluation split) of theta off, the adapter form at γ, and the merged file; loads each."""
-    from engine.perplexity import perplexity, tokenize_text
-    from engine.runtime import NkatRuntime, RuntimeOptions
-
-    from .texts import load_text
-
     text = load_text(None, "evaluation")
     options = RuntimeOptions(n_ctx=ctx, n_batch=ctx, n_threads=threads)
     results = {}
@@ -279,7 +249,7 @@ def _merged_caveats(source: _Model, outtype: str | None) -> list[str]:
     if source.theta is None:
         return []
     notes = []
-    imatrix = str(source.theta.provenance.get("nkat.imatrix", "none"))
+    imatrix = str(source.theta.provenance.get(nkat.IMATRIX, "none"))
     if not imatrix.startswith("none"):
         notes.append(f"the merged weights are requantized without an importance matrix (the file was quantized "
                      f"with one: {imatrix}), which at 2-5 bits alone can cost more than theta gains")
@@ -317,8 +287,6 @@ def export_kobold(model: Path, output_dir: Path, gamma: float | None = None, thr
         adapter = _write_adapter(source, directory / f"{source.stem}.theta.gguf", model_path)
         report.files["adapter"] = str(adapter)
     else:
-        from engine.runtime import check_loadable
-
         check_loadable(model_path)
     config = kcpps_config(model_path, adapter, context_length(source.layout), threads or os.cpu_count() or 1)
     kcpps = directory / f"{source.stem}.kcpps"

@@ -12,6 +12,8 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from llama_cpp import _logger
+
 
 @dataclass
 class LlamaLog:
@@ -29,8 +31,6 @@ class LlamaLog:
 
 @contextlib.contextmanager
 def captured_llama_log() -> Iterator[LlamaLog]:
-    from llama_cpp import _logger
-
     log = LlamaLog()
     # NOTSET (before any Llama(verbose=False)) would print every debug line afterwards; ERROR is its quiet level
     old_level = _logger.logger.level or logging.ERROR

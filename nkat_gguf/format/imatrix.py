@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 from gguf.constants import GGMLQuantizationType
 
-from .errors import InputError
-from .gguf_file import GGUF_MAGIC, GGUFLayout, read_layout
-from .weights import TensorSource
+from nkat_gguf.errors import InputError
+from nkat_gguf.format.gguf_file import GGUF_MAGIC, GGUFLayout, read_layout
+from nkat_gguf.format.tensors import TensorSource
 
 SUMS_SUFFIX = ".in_sum2"
 COUNTS_SUFFIX = ".counts"

@@ -19,20 +19,20 @@ from pathlib import Path
 
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+from llama_cpp._ggml import libggml
 
-from .errors import UnsupportedModelError
-from .gguf_file import TensorSpec, copy_metadata, read_layout, write_gguf
-from .nkat_format import NkatTheta
-from .quantize import quantize_model, resolve_outtype
-from .weights import TensorSource
+from nkat_gguf.engine.quantize import quantize_model, resolve_outtype
+from nkat_gguf.errors import UnsupportedModelError
+from nkat_gguf.format import nkat
+from nkat_gguf.format.gguf_file import TensorSpec, copy_metadata, read_layout, write_gguf
+from nkat_gguf.format.nkat import NkatTheta
+from nkat_gguf.format.tensors import TensorSource
 
-DROPPED_PREFIXES = ("GGUF.", "nkat.")  # the merged file carries no theta: applying it again would double it
+DROPPED_PREFIXES = ("GGUF.", nkat.PREFIX)  # the merged file carries no theta: applying it again would double it
 
 
 def _ggml() -> ctypes.CDLL:
     """llama-cpp-python's own libggml (its private `_ggml` module loads it for every platform)."""
-    from llama_cpp._ggml import libggml
-
     libggml.ggml_quantize_chunk.restype = ctypes.c_size_t
     libggml.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                                             ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]

@@ -14,65 +14,48 @@ from __future__ import annotations
 import mmap
 import shutil
 import struct
-from dataclasses import dataclass
-from enum import IntEnum
-from pathlib import Path
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
-from .atomic import atomic_output
-from .errors import InputError
+from nkat_gguf.errors import InputError
+from nkat_gguf.format.atomic import atomic_output
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
 
 
-class ValueType(IntEnum):
-    UINT8 = 0
-    INT8 = 1
-    UINT16 = 2
-    INT16 = 3
-    UINT32 = 4
-    INT32 = 5
-    FLOAT32 = 6
-    BOOL = 7
-    STRING = 8
-    ARRAY = 9
-    UINT64 = 10
-    INT64 = 11
-    FLOAT64 = 12
-
-
-_SCALAR_DTYPES: dict[ValueType, np.dtype] = {
-    ValueType.UINT8: np.dtype("<u1"),
-    ValueType.INT8: np.dtype("<i1"),
-    ValueType.UINT16: np.dtype("<u2"),
-    ValueType.INT16: np.dtype("<i2"),
-    ValueType.UINT32: np.dtype("<u4"),
-    ValueType.INT32: np.dtype("<i4"),
-    ValueType.FLOAT32: np.dtype("<f4"),
-    ValueType.BOOL: np.dtype("<u1"),
-    ValueType.UINT64: np.dtype("<u8"),
-    ValueType.INT64: np.dtype("<i8"),
-    ValueType.FLOAT64: np.dtype("<f8"),
+_SCALAR_DTYPES: dict[GGUFValueType, np.dtype] = {
+    GGUFValueType.UINT8: np.dtype("<u1"),
+    GGUFValueType.INT8: np.dtype("<i1"),
+    GGUFValueType.UINT16: np.dtype("<u2"),
+    GGUFValueType.INT16: np.dtype("<i2"),
+    GGUFValueType.UINT32: np.dtype("<u4"),
+    GGUFValueType.INT32: np.dtype("<i4"),
+    GGUFValueType.FLOAT32: np.dtype("<f4"),
+    GGUFValueType.BOOL: np.dtype("<u1"),
+    GGUFValueType.UINT64: np.dtype("<u8"),
+    GGUFValueType.INT64: np.dtype("<i8"),
+    GGUFValueType.FLOAT64: np.dtype("<f8"),
 }
-_TYPE_OF_DTYPE = {dt: t for t, dt in _SCALAR_DTYPES.items() if t != ValueType.BOOL}
+_TYPE_OF_DTYPE = {dt: t for t, dt in _SCALAR_DTYPES.items() if t != GGUFValueType.BOOL}
 
 
 @dataclass(frozen=True)
 class Value:
     """A typed metadata value. Arrays hold a numpy array (numeric) or a list of str (STRING)."""
 
-    type: ValueType
+    type: GGUFValueType
     data: Any
-    sub_type: ValueType | None = None
+    sub_type: GGUFValueType | None = None
 
     def python(self) -> Any:
         """The value as plain Python (scalars) or numpy/list (arrays)."""
-        if self.type == ValueType.BOOL:
+        if self.type == GGUFValueType.BOOL:
             return bool(self.data)
         return self.data
 
@@ -144,15 +127,15 @@ class _Cursor:
         except UnicodeDecodeError:
             return bytes(raw).decode("utf-8", errors="replace")
 
-    def value(self, vtype: ValueType) -> Value:
-        if vtype == ValueType.STRING:
+    def value(self, vtype: GGUFValueType) -> Value:
+        if vtype == GGUFValueType.STRING:
             return Value(vtype, self.string())
-        if vtype == ValueType.ARRAY:
+        if vtype == GGUFValueType.ARRAY:
             sub = self._value_type()
             count = self.unpack("<Q")
-            if sub == ValueType.STRING:
+            if sub == GGUFValueType.STRING:
                 return Value(vtype, [self.string() for _ in range(count)], sub)
-            if sub == ValueType.ARRAY:
+            if sub == GGUFValueType.ARRAY:
                 return Value(vtype, [self.value(self._value_type()) for _ in range(count)], sub)
             dtype = _SCALAR_DTYPES[sub]
             arr = np.frombuffer(self.take(dtype.itemsize * count), dtype=dtype).copy()
@@ -161,10 +144,10 @@ class _Cursor:
         item = np.frombuffer(self.take(dtype.itemsize), dtype=dtype)[0].item()
         return Value(vtype, item)
 
-    def _value_type(self) -> ValueType:
+    def _value_type(self) -> GGUFValueType:
         raw = self.unpack("<I")
         try:
-            return ValueType(raw)
+            return GGUFValueType(raw)
         except ValueError:
             raise InputError(f"corrupt GGUF: {self.path} has unknown value type {raw} at byte {self.pos - 4}") from None
 
@@ -233,21 +216,21 @@ def value_from_python(value: Any) -> Value:
     if isinstance(value, Value):
         return value
     if isinstance(value, str):
-        return Value(ValueType.STRING, value)
+        return Value(GGUFValueType.STRING, value)
     if isinstance(value, bool):
-        return Value(ValueType.BOOL, value)
+        return Value(GGUFValueType.BOOL, value)
     if isinstance(value, int):
-        return Value(ValueType.UINT32 if 0 <= value < 2**32 else ValueType.INT64, value)
+        return Value(GGUFValueType.UINT32 if 0 <= value < 2**32 else GGUFValueType.INT64, value)
     if isinstance(value, float):
-        return Value(ValueType.FLOAT32, value)
+        return Value(GGUFValueType.FLOAT32, value)
     if isinstance(value, np.ndarray):
         dtype = value.dtype.newbyteorder("<") if value.dtype.byteorder == ">" else value.dtype
         sub = _TYPE_OF_DTYPE.get(np.dtype(dtype))
         if sub is None:
             raise TypeError(f"no GGUF array type for dtype {value.dtype}")
-        return Value(ValueType.ARRAY, np.ascontiguousarray(value.ravel(), dtype=_SCALAR_DTYPES[sub]), sub)
+        return Value(GGUFValueType.ARRAY, np.ascontiguousarray(value.ravel(), dtype=_SCALAR_DTYPES[sub]), sub)
     if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
-        return Value(ValueType.ARRAY, list(value), ValueType.STRING)
+        return Value(GGUFValueType.ARRAY, list(value), GGUFValueType.STRING)
     raise TypeError(f"cannot store {type(value).__name__} in GGUF metadata")
 
 
@@ -259,12 +242,12 @@ def _encode_string(s: str) -> bytes:
 def encode_kv(key: str, value: Value) -> bytes:
     """One KV record exactly as llama.cpp's gguf reader expects it."""
     out = [_encode_string(key), struct.pack("<I", value.type)]
-    if value.type == ValueType.STRING:
+    if value.type == GGUFValueType.STRING:
         out.append(_encode_string(value.data))
-    elif value.type == ValueType.ARRAY:
+    elif value.type == GGUFValueType.ARRAY:
         assert value.sub_type is not None
         out.append(struct.pack("<IQ", value.sub_type, len(value.data)))
-        if value.sub_type == ValueType.STRING:
+        if value.sub_type == GGUFValueType.STRING:
             out.extend(_encode_string(s) for s in value.data)
         else:
             out.append(np.asarray(value.data, dtype=_SCALAR_DTYPES[value.sub_type]).tobytes())

@@ -8,7 +8,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import InputError
+from nkat_gguf.errors import InputError
 
 
 def check_writable_dir(directory: Path) -> None:

@@ -9,29 +9,28 @@ differ only in what they switch on. The README's headline comes from this table,
 
 from __future__ import annotations
 
-import sys
+import functools
 import tempfile
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm import tqdm
-
-from nkat_gguf.atomic import check_writable_dir
-from nkat_gguf.calibrate import Calibration, calibrate
-from nkat_gguf.convert import ConvertOptions, ConvertReport, convert, reference_weights
+from nkat_gguf.convert import ConvertOptions, ConvertReport, convert
+from nkat_gguf.convert.calibrate import Calibration, calibrate
+from nkat_gguf.convert.pipeline import reference_weights
+from nkat_gguf.convert.selection import select_tensors
+from nkat_gguf.engine.bench import device_name
+from nkat_gguf.engine.measure import Configuration, SpeedSettings, interleaved_rates
+from nkat_gguf.engine.perplexity import perplexity, tokenize_text
+from nkat_gguf.engine.reference import supports_reference
+from nkat_gguf.engine.runtime import NkatRuntime, RuntimeOptions
 from nkat_gguf.errors import UnsupportedModelError
-from nkat_gguf.gguf_file import read_layout
-from nkat_gguf.selection import select_tensors
+from nkat_gguf.format import nkat
+from nkat_gguf.format.atomic import check_writable_dir
+from nkat_gguf.format.gguf_file import read_layout
+from nkat_gguf.format.tensors import TensorSource
 from nkat_gguf.texts import Text, load_text
-from nkat_gguf.weights import TensorSource
-
-from .bench import device_name, summarize
-from .compare import CompareSettings, interleaved_speed
-from .perplexity import perplexity, tokenize_text
-from .reference import supports_reference
-from .runtime import NkatRuntime, RuntimeOptions
 
 # variant -> (--imatrix, carries θ); the reference row is the input (or --reference) itself
 VARIANTS: dict[str, tuple[str, bool]] = {
@@ -83,38 +82,25 @@ def measure(files: dict[str, Path], text: Text, runtime_options: RuntimeOptions,
             settings: QualitySettings) -> dict[str, dict]:
     """Perplexity and speed of every file, θ on at the file's γ where it has θ, all loaded at once.
 
-    Speed rounds go file by file, one repetition each (with interleaved_speed's warm-up, which also
-    re-warms the caches after switching model), starting one file later each round, so drift on a
-    shared machine hits every row alike.
+    Speed goes through the one interleaving primitive (engine/measure.py): file by file each round,
+    re-warmed after every switch of model, so drift on a shared machine hits every row alike.
     """
-    speed_settings = CompareSettings(n_ctx=settings.n_ctx, repetitions=1, n_prompt=settings.n_prompt,
-                                     n_gen=settings.n_gen, progress=False)
+    speed_settings = SpeedSettings(repetitions=settings.repetitions, n_prompt=settings.n_prompt,
+                                   n_gen=settings.n_gen, progress=settings.progress)
     with ExitStack() as stack:
         runtimes = {name: stack.enter_context(NkatRuntime(path, runtime_options)) for name, path in files.items()}
         gammas = {name: rt.default_gamma for name, rt in runtimes.items()}  # None: no θ in the file
-        pp: dict[str, list[float]] = {name: [] for name in files}
-        tg: dict[str, list[float]] = {name: [] for name in files}
-        with tqdm(total=settings.repetitions * len(files), desc="speed", unit="run", file=sys.stderr,
-                  disable=not settings.progress) as bar:
-            names = list(runtimes)
-            for round_ in range(settings.repetitions):
-                for name in names[round_ % len(names):] + names[:round_ % len(names)]:
-                    run = interleaved_speed(runtimes[name], {name: gammas[name]}, speed_settings)[name]
-                    pp[name].append(run["pp_tokens_per_second"])
-                    tg[name].append(run["tg_tokens_per_second"])
-                    bar.update()
+        speed = interleaved_rates({name: Configuration(rt.llm, functools.partial(rt.set_gamma, gammas[name]))
+                                   for name, rt in runtimes.items()}, speed_settings)
         tokens = tokenize_text(next(iter(runtimes.values())).llm, text.content)  # one model, one tokenizer
         rows = {}
         for name, rt in runtimes.items():
             rt.set_gamma(gammas[name])
             ppl = perplexity(rt.llm, tokens, settings.n_ctx, settings.n_chunks, settings.progress)
-            pp_mean, pp_sd = summarize(pp[name])
-            tg_mean, tg_sd = summarize(tg[name])
             rows[name] = {"file": files[name].name, "file_bytes": files[name].stat().st_size,
                           "theta": gammas[name] is not None, "gamma": gammas[name],
                           "ppl": ppl.ppl, "ppl_stderr": ppl.ppl_stderr, "chunks": ppl.n_chunks,
-                          "pp_tokens_per_second": pp_mean, "pp_sd": pp_sd,
-                          "tg_tokens_per_second": tg_mean, "tg_sd": tg_sd}
+                          **{k: v for k, v in speed[name].items() if k != "avg_latency_ms"}}
     return rows
 
 
@@ -131,7 +117,7 @@ def quality_table(model: Path, text: Text, runtime_options: RuntimeOptions,
         reports = build_variants(model, reference, calibration, Path(out_dir or tmp), settings)
         files = {"reference": reference or model, **{name: Path(r.output) for name, r in reports.items()}}
         rows = measure(files, text, runtime_options, settings)
-        imatrix = {name: read_layout(path).get("nkat.imatrix") for name, path in files.items()}
+        imatrix = {name: read_layout(path).get(nkat.IMATRIX) for name, path in files.items()}
     gap = rows["plain"]["ppl"] - rows["reference"]["ppl"]
     for name, row in rows.items():
         row["gap_recovered"] = (rows["plain"]["ppl"] - row["ppl"]) / gap if gap > 0 else None

@@ -2,25 +2,68 @@
 
 One writer (`theta_metadata`) and one reader (`read_theta`), tested against each other and gguf-py.
 Tensors are never added: a stock llama.cpp rejects a model file with tensors it does not use, but
-ignores unknown metadata keys.
+ignores unknown metadata keys. This module owns every `nkat.*` key: the rest of the code names them
+through the constants below, so the format is described in one place.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from gguf.constants import GGUFValueType
 
-from .errors import InputError
-from .gguf_file import GGUFLayout, Value, ValueType, read_layout
-from .theta import ThetaInt8
+from nkat_gguf.errors import InputError
+from nkat_gguf.format.gguf_file import GGUFLayout, Value, read_layout
+from nkat_gguf.math.theta import ThetaInt8
 
 FORMAT_VERSION = 1
 PREFIX = "nkat."
 MAX_ARRAY_ELEMENTS = 16 * 1024 * 1024  # Ollama refuses arrays over 64 Mi elements; stay well below
+MAX_GAMMA = 16.0
+
+# theta (written by theta_metadata, read by read_theta)
+VERSION = "nkat.version"
+THETA_PREFIX = "nkat.theta."
+THETA_RANK = "nkat.theta.rank"
+THETA_GAMMA = "nkat.theta.gamma"
+THETA_TENSORS = "nkat.theta.tensors"
+# provenance (written by convert)
+SOURCE_SHA256 = "nkat.source.sha256"
+SOURCE_NAME = "nkat.source.name"
+REFERENCE_SHA256 = "nkat.reference.sha256"
+OUTTYPE = "nkat.outtype"
+CALIBRATION_METHOD = "nkat.calibration.method"
+CALIBRATION_SHA256 = "nkat.calibration.sha256"
+CALIBRATION_TOKENS = "nkat.calibration.tokens"
+CALIBRATION_SOURCE = "nkat.calibration.source"
+IMATRIX = "nkat.imatrix"
+TOOL_VERSION = "nkat.tool.version"
+# SO8T bake (docs/SO8T.md): the rotation, then its QC figures under SO8T_QC_PREFIX + field name
+SO8T_PREFIX = "nkat.so8t."
+SO8T_MODE = "nkat.so8t.mode"
+SO8T_SEED = "nkat.so8t.seed"
+SO8T_CHECKPOINT = "nkat.so8t.checkpoint"
+SO8T_HEADS = "nkat.so8t.heads"
+SO8T_MAX_ORTHOGONALITY_ERROR = "nkat.so8t.max_orthogonality_error"
+SO8T_MIN_DET = "nkat.so8t.min_det"
+SO8T_QC_PREFIX = "nkat.so8t.qc."
+
+
+def check_gamma(gamma: object) -> float:
+    """γ scales the correction B·A: 1 applies it in full, 0 switches it off. Negative or absurd is refused.
+
+    The one rule for γ wherever it comes from: the command line, a file, a request, the optimizer.
+    """
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or math.isnan(gamma) or math.isinf(gamma):
+        raise InputError(f"gamma must be a finite number, got {gamma!r}")
+    if not 0.0 <= gamma <= MAX_GAMMA:
+        raise InputError(f"gamma {gamma:g} is out of range [0, {MAX_GAMMA:g}]")
+    return float(gamma)
 
 
 @dataclass(frozen=True)
@@ -44,16 +87,16 @@ class NkatTheta:
 
 
 def _key(name: str, part: str) -> str:
-    return f"{PREFIX}theta.{name}.{part}"
+    return f"{THETA_PREFIX}{name}.{part}"
 
 
 def theta_metadata(theta: NkatTheta) -> dict[str, Any]:
     """The metadata keys of NKAT format v1, in writing order."""
     out: dict[str, Any] = {
-        "nkat.version": Value(ValueType.UINT32, FORMAT_VERSION),
-        "nkat.theta.rank": Value(ValueType.UINT32, theta.rank),
-        "nkat.theta.gamma": Value(ValueType.FLOAT32, float(theta.gamma)),
-        "nkat.theta.tensors": sorted(theta.tensors),
+        VERSION: Value(GGUFValueType.UINT32, FORMAT_VERSION),
+        THETA_RANK: Value(GGUFValueType.UINT32, theta.rank),
+        THETA_GAMMA: Value(GGUFValueType.FLOAT32, float(theta.gamma)),
+        THETA_TENSORS: sorted(theta.tensors),
     }
     for name in sorted(theta.tensors):
         t = theta.tensors[name]
@@ -66,7 +109,7 @@ def theta_metadata(theta: NkatTheta) -> dict[str, Any]:
                                  f"{MAX_ARRAY_ELEMENTS} (lower --theta-rank)")
             out[_key(name, part)] = np.ascontiguousarray(arr, dtype=dtype)
     for key, value in theta.provenance.items():
-        if not key.startswith(PREFIX) or key.startswith(PREFIX + "theta."):
+        if not key.startswith(PREFIX) or key.startswith(THETA_PREFIX):
             raise ValueError(f"provenance key {key!r} must be nkat.* and outside nkat.theta.*")
         out[key] = value
     return out
@@ -75,16 +118,16 @@ def theta_metadata(theta: NkatTheta) -> dict[str, Any]:
 def read_theta(source: str | Path | GGUFLayout) -> NkatTheta | None:
     """theta stored in a GGUF, or None for a file without NKAT metadata. Checks every shape."""
     layout = source if isinstance(source, GGUFLayout) else read_layout(source)
-    version = layout.get("nkat.version")
+    version = layout.get(VERSION)
     if version is None:
         return None
     path = layout.path
     if version != FORMAT_VERSION:
         raise InputError(f"{path}: NKAT format version {version} is not supported (this tool reads {FORMAT_VERSION})")
     try:
-        rank = int(layout.get("nkat.theta.rank"))
-        gamma = float(layout.get("nkat.theta.gamma"))
-        names = list(layout.get("nkat.theta.tensors"))
+        rank = int(layout.get(THETA_RANK))
+        gamma = float(layout.get(THETA_GAMMA))
+        names = list(layout.get(THETA_TENSORS))
     except TypeError:
         raise InputError(f"{path}: NKAT metadata is incomplete (nkat.theta.rank/gamma/tensors)") from None
     shapes = {t.name: tuple(reversed(t.shape)) for t in layout.tensors}
@@ -106,5 +149,5 @@ def read_theta(source: str | Path | GGUFLayout) -> NkatTheta | None:
             parts["b_scale"].astype(np.float32, copy=False),
         )
     provenance = {k: v.python() for k, v in layout.metadata.items()
-                  if k.startswith(PREFIX) and not k.startswith(PREFIX + "theta.") and k != "nkat.version"}
+                  if k.startswith(PREFIX) and not k.startswith(THETA_PREFIX) and k != VERSION}
     return NkatTheta(rank, gamma, tensors, provenance)

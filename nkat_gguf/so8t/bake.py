@@ -33,11 +33,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf.constants import GGMLQuantizationType
+from gguf.constants import GGMLQuantizationType, GGUFValueType
 
-from .errors import InputError, UnsupportedModelError
-from .gguf_file import TensorSpec, Value, ValueType, copy_metadata
-from .rotations import (
+from nkat_gguf.errors import InputError, UnsupportedModelError
+from nkat_gguf.format import nkat
+from nkat_gguf.format.gguf_file import TensorSpec, Value, copy_metadata
+from nkat_gguf.format.so8t_checkpoint import load_so8t_checkpoint
+from nkat_gguf.format.tensors import TensorSource
+from nkat_gguf.math.rotations import (
     apply_blocks_left_transposed,
     apply_blocks_right,
     block_count,
@@ -45,13 +48,11 @@ from .rotations import (
     hadamard_blocks,
     random_blocks,
 )
-from .so8t_checkpoint import load_so8t_checkpoint
-from .weights import TensorSource
 
 RESIDUAL_MODES = ("hadamard", "random")
 FILE_PREFIX = "file:"
 F32 = GGMLQuantizationType.F32
-ALL_F32 = Value(ValueType.UINT32, 0)  # general.file_type of a model whose weights are all F32
+ALL_F32 = Value(GGUFValueType.UINT32, 0)  # general.file_type of a model whose weights are all F32
 
 _INPUT_NORM = {"attn_q": "attn_norm", "attn_k": "attn_norm", "attn_v": "attn_norm",
                "ffn_gate": "ffn_norm", "ffn_up": "ffn_norm"}
@@ -145,17 +146,17 @@ def bake_rotations(source: TensorSource, plan: BakePlan) -> BakedModel:
     else:
         recipes, specs = _residual_recipes(source, plan)
     max_err, min_det = check_so8(plan.blocks())
-    metadata: dict[str, Any] = copy_metadata(source.layout, drop_prefixes=("GGUF.", "nkat.", "general.alignment"))
+    metadata: dict[str, Any] = copy_metadata(source.layout, drop_prefixes=("GGUF.", nkat.PREFIX, "general.alignment"))
     if plan.mode != "file":
         metadata["general.file_type"] = ALL_F32
-    metadata["nkat.so8t.mode"] = plan.mode
+    metadata[nkat.SO8T_MODE] = plan.mode
     if plan.seed is not None:
-        metadata["nkat.so8t.seed"] = plan.seed
+        metadata[nkat.SO8T_SEED] = plan.seed
     if plan.checkpoint is not None:
-        metadata["nkat.so8t.checkpoint"] = plan.checkpoint
-    metadata["nkat.so8t.heads"] = bool(plan.heads)
-    metadata["nkat.so8t.max_orthogonality_error"] = max_err
-    metadata["nkat.so8t.min_det"] = min_det
+        metadata[nkat.SO8T_CHECKPOINT] = plan.checkpoint
+    metadata[nkat.SO8T_HEADS] = bool(plan.heads)
+    metadata[nkat.SO8T_MAX_ORTHOGONALITY_ERROR] = max_err
+    metadata[nkat.SO8T_MIN_DET] = min_det
     return BakedModel(metadata, specs, recipes)
 
 

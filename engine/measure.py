@@ -1,0 +1,97 @@
+"""The one speed-measuring primitive: pp and tg rates of several configurations, interleaved in one process.
+
+Every command that reports speed (bench, compare, the quality table, the optimizer) goes through
+`interleaved_rates`, so they all measure the same way: a configuration is a loaded model plus a callable
+that switches it on (θ at some γ, or θ off). Rounds visit every configuration once, starting one
+configuration later each round, so drift on a shared machine hits all of them alike; the ratios carry
+over to another machine, the absolute tokens per second do not. Whenever the model changes from one
+run to the next, an untimed warm-up re-warms its caches first.
+"""
+
+from __future__ import annotations
+
+import functools
+import statistics
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import llama_cpp
+import numpy as np
+from tqdm import tqdm
+
+from nkat_gguf.engine.bench import BenchResult, device_name, summarize, time_generation, time_prompt
+from nkat_gguf.engine.runtime import NkatRuntime
+from nkat_gguf.errors import InputError
+
+WARMUP_GEN_TOKENS = 8
+
+
+@dataclass(frozen=True)
+class SpeedSettings:
+    repetitions: int = 3
+    n_prompt: int = 512
+    n_gen: int = 128
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class Configuration:
+    """A loaded model and how to switch it to this configuration (e.g. `runtime.set_gamma(γ)`)."""
+
+    llm: llama_cpp.Llama
+    activate: Callable[[], None]
+
+
+def interleaved_rates(configurations: dict[str, Configuration], settings: SpeedSettings) -> dict[str, dict]:
+    """pp and tg tokens/s per configuration: mean, sample sd, and the mean latency per generated token."""
+    rngs = {name: np.random.default_rng(i) for i, name in enumerate(configurations)}
+    pp: dict[str, list[float]] = {name: [] for name in configurations}
+    tg: dict[str, list[float]] = {name: [] for name in configurations}
+    names = list(configurations)
+    previous: llama_cpp.Llama | None = None
+    with tqdm(total=settings.repetitions * len(names), desc="speed", unit="run", file=sys.stderr,
+              disable=not settings.progress) as bar:
+        for round_ in range(settings.repetitions):
+            for name in names[round_ % len(names):] + names[:round_ % len(names)]:
+                config = configurations[name]
+                config.activate()
+                if config.llm is not previous:
+                    time_prompt(config.llm, settings.n_prompt, rngs[name])
+                    time_generation(config.llm, WARMUP_GEN_TOKENS, rngs[name])
+                    previous = config.llm
+                pp[name].append(settings.n_prompt / time_prompt(config.llm, settings.n_prompt, rngs[name]))
+                tg[name].append(settings.n_gen / time_generation(config.llm, settings.n_gen, rngs[name]))
+                bar.update()
+    out = {}
+    for name in names:
+        pp_mean, pp_sd = summarize(pp[name])
+        tg_mean, tg_sd = summarize(tg[name])
+        out[name] = {"pp_tokens_per_second": pp_mean, "pp_sd": pp_sd, "tg_tokens_per_second": tg_mean,
+                     "tg_sd": tg_sd, "avg_latency_ms": 1000.0 / statistics.harmonic_mean(tg[name])}
+    return out
+
+
+def gamma_configurations(runtime: NkatRuntime, gammas: dict[str, float | None]) -> dict[str, Configuration]:
+    """One runtime at several γ (None: θ off)."""
+    return {name: Configuration(runtime.llm, functools.partial(runtime.set_gamma, gamma))
+            for name, gamma in gammas.items()}
+
+
+def interleaved_speed(runtime: NkatRuntime, gammas: dict[str, float | None], settings: SpeedSettings) -> dict:
+    """pp and tg tokens/s of one runtime per γ (None: theta off), interleaved."""
+    return interleaved_rates(gamma_configurations(runtime, gammas), settings)
+
+
+def bench(llm: llama_cpp.Llama, n_prompt: int = 512, n_gen: int = 128, repetitions: int = 5,
+          progress: bool = True) -> BenchResult:
+    """pp{n_prompt} and tg{n_gen} of one loaded model as it is, like llama-bench (after one warm-up)."""
+    if repetitions < 1:
+        raise InputError(f"repetitions must be at least 1, got {repetitions}")
+    rates = interleaved_rates({"model": Configuration(llm, lambda: None)},
+                              SpeedSettings(repetitions, n_prompt, n_gen, progress))["model"]
+    return BenchResult(
+        pp_tokens_per_second=rates["pp_tokens_per_second"], pp_sd=rates["pp_sd"],
+        tg_tokens_per_second=rates["tg_tokens_per_second"], tg_sd=rates["tg_sd"],
+        avg_latency_ms=rates["avg_latency_ms"], repetitions=repetitions, n_prompt=n_prompt, n_gen=n_gen,
+        device=device_name())

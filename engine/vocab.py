@@ -1,0 +1,26 @@
+"""The model's own tokenizer, loaded alone (vocab only): for work that needs tokens but not a context."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import llama_cpp
+
+from nkat_gguf.engine.native_log import captured_llama_log
+from nkat_gguf.errors import InputError
+
+
+def tokenize(model_path: Path, text: str) -> list[int]:
+    """llama.cpp's own tokenizer for the model (vocab only, nothing else loaded); BOS per the model's flag."""
+    with captured_llama_log() as log:
+        try:
+            vocab = llama_cpp.Llama(model_path=str(model_path), vocab_only=True, verbose=False)
+        except ValueError:
+            vocab = None
+    if vocab is None:
+        raise InputError(f"llama.cpp cannot load the tokenizer of {model_path.name}: {log.reason('')}")
+    try:
+        add_bos = bool(llama_cpp.llama_vocab_get_add_bos(llama_cpp.llama_model_get_vocab(vocab.model)))
+        return vocab.tokenize(text.encode("utf-8"), add_bos=add_bos, special=False)
+    finally:
+        vocab.close()

@@ -1,0 +1,53 @@
+"""convert's options and report: what is asked, and what was done."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from nkat_gguf.so8t.bake_step import So8tOptions
+
+ThetaCalib = Literal["activation", "none"]
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    """Everything `nkat-gguf convert` is asked to do; the CLI and Python callers build the same object."""
+
+    input: Path
+    output: Path
+    outtype: str = "same"
+    reference: Path | None = None
+    theta_rank: int = 4
+    theta_gamma: float = 0.97
+    selective_layers: list[str] | None = None
+    calib_text: Path | None = None
+    theta_calib: ThetaCalib = "activation"
+    imatrix: str = "auto"  # "auto": from the calibration; "none"; or a llama.cpp imatrix file
+    threads: int = 0
+    progress: bool = True
+    so8t: So8tOptions = So8tOptions()  # no rotation unless asked for
+
+
+@dataclass
+class ConvertReport:
+    """What convert did and measured, for --json and the text summary."""
+
+    input: str
+    output: str
+    outtype: str
+    theta_rank: int
+    theta_gamma: float
+    calibration: str  # "activation" or "none"
+    imatrix: str
+    notes: list[str] = field(default_factory=list)
+    input_bytes: int = 0
+    output_bytes: int = 0
+    theta_metadata_bytes: int = 0
+    tensors: dict[str, dict] = field(default_factory=dict)  # name -> {rank, captured_energy, ...}
+    seconds: dict[str, float] = field(default_factory=dict)
+    so8t: dict | None = None  # rotation and QC figures when --so8t baked one
+
+    def as_dict(self) -> dict:
+        return asdict(self)
