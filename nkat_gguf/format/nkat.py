@@ -60,7 +60,7 @@ def check_gamma(gamma: object) -> float:
     The one rule for γ wherever it comes from: the command line, a file, a request, the optimizer.
     """
     if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or math.isnan(gamma) or math.isinf(gamma):
-        raise InputError(f"gamma must be a finite number, got {gamma!r}")
+        raise InputError(f"gamma must be a number, got {gamma!r}")
     if not 0.0 <= gamma <= MAX_GAMMA:
         raise InputError(f"gamma {gamma:g} is out of range [0, {MAX_GAMMA:g}]")
     return float(gamma)
