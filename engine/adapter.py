@@ -51,10 +51,14 @@ def write_lora_adapter(
     return Path(dst)
 
 
+def cache_root() -> Path:
+    """$NKAT_CACHE_DIR, else ~/.cache/nkat-gguf: runtime adapters and calibrations live below it."""
+    return Path(os.environ.get("NKAT_CACHE_DIR") or Path.home() / ".cache" / "nkat-gguf")
+
+
 def adapter_cache_dir() -> Path:
     """$NKAT_CACHE_DIR/adapters, else ~/.cache/nkat-gguf/adapters."""
-    root = os.environ.get("NKAT_CACHE_DIR") or Path.home() / ".cache" / "nkat-gguf"
-    return Path(root) / "adapters"
+    return cache_root() / "adapters"
 
 
 def cached_adapter(theta: NkatTheta, architecture: str, cache_dir: Path | None = None) -> Path:

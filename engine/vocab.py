@@ -12,6 +12,12 @@ from nkat_gguf.errors import InputError
 
 def tokenize(model_path: Path, text: str) -> list[int]:
     """llama.cpp's own tokenizer for the model (vocab only, nothing else loaded); BOS per the model's flag."""
+    return tokens_and_bos(model_path, text)[0]
+
+
+def tokens_and_bos(model_path: Path, text: str) -> tuple[list[int], int | None]:
+    """`tokenize`'s tokens, and the BOS id when the model adds one (else None): windows cut from the
+    tokens start with it, as llama-perplexity and llama-imatrix do."""
     with captured_llama_log() as log:
         try:
             vocab = llama_cpp.Llama(model_path=str(model_path), vocab_only=True, verbose=False)
@@ -21,6 +27,7 @@ def tokenize(model_path: Path, text: str) -> list[int]:
         raise InputError(f"llama.cpp cannot load the tokenizer of {model_path.name}: {log.reason('')}")
     try:
         add_bos = bool(llama_cpp.llama_vocab_get_add_bos(llama_cpp.llama_model_get_vocab(vocab.model)))
-        return vocab.tokenize(text.encode("utf-8"), add_bos=add_bos, special=False)
+        tokens = vocab.tokenize(text.encode("utf-8"), add_bos=add_bos, special=False)
+        return tokens, (vocab.token_bos() if add_bos else None)
     finally:
         vocab.close()

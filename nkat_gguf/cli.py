@@ -120,6 +120,11 @@ def main() -> None:
               help="Only these weights: GGUF names, globs (blk.*.ffn_*) or Meta/HF names. Repeatable.")
 @click.option("--calib-text", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="UTF-8 calibration text (default: the calibration split of Python's pydoc topics).")
+@click.option("--calib-tokens", type=int, default=None,
+              help="Calibration tokens, in whole windows of 512, evaluated in llama.cpp (default: 16384, or all "
+                   "whole windows of a shorter text). Cached per model, text and count.")
+@click.option("--save-imatrix", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the calibration as a llama.cpp imatrix GGUF (llama-quantize --imatrix reads it).")
 @click.option("--theta-calib", type=click.Choice(["activation", "none"]), default="activation", show_default=True,
               help="activation: SVD weighted by sqrt(E[x^2]) of each weight's inputs; none: plain SVD.")
 @click.option("--imatrix", default="auto", show_default=True,
@@ -142,8 +147,9 @@ def main() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
 @_fail_cleanly
 def convert(input_: str, output: Path, outtype: str, reference: Path | None, theta_rank: int, theta_gamma: float,
-            selective_layers: tuple[str, ...], calib_text: Path | None, theta_calib: str, imatrix: str,
-            threads: int, so8t: str, so8t_seed: int | None, so8t_heads: bool, force: bool, report_dir: Path | None,
+            selective_layers: tuple[str, ...], calib_text: Path | None, calib_tokens: int | None,
+            save_imatrix: Path | None, theta_calib: str, imatrix: str, threads: int, so8t: str,
+            so8t_seed: int | None, so8t_heads: bool, force: bool, report_dir: Path | None,
             optimize_rank: bool, as_json: bool) -> None:
     """Quantize a GGUF with llama.cpp and store theta (what quantization lost, low rank) in its metadata."""
     from nkat_gguf.convert import ConvertOptions
@@ -154,7 +160,8 @@ def convert(input_: str, output: Path, outtype: str, reference: Path | None, the
     options = ConvertOptions(
         input=resolve_model(input_), output=output, outtype=outtype, reference=reference,
         theta_rank=theta_rank, theta_gamma=theta_gamma, selective_layers=list(selective_layers) or None,
-        calib_text=calib_text, theta_calib=theta_calib, imatrix=imatrix, threads=threads,
+        calib_text=calib_text, calib_tokens=calib_tokens, save_imatrix=save_imatrix, theta_calib=theta_calib,
+        imatrix=imatrix, threads=threads,
         so8t=So8tOptions(mode=so8t, seed=so8t_seed, heads=so8t_heads, force=force, report_dir=report_dir),
         progress=sys.stderr.isatty() or not as_json)
     if optimize_rank:

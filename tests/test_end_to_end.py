@@ -33,7 +33,7 @@ def test_tensors_are_llama_cpp_quantization_byte_for_byte(tiny_f32: Path, tmp_pa
     report = convert(ConvertOptions(input=tiny_f32, output=out, outtype="Q4_0", theta_rank=2, progress=False))
     assert report.imatrix == "calibration" and len(report.tensors) == 14
     source = TensorSource(tiny_f32)
-    stats = calibrate(source, source.dequantize, tiny_f32, load_text(None, "calibration")).mean_squares
+    stats = calibrate(tiny_f32, load_text(None, "calibration"), progress=False).mean_squares
     plain = tmp_path / "plain.gguf"
     quantize_model(tiny_f32, plain, resolve_outtype("Q4_0", source.layout)[1], stats)
     ours, theirs = TensorSource(out), TensorSource(plain)

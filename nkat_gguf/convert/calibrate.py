@@ -1,48 +1,122 @@
-"""Calibration: the input statistics E[x^2] each weight sees on the calibration text.
+"""Calibration: the input statistics each weight sees on the calibration text.
 
-One pass of the PyTorch reference forward serves two uses: the activation weighting of theta's SVD
-and llama.cpp's importance matrix for quantization.
+One pass over the calibration windows serves two uses: the activation weighting of theta's SVD and
+llama.cpp's importance matrix for quantization. convert collects them inside llama.cpp's own graph
+(nkat_gguf.engine.calibration), so every architecture llama.cpp runs is calibrated; the PyTorch reference
+(`calibrate_with_reference`, llama family only) is the independent check on the same windows.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from tqdm import tqdm
 
+from nkat_gguf.engine.calibration import (
+    WINDOW,
+    GraphStatistics,
+    cache_key,
+    collect_statistics,
+    load_cached,
+    store_cached,
+)
 from nkat_gguf.engine.reference import LlamaReference
-from nkat_gguf.engine.vocab import tokenize
+from nkat_gguf.engine.vocab import tokens_and_bos
 from nkat_gguf.errors import InputError
+from nkat_gguf.format.gguf_file import read_layout
+from nkat_gguf.format.hashing import sha256_file
+from nkat_gguf.format.imatrix import NEVER_RECORDED, input_widths, write_imatrix_file
 from nkat_gguf.format.tensors import TensorSource
 from nkat_gguf.texts import Text
 
-CALIBRATION_SEQUENCES = 8
-CALIBRATION_LENGTH = 256
+DEFAULT_CALIB_TOKENS = 32 * WINDOW  # llama-imatrix's usual order of magnitude, and what the built-in text holds
+REFERENCE_WINDOWS_PER_PASS = 8  # the PyTorch reference holds every token of a pass in memory at once
 
 
 @dataclass(frozen=True)
 class Calibration:
-    mean_squares: dict[str, np.ndarray]  # weight name -> E[x^2] per input column
+    mean_squares: dict[str, np.ndarray]  # weight name -> E[x^2] per input column, float32
     tokens: int
     text_sha256: str
     text_source: str
+    # weight name -> E[x xᵀ] (in, in) float64 of its input; one shared array per distinct input (q/k/v,
+    # gate/up), only for inputs at most engine.calibration.MAX_SECOND_MOMENT_WIDTH wide; empty unless asked for
+    second_moments: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-def calibration_sequences(tokens: list[int], n_seq: int = CALIBRATION_SEQUENCES,
-                          length: int = CALIBRATION_LENGTH) -> list[list[int]]:
-    """n_seq consecutive windows of `length` tokens from the start of the calibration text."""
-    if len(tokens) < length:
-        raise InputError(f"calibration text has {len(tokens)} tokens; at least {length} are needed")
-    n = min(n_seq, len(tokens) // length)
-    return [tokens[i * length:(i + 1) * length] for i in range(n)]
+def calibration_windows(model_path: Path, text: Text, calib_tokens: int | None = None,
+                        window: int = WINDOW) -> list[list[int]]:
+    """Consecutive windows of `window` tokens from the start of the text, as llama-imatrix cuts its chunks
+    (BOS in place of each window's first token when the model adds one).
+
+    `calib_tokens` None: DEFAULT_CALIB_TOKENS, or as many whole windows as the text holds if fewer.
+    A number is rounded down to whole windows and must fit in the text.
+    """
+    tokens, bos = tokens_and_bos(model_path, text.content)
+    available = len(tokens) // window
+    if available == 0:
+        raise InputError(f"the calibration text {text.source} has {len(tokens)} tokens, fewer than one window of "
+                         f"{window}; give a longer --calib-text")
+    if calib_tokens is None:
+        n = min(DEFAULT_CALIB_TOKENS // window, available)
+    elif calib_tokens < window:
+        raise InputError(f"--calib-tokens {calib_tokens} is smaller than one window of {window} tokens")
+    elif calib_tokens > available * window:
+        raise InputError(f"--calib-tokens {calib_tokens} is more than the calibration text holds: {text.source} has "
+                         f"{len(tokens)} tokens, at most {available * window} in whole windows of {window}")
+    else:
+        n = calib_tokens // window
+    windows = [tokens[i * window:(i + 1) * window] for i in range(n)]
+    if bos is not None:
+        windows = [[bos, *w[1:]] for w in windows]
+    return windows
 
 
-def calibrate(source: TensorSource, weights: Callable[[str], np.ndarray], model_path: Path, text: Text,
-              progress: bool = True) -> Calibration:
-    """Run the reference forward (with the reference weights) over the calibration windows."""
-    sequences = calibration_sequences(tokenize(model_path, text.content))
+def recorded_weights(model_path: Path) -> set[str]:
+    """The weights whose inputs are recorded: every matrix llama.cpp may quantize with an importance matrix,
+    except the embedding table (a tied head multiplies it too, but llama-imatrix leaves it out as well)."""
+    return set(input_widths(read_layout(model_path))) - NEVER_RECORDED
+
+
+def calibrate(model_path: Path, text: Text, calib_tokens: int | None = None, second_moments: bool = False,
+              threads: int = 0, progress: bool = True, save_imatrix: Path | None = None,
+              cache: bool = True) -> Calibration:
+    """Evaluate the calibration windows in llama.cpp on `model_path` (the weights theta aims at).
+
+    The statistics are cached by (model sha256, text sha256, tokens): the optimizer and repeated
+    converts of one model do not recompute them.
+    """
+    windows = calibration_windows(model_path, text, calib_tokens)
+    key = cache_key(sha256_file(model_path), text.sha256, len(windows), WINDOW)
+    stats = load_cached(key, second_moments) if cache else None
+    if stats is None:
+        stats = collect_statistics(model_path, windows, recorded_weights(model_path), second_moments, threads,
+                                   progress)
+        if cache:
+            store_cached(key, stats, second_moments)
+    if save_imatrix is not None:
+        write_imatrix_file(save_imatrix, stats.sums, stats.counts, [text.source], len(windows), WINDOW)
+    return _calibration(stats, text, second_moments)
+
+
+def _calibration(stats: GraphStatistics, text: Text, second_moments: bool) -> Calibration:
+    return Calibration(stats.mean_squares(), stats.tokens, text.sha256, text.source,
+                       stats.second_moments() if second_moments else {})
+
+
+def calibrate_with_reference(source: TensorSource, weights: Callable[[str], np.ndarray], model_path: Path,
+                             text: Text, calib_tokens: int | None = None, progress: bool = True) -> Calibration:
+    """The PyTorch reference forward (llama family) over the same windows as `calibrate`: E[x²] only."""
+    windows = calibration_windows(model_path, text, calib_tokens)
     reference = LlamaReference(source, weights=weights)
-    stats = reference.input_mean_squares(sequences)
-    return Calibration(stats, sum(len(s) for s in sequences), text.sha256, text.source)
+    totals: dict[str, np.ndarray] = {}
+    passes = range(0, len(windows), REFERENCE_WINDOWS_PER_PASS)
+    for start in tqdm(passes, desc="calibrating (PyTorch reference)", unit="pass", disable=not progress, leave=False):
+        chunk = windows[start:start + REFERENCE_WINDOWS_PER_PASS]
+        for name, mean in reference.input_mean_squares(chunk).items():
+            totals[name] = totals.get(name, 0) + mean.astype(np.float64) * len(chunk)
+    means = {name: (total / len(windows)).astype(np.float32) for name, total in totals.items()}
+    return Calibration(means, len(windows) * WINDOW, text.sha256, text.source)

@@ -23,6 +23,8 @@ class ConvertOptions:
     theta_gamma: float = 0.97
     selective_layers: list[str] | None = None
     calib_text: Path | None = None
+    calib_tokens: int | None = None  # None: DEFAULT_CALIB_TOKENS, or all whole windows of a shorter text
+    save_imatrix: Path | None = None  # also write the calibration as a llama.cpp imatrix GGUF
     theta_calib: ThetaCalib = "activation"
     imatrix: str = "auto"  # "auto": from the calibration; "none"; or a llama.cpp imatrix file
     threads: int = 0

@@ -15,11 +15,10 @@ import numpy as np
 from tqdm import tqdm
 
 from nkat_gguf import __version__
-from nkat_gguf.convert.calibrate import Calibration, calibrate
+from nkat_gguf.convert.calibrate import DEFAULT_CALIB_TOKENS, Calibration, calibrate
 from nkat_gguf.convert.options import ConvertOptions, ConvertReport
 from nkat_gguf.convert.selection import select_tensors
 from nkat_gguf.engine.quantize import quantize_model, resolve_outtype
-from nkat_gguf.engine.reference import supports_reference
 from nkat_gguf.engine.runtime import check_loadable
 from nkat_gguf.errors import InputError
 from nkat_gguf.format import nkat
@@ -96,6 +95,8 @@ def convert(opts: ConvertOptions, calibration: Calibration | None = None) -> Con
     input_path, output_path = Path(opts.input), Path(opts.output)
     layout = read_layout(input_path)
     _check_paths(input_path, output_path, opts.reference)
+    if opts.save_imatrix is not None:
+        _check_imatrix_path(Path(opts.save_imatrix), input_path, output_path, calibration)
     check_gamma(opts.theta_gamma)
     check_loadable(input_path)
     check_so8t_options(opts.so8t, opts.imatrix, reuses_calibration=calibration is not None)
@@ -115,16 +116,16 @@ def convert(opts: ConvertOptions, calibration: Calibration | None = None) -> Con
             model_path, layout, ref_source = so8t.model.path, so8t.model.layout, so8t.reference
             weights = ref_source.dequantize
 
-        needs_calibration = (opts.theta_calib == "activation" and opts.theta_rank > 0) or opts.imatrix == "auto"
-        if needs_calibration and calibration is None:
-            if supports_reference(ref_source.layout):
-                t = time.perf_counter()
-                calibration = calibrate(ref_source, weights, input_path, load_text(opts.calib_text, "calibration"),
-                                        opts.progress)
-                seconds["calibrate"] = time.perf_counter() - t
-            else:
-                report.notes.append(f"architecture {layout.architecture}: no PyTorch reference, so theta uses "
-                                    "plain SVD and quantization has no importance matrix")
+        needs_calibration = ((opts.theta_calib == "activation" and opts.theta_rank > 0) or opts.imatrix == "auto"
+                             or opts.save_imatrix is not None)
+        if needs_calibration and calibration is None:  # llama.cpp evaluates the weights theta aims at
+            t = time.perf_counter()
+            calibration = calibrate(ref_source.path, load_text(opts.calib_text, "calibration"), opts.calib_tokens,
+                                    threads=opts.threads, progress=opts.progress, save_imatrix=opts.save_imatrix)
+            seconds["calibrate"] = time.perf_counter() - t
+            if opts.calib_tokens is None and calibration.tokens < DEFAULT_CALIB_TOKENS:
+                report.notes.append(f"the calibration text holds {calibration.tokens} tokens in whole windows, "
+                                    f"fewer than the default {DEFAULT_CALIB_TOKENS}; calibrated on those")
         calibration_for_theta = None if opts.theta_calib == "none" else calibration
         report.calibration = "activation" if calibration_for_theta else "none"
         imatrix, report.imatrix = load_imatrix_option(opts.imatrix, calibration, input_widths(layout), report.notes)
@@ -168,6 +169,17 @@ def _check_paths(input_path: Path, output_path: Path, reference: Path | None) ->
             raise InputError(f"--output would overwrite the input {other}; choose another file")
     if reference is not None and not Path(reference).is_file():
         raise InputError(f"no such file: {reference}")
+
+
+def _check_imatrix_path(path: Path, input_path: Path, output_path: Path, calibration: Calibration | None) -> None:
+    if calibration is not None:
+        raise InputError("--save-imatrix writes convert's own calibration; it cannot be combined with a passed-in one")
+    if path.exists() and path.is_dir():
+        raise InputError(f"--save-imatrix {path} is a directory; give a file name")
+    check_writable_dir(path.parent.resolve())
+    for other, what in ((input_path, "the input"), (output_path, "--output")):
+        if path.resolve() == Path(other).resolve():
+            raise InputError(f"--save-imatrix would overwrite {what} {other}; choose another file")
 
 
 def _provenance(input_path: Path, opts: ConvertOptions, outtype: str, calibration: Calibration | None,

@@ -19,13 +19,10 @@ from pathlib import Path
 from nkat_gguf.convert import ConvertOptions, ConvertReport, convert
 from nkat_gguf.convert.calibrate import Calibration, calibrate
 from nkat_gguf.convert.pipeline import reference_weights
-from nkat_gguf.convert.selection import select_tensors
 from nkat_gguf.engine.bench import device_name
 from nkat_gguf.engine.measure import Configuration, SpeedSettings, interleaved_rates
 from nkat_gguf.engine.perplexity import perplexity, tokenize_text
-from nkat_gguf.engine.reference import supports_reference
 from nkat_gguf.engine.runtime import NkatRuntime, RuntimeOptions
-from nkat_gguf.errors import UnsupportedModelError
 from nkat_gguf.format import nkat
 from nkat_gguf.format.atomic import check_writable_dir
 from nkat_gguf.format.gguf_file import read_layout
@@ -56,12 +53,9 @@ class QualitySettings:
 
 def calibrate_once(model: Path, reference: Path | None, calib_text: Path | None, progress: bool) -> Calibration:
     """The one calibration pass every variant shares, on the weights θ aims at (as convert does it)."""
-    source = TensorSource(model)
-    ref_source, weights = reference_weights(source, reference, select_tensors(source.layout, None))
-    if not supports_reference(ref_source.layout):
-        raise UnsupportedModelError(f"{model.name}: architecture {source.layout.architecture} has no PyTorch "
-                                    "reference, so there is no calibration and no importance matrix to compare")
-    return calibrate(ref_source, weights, model, load_text(calib_text, "calibration"), progress)
+    if reference is not None:
+        reference_weights(TensorSource(model), reference, [])  # same checks as convert
+    return calibrate(reference or model, load_text(calib_text, "calibration"), progress=progress)
 
 
 def build_variants(model: Path, reference: Path | None, calibration: Calibration, workdir: Path,

@@ -12,7 +12,8 @@ layouts exist (llama.cpp tools/imatrix/imatrix.cpp writes them, common/imatrix-l
   mean = values / ncall, or the values as they are when ncall is 0 (llama-quantize again).
 
 Either way the result is what llama-quantize passes to `llama_model_quantize`: per weight, the mean
-of x^2 per input column, ne0 * ne2 values.
+of x^2 per input column, ne0 * ne2 values. `write_imatrix_file` writes the GGUF layout, with the
+metadata llama-imatrix writes (`imatrix.datasets`, `imatrix.chunk_count`, `imatrix.chunk_size`).
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
-from gguf.constants import GGMLQuantizationType
+from gguf.constants import GGMLQuantizationType, GGUFValueType
 
 from nkat_gguf.errors import InputError
-from nkat_gguf.format.gguf_file import GGUF_MAGIC, GGUFLayout, read_layout
+from nkat_gguf.format.gguf_file import GGUF_MAGIC, GGUFLayout, TensorSpec, Value, read_layout, write_gguf
 from nkat_gguf.format.tensors import TensorSource
 
 SUMS_SUFFIX = ".in_sum2"
@@ -33,6 +34,7 @@ COUNTS_SUFFIX = ".counts"
 # llama-imatrix records only matrix multiplications by blk.* weights and output.weight, never the
 # embedding lookup (a tied head multiplies token_embd.weight, but it is not recorded either).
 NEVER_RECORDED = frozenset({"token_embd.weight"})
+F32 = GGMLQuantizationType.F32
 
 
 def input_widths(layout: GGUFLayout) -> dict[str, int]:
@@ -50,6 +52,27 @@ def read_imatrix_file(path: Path, widths: Mapping[str, int]) -> dict[str, np.nda
     means = _read_gguf(path) if is_gguf else _read_legacy(path)
     _check(path, means, widths)
     return means
+
+
+def write_imatrix_file(path: Path, sums: Mapping[str, np.ndarray], counts: Mapping[str, np.ndarray],
+                       datasets: list[str], chunk_count: int, chunk_size: int) -> Path:
+    """llama-imatrix's GGUF: per weight `<name>.in_sum2` (n_mat, n_in) and `<name>.counts` (n_mat, 1), F32.
+
+    `sums[name]` holds the raw sums of x^2 (n_mat, n_in), `counts[name]` the rows seen per matrix.
+    """
+    specs, arrays = [], {}
+    for name in sorted(sums):
+        total, seen = np.asarray(sums[name], dtype=np.float32), np.asarray(counts[name], dtype=np.float32)
+        arrays[name + SUMS_SUFFIX], arrays[name + COUNTS_SUFFIX] = total, seen.reshape(-1, 1)
+        specs += [TensorSpec(name + SUMS_SUFFIX, total.shape, F32), TensorSpec(name + COUNTS_SUFFIX, (seen.size, 1), F32)]
+    metadata = {
+        "general.type": "imatrix",
+        "imatrix.datasets": Value(GGUFValueType.ARRAY, list(datasets), GGUFValueType.STRING),
+        "imatrix.chunk_count": Value(GGUFValueType.UINT32, chunk_count),
+        "imatrix.chunk_size": Value(GGUFValueType.UINT32, chunk_size),
+    }
+    write_gguf(path, metadata, specs, lambda spec: arrays[spec.name])
+    return Path(path)
 
 
 def missing_note(path: Path, means: Mapping[str, np.ndarray], widths: Mapping[str, int]) -> str | None:

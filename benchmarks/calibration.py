@@ -1,0 +1,177 @@
+"""Calibration inside llama.cpp's graph (issue 10): agreement, cost, memory and quality, printed as JSON.
+
+    .venv/bin/python benchmarks/calibration.py --part all [--threads 2] [--rounds 2] > calibration.json
+
+Parts (each a key of the JSON):
+- reference: on the default model, E[x²] from llama.cpp's graph vs the PyTorch reference over the same
+  windows; relative L2 error per weight (max, median). llama.cpp multiplies the Q4_1 weights with Q8
+  activations, the reference in F32, so they differ by that rounding only.
+- time: interleaved rounds of (a) `convert` with default options (its calibration not cached) and
+  (b) `llama_model_quantize` with the same importance matrix plus a plain llama.cpp forward (no
+  callback) over the same tokens; target a / b <= 2. Also the cost of collecting Σxxᵀ (second
+  moments) relative to E[x²] alone.
+- memory: peak RSS of a process that collects the statistics over few and over many windows (target:
+  no growth with the number of tokens).
+- quality: Q4_0 of the default model with the importance matrix from this path (llama.cpp, default
+  tokens) vs today's (PyTorch reference, 8 sequences of 256 tokens), perplexity over 8 chunks of 512
+  on both evaluation texts, and the share of the plain-Q4_0 -> Q4_1 gap each recovers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from nkat_gguf.convert import ConvertOptions, convert  # noqa: E402
+from nkat_gguf.convert.calibrate import (  # noqa: E402
+    calibrate,
+    calibrate_with_reference,
+    calibration_windows,
+    recorded_weights,
+    tokenize,
+)
+from nkat_gguf.default_model import default_model_path  # noqa: E402
+from nkat_gguf.engine.calibration import collect_statistics, plain_forward_seconds  # noqa: E402
+from nkat_gguf.engine.perplexity import perplexity, tokenize_text  # noqa: E402
+from nkat_gguf.engine.quantize import quantize_model, resolve_outtype  # noqa: E402
+from nkat_gguf.engine.reference import LlamaReference  # noqa: E402
+from nkat_gguf.engine.runtime import NkatRuntime, RuntimeOptions  # noqa: E402
+from nkat_gguf.format.gguf_file import read_layout  # noqa: E402
+from nkat_gguf.format.tensors import TensorSource  # noqa: E402
+from nkat_gguf.texts import load_text  # noqa: E402
+
+MODEL = default_model_path()
+CALIBRATION = load_text(None, "calibration")
+
+
+def part_reference(tokens: int, threads: int) -> dict:
+    ours = calibrate(MODEL, CALIBRATION, tokens, threads=threads, progress=False, cache=False)
+    source = TensorSource(MODEL)
+    theirs = calibrate_with_reference(source, source.dequantize, MODEL, CALIBRATION, tokens, progress=False)
+    errors = {n: float(np.linalg.norm(ours.mean_squares[n] - v) / np.linalg.norm(v))
+              for n, v in theirs.mean_squares.items()}
+    worst = max(errors, key=errors.get)
+    return {"tokens": ours.tokens, "weights": len(errors), "same_weights": ours.mean_squares.keys() == errors.keys(),
+            "relative_l2_error_max": errors[worst], "worst_weight": worst,
+            "relative_l2_error_median": float(np.median(list(errors.values())))}
+
+
+def part_time(rounds: int, threads: int) -> dict:
+    layout = read_layout(MODEL)
+    windows = calibration_windows(MODEL, CALIBRATION)
+    ftype = resolve_outtype("same", layout)[1]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        for r in range(rounds):
+            os.environ["NKAT_CACHE_DIR"] = str(work / f"cache-{r}")  # a fresh cache: the calibration runs
+            report = convert(ConvertOptions(input=MODEL, output=work / "out.gguf", threads=threads, progress=False))
+            imatrix = calibrate(MODEL, CALIBRATION, threads=threads, progress=False).mean_squares  # cached now
+            t = time.perf_counter()
+            quantize_model(MODEL, work / "plain.gguf", ftype, imatrix, threads)
+            quantize_seconds = time.perf_counter() - t
+            forward_seconds = plain_forward_seconds(MODEL, windows, threads)
+            t = time.perf_counter()
+            collect_statistics(MODEL, windows[:4], recorded_weights(MODEL), False, threads, progress=False)
+            squares_only = time.perf_counter() - t
+            t = time.perf_counter()
+            collect_statistics(MODEL, windows[:4], recorded_weights(MODEL), True, threads, progress=False)
+            with_outer = time.perf_counter() - t
+            baseline = quantize_seconds + forward_seconds
+            rows.append({"convert_seconds": report.seconds, "quantize_seconds": round(quantize_seconds, 3),
+                         "plain_forward_seconds": round(forward_seconds, 3),
+                         "ratio_convert_to_quantize_plus_forward": round(report.seconds["total"] / baseline, 3),
+                         "ratio_calibrate_to_plain_forward": round(report.seconds["calibrate"] / forward_seconds, 3),
+                         "ratio_second_moments_to_squares_only_4_windows": round(with_outer / squares_only, 3),
+                         "load_average_1min": os.getloadavg()[0]})
+    return {"calibration_tokens": len(windows) * len(windows[0]), "threads": threads, "rounds": rows,
+            "best_ratio": min(r["ratio_convert_to_quantize_plus_forward"] for r in rows), "target": 2.0}
+
+
+_CHILD = """
+import resource, sys
+sys.path.insert(0, {root!r})
+from nkat_gguf.engine.calibration import collect_statistics
+from nkat_gguf.convert.calibrate import calibration_windows, recorded_weights
+from nkat_gguf.default_model import default_model_path
+from nkat_gguf.texts import load_text
+m = default_model_path()
+w = calibration_windows(m, load_text(None, "calibration"), {tokens})
+collect_statistics(m, w, recorded_weights(m), {outer}, {threads}, progress=False)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def part_memory(threads: int, few: int, many: int) -> dict:
+    root = str(Path(__file__).resolve().parents[1])
+    result = {}
+    for outer in (False, True):
+        for tokens in (few, many):
+            code = _CHILD.format(root=root, tokens=tokens, outer=outer, threads=threads)
+            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+            result[f"{'with' if outer else 'without'}_second_moments_{tokens}_tokens_peak_rss_mib"] = \
+                round(int(out.split()[-1]) / 1024, 1)
+    return result
+
+
+def part_quality(threads: int, chunks: int) -> dict:
+    layout = read_layout(MODEL)
+    ftype = resolve_outtype("Q4_0", layout)[1]
+    source = TensorSource(MODEL)
+    old_tokens = tokenize(MODEL, CALIBRATION.content)[:8 * 256]  # today's calibration: 8 sequences of 256
+    old = LlamaReference(source).input_mean_squares([old_tokens[i * 256:(i + 1) * 256] for i in range(8)])
+    new = calibrate(MODEL, CALIBRATION, threads=threads, progress=False)
+    result: dict = {"new_tokens": new.tokens, "old_tokens": len(old_tokens), "chunks": chunks}
+    with tempfile.TemporaryDirectory() as tmp:
+        files = {"Q4_1": MODEL}
+        for name, imatrix in (("Q4_0", None), ("Q4_0+imatrix_today", old), ("Q4_0+imatrix_llama_cpp", new.mean_squares)):
+            files[name] = Path(tmp) / f"{name}.gguf"
+            quantize_model(MODEL, files[name], ftype, imatrix, threads)
+        for split in ("evaluation", "licenses"):
+            ppl = {}
+            for name, path in files.items():
+                runtime = NkatRuntime(path, RuntimeOptions(n_threads=threads))
+                tokens = tokenize_text(runtime.llm, load_text(None, split).content)
+                ppl[name] = perplexity(runtime.llm, tokens, 512, chunks, progress=False).ppl
+                runtime.llm.close()
+            gap = ppl["Q4_0"] - ppl["Q4_1"]
+            result[split] = {"perplexity": ppl, "gap_share_today": (ppl["Q4_0"] - ppl["Q4_0+imatrix_today"]) / gap,
+                             "gap_share_llama_cpp": (ppl["Q4_0"] - ppl["Q4_0+imatrix_llama_cpp"]) / gap}
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--part", choices=["reference", "time", "memory", "quality", "all"], default="all")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--reference-tokens", type=int, default=4096)
+    parser.add_argument("--chunks", type=int, default=8)
+    args = parser.parse_args()
+    parts = ["reference", "time", "memory", "quality"] if args.part == "all" else [args.part]
+    out: dict = {"model": MODEL.name}
+    for part in parts:
+        if part == "reference":
+            out[part] = part_reference(args.reference_tokens, args.threads)
+        elif part == "time":
+            out[part] = part_time(args.rounds, args.threads)
+        elif part == "memory":
+            out[part] = part_memory(args.threads, 1024, 16384)
+        else:
+            out[part] = part_quality(args.threads, args.chunks)
+        print(f"{part} done", file=sys.stderr)
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
