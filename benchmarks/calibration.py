@@ -38,14 +38,14 @@ from nkat_gguf.convert.calibrate import (  # noqa: E402
     calibrate_with_reference,
     calibration_windows,
     recorded_weights,
-    tokenize,
 )
-from nkat_gguf.default_model import default_model_path  # noqa: E402
+from nkat_gguf.default_model import default_model_path
 from nkat_gguf.engine.calibration import collect_statistics, plain_forward_seconds  # noqa: E402
 from nkat_gguf.engine.perplexity import perplexity, tokenize_text  # noqa: E402
 from nkat_gguf.engine.quantize import quantize_model, resolve_outtype  # noqa: E402
 from nkat_gguf.engine.reference import LlamaReference  # noqa: E402
 from nkat_gguf.engine.runtime import NkatRuntime, RuntimeOptions  # noqa: E402
+from nkat_gguf.engine.vocab import tokenize  # noqa: E402
 from nkat_gguf.format.gguf_file import read_layout  # noqa: E402
 from nkat_gguf.format.tensors import TensorSource  # noqa: E402
 from nkat_gguf.texts import load_text  # noqa: E402

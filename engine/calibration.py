@@ -142,10 +142,10 @@ class _Collector:
             if self.want_outer and x.shape[1] <= MAX_SECOND_MOMENT_WIDTH:
                 total = self.stats.outer_sums.setdefault(owner, np.zeros((x.shape[1], x.shape[1])))
                 total += x.T @ x  # (in, in) float32 over one window; the float64 total keeps many windows exact
-        if self.want_outer and x.shape[1] <= MAX_SECOND_MOMENT_WIDTH:
-            if self.stats.input_owner.setdefault(name, owner) != owner:
-                raise NkatError(f"{name} shared its input with {self.stats.input_owner[name]} in one graph and "
-                                f"with {owner} in another; llama.cpp's graph changed between windows")
+        outer = self.want_outer and x.shape[1] <= MAX_SECOND_MOMENT_WIDTH
+        if outer and self.stats.input_owner.setdefault(name, owner) != owner:
+            raise NkatError(f"{name} shared its input with {self.stats.input_owner[name]} in one graph and "
+                            f"with {owner} in another; llama.cpp's graph changed between windows")
         self._add(name, squares[None, :], np.array([x.shape[0]]))
 
     def _collect_batched(self, name: str, src0: GgmlTensor, x: np.ndarray) -> None:

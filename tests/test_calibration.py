@@ -18,12 +18,12 @@ from nkat_gguf.convert.calibrate import (
     calibrate_with_reference,
     calibration_windows,
     recorded_weights,
-    tokenize,
 )
 from nkat_gguf.convert.selection import select_tensors
 from nkat_gguf.default_model import default_model_path
 from nkat_gguf.engine.ggml_tensor import GgmlTensor, check_layout, layout_problems
 from nkat_gguf.engine.quantize import quantize_model, resolve_outtype
+from nkat_gguf.engine.vocab import tokenize
 from nkat_gguf.errors import InputError
 from nkat_gguf.format.gguf_file import read_layout, write_with_metadata
 from nkat_gguf.format.imatrix import input_widths, read_imatrix_file
@@ -172,8 +172,9 @@ def test_calibration_bad_input_from_the_cli(extra: list[str], message: str, tiny
     short.write_text("A short calibration text.\n")
     out = tmp_path / "out.nkat.gguf"
     args = [str(short) if a == "SHORT" else a for a in extra]
-    proc = subprocess.run([sys.executable, "-m", "nkat_gguf.cli", "convert", "--input", str(tiny_f32), "--output",
-                           str(out), "--theta-rank", "2", *args], capture_output=True, text=True, timeout=300)
+    command = [sys.executable, "-m", "nkat_gguf.cli", "convert", "--input", str(tiny_f32), "--output", str(out),
+               "--theta-rank", "2", *args]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode != 0 and len(lines) == 1 and message in lines[0], proc.stderr
     assert not out.exists()

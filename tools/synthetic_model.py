@@ -9,9 +9,9 @@ model; the vocabulary therefore has 49152 entries. No weights are downloaded.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from gguf import quants

@@ -8,9 +8,9 @@ llama.cpp's importance matrix for quantization. convert collects them inside lla
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from tqdm import tqdm
