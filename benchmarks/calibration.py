@@ -157,6 +157,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--reference-tokens", type=int, default=4096)
     parser.add_argument("--chunks", type=int, default=8)
+    parser.add_argument("--memory-tokens", type=int, default=16384, help="the larger run of the memory part")
     args = parser.parse_args()
     parts = ["reference", "time", "memory", "quality"] if args.part == "all" else [args.part]
     out: dict = {"model": MODEL.name}
@@ -166,7 +167,7 @@ def main() -> None:
         elif part == "time":
             out[part] = part_time(args.rounds, args.threads)
         elif part == "memory":
-            out[part] = part_memory(args.threads, 1024, 16384)
+            out[part] = part_memory(args.threads, 1024, args.memory_tokens)
         else:
             out[part] = part_quality(args.threads, args.chunks)
         print(f"{part} done", file=sys.stderr)
