@@ -15,6 +15,10 @@ Parts (each a key of the JSON):
 - quality: Q4_0 of the default model with the importance matrix from this path (llama.cpp, default
   tokens) vs today's (PyTorch reference, 8 sequences of 256 tokens), perplexity over 8 chunks of 512
   on both evaluation texts, and the share of the plain-Q4_0 -> Q4_1 gap each recovers.
+- model (`--model PATH`, any architecture llama.cpp loads): Q4_0 plain, with the importance matrix, with
+  importance matrix + activation θ (convert's default method, `--theta-rank`), and with plain-SVD θ and no
+  importance matrix (what convert did for architectures without a PyTorch reference); share of the gap
+  between plain Q4_0 and the input on both texts.
 """
 
 from __future__ import annotations
@@ -150,9 +154,46 @@ def part_quality(threads: int, chunks: int) -> dict:
     return result
 
 
+def _perplexities(files: dict[str, Path], threads: int, chunks: int) -> dict:
+    result = {}
+    for split in ("evaluation", "licenses"):
+        ppl = {}
+        for name, path in files.items():
+            runtime = NkatRuntime(path, RuntimeOptions(n_threads=threads))
+            ppl[name] = perplexity(runtime.llm, tokenize_text(runtime.llm, load_text(None, split).content), 512,
+                                   chunks, progress=False).ppl
+            runtime.llm.close()
+        result[split] = ppl
+    return result
+
+
+def part_model(model: Path, threads: int, chunks: int, calib_tokens: int | None, rank: int) -> dict:
+    """Q4_0 variants of any model llama.cpp loads; the input is the reference (share 100 %)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        variants = {"Q4_0": dict(imatrix="none", theta_rank=0),
+                    "Q4_0+imatrix": dict(imatrix="auto", theta_rank=0),
+                    f"Q4_0+imatrix+theta_r{rank}_activation": dict(imatrix="auto", theta_rank=rank),
+                    f"Q4_0+theta_r{rank}_plain_svd": dict(imatrix="none", theta_rank=rank, theta_calib="none")}
+        files, seconds = {"input": model}, {}
+        for name, options in variants.items():
+            files[name] = work / f"{name}.gguf"
+            report = convert(ConvertOptions(input=model, output=files[name], outtype="Q4_0", calib_tokens=calib_tokens,
+                                            threads=threads, progress=False, **options))
+            seconds[name] = report.seconds
+        ppl = _perplexities(files, threads, chunks)
+    shares = {split: {name: (p["Q4_0"] - v) / (p["Q4_0"] - p["input"]) for name, v in p.items()}
+              for split, p in ppl.items()}
+    return {"model": model.name, "architecture": read_layout(model).architecture, "chunks": chunks,
+            "calib_tokens": calib_tokens, "perplexity": ppl, "gap_share": shares, "convert_seconds": seconds}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--part", choices=["reference", "time", "memory", "quality", "all"], default="all")
+    parser.add_argument("--part", choices=["reference", "time", "memory", "quality", "model", "all"], default="all")
+    parser.add_argument("--model", type=Path, help="the model of the 'model' part")
+    parser.add_argument("--calib-tokens", type=int, default=None, help="calibration tokens of the 'model' part")
+    parser.add_argument("--theta-rank", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--reference-tokens", type=int, default=4096)
@@ -160,12 +201,14 @@ def main() -> None:
     parser.add_argument("--memory-tokens", type=int, default=16384, help="the larger run of the memory part")
     args = parser.parse_args()
     parts = ["reference", "time", "memory", "quality"] if args.part == "all" else [args.part]
-    out: dict = {"model": MODEL.name}
+    out: dict = {"default_model": MODEL.name}
     for part in parts:
         if part == "reference":
             out[part] = part_reference(args.reference_tokens, args.threads)
         elif part == "time":
             out[part] = part_time(args.rounds, args.threads)
+        elif part == "model":
+            out[part] = part_model(args.model, args.threads, args.chunks, args.calib_tokens, args.theta_rank)
         elif part == "memory":
             out[part] = part_memory(args.threads, 1024, args.memory_tokens)
         else:
