@@ -87,7 +87,7 @@ class _Collector:
         self._collected = 0  # wanted nodes collected in this graph
         self._per_graph: int | None = None  # wanted nodes in the first graph; every window's graph is the same
         self._staging = np.empty(0, dtype=np.uint8)  # device-to-host copies
-        self.callback = ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_void_p, ctypes.c_bool, ctypes.c_void_p)(self._call)
+        self.callback = llama_cpp.ggml_backend_sched_eval_callback(self._call)  # kept alive with the collector
 
     def new_graph(self) -> None:
         """Tensor addresses identify shared inputs only within one graph."""
