@@ -190,4 +190,4 @@ def test_default_model_every_adapted_weight_and_close_to_the_reference() -> None
     assert set(select_tensors(source.layout, None)) <= ours.mean_squares.keys()
     assert ours.mean_squares.keys() == theirs.mean_squares.keys()
     worst = max(np.linalg.norm(ours.mean_squares[n] - v) / np.linalg.norm(v) for n, v in theirs.mean_squares.items())
-    assert worst < 0.05, worst
+    assert worst < 0.05, worst  # BENCHMARKS.md: 0.016 at most over 4,096 tokens, median 0.001
