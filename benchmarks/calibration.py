@@ -15,6 +15,8 @@ Parts (each a key of the JSON):
 - quality: Q4_0 of the default model with the importance matrix from this path (llama.cpp, default
   tokens) vs today's (PyTorch reference, 8 sequences of 256 tokens), perplexity over 8 chunks of 512
   on both evaluation texts, and the share of the plain-Q4_0 -> Q4_1 gap each recovers.
+- outer: the Σxxᵀ of one window (512 rows) by BLAS in float32 (what the callback does) vs float64, for
+  the default model's two input widths, interleaved.
 - model (`--model PATH`, any architecture llama.cpp loads): Q4_0 plain, with the importance matrix, with
   importance matrix + activation θ (convert's default method, `--theta-rank`), and with plain-SVD θ and no
   importance matrix (what convert did for architectures without a PyTorch reference); share of the gap
@@ -154,6 +156,25 @@ def part_quality(threads: int, chunks: int) -> dict:
     return result
 
 
+def part_outer(repetitions: int = 20) -> dict:
+    rng = np.random.default_rng(0)
+    result = {}
+    for width in (576, 1536):
+        x32 = rng.standard_normal((512, width), dtype=np.float32)
+        x64 = x32.astype(np.float64)
+        times: dict[str, list[float]] = {"float32": [], "float64": []}
+        for _ in range(repetitions):
+            for name, x in (("float32", x32), ("float64", x64)):
+                t = time.perf_counter()
+                x.T @ x
+                times[name].append(time.perf_counter() - t)
+        best = {k: min(v) for k, v in times.items()}
+        result[f"width_{width}"] = {"float32_ms": round(1e3 * best["float32"], 3),
+                                    "float64_ms": round(1e3 * best["float64"], 3),
+                                    "float64_over_float32": round(best["float64"] / best["float32"], 2)}
+    return result
+
+
 def _perplexities(files: dict[str, Path], threads: int, chunks: int) -> dict:
     result = {}
     for split in ("evaluation", "licenses"):
@@ -190,7 +211,7 @@ def part_model(model: Path, threads: int, chunks: int, calib_tokens: int | None,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--part", choices=["reference", "time", "memory", "quality", "model", "all"], default="all")
+    parser.add_argument("--part", choices=["reference", "time", "memory", "quality", "model", "outer", "all"], default="all")
     parser.add_argument("--model", type=Path, help="the model of the 'model' part")
     parser.add_argument("--calib-tokens", type=int, default=None, help="calibration tokens of the 'model' part")
     parser.add_argument("--theta-rank", type=int, default=8)
@@ -207,6 +228,8 @@ def main() -> None:
             out[part] = part_reference(args.reference_tokens, args.threads)
         elif part == "time":
             out[part] = part_time(args.rounds, args.threads)
+        elif part == "outer":
+            out[part] = part_outer()
         elif part == "model":
             out[part] = part_model(args.model, args.threads, args.chunks, args.calib_tokens, args.theta_rank)
         elif part == "memory":
