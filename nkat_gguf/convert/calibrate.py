@@ -6,7 +6,7 @@ and llama.cpp's importance matrix for quantization.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -28,6 +28,9 @@ class Calibration:
     tokens: int
     text_sha256: str
     text_source: str
+    # weight name -> E[x xᵀ] of its input, (in, in) float64, one array object per shared input (q/k/v, gate/up),
+    # only for inputs at most 8192 wide; empty unless asked for (whitened θ needs it)
+    second_moments: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def calibration_sequences(tokens: list[int], n_seq: int = CALIBRATION_SEQUENCES,
@@ -40,9 +43,10 @@ def calibration_sequences(tokens: list[int], n_seq: int = CALIBRATION_SEQUENCES,
 
 
 def calibrate(source: TensorSource, weights: Callable[[str], np.ndarray], model_path: Path, text: Text,
-              progress: bool = True) -> Calibration:
+              progress: bool = True, second_moments: bool = False, n_seq: int = CALIBRATION_SEQUENCES,
+              length: int = CALIBRATION_LENGTH) -> Calibration:
     """Run the reference forward (with the reference weights) over the calibration windows."""
-    sequences = calibration_sequences(tokenize(model_path, text.content))
+    sequences = calibration_sequences(tokenize(model_path, text.content), n_seq, length)
     reference = LlamaReference(source, weights=weights)
-    stats = reference.input_mean_squares(sequences)
-    return Calibration(stats, sum(len(s) for s in sequences), text.sha256, text.source)
+    means, moments = reference.input_statistics(sequences, second_moments)
+    return Calibration(means, sum(len(s) for s in sequences), text.sha256, text.source, moments)
