@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from nkat_gguf.theta import (
+from nkat_gguf.math.theta import (
     activation_scale, damped_cholesky, expected_output_error, theta_from_residual, theta_whitened,
 )
 

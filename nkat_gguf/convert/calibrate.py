@@ -35,11 +35,16 @@ class Calibration:
 
 def calibration_sequences(tokens: list[int], n_seq: int = CALIBRATION_SEQUENCES,
                           length: int = CALIBRATION_LENGTH) -> list[list[int]]:
-    """n_seq consecutive windows of `length` tokens from the start of the calibration text."""
+    """n_seq windows of `length` tokens spread evenly over the calibration text (non-overlapping).
+
+    Spread rather than taken from the start: the text is sorted by topic, so the first windows
+    would all come from the first few topics.
+    """
     if len(tokens) < length:
         raise InputError(f"calibration text has {len(tokens)} tokens; at least {length} are needed")
     n = min(n_seq, len(tokens) // length)
-    return [tokens[i * length:(i + 1) * length] for i in range(n)]
+    starts = np.linspace(0, len(tokens) - length, n).astype(int) if n > 1 else np.zeros(1, dtype=int)
+    return [tokens[s:s + length] for s in starts]
 
 
 def calibrate(source: TensorSource, weights: Callable[[str], np.ndarray], model_path: Path, text: Text,

@@ -24,6 +24,9 @@ class ConvertOptions:
     selective_layers: list[str] | None = None
     calib_text: Path | None = None
     theta_calib: ThetaCalib = "activation"
+    theta_fit: str = "whiten"  # "diag" or "whiten" (see theta_fit.py)
+    theta_damping: float | None = None  # None: the fit's default
+    theta_rounds: int = 1  # > 1: LoftQ-style joint requantization rounds
     imatrix: str = "auto"  # "auto": from the calibration; "none"; or a llama.cpp imatrix file
     threads: int = 0
     progress: bool = True
@@ -40,6 +43,7 @@ class ConvertReport:
     theta_rank: int
     theta_gamma: float
     calibration: str  # "activation" or "none"
+    theta_fit: str
     imatrix: str
     notes: list[str] = field(default_factory=list)
     input_bytes: int = 0

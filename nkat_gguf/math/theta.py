@@ -109,7 +109,7 @@ def damped_cholesky(second_moment: np.ndarray, damping: float) -> np.ndarray:
 def expected_output_error(residual: np.ndarray, correction: np.ndarray, second_moment: np.ndarray) -> float:
     """E‖(E − B·A)x‖² = tr(D·H·Dᵀ), D = E − B·A, H = E[x xᵀ]: the error the layer's output sees."""
     d = residual.astype(np.float64) - correction.astype(np.float64)
-    return float(np.einsum("ij,jk,ik->", d, np.asarray(second_moment, dtype=np.float64), d))
+    return float(((d @ np.asarray(second_moment, dtype=np.float64)) * d).sum())
 
 
 def _check_rank(residual: np.ndarray, rank: int) -> None:
