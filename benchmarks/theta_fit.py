@@ -148,6 +148,25 @@ def gap_shares(rows: list[dict], plain: dict, reference: dict) -> None:
             row["gap_recovered"][gamma] = shares | {"worse": min(shares.values())}
 
 
+def markdown_table(cached: list[dict]) -> str:
+    """One line per row and γ: MiB, perplexity and gap share on each text, and the worse share."""
+    by_name = {row["name"]: row for row in cached}
+    reference, plain = by_name.pop("reference"), by_name["Q4_0 plain (no importance matrix)"]
+    rows = list(by_name.values())
+    gap_shares(rows, plain, reference)
+    lines = ["| row | γ | MiB | PPL pydoc | PPL licences | gap pydoc | gap licences | worse |",
+             "|---|---|---|---|---|---|---|---|",
+             f"| Q4_1 reference | – | {reference['file_bytes'] / 2**20:.2f} | {reference['ppl']['off']['evaluation']:.4f} "
+             f"| {reference['ppl']['off']['licenses']:.4f} | 100 % | 100 % | |"]
+    for row in rows:
+        for gamma, ppl in row["ppl"].items():
+            share = row["gap_recovered"][gamma]
+            lines.append(f"| {row['name']} | {gamma} | {row['file_bytes'] / 2**20:.2f} | {ppl['evaluation']:.4f} "
+                         f"| {ppl['licenses']:.4f} | {100 * share['evaluation']:.1f} % | {100 * share['licenses']:.1f} % "
+                         f"| {100 * share['worse']:.1f} % |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--study", default="fits,tokens")
@@ -155,7 +174,11 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cache", type=Path, default=Path("theta_fit.jsonl"))
+    parser.add_argument("--table", action="store_true", help="print the cached rows as a Markdown table; measure nothing")
     args = parser.parse_args()
+    if args.table:
+        print(markdown_table([json.loads(line) for line in args.cache.read_text().splitlines()]))
+        return
     bases = args.bases.split(",")
     studies = {"fits": fit_variants, "tokens": token_variants}
     with tempfile.TemporaryDirectory(prefix="nkat-theta-fit-") as tmp:

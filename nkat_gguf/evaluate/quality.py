@@ -61,7 +61,8 @@ def calibrate_once(model: Path, reference: Path | None, calib_text: Path | None,
     if not supports_reference(ref_source.layout):
         raise UnsupportedModelError(f"{model.name}: architecture {source.layout.architecture} has no PyTorch "
                                     "reference, so there is no calibration and no importance matrix to compare")
-    return calibrate(ref_source, weights, model, load_text(calib_text, "calibration"), progress)
+    return calibrate(ref_source, weights, model, load_text(calib_text, "calibration"), progress,
+                     second_moments=ConvertOptions.theta_fit == "whiten")
 
 
 def build_variants(model: Path, reference: Path | None, calibration: Calibration, workdir: Path,
