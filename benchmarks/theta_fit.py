@@ -1,7 +1,8 @@
 """Which θ fit wins for the same bytes, on text like the calibration text and on text of another domain.
 
-    nice -n 10 .venv/bin/python benchmarks/theta_fit.py [--study fits,tokens,gamma] [--chunks 8] \
-        [--threads 2] [--cache theta_fit.jsonl] > theta_fit.json
+    nice -n 10 .venv/bin/python benchmarks/theta_fit.py [--bases Q4_0,IQ4_NL] [--chunks 8] [--threads 1] \
+        [--cache theta_fit.jsonl] [--workdir theta_fit_files] > theta_fit.json
+    .venv/bin/python benchmarks/theta_fit.py --cache theta_fit.jsonl --table   # the rows so far, as Markdown
 
 Every row is a real file `convert` writes from the default model (SmolLM2-135M-Instruct Q4_1; the
 reference is its dequantized weights) at θ rank 8 on all 210 block weights (equal θ bytes in every
@@ -9,12 +10,10 @@ row), measured with llama-perplexity's method on 8 chunks of 512 of two texts: t
 split (like the calibration text) and Debian's licence texts (legal prose). Each row reports the
 share of the gap between plain Q4_0 (no importance matrix) and the Q4_1 reference it recovers.
 
-Studies (one calibration per token count serves the importance matrix and θ of its rows):
-- fits: bases Q4_0 and IQ4_NL with the importance matrix; θ off, diagonal scaling undamped (the old
-  default) and damped, whitening at three dampings (at damping 0.01 also γ 0.8-1.1, in one runtime,
-  γ switched without reloading), and LoftQ-style joint rounds.
-- tokens: whitening calibrated on 2,048 and 8,192 tokens (the fits use 16,384: 32 windows of 512,
-  nearly all of the calibration split's 17,186 tokens).
+Rows, most telling first (one calibration per token count serves the importance matrix and θ):
+diagonal scaling undamped (the old default) against whitening at damping 0.01 on both bases, γ 0.9 and
+1.1, other dampings of both fits, LoftQ-style joint rounds, 16,384 calibration tokens instead of 2,048,
+and θ off (the importance matrix alone).
 Rows are appended to --cache as they are measured, so a rerun resumes; the JSON goes to stdout.
 """
 
@@ -23,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,14 +39,13 @@ from nkat_gguf.format.tensors import TensorSource  # noqa: E402
 
 TEXTS = ("evaluation", "licenses")
 TOKENS = {2048: (8, 256), 8192: (16, 512), 16384: (32, 512)}  # calibration tokens -> (windows, length)
-MAIN_TOKENS = 16384
+MAIN_TOKENS = 2048  # today's default (8 windows of 256); 16,384 is 32 of 512, nearly all of the split's 17,186
 RANK = 8
-GAMMAS = (0.8, 0.9, 1.0, 1.1)  # measured on the main whitened rows (one runtime, γ switched without reloading)
 
 
 @dataclass(frozen=True)
 class Variant:
-    name: str
+    label: str  # what the conversion is; `name` adds the calibration size and γ
     outtype: str
     imatrix: str = "auto"
     rank: int = RANK
@@ -56,28 +53,36 @@ class Variant:
     damping: float | None = None
     rounds: int = 1
     tokens: int = MAIN_TOKENS
-    gammas: tuple[float, ...] = (1.0,)
+    gamma: float = 1.0
+
+    @property
+    def file_key(self) -> str:
+        """One converted file per conversion; rows that differ only in γ share it."""
+        return f"{self.label} {self.tokens} tokens".replace(" ", "_").replace("(", "").replace(")", "")
+
+    @property
+    def name(self) -> str:
+        return f"{self.label}, {self.tokens} tokens" + (f", gamma {self.gamma:g}" if self.rank else "")
 
 
-def fit_variants(bases: list[str]) -> list[Variant]:
-    """Most telling rows first (both bases each time), so a partial run already compares the main fits."""
-    def per_base(make) -> list[Variant]:
-        return [make(base) for base in bases]
-
-    rows = per_base(lambda b: Variant(f"{b} imatrix", b, rank=0))
-    rows += per_base(lambda b: Variant(f"{b} diag damping 0 (old default)", b, fit="diag", damping=0.0))
-    rows += per_base(lambda b: Variant(f"{b} whiten damping 0.01", b, fit="whiten", damping=0.01, gammas=GAMMAS))
-    for d in (0.1, 0.001):
-        rows += per_base(lambda b: Variant(f"{b} whiten damping {d:g}", b, fit="whiten", damping=d))
-    for d in (0.01, 0.1):
-        rows += per_base(lambda b: Variant(f"{b} diag damping {d:g}", b, fit="diag", damping=d))
-    rows += per_base(lambda b: Variant(f"{b} whiten 3 joint rounds", b, fit="whiten", rounds=3))
+def main_variants(bases: list[str]) -> list[Variant]:
+    """Most telling rows first, so a partial run (the cache keeps every row) already answers the main question."""
+    first, other = bases[0], bases[1:]
+    rows = []
+    for base in bases:
+        rows += [Variant(f"{base} diag damping 0 (old default)", base, fit="diag", damping=0.0),
+                 Variant(f"{base} whiten damping 0.01", base, fit="whiten", damping=0.01)]
+    rows += [Variant(f"{base} whiten damping 0.01", base, fit="whiten", damping=0.01, gamma=0.9) for base in bases]
+    rows += [Variant(f"{first} whiten damping 0.1", first, fit="whiten", damping=0.1),
+             Variant(f"{first} diag damping 0.1", first, fit="diag", damping=0.1),
+             Variant(f"{first} whiten 3 joint rounds", first, fit="whiten", damping=0.01, rounds=3),
+             Variant(f"{first} whiten damping 0.01", first, fit="whiten", damping=0.01, tokens=16384),
+             Variant(f"{first} whiten damping 0.01", first, fit="whiten", damping=0.01, gamma=1.1),
+             Variant(f"{first} whiten damping 0.001", first, fit="whiten", damping=0.001)]
+    rows += [Variant(f"{base} imatrix", base, rank=0) for base in bases]
+    rows += [Variant(f"{base} whiten damping 0.1", base, fit="whiten", damping=0.1) for base in other]
+    rows += [Variant(f"{base} diag damping 0.1", base, fit="diag", damping=0.1) for base in other]
     return rows
-
-
-def token_variants(bases: list[str]) -> list[Variant]:
-    return [Variant(f"{base} whiten {tokens} tokens", base, fit="whiten", tokens=tokens)
-            for tokens in TOKENS if tokens != MAIN_TOKENS for base in bases]
 
 
 class Bench:
@@ -114,28 +119,53 @@ class Bench:
                     out.setdefault("off" if gamma is None else f"{gamma:g}", {})[text] = ppl.ppl
         return out
 
+    def converted(self, v: Variant) -> tuple[Path, dict]:
+        """The file of this conversion and its convert report, converted once and kept in --workdir."""
+        output, report_path = self.workdir / f"{v.file_key}.gguf", self.workdir / f"{v.file_key}.json"
+        if not report_path.exists():
+            opts = ConvertOptions(input=self.model, output=output, outtype=v.outtype, theta_rank=v.rank,
+                                  theta_gamma=v.gamma, imatrix=v.imatrix, theta_fit=v.fit, theta_damping=v.damping,
+                                  theta_rounds=v.rounds, threads=self.args.threads, progress=False)
+            report = convert(opts, self.calibration(v.tokens)).as_dict()
+            report_path.write_text(json.dumps(report))
+        return output, json.loads(report_path.read_text())
+
     def row(self, v: Variant) -> dict:
         if v.name in self.done:
             return self.done[v.name]
-        output = self.workdir / "file.gguf"
-        opts = ConvertOptions(input=self.model, output=output, outtype=v.outtype, theta_rank=v.rank,
-                              theta_gamma=1.0, imatrix=v.imatrix, theta_fit=v.fit, theta_damping=v.damping,
-                              theta_rounds=v.rounds, threads=self.args.threads, progress=False)
-        calibration = None if v.imatrix == "none" and v.rank == 0 else self.calibration(v.tokens)
-        report = convert(opts, calibration)
-        gammas: tuple[float | None, ...] = v.gammas if v.rank else (None,)
-        rounds = [t["round"] for t in report.tensors.values()]
+        output, report = self.converted(v)
+        tensors = report["tensors"].values()
         row = {"name": v.name, "outtype": v.outtype, "imatrix": v.imatrix, "theta_rank": v.rank, "fit": v.fit,
                "damping": DEFAULT_DAMPING[v.fit] if v.damping is None else v.damping, "rounds": v.rounds,
-               "calibration_tokens": calibration.tokens if calibration else 0, "file_bytes": report.output_bytes,
-               "convert_seconds": report.seconds, "weights_from_joint_rounds": sum(r > 0 for r in rounds),
-               "expected_output_error": sum(t["expected_output_error"] for t in report.tensors.values()),
-               "ppl": self.measure_file(output, gammas)}
-        with open(self.args.cache, "a") as fh:
-            fh.write(json.dumps(row) + "\n")
-        self.done[v.name] = row
+               "calibration_tokens": v.tokens, "gamma": v.gamma if v.rank else None,
+               "file_bytes": report["output_bytes"], "convert_seconds": report["seconds"],
+               "weights_from_joint_rounds": sum(t["round"] > 0 for t in tensors),
+               "expected_output_error": sum(t["expected_output_error"] for t in tensors),
+               "ppl": self.measure_file(output, (v.gamma if v.rank else None,))}
+        self.save(row)
         print(f"{v.name}: {row['ppl']}", file=sys.stderr)
         return row
+
+    def plain(self) -> dict:
+        """Plain Q4_0, no importance matrix and no θ: the bottom of the gap (no calibration needed)."""
+        name = "Q4_0 plain (no importance matrix)"
+        if name not in self.done:
+            output = self.workdir / "plain.gguf"
+            convert(ConvertOptions(input=self.model, output=output, outtype="Q4_0", theta_rank=0, imatrix="none",
+                                   threads=self.args.threads, progress=False))
+            self.save({"name": name, "file_bytes": output.stat().st_size, "ppl": self.measure_file(output, (None,))})
+        return self.done[name]
+
+    def reference(self) -> dict:
+        if "reference" not in self.done:
+            self.save({"name": "reference", "file_bytes": self.model.stat().st_size,
+                       "ppl": self.measure_file(self.model, (None,))})
+        return self.done["reference"]
+
+    def save(self, row: dict) -> None:
+        with open(self.args.cache, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        self.done[row["name"]] = row
 
 
 def gap_shares(rows: list[dict], plain: dict, reference: dict) -> None:
@@ -169,7 +199,8 @@ def markdown_table(cached: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--study", default="fits,tokens")
+    parser.add_argument("--workdir", type=Path, default=Path("theta_fit_files"),
+                        help="converted files and their reports, kept so a rerun or another γ reuses them")
     parser.add_argument("--bases", default="Q4_0,IQ4_NL")
     parser.add_argument("--chunks", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
@@ -180,24 +211,14 @@ def main() -> None:
         print(markdown_table([json.loads(line) for line in args.cache.read_text().splitlines()]))
         return
     bases = args.bases.split(",")
-    studies = {"fits": fit_variants, "tokens": token_variants}
-    with tempfile.TemporaryDirectory(prefix="nkat-theta-fit-") as tmp:
-        bench = Bench(args, Path(tmp))
-        reference = bench.done.get("reference") or _reference_row(bench)
-        plain = bench.row(Variant("Q4_0 plain (no importance matrix)", "Q4_0", imatrix="none", rank=0))
-        rows = [bench.row(v) for study in args.study.split(",") for v in studies[study](bases)]
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    bench = Bench(args, args.workdir)
+    reference, plain = bench.reference(), bench.plain()
+    rows = [bench.row(v) for v in main_variants(bases)]
     gap_shares([plain, *rows], plain, reference)
     print(json.dumps({"model": str(bench.model), "chunks": args.chunks, "n_ctx": 512, "theta_rank": RANK,
                       "texts": {t: load_text(None, t).source for t in TEXTS},
                       "reference": reference, "plain": plain, "rows": rows}, indent=1))
-
-
-def _reference_row(bench: Bench) -> dict:
-    row = {"name": "reference", "file_bytes": bench.model.stat().st_size,
-           "ppl": bench.measure_file(bench.model, (None,))}
-    with open(bench.args.cache, "a") as fh:
-        fh.write(json.dumps(row) + "\n")
-    return row
 
 
 if __name__ == "__main__":
