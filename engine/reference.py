@@ -33,8 +33,47 @@ from nkat_gguf.format.gguf_file import GGUFLayout
 from nkat_gguf.format.tensors import TensorSource
 
 Hook = Callable[[torch.Tensor], torch.Tensor]
-Sums = dict[str, torch.Tensor] | None  # per-weight column sums of x^2, when collecting statistics
 Layer = dict[str, torch.Tensor]  # one block's weights by part name ("attn_q", ...)
+SECOND_MOMENT_MAX_WIDTH = 8192  # E[x xᵀ] is (in, in) float64: 512 MiB at this width, so no wider
+_GRAM_CHUNK = 4096  # tokens per float32 Gram product; the sums over chunks are float64
+
+
+class InputStatistics:
+    """Per-weight sums over tokens of x² (per column) and, optionally, of x xᵀ, of the input each weight multiplies.
+
+    Weights handed the same tensor (q/k/v; gate/up) share one x xᵀ sum, so it is computed once and
+    `second_moments()` returns the same array object for each of them.
+    """
+
+    def __init__(self, second_moments: bool, max_width: int = SECOND_MOMENT_MAX_WIDTH):
+        self.squares: dict[str, torch.Tensor] = {}
+        self.grams: dict[str, torch.Tensor] = {}
+        self._want_grams, self._max_width = second_moments, max_width
+        self._last: tuple[torch.Tensor, torch.Tensor] | None = None  # (input, its Gram sum): kept alive, so `is` is safe
+
+    def add(self, name: str, x: torch.Tensor) -> None:
+        self.squares[name] = x.square().sum(0, dtype=torch.float64)  # (in,); all N tokens pass at once
+        if not self._want_grams or x.shape[1] > self._max_width:
+            return
+        if self._last is None or self._last[0] is not x:
+            gram = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+            for chunk in x.float().split(_GRAM_CHUNK):  # (≤ chunk, in)
+                gram += (chunk.T @ chunk).double()
+            self._last = (x, gram)
+        self.grams[name] = self._last[1]
+
+    def mean_squares(self, n_tokens: int) -> dict[str, np.ndarray]:
+        return {name: (total / n_tokens).float().numpy() for name, total in self.squares.items()}
+
+    def second_moments(self, n_tokens: int) -> dict[str, np.ndarray]:
+        shared: dict[int, np.ndarray] = {}
+        for gram in self.grams.values():
+            if id(gram) not in shared:
+                shared[id(gram)] = (gram / n_tokens).numpy()
+        return {name: shared[id(gram)] for name, gram in self.grams.items()}
+
+
+Sums = InputStatistics | None  # the statistics being collected, if any
 
 # The 2-D weights of one block, in the order the block uses them.
 BLOCK_MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
@@ -263,12 +302,24 @@ class LlamaReference:
         embedding, so it gets no entry). x is taken after the weight's input hook, because that is
         what the weight multiplies. Sums are float64; values float32 of length in_features.
         """
+        return self.input_statistics(token_sequences, second_moments=False)[0]
+
+    @torch.inference_mode()
+    def input_statistics(self, token_sequences: Sequence[Sequence[int]], second_moments: bool = True
+                         ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """(E[x²] per column as `input_mean_squares` gives it, E[x xᵀ] per weight).
+
+        E[x xᵀ] is (in, in) float64, only for inputs at most SECOND_MOMENT_MAX_WIDTH wide, and one
+        array object for all weights that share an input (attn_q/k/v, ffn_gate/up); empty when
+        `second_moments` is False.
+        """
         batch = self._batch(token_sequences)
-        sums: dict[str, torch.Tensor] = {}
-        hidden = self._forward(batch, sums)  # (N, d)
+        stats = InputStatistics(second_moments)
+        hidden = self._forward(batch, stats)  # (N, d)
         if not self.config.tied_embeddings:
-            self._input("output.weight", hidden, sums)
-        return {name: (total / len(batch.tokens)).float().numpy() for name, total in sums.items()}
+            self._input("output.weight", hidden, stats)
+        n = len(batch.tokens)
+        return stats.mean_squares(n), stats.second_moments(n)
 
     # -- internals --
 
@@ -308,12 +359,12 @@ class LlamaReference:
         return F.linear(self._input(name, x, sums), weight)
 
     def _input(self, name: str, x: torch.Tensor, sums: Sums) -> torch.Tensor:
-        """The input weight `name` multiplies, hook(x); its per-column sum of x^2 goes to `sums`."""
+        """The input weight `name` multiplies, hook(x); its statistics go to `sums`."""
         hook = self._hooks.get(name)
         if hook is not None:
             x = hook(x)
         if sums is not None:
-            sums[name] = x.square().sum(0, dtype=torch.float64)  # (in,); all N tokens pass at once
+            sums.add(name, x)
         return x
 
     def _weight(self, name: str) -> torch.Tensor:

@@ -126,7 +126,16 @@ def main() -> None:
 @click.option("--save-imatrix", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the calibration as a llama.cpp imatrix GGUF (llama-quantize --imatrix reads it).")
 @click.option("--theta-calib", type=click.Choice(["activation", "none"]), default="activation", show_default=True,
-              help="activation: SVD weighted by sqrt(E[x^2]) of each weight's inputs; none: plain SVD.")
+              help="activation: SVD weighted by each weight's inputs (see --theta-fit); none: plain SVD.")
+@click.option("--theta-fit", type=click.Choice(["diag", "whiten"]), default="whiten", show_default=True,
+              help="whiten: the exact minimiser of the expected output error, from E[x xT] of each weight's input "
+                   "(damped Cholesky); diag: columns scaled by sqrt(E[x^2]) only, inputs taken as uncorrelated.")
+@click.option("--theta-damping", type=click.FloatRange(0, 10), default=None,
+              help="Damping added as this fraction of the mean of E[x^2] (GPTQ-style) before the fit "
+                   "(default: 0.01 for whiten, 0 for diag).")
+@click.option("--theta-rounds", type=click.IntRange(1, 10), default=1, show_default=True,
+              help="LoftQ-style joint fit: requantize W - B·A and refit theta this many rounds in all, keeping per "
+                   "weight the round with the lowest expected output error (1: theta on llama.cpp's quantization).")
 @click.option("--imatrix", default="auto", show_default=True,
               help="Importance matrix for quantization: auto (from the calibration), none, or a llama.cpp "
                    "imatrix file (GGUF or legacy .dat).")
@@ -148,7 +157,8 @@ def main() -> None:
 @_fail_cleanly
 def convert(input_: str, output: Path, outtype: str, reference: Path | None, theta_rank: int, theta_gamma: float,
             selective_layers: tuple[str, ...], calib_text: Path | None, calib_tokens: int | None,
-            save_imatrix: Path | None, theta_calib: str, imatrix: str, threads: int, so8t: str,
+            save_imatrix: Path | None, theta_calib: str, theta_fit: str, theta_damping: float | None,
+            theta_rounds: int, imatrix: str, threads: int, so8t: str,
             so8t_seed: int | None, so8t_heads: bool, force: bool, report_dir: Path | None,
             optimize_rank: bool, as_json: bool) -> None:
     """Quantize a GGUF with llama.cpp and store theta (what quantization lost, low rank) in its metadata."""
@@ -161,7 +171,7 @@ def convert(input_: str, output: Path, outtype: str, reference: Path | None, the
         input=resolve_model(input_), output=output, outtype=outtype, reference=reference,
         theta_rank=theta_rank, theta_gamma=theta_gamma, selective_layers=list(selective_layers) or None,
         calib_text=calib_text, calib_tokens=calib_tokens, save_imatrix=save_imatrix, theta_calib=theta_calib,
-        imatrix=imatrix, threads=threads,
+        theta_fit=theta_fit, theta_damping=theta_damping, theta_rounds=theta_rounds, imatrix=imatrix, threads=threads,
         so8t=So8tOptions(mode=so8t, seed=so8t_seed, heads=so8t_heads, force=force, report_dir=report_dir),
         progress=sys.stderr.isatty() or not as_json)
     if optimize_rank:

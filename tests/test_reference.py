@@ -165,6 +165,26 @@ def test_input_mean_squares_are_means_of_what_each_weight_sees(untied_path: Path
         np.testing.assert_array_equal(mean_square, unhooked[name])  # identity hooks change nothing
 
 
+def test_second_moments_are_shared_means_of_x_xT(untied_path: Path, sequences: list[list[int]]) -> None:
+    """E[x xᵀ] per weight: the mean outer product of what it sees, one array per shared input."""
+    config = LlamaConfig.from_layout(read_layout(untied_path))
+    hooks, seen = recording_hooks(config)
+    means, moments = LlamaReference(untied_path, input_hooks=hooks).input_statistics(sequences)
+    assert moments.keys() == means.keys()
+    for name, h in moments.items():
+        x = torch.cat(seen[name]).double().numpy()  # (N, in)
+        assert h.dtype == np.float64 and h.shape == (x.shape[1],) * 2
+        expected = x.T @ x / len(x)  # float32 Gram products: absolute tolerance on the scale of the matrix
+        np.testing.assert_allclose(h, expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max(), err_msg=name)
+        np.testing.assert_allclose(np.diag(h), means[name], rtol=1e-5, err_msg=name)
+    p = "blk.1."
+    assert moments[p + "attn_q.weight"] is moments[p + "attn_k.weight"] is moments[p + "attn_v.weight"]
+    assert moments[p + "ffn_gate.weight"] is moments[p + "ffn_up.weight"]
+    assert moments[p + "attn_output.weight"] is not moments[p + "attn_q.weight"]
+    assert moments[p + "ffn_down.weight"] is not moments[p + "ffn_up.weight"]
+    assert LlamaReference(untied_path).input_statistics(sequences, second_moments=False)[1] == {}
+
+
 def test_input_mean_squares_of_layer_0_from_numpy(tiny_path: Path, sequences: list[list[int]]) -> None:
     """attn_q/k/v see RMSNorm(embedding) * attn_norm; ffn_down sees silu(gate x) * up x."""
     source = TensorSource(tiny_path)

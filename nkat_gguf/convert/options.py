@@ -26,6 +26,9 @@ class ConvertOptions:
     calib_tokens: int | None = None  # None: DEFAULT_CALIB_TOKENS, or all whole windows of a shorter text
     save_imatrix: Path | None = None  # also write the calibration as a llama.cpp imatrix GGUF
     theta_calib: ThetaCalib = "activation"
+    theta_fit: str = "whiten"  # "diag" or "whiten" (see theta_fit.py)
+    theta_damping: float | None = None  # None: the fit's default
+    theta_rounds: int = 1  # > 1: LoftQ-style joint requantization rounds
     imatrix: str = "auto"  # "auto": from the calibration; "none"; or a llama.cpp imatrix file
     threads: int = 0
     progress: bool = True
@@ -42,6 +45,7 @@ class ConvertReport:
     theta_rank: int
     theta_gamma: float
     calibration: str  # "activation" or "none"
+    theta_fit: str
     imatrix: str
     notes: list[str] = field(default_factory=list)
     input_bytes: int = 0

@@ -12,12 +12,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from nkat_gguf import __version__
 from nkat_gguf.convert.calibrate import DEFAULT_CALIB_TOKENS, Calibration, calibrate
 from nkat_gguf.convert.options import ConvertOptions, ConvertReport
 from nkat_gguf.convert.selection import select_tensors
+from nkat_gguf.convert.theta_fit import FIT_METHODS, FitSettings, fit_weights, replace_tensors
 from nkat_gguf.engine.quantize import quantize_model, resolve_outtype
 from nkat_gguf.engine.runtime import check_loadable
 from nkat_gguf.errors import InputError
@@ -28,7 +28,7 @@ from nkat_gguf.format.hashing import sha256_file
 from nkat_gguf.format.imatrix import input_widths, missing_note, read_imatrix_file
 from nkat_gguf.format.nkat import NkatTheta, check_gamma, theta_metadata
 from nkat_gguf.format.tensors import TensorSource
-from nkat_gguf.math.theta import LowRank, activation_scale, quantize_int8, theta_from_residual
+from nkat_gguf.math.theta import quantize_int8
 from nkat_gguf.so8t.bake_step import bake_step, check_so8t_options
 from nkat_gguf.so8t.qc import write_report
 from nkat_gguf.texts import load_text
@@ -60,16 +60,14 @@ def check_rank(source: TensorSource, names: list[str], rank: int) -> None:
             raise InputError(f"--theta-rank {rank} is larger than {name}'s smaller dimension {smallest}")
 
 
-def fit_theta(quantized: TensorSource, weights: Callable[[str], np.ndarray], names: list[str], rank: int,
-              calibration: Calibration | None, progress: bool = True) -> dict[str, tuple[LowRank, float]]:
-    """E = W_ref - dequant(W_q) per weight, then the (activation-weighted) rank-r SVD of E."""
-    fits = {}
-    for name in tqdm(names, desc=f"theta rank {rank}", unit="tensor", disable=not progress, leave=False):
-        residual = weights(name) - quantized.dequantize(name)
-        scale = activation_scale(calibration.mean_squares[name]) if calibration else None
-        fit = theta_from_residual(residual, rank, scale)
-        fits[name] = (fit.factors, fit.captured_energy)
-    return fits
+def check_fit(opts: ConvertOptions) -> FitSettings:
+    if opts.theta_fit not in FIT_METHODS:
+        raise InputError(f"--theta-fit must be one of {', '.join(FIT_METHODS)}, got {opts.theta_fit!r}")
+    if opts.theta_damping is not None and not 0 <= opts.theta_damping <= 10:
+        raise InputError(f"--theta-damping must lie in [0, 10], got {opts.theta_damping}")
+    if not 1 <= opts.theta_rounds <= 10:
+        raise InputError(f"--theta-rounds must lie in [1, 10], got {opts.theta_rounds}")
+    return FitSettings(opts.theta_fit, opts.theta_damping, opts.theta_rounds)
 
 
 def load_imatrix_option(option: str, calibration: Calibration | None, widths: dict[str, int],
@@ -104,9 +102,10 @@ def convert(opts: ConvertOptions, calibration: Calibration | None = None) -> Con
     source = TensorSource(input_path, layout)
     names = select_tensors(layout, opts.selective_layers)
     check_rank(source, names, opts.theta_rank)
+    fit_settings = check_fit(opts)
     ref_source, weights = reference_weights(source, opts.reference, names)
     report = ConvertReport(str(input_path), str(output_path), outtype_name, opts.theta_rank, opts.theta_gamma,
-                           "none", "none", input_bytes=input_path.stat().st_size)
+                           "none", opts.theta_fit, "none", input_bytes=input_path.stat().st_size)
 
     with tempfile.TemporaryDirectory(prefix=".nkat-convert-", dir=output_path.parent) as tmp:
         model_path, so8t = input_path, None
@@ -121,13 +120,18 @@ def convert(opts: ConvertOptions, calibration: Calibration | None = None) -> Con
         if needs_calibration and calibration is None:  # llama.cpp evaluates the weights theta aims at
             t = time.perf_counter()
             calibration = calibrate(ref_source.path, load_text(opts.calib_text, "calibration"), opts.calib_tokens,
-                                    threads=opts.threads, progress=opts.progress, save_imatrix=opts.save_imatrix)
+                                    threads=opts.threads, progress=opts.progress, save_imatrix=opts.save_imatrix,
+                                    second_moments=opts.theta_fit == "whiten")
             seconds["calibrate"] = time.perf_counter() - t
             if opts.calib_tokens is None and calibration.tokens < DEFAULT_CALIB_TOKENS:
                 report.notes.append(f"the calibration text holds {calibration.tokens} tokens in whole windows, "
                                     f"fewer than the default {DEFAULT_CALIB_TOKENS}; calibrated on those")
         calibration_for_theta = None if opts.theta_calib == "none" else calibration
         report.calibration = "activation" if calibration_for_theta else "none"
+        if calibration_for_theta and opts.theta_fit == "whiten" and opts.theta_rank > 0:
+            wide = [n for n in names if n not in calibration_for_theta.second_moments]
+            if wide:
+                report.notes.append(f"{len(wide)} weights have no E[x xᵀ] in the calibration: diagonal fit there")
         imatrix, report.imatrix = load_imatrix_option(opts.imatrix, calibration, input_widths(layout), report.notes)
 
         quantized_path = Path(tmp) / "quantized.gguf"
@@ -136,14 +140,21 @@ def convert(opts: ConvertOptions, calibration: Calibration | None = None) -> Con
         seconds["quantize"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        fits = fit_theta(TensorSource(quantized_path), weights, names, opts.theta_rank, calibration_for_theta,
-                         opts.progress) if opts.theta_rank > 0 else {}
+        fits, replaced = fit_weights(TensorSource(quantized_path), weights, names, opts.theta_rank,
+                                     calibration_for_theta, fit_settings, imatrix,
+                                     opts.progress) if opts.theta_rank > 0 else ({}, {})
+        if replaced:  # joint rounds: the requantized weights that beat llama.cpp's own
+            jointly = Path(tmp) / "joint.gguf"
+            replace_tensors(quantized_path, jointly, replaced)
+            quantized_path = jointly
         seconds["theta"] = time.perf_counter() - t
-        theta = NkatTheta(opts.theta_rank, opts.theta_gamma, {n: quantize_int8(f) for n, (f, _) in fits.items()},
+        theta = NkatTheta(opts.theta_rank, opts.theta_gamma,
+                          {n: quantize_int8(f.factors) for n, f in fits.items()},
                           _provenance(input_path, opts, outtype_name, calibration, report.imatrix)
                           | (so8t.metadata() if so8t else {}))
-        for name, (factors, captured) in fits.items():
-            report.tensors[name] = {"rank": factors.rank, "captured_energy": round(captured, 6)}
+        for name, f in fits.items():
+            report.tensors[name] = {"rank": f.factors.rank, "captured_energy": round(f.captured_energy, 6),
+                                    "expected_output_error": f.error, "round": f.round}
 
         t = time.perf_counter()
         metadata = theta_metadata(theta)

@@ -55,7 +55,8 @@ def calibrate_once(model: Path, reference: Path | None, calib_text: Path | None,
     """The one calibration pass every variant shares, on the weights θ aims at (as convert does it)."""
     if reference is not None:
         reference_weights(TensorSource(model), reference, [])  # same checks as convert
-    return calibrate(reference or model, load_text(calib_text, "calibration"), progress=progress)
+    return calibrate(reference or model, load_text(calib_text, "calibration"), progress=progress,
+                     second_moments=ConvertOptions.theta_fit == "whiten")
 
 
 def build_variants(model: Path, reference: Path | None, calibration: Calibration, workdir: Path,

@@ -41,19 +41,25 @@ def _ggml() -> ctypes.CDLL:
     return libggml
 
 
-def quantize_rows(name: str, values: np.ndarray, ggml_type: GGMLQuantizationType) -> np.ndarray:
-    """A float32 (rows, n) weight in `ggml_type`, exactly as llama.cpp quantizes it without an imatrix."""
+def quantize_rows(name: str, values: np.ndarray, ggml_type: GGMLQuantizationType,
+                  imatrix: np.ndarray | None = None) -> np.ndarray:
+    """A float32 (rows, n) weight in `ggml_type`, exactly as llama.cpp quantizes it (with `imatrix`, E[x²] per
+    column, as `llama_model_quantize` passes it to ggml for that weight)."""
     if ggml_type == GGMLQuantizationType.F32:
         return values
     lib = _ggml()
-    if lib.ggml_quantize_requires_imatrix(int(ggml_type)):
+    if imatrix is None and lib.ggml_quantize_requires_imatrix(int(ggml_type)):
         raise UnsupportedModelError(f"{name} is {ggml_type.name}, which llama.cpp quantizes only with an importance "
                                     "matrix; choose a merged type with --outtype (e.g. Q4_K_M)")
     rows, n_per_row = values.shape
     block, size = GGML_QUANT_SIZES[ggml_type]
     out = np.empty(rows * (n_per_row // block) * size, dtype=np.uint8)
     src = np.ascontiguousarray(values, dtype=np.float32)
-    written = lib.ggml_quantize_chunk(int(ggml_type), src.ctypes.data, out.ctypes.data, 0, rows, n_per_row, None)
+    weights = None if imatrix is None else np.ascontiguousarray(imatrix, dtype=np.float32)
+    if weights is not None and weights.shape != (n_per_row,):
+        raise ValueError(f"importance matrix for {name} has shape {weights.shape}, expected ({n_per_row},)")
+    written = lib.ggml_quantize_chunk(int(ggml_type), src.ctypes.data, out.ctypes.data, 0, rows, n_per_row,
+                                      None if weights is None else weights.ctypes.data)
     if written != out.size:
         raise RuntimeError(f"ggml_quantize_chunk wrote {written} bytes for {name}, expected {out.size}")
     return out

@@ -69,10 +69,65 @@ class ThetaFit:
     captured_energy: float  # share of ||E·S||_F^2 the rank-r part holds (S = activation scale)
 
 
-def activation_scale(mean_square: np.ndarray, floor: float = 1e-6) -> np.ndarray:
-    """S = sqrt(E[x^2]) per input column, floored so S^-1 stays finite for dead inputs."""
-    s = np.sqrt(np.maximum(mean_square.astype(np.float64), 0.0))
+def activation_scale(mean_square: np.ndarray, floor: float = 1e-6, damping: float = 0.0) -> np.ndarray:
+    """S = sqrt(E[x^2] + damping·mean(E[x^2])) per input column, floored so S^-1 stays finite for dead inputs.
+
+    Damping is the diagonal form of GPTQ's: it keeps columns the calibration text barely used from
+    being ignored by the fit (S small) while their inputs may be large on other text.
+    """
+    if damping < 0:
+        raise ValueError(f"damping must be >= 0, got {damping}")
+    ms = np.maximum(mean_square.astype(np.float64), 0.0)
+    s = np.sqrt(ms + damping * float(ms.mean()))
     return np.maximum(s, floor * max(float(s.max()), 1e-30)).astype(np.float32)
+
+
+def damped_cholesky(second_moment: np.ndarray, damping: float) -> np.ndarray:
+    """Lower-triangular L (float64) with L·Lᵀ = H + damping·mean(diag H)·I, H = E[x xᵀ].
+
+    Raises ValueError when the damped matrix is not positive definite (no damping and a rank-deficient
+    H, e.g. fewer calibration tokens than input columns, or a matrix that is not a second moment).
+    """
+    h = np.asarray(second_moment, dtype=np.float64)
+    if h.ndim != 2 or h.shape[0] != h.shape[1]:
+        raise ValueError(f"a second moment must be square, got shape {h.shape}")
+    if damping < 0:
+        raise ValueError(f"damping must be >= 0, got {damping}")
+    if not np.isfinite(h).all():
+        raise ValueError("the second moment has non-finite entries")
+    mean_diag = float(np.diag(h).mean())
+    if mean_diag <= 0:
+        raise ValueError("the second moment is zero: no input reached this weight")
+    damped = 0.5 * (h + h.T) + damping * mean_diag * np.eye(h.shape[0])
+    try:
+        return np.linalg.cholesky(damped)
+    except np.linalg.LinAlgError:
+        raise ValueError(f"E[x xᵀ] + {damping:g}·mean(diag)·I is not positive definite; "
+                         "use more calibration tokens or a larger damping") from None
+
+
+def expected_output_error(residual: np.ndarray, correction: np.ndarray, second_moment: np.ndarray) -> float:
+    """E‖(E − B·A)x‖² = tr(D·H·Dᵀ), D = E − B·A, H = E[x xᵀ]: the error the layer's output sees."""
+    d = residual.astype(np.float64) - correction.astype(np.float64)
+    return float(((d @ np.asarray(second_moment, dtype=np.float64)) * d).sum())
+
+
+def _check_rank(residual: np.ndarray, rank: int) -> None:
+    if rank < 1:
+        raise ValueError("rank must be >= 1")
+    if rank > min(residual.shape):
+        raise ValueError(f"rank {rank} exceeds the smaller dimension of a {residual.shape} weight")
+
+
+def _svd(m: np.ndarray, rank: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The leading `rank` singular triplets (U, σ, V) of m, randomized and seeded (reproducible)."""
+    t = torch.from_numpy(np.ascontiguousarray(m, dtype=np.float32))
+    q = min(rank + SVD_OVERSAMPLE, *t.shape)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+        u, sigma, v = torch.svd_lowrank(t, q=q, niter=SVD_POWER_ITERATIONS)
+    return u[:, :rank], sigma[:rank], v[:, :rank]
 
 
 def theta_from_residual(
@@ -83,24 +138,37 @@ def theta_from_residual(
     A plain SVD minimises the error of the weights; weighting columns by S = sqrt(E[x^2]) minimises
     the expected error of the outputs W·x instead, which is what perplexity sees.
     """
-    if rank < 1:
-        raise ValueError("rank must be >= 1")
-    if rank > min(residual.shape):
-        raise ValueError(f"rank {rank} exceeds the smaller dimension of a {residual.shape} weight")
+    _check_rank(residual, rank)
     e = torch.from_numpy(np.ascontiguousarray(residual, dtype=np.float32))
     s = torch.ones(e.shape[1]) if input_scale is None else torch.from_numpy(input_scale.astype(np.float32))
     m = e * s[None, :]
     total = float((m.double() ** 2).sum())
-    q = min(rank + SVD_OVERSAMPLE, *m.shape)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-        u, sigma, v = torch.svd_lowrank(m, q=q, niter=SVD_POWER_ITERATIONS)
-    u, sigma, v = u[:, :rank], sigma[:rank], v[:, :rank]
+    u, sigma, v = _svd(m.numpy(), rank, seed)
     b = (u * sigma[None, :]).numpy().astype(np.float32)
     a = (v.T / s[None, :]).numpy().astype(np.float32)
     captured = float((sigma.double() ** 2).sum()) / total if total > 0 else 1.0
     return ThetaFit(LowRank(b, a), min(captured, 1.0))
+
+
+def theta_whitened(residual: np.ndarray, rank: int, cholesky: np.ndarray, seed: int = 0) -> ThetaFit:
+    """The rank-r minimiser of E‖(E − B·A)x‖² for the (damped) H = L·Lᵀ: B·A·L is the truncated SVD of E·L.
+
+    ‖(E − B·A)·L‖_F² = tr((E − B·A)·H·(E − B·A)ᵀ), so with E·L ≈ U_r Σ_r V_rᵀ: B = U_r Σ_r, A = V_rᵀ L⁻¹.
+    This is the exact optimum (diagonal scaling is it only when inputs are uncorrelated); damping
+    trades it for robustness on text unlike the calibration text.
+    """
+    _check_rank(residual, rank)
+    l = np.asarray(cholesky, dtype=np.float64)
+    if l.shape != (residual.shape[1],) * 2:
+        raise ValueError(f"Cholesky factor {l.shape} does not match a {residual.shape} weight")
+    m = residual.astype(np.float64) @ l
+    u, sigma, v = _svd(m.astype(np.float32), rank, seed)
+    b = (u * sigma[None, :]).numpy().astype(np.float32)
+    lt = torch.from_numpy(np.ascontiguousarray(l.T))
+    a = torch.linalg.solve_triangular(lt, v.double(), upper=True).T.numpy()  # Aᵀ = L⁻ᵀ V_r
+    total = float((m ** 2).sum())
+    captured = float((sigma.double() ** 2).sum()) / total if total > 0 else 1.0
+    return ThetaFit(LowRank(b, a.astype(np.float32)), min(captured, 1.0))
 
 
 def antisymmetrize(factors: LowRank) -> np.ndarray:

@@ -1,0 +1,130 @@
+"""The θ step of convert: fit every weight's correction to its quantization residual, one way or another.
+
+- `diag`: the SVD of E·S, S = sqrt(E[x²] + damping·mean) per input column (inputs treated as uncorrelated).
+- `whiten`: the SVD of E·L, L·Lᵀ = E[x xᵀ] + damping·mean(diag)·I: the exact minimiser of the expected
+  output error. Inputs wider than the calibration's second moments (none on the default model) fall
+  back to `diag`.
+- `rounds` > 1 (LoftQ-style joint fit): requantize W_ref − B·A with the importance matrix, refit θ on
+  the new residual, and keep per weight the round whose quantized weight + INT8 θ has the lowest
+  expected output error. The requantized weights replace llama.cpp's in the output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Literal
+
+import numpy as np
+from gguf import quants
+from tqdm import tqdm
+
+from nkat_gguf.convert.calibrate import Calibration
+from nkat_gguf.export.merge import quantize_rows
+from nkat_gguf.format.gguf_file import TensorSpec, copy_metadata, read_layout, write_gguf
+from nkat_gguf.format.tensors import TensorSource
+from nkat_gguf.math.theta import (
+    LowRank,
+    activation_scale,
+    damped_cholesky,
+    expected_output_error,
+    quantize_int8,
+    theta_from_residual,
+    theta_whitened,
+)
+
+FitMethod = Literal["diag", "whiten"]
+FIT_METHODS: tuple[FitMethod, ...] = ("diag", "whiten")
+DEFAULT_DAMPING: dict[FitMethod, float] = {"diag": 0.0, "whiten": 0.01}
+
+
+@dataclass(frozen=True)
+class FitSettings:
+    method: FitMethod = "whiten"
+    damping: float | None = None  # None: DEFAULT_DAMPING of the method
+    rounds: int = 1  # 1: fit θ to llama.cpp's quantization; more: LoftQ-style joint rounds
+
+    @property
+    def resolved_damping(self) -> float:
+        return DEFAULT_DAMPING[self.method] if self.damping is None else self.damping
+
+
+@dataclass(frozen=True)
+class WeightFit:
+    factors: LowRank
+    captured_energy: float
+    error: float  # expected output error of quantized weight + INT8 θ (diagonal E[x²] when no E[x xᵀ])
+    round: int  # 0: θ on llama.cpp's own quantization
+
+
+class ThetaFitter:
+    """Fits one weight at a time; Cholesky factors are computed once per shared input (q/k/v, gate/up)."""
+
+    def __init__(self, rank: int, calibration: Calibration | None, settings: FitSettings):
+        self.rank, self.calibration, self.settings = rank, calibration, settings
+        self._cholesky: dict[int, np.ndarray] = {}
+
+    def fit(self, name: str, residual: np.ndarray) -> tuple[LowRank, float]:
+        cal, damping = self.calibration, self.settings.resolved_damping
+        if cal is None:
+            fit = theta_from_residual(residual, self.rank)
+        elif self.settings.method == "whiten" and name in cal.second_moments:
+            fit = theta_whitened(residual, self.rank, self._factor(name))
+        else:
+            fit = theta_from_residual(residual, self.rank, activation_scale(cal.mean_squares[name], damping=damping))
+        return fit.factors, fit.captured_energy
+
+    def error(self, name: str, residual: np.ndarray, factors: LowRank) -> float:
+        """E‖(E − B·A)x‖² with B·A as stored (INT8), on the true (undamped) calibration statistics."""
+        stored = quantize_int8(factors).dequantize().dense()
+        cal = self.calibration
+        if cal is not None and name in cal.second_moments:
+            return expected_output_error(residual, stored, cal.second_moments[name])
+        weight = np.ones(residual.shape[1]) if cal is None else cal.mean_squares[name].astype(np.float64)
+        return float(((residual.astype(np.float64) - stored) ** 2 @ weight).sum())
+
+    def _factor(self, name: str) -> np.ndarray:
+        moment = self.calibration.second_moments[name]
+        if id(moment) not in self._cholesky:
+            try:
+                self._cholesky[id(moment)] = damped_cholesky(moment, self.settings.resolved_damping)
+            except ValueError as exc:
+                raise ValueError(f"{name}: {exc}") from None
+        return self._cholesky[id(moment)]
+
+
+def fit_weights(quantized: TensorSource, weights: Callable[[str], np.ndarray], names: list[str], rank: int,
+                calibration: Calibration | None, settings: FitSettings,
+                imatrix: dict[str, np.ndarray] | None, progress: bool = True
+                ) -> tuple[dict[str, WeightFit], dict[str, np.ndarray]]:
+    """(θ per weight, requantized raw tensors for the weights whose best round is not 0)."""
+    fitter = ThetaFitter(rank, calibration, settings)
+    fits: dict[str, WeightFit] = {}
+    replaced: dict[str, np.ndarray] = {}
+    for name in tqdm(names, desc=f"theta rank {rank} ({settings.method})", unit="tensor", disable=not progress,
+                     leave=False):
+        w_ref = weights(name).astype(np.float32)
+        residual = w_ref - quantized.dequantize(name)
+        factors, captured = fitter.fit(name, residual)
+        best = WeightFit(factors, captured, fitter.error(name, residual, factors), 0)
+        ggml_type = quantized.info(name).type
+        for round_ in range(1, settings.rounds):
+            stored = quantize_int8(factors).dequantize().dense()
+            raw = quantize_rows(name, w_ref - stored, ggml_type, None if imatrix is None else imatrix.get(name))
+            residual = w_ref - quants.dequantize(raw, ggml_type).reshape(w_ref.shape)
+            factors, captured = fitter.fit(name, residual)
+            error = fitter.error(name, residual, factors)
+            if error < best.error:
+                best = WeightFit(factors, captured, error, round_)
+                replaced[name] = raw.reshape(quantized.raw(name).shape)
+        fits[name] = best
+    return fits, replaced
+
+
+def replace_tensors(src: Path, dst: Path, replaced: dict[str, np.ndarray]) -> None:
+    """`src` with the raw bytes of some tensors replaced (same types and shapes), everything else copied."""
+    layout = read_layout(src)
+    source = TensorSource(src, layout)
+    specs = [TensorSpec(t.name, tuple(reversed(t.shape)), t.type) for t in layout.tensors]
+    write_gguf(dst, copy_metadata(layout), specs, lambda spec: replaced.get(spec.name, source.raw(spec.name)),
+               layout.alignment)
