@@ -23,9 +23,8 @@ from nkat_gguf.texts import load_text
 
 @pytest.fixture(scope="module")
 def calibration(tiny_f32: Path) -> Calibration:
-    source = TensorSource(tiny_f32)
-    return calibrate(source, source.dequantize, tiny_f32, load_text(None, "calibration"), progress=False,
-                     second_moments=True)
+    return calibrate(tiny_f32, load_text(None, "calibration"), calib_tokens=2048, second_moments=True,
+                     progress=False)
 
 
 @pytest.mark.parametrize("outtype", ["Q4_0", "IQ4_NL"])
