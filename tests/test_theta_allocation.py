@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 
+from nkat_gguf.convert import ConvertOptions, convert
 from nkat_gguf.errors import InputError
-from nkat_gguf.format.gguf_file import encode_kv, value_from_python
+from nkat_gguf.format import nkat
+from nkat_gguf.format.gguf_file import encode_kv, read_layout, value_from_python
 from nkat_gguf.format.nkat import (
     PARTS,
     THETA_TENSORS,
@@ -14,9 +19,10 @@ from nkat_gguf.format.nkat import (
     component_bytes,
     factor_key,
     listing_bytes,
+    read_theta,
     theta_metadata,
 )
-from nkat_gguf.math.allocation import MIB, WeightCosts, allocate, allocation_bytes, parse_budget, weight_kind
+from nkat_gguf.math.allocation import KINDS, MIB, WeightCosts, allocate, allocation_bytes, parse_budget, weight_kind
 from nkat_gguf.math.theta import LowRank, quantize_int8, residual_spectrum, theta_from_residual
 
 RNG = np.random.default_rng(5)
@@ -122,3 +128,24 @@ def test_budget_parses_mib_and_percent(text: str, expected: int) -> None:
 def test_bad_budgets(text: str, message: str) -> None:
     with pytest.raises(InputError, match=message):
         parse_budget(text, 10 * MIB)
+
+
+def test_convert_with_a_budget_writes_what_it_allocated(tiny_f32: Path, tmp_path: Path) -> None:
+    """The pipeline end to end on the tiny model: v2 ranks within both budgets, recorded in the file and report."""
+    out = tmp_path / "budget.nkat.gguf"
+    report = convert(ConvertOptions(input=tiny_f32, output=out, outtype="Q4_0", theta_budget="1%",
+                                    theta_max_weights=3, threads=2, progress=False))
+    allocation, theta, layout = report.allocation, read_theta(out), read_layout(out)
+    theta_bytes = sum(listing_bytes(n) + t.rank * component_bytes(t.b.shape[0], t.a.shape[1])
+                      for n, t in theta.tensors.items())
+    assert allocation["spent_bytes"] == theta_bytes <= allocation["budget_bytes"]
+    # 1 % of the quantized file: the output less θ's per-weight bytes, less its fixed keys and provenance (< 4 KiB)
+    without_theta = out.stat().st_size - theta_bytes
+    assert 0.01 * (without_theta - 4096) <= allocation["budget_bytes"] <= 0.01 * without_theta
+    assert len(theta.tensors) == allocation["weights"] <= 3
+    assert theta.ranks == {n: t["rank"] for n, t in report.tensors.items()}
+    assert set(allocation["sensitivity"]) == set(KINDS)
+    paying = {k for k, v in allocation["sensitivity"].items() if v["sensitivity"] > 0}
+    assert {weight_kind(n) for n in theta.tensors} <= paying  # kinds whose θ did not pay get nothing
+    assert layout.get(nkat.ALLOCATION_METHOD) == "budget" and layout.get(nkat.ALLOCATION_MAX_WEIGHTS) == 3
+    assert json.loads(layout.get(nkat.ALLOCATION_SENSITIVITY)).keys() == set(KINDS)
