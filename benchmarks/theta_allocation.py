@@ -68,6 +68,7 @@ def main() -> None:
     parser.add_argument("--kinds", action="store_true", help="also θ per weight kind on the uniform Q4_0 file")
     parser.add_argument("--work", type=Path, default=Path("/tmp/nkat-theta-allocation"))
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    parser.add_argument("--reuse", action="store_true", help="keep base files already in --work (same options)")
     args = parser.parse_args()
 
     model = args.model or default_model_path()
@@ -79,6 +80,8 @@ def main() -> None:
 
     def build(name: str, **kw: object) -> tuple[Path, dict]:
         out = args.work / f"{name}.gguf"
+        if out.exists() and args.reuse:
+            return out, {}
         report = convert(ConvertOptions(input=model, output=out, threads=args.threads, progress=False, **kw),
                          calibration if kw.get("imatrix") != "none" else None)
         return out, report.as_dict()
@@ -125,22 +128,23 @@ def main() -> None:
         write_with_metadata(base, out, theta_metadata(theta), drop_prefixes=(PREFIX,))
         return out
 
-    for outtype in args.outtypes.split(","):
+    for outtype in args.outtypes.split(","):  # allocations first: the figures that matter most come out first
         base, base_report = build(f"{outtype}-imatrix", outtype=outtype, theta_rank=0)
         base_bytes = base.stat().st_size
-        measure(f"{outtype}+imatrix", base, base_report, base_bytes)
         fitted: FitPass = fit_pass(base, source.dequantize, names, calibration, load_text(None, "calibration"),
                                    gamma, args.work, args.threads, progress=False)
-        uniform = write_variant(base, f"{outtype}-r{args.rank}", fitted.fits(dict.fromkeys(names, args.rank)))
-        measure(f"{outtype}+imatrix+θ r{args.rank} uniform", uniform, {}, base_bytes)
         budgets = [(budget_bytes, m) for m in args.max_weights.split(",")]
         budgets += [(int(float(b.removesuffix("MiB")) * MIB), "none") for b in args.budgets.split(",") if b]
-        for budget, max_weights in budgets:
+        for i, (budget, max_weights) in enumerate(budgets):
             mw = None if max_weights == "none" else int(max_weights)
             allocation = fitted.allocate(budget, mw)
             path = write_variant(base, f"{outtype}-budget{budget}-mw{max_weights}", allocation.fits)
             measure(f"{outtype}+imatrix+θ budget {budget / MIB:.3f} MiB max-weights {max_weights}", path,
                     {"allocation": allocation.summary()}, base_bytes)
+            if i == 0:
+                uniform = write_variant(base, f"{outtype}-r{args.rank}", fitted.fits(dict.fromkeys(names, args.rank)))
+                measure(f"{outtype}+imatrix+θ r{args.rank} uniform", uniform, {}, base_bytes)
+                measure(f"{outtype}+imatrix", base, base_report, base_bytes)
         if args.kinds and kinds is None:
             kinds = per_kind(uniform, tokens, runtime_options, args.chunks, plain_ppl, reference)
     print(json.dumps({"reference_Q4_1": reference, "plain_Q4_0": plain_ppl, "budget_bytes": budget_bytes,
