@@ -65,7 +65,7 @@ def random_theta(model: Path, rank: int, seed: int = 0) -> NkatTheta:
         a = rng.standard_normal((rank, n_in), dtype=np.float32) / np.float32(np.sqrt(n_in))
         b = rng.standard_normal((n_out, rank), dtype=np.float32) * np.float32(0.01)
         tensors[name] = quantize_int8(LowRank(b, a))
-    return NkatTheta(rank, 1.0, tensors)
+    return NkatTheta(1.0, tensors)
 
 
 def main() -> None:

@@ -1,7 +1,9 @@
 """theta as a llama.cpp LoRA adapter GGUF: how the star product runs inside llama.cpp's own graph.
 
 llama.cpp computes y = W x + s·(alpha/r)·B(A x) for an adapter with lora_a = A (r, in) and
-lora_b = B (out, r). With alpha = r and s = γ that is exactly the star product W x + γ·B·A·x.
+lora_b = B (out, r), r that tensor's own rank, and y = W x + s·B(A x) when alpha = 0 (`get_scale` in its
+adapter code). Every weight may have its own rank, so alpha = 0 is written: with s = γ that is exactly the
+star product W x + γ·B·A·x on every weight.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from nkat_gguf.errors import InputError
 from nkat_gguf.format.gguf_file import TensorSpec, Value, write_gguf
 from nkat_gguf.format.nkat import NkatTheta
 
+UNIT_SCALE_ALPHA = 0.0  # llama.cpp's get_scale: alpha ? s·alpha/rank : s
 ADAPTER_TYPES = {"F32": GGMLQuantizationType.F32, "F16": GGMLQuantizationType.F16}
 
 
@@ -44,8 +47,8 @@ def write_lora_adapter(
         "general.type": "adapter",
         "general.name": name,
         "adapter.type": "lora",
-        # FLOAT32 is required: any other type aborts llama.cpp (see shared facts)
-        "adapter.lora.alpha": Value(GGUFValueType.FLOAT32, float(theta.rank)),
+        # FLOAT32 is required: any other type aborts llama.cpp (see shared facts). 0: unit scale per tensor
+        "adapter.lora.alpha": Value(GGUFValueType.FLOAT32, UNIT_SCALE_ALPHA),
     }
     write_gguf(dst, metadata, specs, lambda s: arrays[s.name].astype(numpy_type))
     return Path(dst)

@@ -116,6 +116,13 @@ def main() -> None:
               help="Rank r of the correction per weight; 0 writes no theta.")
 @click.option("--theta-gamma", callback=_gamma, default="0.97", show_default=True,
               help="Default gamma stored in the file (1 applies the full correction).")
+@click.option("--theta-budget", default=None, metavar="SIZE",
+              help="Give each weight its own rank (0 included) within SIZE bytes of theta: MiB or % of the "
+                   "quantized file, e.g. 2MiB or 3%. Ranks go where the residual's singular values times a "
+                   "per-kind sensitivity (measured on the calibration text) buy most; --theta-rank is then unused.")
+@click.option("--theta-max-weights", type=int, default=None, metavar="N",
+              help="With --theta-budget: at most N weights carry theta. Each adds 4 llama.cpp graph operations "
+                   "whatever its rank, so this caps the run-time cost.")
 @click.option("--selective-layers", multiple=True, metavar="NAME",
               help="Only these weights: GGUF names, globs (blk.*.ffn_*) or Meta/HF names. Repeatable.")
 @click.option("--calib-text", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -156,7 +163,8 @@ def main() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
 @_fail_cleanly
 def convert(input_: str, output: Path, outtype: str, reference: Path | None, theta_rank: int, theta_gamma: float,
-            selective_layers: tuple[str, ...], calib_text: Path | None, calib_tokens: int | None,
+            theta_budget: str | None, theta_max_weights: int | None, selective_layers: tuple[str, ...],
+            calib_text: Path | None, calib_tokens: int | None,
             save_imatrix: Path | None, theta_calib: str, theta_fit: str, theta_damping: float | None,
             theta_rounds: int, imatrix: str, threads: int, so8t: str,
             so8t_seed: int | None, so8t_heads: bool, force: bool, report_dir: Path | None,
@@ -169,7 +177,8 @@ def convert(input_: str, output: Path, outtype: str, reference: Path | None, the
 
     options = ConvertOptions(
         input=resolve_model(input_), output=output, outtype=outtype, reference=reference,
-        theta_rank=theta_rank, theta_gamma=theta_gamma, selective_layers=list(selective_layers) or None,
+        theta_rank=theta_rank, theta_gamma=theta_gamma, theta_budget=theta_budget,
+        theta_max_weights=theta_max_weights, selective_layers=list(selective_layers) or None,
         calib_text=calib_text, calib_tokens=calib_tokens, save_imatrix=save_imatrix, theta_calib=theta_calib,
         theta_fit=theta_fit, theta_damping=theta_damping, theta_rounds=theta_rounds, imatrix=imatrix, threads=threads,
         so8t=So8tOptions(mode=so8t, seed=so8t_seed, heads=so8t_heads, force=force, report_dir=report_dir),
@@ -192,6 +201,10 @@ def _format_convert(r: dict) -> str:
              f"calibration: {r['calibration']}, importance matrix: {r['imatrix']}, "
              f"mean residual energy captured: {mean_energy}",
              "time: " + ", ".join(f"{k} {v:.2f} s" for k, v in r["seconds"].items())]
+    if allocation := r.get("allocation"):
+        kinds = ", ".join(f"{k} {v['weights']}×Σr{v['total_rank']}" for k, v in allocation["ranks_by_kind"].items())
+        lines.append(f"allocation: {allocation['spent_bytes'] / mib:.2f} of {allocation['budget_bytes'] / mib:.2f} MiB "
+                     f"on {allocation['weights']} weights ({kinds or 'none'})")
     if r.get("so8t"):
         lines.append(f"SO8T {r['so8t']['description']}: {_format_qc(r['so8t']['qc'])}"
                      + (", written anyway (--force)" if r["so8t"]["forced"] else ""))
@@ -520,6 +533,13 @@ def serve(model: str, gamma: float | None, host: str, port: int, ctx: int, gpu_l
 @click.option("--trials", type=int, default=None, help="Complete trials to reach with --mode custom.")
 @click.option("--ranks", default="2,4,6,8", show_default=True, help="theta ranks to try; rank 0 (theta off) always is.")
 @click.option("--gamma-range", default="0.90,0.99", show_default=True, help="LOW,HIGH for gamma (any range >= 0).")
+@click.option("--budgets", default="", metavar="SIZES",
+              help="Also search theta byte budgets (as convert --theta-budget: MiB or % of the file, e.g. 1MiB,3%): "
+                   "a trial then gives each weight its own rank, at most the trial's rank, or uses uniform rank "
+                   "('none'). The per-kind sensitivity is measured once per study on calibration text.")
+@click.option("--max-weights", default="", metavar="NS",
+              help="With --budgets: operation budgets to search (at most N weights carry theta), e.g. 30,60,90; "
+                   "every weight is always a choice.")
 @click.option("--pareto", is_flag=True, help="Minimize (perplexity, slowdown) and report the Pareto front.")
 @click.option("--storage", default=None,
               help="Optuna RDB URL shared by workers, e.g. postgresql://user:pw@host/db "
@@ -546,14 +566,21 @@ def serve(model: str, gamma: float | None, host: str, port: int, ctx: int, gpu_l
 @click.option("--json", "as_json", is_flag=True, help="Print the study summary as JSON.")
 @engine_options
 @_fail_cleanly
-def optimize(model: str, output_dir: Path, mode: str, trials: int | None, ranks: str, gamma_range: str, pareto: bool,
+def optimize(model: str, output_dir: Path, mode: str, trials: int | None, ranks: str, gamma_range: str,
+             budgets: str, max_weights: str, pareto: bool,
              storage: str | None, study_name: str, seed: int, ctx: int, chunks: int, eval_chunks: int, n_gen: int,
              speed_repetitions: int, outtype: str, reference: Path | None, calib_text: Path | None, text: Path | None,
              as_json: bool, gpu_layers: int, no_cuda: bool, threads: int | None) -> None:
-    """Optuna TPE search over theta rank and gamma for the best TPE score; resumable, shareable by workers."""
+    """Optuna TPE search over theta rank, budget allocation and gamma for the best TPE score; resumable, shareable."""
     from nkat_gguf.convert import ConvertOptions
     from nkat_gguf.default_model import resolve_model
-    from nkat_gguf.optimizer.options import OptimizeOptions, parse_gamma_range, parse_ranks
+    from nkat_gguf.optimizer.options import (
+        OptimizeOptions,
+        parse_budgets,
+        parse_gamma_range,
+        parse_max_weights,
+        parse_ranks,
+    )
     from nkat_gguf.optimizer.outputs import format_summary
     from nkat_gguf.optimizer.study import optimize as run_optimize
 
@@ -563,7 +590,8 @@ def optimize(model: str, output_dir: Path, mode: str, trials: int | None, ranks:
                                      progress=progress)
     summary = run_optimize(OptimizeOptions(
         convert=convert_options, output_dir=output_dir, mode=mode, trials=trials, ranks=parse_ranks(ranks),
-        gamma_range=parse_gamma_range(gamma_range), pareto=pareto, storage=storage, study_name=study_name,
+        gamma_range=parse_gamma_range(gamma_range), budgets=parse_budgets(budgets),
+        max_weights=parse_max_weights(max_weights), pareto=pareto, storage=storage, study_name=study_name,
         seed=seed, n_ctx=ctx, chunks=chunks, eval_chunks=eval_chunks, eval_text=text, n_gen=n_gen,
         speed_repetitions=speed_repetitions,
         runtime=_runtime_options(gpu_layers, no_cuda, threads, n_ctx=max(ctx, 512)), progress=progress))

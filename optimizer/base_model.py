@@ -2,7 +2,8 @@
 
 `convert` at the largest rank runs calibrate -> quantize (with the importance matrix) -> fit -> write.
 Every smaller rank is a truncation of that fit: exact for an SVD, and exact for the stored INT8 factors
-too, whose scales are per component. The file is kept in the output directory's work/ folder under a
+too, whose scales are per component. A budget allocation is cut from the same fit (at most the largest
+rank per weight), by the convert allocation's greedy over the stored components. The file is kept in the output directory's work/ folder under a
 key of everything that determines it, so a rerun (after a crash, or to extend the study) starts at the
 trials. The best model is written from it by the convert pipeline's own writer.
 """
@@ -16,14 +17,17 @@ from pathlib import Path
 
 from nkat_gguf import __version__
 from nkat_gguf.convert import ConvertOptions, convert
+from nkat_gguf.convert.allocate import reallocate
 from nkat_gguf.engine.runtime import NkatRuntime, RuntimeOptions
-from nkat_gguf.format import nkat
 from nkat_gguf.format.gguf_file import write_with_metadata
 from nkat_gguf.format.hashing import sha256_file
-from nkat_gguf.format.nkat import NkatTheta, read_theta, theta_metadata
+from nkat_gguf.format.nkat import PREFIX, NkatTheta, component_bytes, listing_bytes, read_theta, theta_metadata
+from nkat_gguf.math.allocation import parse_budget
+from nkat_gguf.optimizer.options import ALL_WEIGHTS, NO_BUDGET, ThetaConfig
 from nkat_gguf.texts import Text
 
 WORK_DIR = "work"
+SENSITIVITY_ATTR = "kind_sensitivity"  # study attribute: weight kind -> sensitivity, for budget configurations
 
 
 # Options that do not change the base, or whose file paths stand in for contents hashed separately
@@ -55,32 +59,62 @@ def search_base(opts: ConvertOptions, rank: int, work_dir: Path, key: str) -> Pa
 
 
 def theta_at_rank(theta: NkatTheta, rank: int, gamma: float) -> NkatTheta:
-    """theta's leading `rank` components with default scale γ; rank 0 is no theta at all."""
-    return replace(theta, rank=rank, gamma=gamma, tensors={n: t.truncate(rank) for n, t in theta.tensors.items()}
+    """theta's leading `rank` components per weight (fewer where a weight has fewer) with default scale γ;
+    rank 0 is no theta at all."""
+    return replace(theta, gamma=gamma, tensors={n: t.truncate(min(rank, t.rank)) for n, t in theta.tensors.items()}
                    if rank > 0 else {})
 
 
-def write_model(base: Path, rank: int, gamma: float, dst: Path) -> Path:
-    """The base's quantized tensors with theta cut to `rank` at γ, written as convert writes (atomically)."""
-    theta = theta_at_rank(read_theta(base), rank, gamma)
-    write_with_metadata(base, dst, theta_metadata(theta), drop_prefixes=(nkat.PREFIX,))
+def quantized_bytes(base: Path, theta: NkatTheta) -> int:
+    """The base file's size without its theta's per-weight keys: what a % budget is a share of."""
+    shapes = {n: (t.b.shape[0], t.a.shape[1]) for n, t in theta.tensors.items()}
+    return base.stat().st_size - sum(listing_bytes(n) + t.rank * component_bytes(*shapes[n])
+                                     for n, t in theta.tensors.items())
+
+
+def theta_for(base: Path, full: NkatTheta, config: ThetaConfig, gamma: float,
+              sensitivity: dict[str, float] | None) -> NkatTheta:
+    """The theta a configuration applies, cut from the base's full theta."""
+    if config.budget == NO_BUDGET or config.rank == 0:
+        return theta_at_rank(full, config.rank, gamma)
+    if sensitivity is None:
+        raise ValueError("a budget configuration needs the per-kind sensitivity")
+    budget = parse_budget(config.budget, base.stat().st_size).bytes_for(quantized_bytes(base, full))
+    return reallocate(full, sensitivity, budget, config.max_weights if config.max_weights != ALL_WEIGHTS else None,
+                      config.rank, gamma)
+
+
+def write_model(base: Path, config: ThetaConfig, gamma: float, dst: Path,
+                sensitivity: dict[str, float] | None = None) -> Path:
+    """The base's quantized tensors with theta cut to `config` at γ, written as convert writes (atomically)."""
+    theta = theta_for(base, read_theta(base), config, gamma, sensitivity)
+    write_with_metadata(base, dst, theta_metadata(theta), drop_prefixes=(PREFIX,))
     return dst
 
 
 class SearchModel:
-    """The base loaded once in llama.cpp; a trial only switches the adapter (rank) and its scale (γ)."""
+    """The base loaded once in llama.cpp; a trial only switches the adapter (configuration) and its scale (γ)."""
 
     def __init__(self, base: Path, ranks: tuple[int, ...], options: RuntimeOptions):
+        self.base = base
         self.runtime = NkatRuntime(base, options)
-        full = self.runtime.theta
-        self.thetas = {r: theta_at_rank(full, r, full.gamma) for r in ranks}
+        self.full = self.runtime.theta
+        self.sensitivity: dict[str, float] | None = None  # set by the study when it searches budgets
+        self.thetas = {str(r): theta_at_rank(self.full, r, self.full.gamma) for r in ranks}
 
-    def apply(self, rank: int, gamma: float | None) -> None:
-        """Rank 0 is theta off; otherwise y = W x + γ·B_r·A_r·x. The KV cache is reset either way."""
-        if rank == 0:
+    def theta(self, config: ThetaConfig) -> NkatTheta:
+        if config.key not in self.thetas:
+            self.thetas[config.key] = theta_for(self.base, self.full, config, self.full.gamma, self.sensitivity)
+        return self.thetas[config.key]
+
+    def apply(self, config: ThetaConfig | int, gamma: float | None) -> None:
+        """Rank 0 (or an allocation that adapts no weight) is theta off; otherwise y = W x + γ·B·A·x with the
+        configuration's ranks. The KV cache is reset."""
+        config = config if isinstance(config, ThetaConfig) else ThetaConfig(config)
+        if config.rank == 0 or not self.theta(config).tensors:
             self.runtime.set_gamma(None)
         else:
-            self.runtime.use_theta(self.thetas[rank], gamma)
+            self.runtime.use_theta(self.theta(config), gamma)
 
     def close(self) -> None:
         self.runtime.close()

@@ -1,4 +1,4 @@
-"""One trial: choose (rank, γ), switch the loaded model to it, measure perplexity, return the score.
+"""One trial: choose (rank[, budget, max weights], γ), switch the loaded model to it, measure perplexity, return the score.
 
 The objective only measures and records. Everything a report needs goes into the trial's user
 attributes, so the output files are derived from the storage alone, whichever worker ran the trial.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import optuna
@@ -15,14 +16,21 @@ from optuna.trial import FrozenTrial, TrialState
 
 from nkat_gguf.engine.perplexity import perplexity
 from nkat_gguf.optimizer.base_model import SearchModel
-from nkat_gguf.optimizer.options import rank_choices
+from nkat_gguf.optimizer.options import ALL_WEIGHTS, NO_BUDGET, ThetaConfig, rank_choices
 from nkat_gguf.optimizer.score import slowdown, tpe_score
 
 
-def suggest(trial: optuna.Trial, ranks: tuple[int, ...], gamma_range: tuple[float, float]) -> tuple[int, float | None]:
-    """rank from {0} ∪ ranks; γ only when theta is on (rank 0 has nothing to scale)."""
+def suggest(trial: optuna.Trial, ranks: tuple[int, ...], gamma_range: tuple[float, float],
+            budgets: tuple[str, ...] = (), max_weights: tuple[int, ...] = ()) -> tuple[ThetaConfig, float | None]:
+    """rank from {0} ∪ ranks; with budgets, a budget (or none: uniform rank) and then an operation budget;
+    γ only when theta is on (rank 0 has nothing to scale)."""
     rank = trial.suggest_categorical("rank", rank_choices(ranks))
-    return rank, (trial.suggest_float("gamma", *gamma_range) if rank else None)
+    if not rank:
+        return ThetaConfig(0), None
+    budget = trial.suggest_categorical("budget", [NO_BUDGET, *budgets]) if budgets else NO_BUDGET
+    weights = (trial.suggest_categorical("max_weights", [ALL_WEIGHTS, *max_weights])
+               if budget != NO_BUDGET and max_weights else ALL_WEIGHTS)
+    return ThetaConfig(rank, budget, weights), trial.suggest_float("gamma", *gamma_range)
 
 
 def measured_before(study: optuna.Study, params: dict) -> FrozenTrial | None:
@@ -45,15 +53,17 @@ class Objective:
     chunks: int
     ranks: tuple[int, ...]
     gamma_range: tuple[float, float]
-    speeds: dict[int, float]  # generation tokens/s by rank, 0 = theta off
+    speeds: Callable[[ThetaConfig], tuple[float, float]]  # generation tokens/s: (theta off, this configuration)
     pareto: bool
+    budgets: tuple[str, ...] = ()
+    max_weights: tuple[int, ...] = ()
     worker: str = field(default_factory=_worker)
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
-        rank, gamma = suggest(trial, self.ranks, self.gamma_range)
+        config, gamma = suggest(trial, self.ranks, self.gamma_range, self.budgets, self.max_weights)
         known = measured_before(trial.study, trial.params)
         if known is None:
-            self.model.apply(rank, gamma)
+            self.model.apply(config, gamma)
             result = perplexity(self.model.runtime.llm, self.tokens, self.n_ctx, self.chunks, progress=False)
             ppl = result.ppl
             measured = {"ppl_stderr": result.ppl_stderr, "tokens_scored": result.tokens_scored,
@@ -61,11 +71,12 @@ class Objective:
         else:
             ppl = known.user_attrs["ppl"]
             measured = dict(known.user_attrs["measurement"], reused_from=known.number)
-        lam = slowdown(self.speeds[0], self.speeds[rank])
+        tg_baseline, tg_theta = self.speeds(config)
+        lam = slowdown(tg_baseline, tg_theta)
         score = tpe_score(ppl, lam)
         trial.set_user_attr("ppl", ppl)
         trial.set_user_attr("slowdown", lam)
         trial.set_user_attr("tpe_score", score)
-        trial.set_user_attr("measurement", {**measured, "tg_baseline": self.speeds[0], "tg_theta": self.speeds[rank],
+        trial.set_user_attr("measurement", {**measured, "tg_baseline": tg_baseline, "tg_theta": tg_theta,
                                             "worker": self.worker})
         return (ppl, lam) if self.pareto else score

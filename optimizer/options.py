@@ -17,6 +17,8 @@ DEFAULT_RANKS = (2, 4, 6, 8)  # the seed's table
 DEFAULT_GAMMA_RANGE = (0.90, 0.99)  # the seed's range
 SEED_POINT = (4, 0.97)  # the seed's recommended rank and γ, tried right after the baseline
 DEFAULT_STUDY_NAME = "nkat-optimize"
+NO_BUDGET = "none"  # the budget choice meaning uniform rank on every weight
+ALL_WEIGHTS = 0  # the max-weights choice meaning no operation budget
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,8 @@ class OptimizeOptions:
     eval_text: Path | None = None  # default: the built-in evaluation split
     speed_repetitions: int = 3
     n_gen: int = 64  # generated tokens per speed repetition of each rank
+    budgets: tuple[str, ...] = ()  # theta byte budgets to try (MiB or % of the quantized file); () = uniform rank
+    max_weights: tuple[int, ...] = ()  # operation budgets to try with a budget (besides every weight)
     runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
     best_model: Path | None = None  # default: optimal_rank{r}_gamma{g}.nkat.gguf in output_dir
     progress: bool = True
@@ -51,6 +55,37 @@ def parse_ranks(text: str) -> tuple[int, ...]:
     except ValueError:
         raise InputError(f"--ranks must be comma-separated whole numbers, got {text!r}") from None
     return tuple(sorted(ranks))
+
+
+def parse_budgets(text: str) -> tuple[str, ...]:
+    """"1MiB, 3%" -> ("1MiB", "3%"); each is checked against the model by allocation.parse_budget."""
+    return tuple(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+
+
+def parse_max_weights(text: str) -> tuple[int, ...]:
+    """"30,60" -> (30, 60), sorted and without repeats."""
+    try:
+        return tuple(sorted({int(part) for part in text.split(",") if part.strip()}))
+    except ValueError:
+        raise InputError(f"--max-weights must be comma-separated whole numbers, got {text!r}") from None
+
+
+@dataclass(frozen=True)
+class ThetaConfig:
+    """What a trial applies: theta at `rank` on every weight, or (with a budget) the allocation of `budget`
+    over at most `max_weights` weights (ALL_WEIGHTS: no cap) with no weight above `rank`. Rank 0 is theta off."""
+
+    rank: int
+    budget: str = NO_BUDGET
+    max_weights: int = ALL_WEIGHTS
+
+    @property
+    def key(self) -> str:
+        return str(self.rank) if self.budget == NO_BUDGET else f"{self.rank}|{self.budget}|{self.max_weights}"
+
+    @classmethod
+    def from_params(cls, params: dict) -> "ThetaConfig":
+        return cls(params["rank"], params.get("budget", NO_BUDGET), params.get("max_weights", ALL_WEIGHTS))
 
 
 def parse_gamma_range(text: str) -> tuple[float, float]:
@@ -98,6 +133,10 @@ def check_options(opts: OptimizeOptions) -> int:
                         ("--speed-repetitions", opts.speed_repetitions), ("--n-gen", opts.n_gen)):
         if value < 1:
             raise InputError(f"{name} must be at least 1, got {value}")
+    if opts.max_weights and not opts.budgets:
+        raise InputError("--max-weights needs --budgets (it caps how many weights a budget spreads over)")
+    if opts.max_weights and min(opts.max_weights) < 1:
+        raise InputError(f"--max-weights must be >= 1, got {min(opts.max_weights)}")
     if not opts.study_name:
         raise InputError("--study-name is empty")
     return total

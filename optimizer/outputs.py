@@ -19,8 +19,9 @@ from nkat_gguf.engine.measure import interleaved_speed
 from nkat_gguf.engine.perplexity import perplexity, tokenize_text
 from nkat_gguf.engine.runtime import NkatRuntime
 from nkat_gguf.format.atomic import atomic_output
-from nkat_gguf.optimizer.base_model import write_model
-from nkat_gguf.optimizer.options import OptimizeOptions, rank_choices
+from nkat_gguf.format.nkat import read_theta
+from nkat_gguf.optimizer.base_model import SENSITIVITY_ATTR, write_model
+from nkat_gguf.optimizer.options import ALL_WEIGHTS, NO_BUDGET, OptimizeOptions, ThetaConfig, rank_choices
 from nkat_gguf.optimizer.plots import write_plots
 from nkat_gguf.optimizer.score import SCORE_DEFINITION
 from nkat_gguf.optimizer.speed import SPEED_ATTR
@@ -44,7 +45,8 @@ def trial_record(t: FrozenTrial) -> dict[str, Any]:
     seconds = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start \
         else None
     return {"number": t.number, "state": t.state.name,
-            "params": {"rank": t.params.get("rank"), "gamma": t.params.get("gamma")},
+            "params": {"rank": t.params.get("rank"), "gamma": t.params.get("gamma"),
+                       **{k: t.params[k] for k in ("budget", "max_weights") if k in t.params}},
             "ppl": t.user_attrs.get("ppl"), "slowdown": t.user_attrs.get("slowdown"),
             "tpe_score": t.user_attrs.get("tpe_score"), "seconds": seconds, "worker": measured.get("worker"),
             "reused_from": measured.get("reused_from"), "retry_of": t.system_attrs.get("failed_trial")}
@@ -57,13 +59,15 @@ def best_trial(study: optuna.Study, pareto: bool) -> FrozenTrial | None:
     return max(study.best_trials, key=lambda t: t.user_attrs["tpe_score"]) if pareto else study.best_trial
 
 
-def best_config(trial: FrozenTrial) -> tuple[int, float]:
-    """(rank, γ); theta off is written as rank 0 with γ 0."""
-    return trial.params["rank"], trial.params.get("gamma", 0.0)
+def best_config(trial: FrozenTrial) -> tuple[ThetaConfig, float]:
+    """(configuration, γ); theta off is written as rank 0 with γ 0."""
+    return ThetaConfig.from_params(trial.params), trial.params.get("gamma", 0.0)
 
 
-def model_stem(rank: int, gamma: float) -> str:
-    return f"optimal_rank{rank}_gamma{f'{gamma:.4f}'.rstrip('0').rstrip('.') or '0'}"
+def model_stem(config: ThetaConfig, gamma: float) -> str:
+    budget = "" if config.budget == NO_BUDGET else f"_budget{config.budget.replace('%', 'pct')}" + (
+        f"_weights{config.max_weights}" if config.max_weights != ALL_WEIGHTS else "")
+    return f"optimal_rank{config.rank}{budget}_gamma{f'{gamma:.4f}'.rstrip('0').rstrip('.') or '0'}"
 
 
 def final_comparison(model: Path, rank: int, text: Text, opts: OptimizeOptions) -> dict[str, Any]:
@@ -84,13 +88,15 @@ def final_comparison(model: Path, rank: int, text: Text, opts: OptimizeOptions) 
 def write_best(study: optuna.Study, best: FrozenTrial, base: Path, text: Text, opts: OptimizeOptions,
                storage: str) -> dict[str, str]:
     """optimal_rank{r}_gamma{g}.nkat.gguf (or opts.best_model) and its JSON with the final comparison."""
-    rank, gamma = best_config(best)
-    stem = model_stem(rank, gamma)
-    model = write_model(base, rank, gamma, opts.best_model or opts.output_dir / f"{stem}.nkat.gguf")
-    comparison = final_comparison(model, rank, text, opts)
+    config, gamma = best_config(best)
+    stem = model_stem(config, gamma)
+    model = write_model(base, config, gamma, opts.best_model or opts.output_dir / f"{stem}.nkat.gguf",
+                        study.user_attrs.get(SENSITIVITY_ATTR))
+    comparison = final_comparison(model, config.rank if read_theta(model).tensors else 0, text, opts)
+    budget = {} if config.budget == NO_BUDGET else {"budget": config.budget, "max_weights": config.max_weights or None}
     report = {
-        "config": {"rank": rank, "gamma": gamma, "theta_enabled": rank > 0, "model": str(model),
-                   "trial": best.number},
+        "config": {"rank": config.rank, **budget, "gamma": gamma, "theta_enabled": config.rank > 0,
+                   "model": str(model), "trial": best.number},
         "search": {"split": "calibration", "ppl": best.user_attrs["ppl"], "slowdown": best.user_attrs["slowdown"],
                    "tpe_score": best.user_attrs["tpe_score"], "study_name": study.study_name,
                    "storage": public_url(storage)},
@@ -114,7 +120,11 @@ def study_summary(study: optuna.Study, opts: OptimizeOptions, total: int, storag
         else "maximize the TPE score",
         "score_definition": SCORE_DEFINITION,
         "search_space": {"rank": rank_choices(opts.ranks), "gamma": list(opts.gamma_range),
-                         "note": "rank 0 is theta off (the baseline) and has no gamma"},
+                         **({"budget": [NO_BUDGET, *opts.budgets]} if opts.budgets else {}),
+                         **({"max_weights": [ALL_WEIGHTS, *opts.max_weights]} if opts.max_weights else {}),
+                         "note": "rank 0 is theta off (the baseline) and has no gamma"
+                                 + ("; with a budget, rank caps each weight's rank, budget 'none' is uniform rank, "
+                                    "max_weights 0 is no operation budget" if opts.budgets else "")},
         "settings": study.user_attrs.get(SETTINGS_ATTR),
         "sampler": sampler,
         "trials": {"requested": total, "all": len(trials), **{s.name.lower(): counts.get(s.name.lower(), 0)
@@ -150,7 +160,10 @@ def format_summary(summary: dict[str, Any]) -> str:
              f"complete ({t['fail']} failed)"]
     if best:
         gamma = best["params"]["gamma"]
-        lines.append(f"best: trial {best['number']}, rank {best['params']['rank']}"
+        budget = best["params"].get("budget")
+        budget_text = f", budget {budget}, max weights {best['params'].get('max_weights') or 'all'}" \
+            if budget not in (None, NO_BUDGET) else ""
+        lines.append(f"best: trial {best['number']}, rank {best['params']['rank']}{budget_text}"
                      f"{f', gamma {gamma:.4f}' if gamma is not None else ' (theta off)'}: TPE {best['tpe_score']:.6f}, "
                      f"calibration ppl {best['ppl']:.4f}, slowdown {best['slowdown']:.3f}")
     lines += [f"wrote {role}: {path}" for role, path in summary["files"].items()]

@@ -15,6 +15,7 @@ import optuna
 
 from nkat_gguf.engine.measure import Configuration, SpeedSettings, interleaved_rates
 from nkat_gguf.optimizer.base_model import SearchModel
+from nkat_gguf.optimizer.options import ThetaConfig
 
 SPEED_ATTR = "generation_speed"
 SPEED_PROMPT_TOKENS = 64  # pp is recorded for information only; the score uses tg
@@ -36,3 +37,25 @@ def rank_speeds(study: optuna.Study, model: SearchModel, ranks: tuple[int, ...],
                   "measured_by": socket.gethostname()}
         study.set_user_attr(SPEED_ATTR, stored)
     return {int(r): v for r, v in stored["tg_tokens_per_second"].items()}
+
+
+def config_speed(study: optuna.Study, model: SearchModel, config: ThetaConfig, n_gen: int, repetitions: int,
+                 progress: bool) -> tuple[float, float]:
+    """(theta off, this budget configuration) generation tokens/s, interleaved; measured once per configuration.
+
+    A budget's speed depends on how many weights its allocation adapts, which only the allocation knows, so
+    each configuration is timed against theta off the first time a trial uses it, and kept in the storage.
+    """
+    attr = f"{SPEED_ATTR}:{config.key}"
+    stored = study.user_attrs.get(attr)
+    if stored is None:
+        llm = model.runtime.llm
+        configurations = {"off": Configuration(llm, functools.partial(model.apply, 0, None)),
+                          "theta": Configuration(llm, functools.partial(model.apply, config, 1.0))}
+        settings = SpeedSettings(repetitions=repetitions, n_prompt=SPEED_PROMPT_TOKENS, n_gen=n_gen,
+                                 progress=progress)
+        rates = interleaved_rates(configurations, settings)
+        stored = {"tg_off": rates["off"]["tg_tokens_per_second"], "tg_theta": rates["theta"]["tg_tokens_per_second"],
+                  "theta_weights": len(model.theta(config).tensors), "measured_by": socket.gethostname()}
+        study.set_user_attr(attr, stored)
+    return stored["tg_off"], stored["tg_theta"]

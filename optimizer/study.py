@@ -1,4 +1,4 @@
-"""`nkat-gguf optimize`: an Optuna TPE search over theta rank and γ, resumable and shareable by workers.
+"""`nkat-gguf optimize`: an Optuna TPE search over theta rank, budget allocation and γ, resumable and shareable.
 
 check options -> open the study (fails fast on a bad storage) -> build the base once -> load it once
 -> speeds per rank once -> trials until the study has enough -> outputs from the storage.
@@ -22,15 +22,19 @@ from optuna.trial import TrialState
 from tqdm import tqdm
 
 from nkat_gguf.convert import ConvertOptions
+from nkat_gguf.convert.selection import select_tensors
+from nkat_gguf.convert.sensitivity import SENSITIVITY_RANK, held_out_tokens, sensitivity_on
 from nkat_gguf.engine.perplexity import tokenize_text
 from nkat_gguf.errors import InputError
 from nkat_gguf.format.atomic import make_output_dir
+from nkat_gguf.format.gguf_file import read_layout
 from nkat_gguf.format.hashing import sha256_file
-from nkat_gguf.optimizer.base_model import WORK_DIR, SearchModel, base_key, search_base
+from nkat_gguf.math.allocation import check_max_weights, parse_budget
+from nkat_gguf.optimizer.base_model import SENSITIVITY_ATTR, WORK_DIR, SearchModel, base_key, search_base
 from nkat_gguf.optimizer.objective import Objective
-from nkat_gguf.optimizer.options import OptimizeOptions, check_options, seed_point
+from nkat_gguf.optimizer.options import NO_BUDGET, OptimizeOptions, ThetaConfig, check_options, seed_point
 from nkat_gguf.optimizer.outputs import write_outputs
-from nkat_gguf.optimizer.speed import rank_speeds
+from nkat_gguf.optimizer.speed import config_speed, rank_speeds
 from nkat_gguf.optimizer.storage import HEARTBEAT_SECONDS, adopt_running_trials, open_storage, open_study, storage_url
 from nkat_gguf.texts import Text, load_text
 
@@ -71,6 +75,7 @@ def study_settings(opts: OptimizeOptions, input_sha256: str, key: str, calibrati
     return {"model_sha256": input_sha256, "base_key": key, "outtype": opts.convert.outtype,
             "calibration_text_sha256": calibration.sha256, "ranks": list(opts.ranks),
             "gamma_range": list(opts.gamma_range), "n_ctx": opts.n_ctx, "chunks": opts.chunks,
+            "budgets": list(opts.budgets), "max_weights": list(opts.max_weights),
             "n_gen": opts.n_gen, "speed_repetitions": opts.speed_repetitions}
 
 
@@ -129,6 +134,10 @@ def open_search(opts: OptimizeOptions) -> Search:
     calibration = load_text(opts.convert.calib_text, "calibration")
     evaluation = load_text(opts.eval_text, "evaluation")
     input_sha256 = sha256_file(model)
+    for budget in opts.budgets:  # each refused in one line before any work
+        parse_budget(budget, model.stat().st_size)
+    if opts.max_weights:
+        check_max_weights(max(opts.max_weights), len(select_tensors(read_layout(model), opts.convert.selective_layers)))
     rank = max(opts.ranks)
     key = base_key(opts.convert, rank, input_sha256, calibration)
     url = storage_url(opts.storage, Path(opts.output_dir))
@@ -155,7 +164,30 @@ def make_objective(search: Search, model: SearchModel) -> Objective:
     if len(tokens) < opts.n_ctx:
         raise InputError(f"calibration text has {len(tokens)} tokens; one chunk needs --ctx {opts.n_ctx}")
     speeds = rank_speeds(search.study, model, opts.ranks, opts.n_gen, opts.speed_repetitions, opts.progress)
-    return Objective(model, tokens, opts.n_ctx, opts.chunks, opts.ranks, opts.gamma_range, speeds, opts.pareto)
+    if opts.budgets:
+        model.sensitivity = study_sensitivity(search.study, model, search.calibration, opts.progress)
+
+    def speed_of(config: ThetaConfig) -> tuple[float, float]:
+        if config.budget == NO_BUDGET or config.rank == 0:
+            return speeds[0], speeds[config.rank]
+        return config_speed(search.study, model, config, opts.n_gen, opts.speed_repetitions, opts.progress)
+
+    return Objective(model, tokens, opts.n_ctx, opts.chunks, opts.ranks, opts.gamma_range, speed_of, opts.pareto,
+                     opts.budgets, opts.max_weights)
+
+
+def study_sensitivity(study: optuna.Study, model: SearchModel, calibration: Text, progress: bool) -> dict[str, float]:
+    """Per-kind sensitivity of the base's theta on held-out calibration text, measured once per study."""
+    stored = study.user_attrs.get(SENSITIVITY_ATTR)
+    if stored is None:
+        full = model.full
+        energy = {n: (t.dequantize().b.astype("float64") ** 2).sum(axis=0) for n, t in full.tensors.items()}
+        thetas = {n: t.truncate(min(SENSITIVITY_RANK, t.rank)) for n, t in full.tensors.items()}
+        measured = sensitivity_on(model.runtime, thetas, energy, held_out_tokens(model.base, calibration),
+                                  full.gamma, progress)
+        stored = {k: v["sensitivity"] for k, v in measured.items()}
+        study.set_user_attr(SENSITIVITY_ATTR, stored)
+    return stored
 
 
 def optimize(opts: OptimizeOptions) -> dict[str, Any]:

@@ -43,6 +43,16 @@ def bad_inputs(tiny_f32: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
     ("tiny", ["--theta-gamma", "abc"], "not a number"),
     ("tiny", ["--outtype", "Q9_9"], "unknown --outtype"),
     ("tiny", ["--selective-layers", "blk.99.nothing"], "matches no"),
+    ("tiny", ["--theta-budget", "-1MiB"], "is negative"),
+    ("tiny", ["--theta-budget", "0MiB"], "allows no theta"),
+    ("tiny", ["--theta-budget", "0%"], "allows no theta"),
+    ("tiny", ["--theta-budget", "2MB"], "not a size"),
+    ("tiny", ["--theta-budget", "1000MiB"], "larger than the model"),
+    ("tiny", ["--theta-budget", "101%"], "larger than the model"),
+    ("tiny", ["--theta-budget", "1%", "--theta-max-weights", "0"], "--theta-max-weights 0 is out of range"),
+    ("tiny", ["--theta-budget", "1%", "--theta-max-weights", "15"], "14 weights"),
+    ("tiny", ["--theta-max-weights", "3"], "needs --theta-budget"),
+    ("tiny", ["--theta-budget", "1%", "--theta-rank", "0"], "--theta-rank 0"),
 ])
 def test_convert_refuses_bad_input_in_one_line(case: str, extra: list[str], message: str, tiny_f32: Path,
                                                bad_inputs: dict[str, Path], tmp_path: Path) -> None:

@@ -84,13 +84,13 @@ def test_adapter_at_scale_one_gives_the_engine_logits_at_gamma(f32_with_theta: P
 
 
 def test_adapter_file_is_a_standard_llama_cpp_lora(tiny_nkat: Path, tmp_path: Path) -> None:
-    """F16 by default, alpha = r, and B holds γ·B of the NKAT file (what a runtime at scale 1 needs)."""
+    """F16 by default, alpha = 0 (unit scale whatever each tensor's rank), and B holds γ·B of the NKAT file (what a runtime at scale 1 needs)."""
     adapter = tmp_path / "theta.gguf"
     report = export_adapter(tiny_nkat, adapter, gamma=0.5)
     layout = read_layout(adapter)
     theta = read_theta(tiny_nkat)
     assert layout.get("general.type") == "adapter" and layout.get("adapter.type") == "lora"
-    assert layout.get("general.architecture") == "llama" and layout.get("adapter.lora.alpha") == theta.rank
+    assert layout.get("general.architecture") == "llama" and layout.get("adapter.lora.alpha") == 0.0
     assert {t.type for t in layout.tensors} == {GGMLQuantizationType.F16}
     name = sorted(theta.tensors)[0]
     b = TensorSource(adapter).dequantize(name + ".lora_b")

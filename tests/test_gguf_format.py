@@ -9,6 +9,7 @@ import pytest
 from gguf import GGUFReader, GGUFValueType, GGUFWriter
 
 from nkat_gguf.errors import InputError
+from nkat_gguf.format import nkat as fmt
 from nkat_gguf.format.gguf_file import read_layout, write_with_metadata
 from nkat_gguf.format.nkat import NkatTheta, read_theta, theta_metadata
 from nkat_gguf.math.theta import LowRank, quantize_int8
@@ -33,6 +34,7 @@ def gguf_py_file(tmp_path: Path) -> Path:
     w.add_key_value("t.f32s", [1.5, -2.0], GGUFValueType.ARRAY, sub_type=GGUFValueType.FLOAT32)
     w.add_tensor("w", RNG.standard_normal((3, 64)).astype(np.float32))
     w.add_tensor("v", RNG.standard_normal(16).astype(np.float16))
+    w.add_tensor("u", RNG.standard_normal((8, 32)).astype(np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -81,11 +83,19 @@ def test_not_a_gguf_and_truncated_files_are_refused(gguf_py_file: Path, tmp_path
             read_layout(short)
 
 
-def make_theta(shapes: dict[str, tuple[int, int]], rank: int) -> NkatTheta:
-    tensors = {n: quantize_int8(LowRank(RNG.standard_normal((o, rank)).astype(np.float32),
-                                        RNG.standard_normal((rank, i)).astype(np.float32)))
+def make_theta(shapes: dict[str, tuple[int, int]], rank: int | dict[str, int]) -> NkatTheta:
+    ranks = rank if isinstance(rank, dict) else dict.fromkeys(shapes, rank)
+    tensors = {n: quantize_int8(LowRank(RNG.standard_normal((o, ranks[n])).astype(np.float32),
+                                        RNG.standard_normal((ranks[n], i)).astype(np.float32)))
                for n, (o, i) in shapes.items()}
-    return NkatTheta(rank, 0.97, tensors, {"nkat.outtype": "Q4_0"})
+    return NkatTheta(0.97, tensors, {"nkat.outtype": "Q4_0"})
+
+
+def assert_same_theta(back: NkatTheta | None, theta: NkatTheta) -> None:
+    assert back is not None and back.ranks == theta.ranks and back.gamma == pytest.approx(theta.gamma)
+    for name, t in theta.tensors.items():
+        for part in fmt.PARTS:
+            assert np.array_equal(getattr(back.tensors[name], part), getattr(t, part)), (name, part)
 
 
 def test_nkat_writer_and_reader_round_trip_and_gguf_py_reads_int8(gguf_py_file: Path, tmp_path: Path) -> None:
@@ -93,15 +103,64 @@ def test_nkat_writer_and_reader_round_trip_and_gguf_py_reads_int8(gguf_py_file: 
     out = tmp_path / "nkat.gguf"
     write_with_metadata(gguf_py_file, out, theta_metadata(theta))
     back = read_theta(out)
-    assert back is not None and back.rank == 2 and back.gamma == pytest.approx(0.97)
-    assert back.provenance == {"nkat.outtype": "Q4_0"}
-    for part in ("a", "a_scale", "b", "b_scale"):
-        assert np.array_equal(getattr(back.tensors["w"], part), getattr(theta.tensors["w"], part))
+    assert_same_theta(back, theta)
+    assert back.rank == 2 and back.provenance == {"nkat.outtype": "Q4_0"}
     fields = GGUFReader(str(out)).fields
     assert fields["nkat.theta.w.a"].types == [GGUFValueType.ARRAY, GGUFValueType.INT8]
     assert fields["nkat.theta.w.b_scale"].types == [GGUFValueType.ARRAY, GGUFValueType.FLOAT32]
-    assert fields["nkat.version"].types == [GGUFValueType.UINT32]
+    assert fields["nkat.version"].types == [GGUFValueType.UINT32] and fields["nkat.version"].contents() == 2
     assert back.digest() == theta.digest()
+
+
+def test_v2_per_weight_ranks_with_rank_zero_weights_left_out(gguf_py_file: Path, tmp_path: Path) -> None:
+    """Two weights of different ranks and one (v) with rank 0; gguf-py reads the ranks as UINT32."""
+    theta = make_theta({"w": (3, 64), "u": (8, 32)}, rank={"w": 3, "u": 1})
+    out = tmp_path / "v2.gguf"
+    write_with_metadata(gguf_py_file, out, theta_metadata(theta))
+    back = read_theta(out)
+    assert_same_theta(back, theta)
+    assert back.ranks == {"u": 1, "w": 3} and back.rank == 3 and "v" not in back.tensors
+    fields = GGUFReader(str(out)).fields
+    assert fields[fmt.THETA_RANKS].types == [GGUFValueType.ARRAY, GGUFValueType.UINT32]
+    assert fields[fmt.THETA_RANKS].contents() == [1, 3] and fields[fmt.THETA_TENSORS].contents() == ["u", "w"]
+    assert fields[fmt.THETA_RANK].contents() == 3
+    assert theta.metadata_bytes() == 3 * (3 + 64) + 1 * (8 + 32) + 4 * 2 * (3 + 1)
+    assert make_theta({"w": (3, 64)}, {"w": 2}).digest() != make_theta({"w": (3, 64)}, {"w": 1}).digest()
+
+
+def test_no_theta_round_trips_as_rank_zero(gguf_py_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "none.gguf"
+    write_with_metadata(gguf_py_file, out, theta_metadata(NkatTheta(0.97, {})))
+    back = read_theta(out)
+    assert back is not None and back.tensors == {} and back.rank == 0
+
+
+def write_v1(src: Path, dst: Path, theta: NkatTheta) -> None:
+    """A version 1 file written by gguf-py itself: one rank for all, no nkat.theta.ranks."""
+    reader = GGUFReader(str(src))
+    w = GGUFWriter(str(dst), "llama")
+    w.add_uint32("nkat.version", 1)
+    w.add_uint32("nkat.theta.rank", theta.rank)
+    w.add_float32("nkat.theta.gamma", theta.gamma)
+    w.add_array("nkat.theta.tensors", sorted(theta.tensors))
+    for name, t in sorted(theta.tensors.items()):
+        for part, sub in (("a", GGUFValueType.INT8), ("a_scale", GGUFValueType.FLOAT32),
+                          ("b", GGUFValueType.INT8), ("b_scale", GGUFValueType.FLOAT32)):
+            w.add_key_value(f"nkat.theta.{name}.{part}", getattr(t, part).ravel().tolist(), GGUFValueType.ARRAY,
+                            sub_type=sub)
+    for t in reader.tensors:
+        w.add_tensor(t.name, np.asarray(t.data))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_v1_files_still_read(gguf_py_file: Path, tmp_path: Path) -> None:
+    theta = make_theta({"w": (3, 64), "u": (8, 32)}, rank=2)
+    out = tmp_path / "v1.gguf"
+    write_v1(gguf_py_file, out, theta)
+    assert_same_theta(read_theta(out), theta)
 
 
 def test_reader_checks_shapes_against_the_model(gguf_py_file: Path, tmp_path: Path) -> None:
@@ -115,3 +174,24 @@ def test_reader_checks_shapes_against_the_model(gguf_py_file: Path, tmp_path: Pa
     with pytest.raises(InputError, match="not a 2-D tensor"):
         read_theta(out)
     assert read_theta(gguf_py_file) is None
+
+
+@pytest.mark.parametrize(("ranks", "message"), [
+    (np.array([2], np.uint32), "expected one rank per name"),
+    (np.array([0, 2], np.uint32), "rank below 1"),
+    (np.array([1, 3], np.uint32), "expected"),  # u's arrays hold rank 2, not 1
+])
+def test_reader_checks_the_ranks(gguf_py_file: Path, tmp_path: Path, ranks: np.ndarray, message: str) -> None:
+    metadata = theta_metadata(make_theta({"w": (3, 64), "u": (8, 32)}, rank=2))
+    metadata[fmt.THETA_RANKS] = ranks
+    out = tmp_path / "ranks.gguf"
+    write_with_metadata(gguf_py_file, out, metadata)
+    with pytest.raises(InputError, match=message):
+        read_theta(out)
+
+
+def test_unknown_version_is_refused(gguf_py_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "v9.gguf"
+    write_with_metadata(gguf_py_file, out, theta_metadata(make_theta({"w": (3, 64)}, 1)) | {fmt.VERSION: 9})
+    with pytest.raises(InputError, match="version 9 is not supported"):
+        read_theta(out)

@@ -33,6 +33,8 @@ class ConvertOptions:
     threads: int = 0
     progress: bool = True
     so8t: So8tOptions = So8tOptions()  # no rotation unless asked for
+    theta_budget: str | None = None  # "2MiB" or "3%" of the quantized file: per-weight ranks (theta_rank unused)
+    theta_max_weights: int | None = None  # with theta_budget: the most weights that carry theta (graph operations)
 
 
 @dataclass
@@ -54,6 +56,7 @@ class ConvertReport:
     tensors: dict[str, dict] = field(default_factory=dict)  # name -> {rank, captured_energy, ...}
     seconds: dict[str, float] = field(default_factory=dict)
     so8t: dict | None = None  # rotation and QC figures when --so8t baked one
+    allocation: dict | None = None  # --theta-budget: budget, bytes spent, sensitivity per kind, ranks per kind
 
     def as_dict(self) -> dict:
         return asdict(self)

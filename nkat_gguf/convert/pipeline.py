@@ -1,11 +1,12 @@
 """`nkat-gguf convert`: read -> (bake) -> calibrate -> quantize -> theta -> write. Each step is its own module.
 
 The output is llama.cpp's own quantization of the input, byte for byte, plus theta in metadata
-(NKAT format v1), so a stock llama.cpp loads it as the plain quantized model.
+(NKAT format v2), so a stock llama.cpp loads it as the plain quantized model.
 """
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 from collections.abc import Callable
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from nkat_gguf import __version__
+from nkat_gguf.convert.allocate import allocate_theta
 from nkat_gguf.convert.calibrate import DEFAULT_CALIB_TOKENS, Calibration, calibrate
 from nkat_gguf.convert.options import ConvertOptions, ConvertReport
 from nkat_gguf.convert.selection import select_tensors
@@ -28,6 +30,7 @@ from nkat_gguf.format.hashing import sha256_file
 from nkat_gguf.format.imatrix import input_widths, missing_note, read_imatrix_file
 from nkat_gguf.format.nkat import NkatTheta, check_gamma, theta_metadata
 from nkat_gguf.format.tensors import TensorSource
+from nkat_gguf.math.allocation import ThetaBudget, check_max_weights, parse_budget
 from nkat_gguf.math.theta import quantize_int8
 from nkat_gguf.so8t.bake_step import bake_step, check_so8t_options
 from nkat_gguf.so8t.qc import write_report
@@ -103,6 +106,7 @@ def convert(opts: ConvertOptions, calibration: Calibration | None = None) -> Con
     names = select_tensors(layout, opts.selective_layers)
     check_rank(source, names, opts.theta_rank)
     fit_settings = check_fit(opts)
+    budget = check_budget_options(opts, names, input_path.stat().st_size)
     ref_source, weights = reference_weights(source, opts.reference, names)
     report = ConvertReport(str(input_path), str(output_path), outtype_name, opts.theta_rank, opts.theta_gamma,
                            "none", opts.theta_fit, "none", input_bytes=input_path.stat().st_size)
@@ -115,7 +119,8 @@ def convert(opts: ConvertOptions, calibration: Calibration | None = None) -> Con
             model_path, layout, ref_source = so8t.model.path, so8t.model.layout, so8t.reference
             weights = ref_source.dequantize
 
-        needs_calibration = ((opts.theta_calib == "activation" and opts.theta_rank > 0) or opts.imatrix == "auto"
+        wants_theta = opts.theta_rank > 0 or budget is not None
+        needs_calibration = ((opts.theta_calib == "activation" and wants_theta) or opts.imatrix == "auto"
                              or opts.save_imatrix is not None)
         if needs_calibration and calibration is None:  # llama.cpp evaluates the weights theta aims at
             t = time.perf_counter()
@@ -140,18 +145,26 @@ def convert(opts: ConvertOptions, calibration: Calibration | None = None) -> Con
         seconds["quantize"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        fits, replaced = fit_weights(TensorSource(quantized_path), weights, names, opts.theta_rank,
-                                     calibration_for_theta, fit_settings, imatrix,
-                                     opts.progress) if opts.theta_rank > 0 else ({}, {})
+        replaced: dict[str, np.ndarray] = {}
+        if budget is not None:
+            allocation = allocate_theta(quantized_path, weights, names, calibration_for_theta,
+                                        load_text(opts.calib_text, "calibration"), budget, opts.theta_max_weights,
+                                        opts.theta_gamma, fit_settings, Path(tmp), opts.threads, opts.progress)
+            fits, report.allocation = allocation.fits, allocation.summary()
+            report.theta_rank = max((f.factors.rank for f in fits.values()), default=0)
+        elif opts.theta_rank > 0:
+            fits, replaced = fit_weights(TensorSource(quantized_path), weights, names, opts.theta_rank,
+                                         calibration_for_theta, fit_settings, imatrix, opts.progress)
+        else:
+            fits = {}
         if replaced:  # joint rounds: the requantized weights that beat llama.cpp's own
             jointly = Path(tmp) / "joint.gguf"
             replace_tensors(quantized_path, jointly, replaced)
             quantized_path = jointly
         seconds["theta"] = time.perf_counter() - t
-        theta = NkatTheta(opts.theta_rank, opts.theta_gamma,
-                          {n: quantize_int8(f.factors) for n, f in fits.items()},
+        theta = NkatTheta(opts.theta_gamma, {n: quantize_int8(f.factors) for n, f in fits.items()},
                           _provenance(input_path, opts, outtype_name, calibration, report.imatrix)
-                          | (so8t.metadata() if so8t else {}))
+                          | _allocation_provenance(report.allocation) | (so8t.metadata() if so8t else {}))
         for name, f in fits.items():
             report.tensors[name] = {"rank": f.factors.rank, "captured_energy": round(f.captured_energy, 6),
                                     "expected_output_error": f.error, "round": f.round}
@@ -169,6 +182,30 @@ def convert(opts: ConvertOptions, calibration: Calibration | None = None) -> Con
         if opts.so8t.report_dir is not None:
             write_report(Path(opts.so8t.report_dir), report.as_dict())
     return report
+
+
+def check_budget_options(opts: ConvertOptions, names: list[str], model_bytes: int) -> ThetaBudget | None:
+    """--theta-budget / --theta-max-weights, refused in one line each before any work is done."""
+    if opts.theta_budget is None:
+        if opts.theta_max_weights is not None:
+            raise InputError("--theta-max-weights needs --theta-budget (it caps how many weights the budget spreads over)")
+        return None
+    if opts.theta_rank == 0:
+        raise InputError("--theta-budget asks for theta but --theta-rank 0 asks for none; give one of them")
+    budget = parse_budget(opts.theta_budget, model_bytes)
+    check_max_weights(opts.theta_max_weights, len(names))
+    return budget
+
+
+def _allocation_provenance(allocation: dict | None) -> dict[str, object]:
+    if allocation is None:
+        return {nkat.ALLOCATION_METHOD: "uniform"}
+    sensitivity = {k: round(v["sensitivity"], 9) for k, v in allocation["sensitivity"].items()}
+    out: dict[str, object] = {nkat.ALLOCATION_METHOD: "budget", nkat.ALLOCATION_BUDGET: allocation["budget_bytes"],
+                              nkat.ALLOCATION_SENSITIVITY: json.dumps(sensitivity, sort_keys=True)}
+    if allocation["max_weights"] is not None:
+        out[nkat.ALLOCATION_MAX_WEIGHTS] = allocation["max_weights"]
+    return out
 
 
 def _check_paths(input_path: Path, output_path: Path, reference: Path | None) -> None:

@@ -64,14 +64,15 @@ class ThetaFitter:
         self.rank, self.calibration, self.settings = rank, calibration, settings
         self._cholesky: dict[int, np.ndarray] = {}
 
-    def fit(self, name: str, residual: np.ndarray) -> tuple[LowRank, float]:
-        cal, damping = self.calibration, self.settings.resolved_damping
+    def fit(self, name: str, residual: np.ndarray, rank: int | None = None) -> tuple[LowRank, float]:
+        """Factors at `rank` (default: the fitter's) and the share of the weighted residual they capture."""
+        cal, damping, rank = self.calibration, self.settings.resolved_damping, rank or self.rank
         if cal is None:
-            fit = theta_from_residual(residual, self.rank)
+            fit = theta_from_residual(residual, rank)
         elif self.settings.method == "whiten" and name in cal.second_moments:
-            fit = theta_whitened(residual, self.rank, self._factor(name))
+            fit = theta_whitened(residual, rank, self._factor(name))
         else:
-            fit = theta_from_residual(residual, self.rank, activation_scale(cal.mean_squares[name], damping=damping))
+            fit = theta_from_residual(residual, rank, activation_scale(cal.mean_squares[name], damping=damping))
         return fit.factors, fit.captured_energy
 
     def error(self, name: str, residual: np.ndarray, factors: LowRank) -> float:

@@ -1,7 +1,8 @@
 """Exports for the runtimes users already have: a LoRA adapter, an Ollama directory, a KoboldCpp config.
 
 Ollama always applies an adapter at scale 1 and KoboldCpp releases before mid-2025 do too, so every
-exported adapter has γ folded into B (alpha = r, scale 1 gives W x + γ·B·A·x). Every file written is
+exported adapter has γ folded into B (alpha = 0, so scale 1 gives W x + γ·B·A·x on every weight,
+whatever its rank). Every file written is
 loaded back through llama.cpp before the export reports success. A model without theta still
 exports (the plain model), with a note that there is no correction to carry.
 """
@@ -95,7 +96,7 @@ def _target(model: _Model, path: Path) -> Path:
 
 def _write_adapter(model: _Model, dst: Path, base: Path, tensor_type: str = "F16") -> Path:
     """theta with γ folded into B, then loaded back on `base`, the model file the runtime will use."""
-    theta = model.theta or NkatTheta(rank=1, gamma=0.0, tensors={})
+    theta = model.theta or NkatTheta(gamma=0.0, tensors={})
     write_lora_adapter(_target(model, dst), theta, model.layout.architecture,
                        scale_folded_into_b=model.gamma or 0.0, tensor_type=tensor_type,
                        name=f"{model.stem}-theta-gamma-{model.gamma or 0:g}")

@@ -1,8 +1,9 @@
-"""The NKAT GGUF format, version 1: theta factors in GGUF metadata (spec: docs/NKAT_FORMAT.md).
+"""The NKAT GGUF format, version 2: theta factors in GGUF metadata (spec: docs/NKAT_FORMAT.md).
 
 One writer (`theta_metadata`) and one reader (`read_theta`), tested against each other and gguf-py.
 Tensors are never added: a stock llama.cpp rejects a model file with tensors it does not use, but
-ignores unknown metadata keys. This module owns every `nkat.*` key: the rest of the code names them
+ignores unknown metadata keys. Version 2 gives every weight its own rank (a weight that is not listed
+has rank 0: no adapter there); version 1 files (one rank for all) are still read. This module owns every `nkat.*` key: the rest of the code names them
 through the constants below, so the format is described in one place.
 """
 
@@ -21,7 +22,8 @@ from nkat_gguf.errors import InputError
 from nkat_gguf.format.gguf_file import GGUFLayout, Value, read_layout
 from nkat_gguf.math.theta import ThetaInt8
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 PREFIX = "nkat."
 MAX_ARRAY_ELEMENTS = 16 * 1024 * 1024  # Ollama refuses arrays over 64 Mi elements; stay well below
 MAX_GAMMA = 16.0
@@ -29,7 +31,8 @@ MAX_GAMMA = 16.0
 # theta (written by theta_metadata, read by read_theta)
 VERSION = "nkat.version"
 THETA_PREFIX = "nkat.theta."
-THETA_RANK = "nkat.theta.rank"
+THETA_RANK = "nkat.theta.rank"  # v1: the rank of every weight; v2: the largest per-weight rank
+THETA_RANKS = "nkat.theta.ranks"  # v2 only: one rank per name of THETA_TENSORS
 THETA_GAMMA = "nkat.theta.gamma"
 THETA_TENSORS = "nkat.theta.tensors"
 # provenance (written by convert)
@@ -43,6 +46,10 @@ CALIBRATION_TOKENS = "nkat.calibration.tokens"
 CALIBRATION_SOURCE = "nkat.calibration.source"
 IMATRIX = "nkat.imatrix"
 TOOL_VERSION = "nkat.tool.version"
+ALLOCATION_METHOD = "nkat.allocation.method"  # "uniform" or "budget"
+ALLOCATION_BUDGET = "nkat.allocation.budget_bytes"
+ALLOCATION_MAX_WEIGHTS = "nkat.allocation.max_weights"
+ALLOCATION_SENSITIVITY = "nkat.allocation.sensitivity"  # JSON: weight kind -> benefit per unit of energy
 # SO8T bake (docs/SO8T.md): the rotation, then its QC figures under SO8T_QC_PREFIX + field name
 SO8T_PREFIX = "nkat.so8t."
 SO8T_MODE = "nkat.so8t.mode"
@@ -52,6 +59,7 @@ SO8T_HEADS = "nkat.so8t.heads"
 SO8T_MAX_ORTHOGONALITY_ERROR = "nkat.so8t.max_orthogonality_error"
 SO8T_MIN_DET = "nkat.so8t.min_det"
 SO8T_QC_PREFIX = "nkat.so8t.qc."
+PARTS = ("a", "a_scale", "b", "b_scale")  # the factor arrays of one weight: nkat.theta.<N>.<part>
 
 
 def check_gamma(gamma: object) -> float:
@@ -68,80 +76,127 @@ def check_gamma(gamma: object) -> float:
 
 @dataclass(frozen=True)
 class NkatTheta:
-    """theta for a set of weights, with the default gamma and where it came from."""
+    """theta for a set of weights (each with its own rank), with the default gamma and where it came from.
 
-    rank: int
+    A weight absent from `tensors` has rank 0: it gets no adapter and no graph operations.
+    """
+
     gamma: float
     tensors: dict[str, ThetaInt8]
     provenance: dict[str, Any] = field(default_factory=dict)  # nkat.* keys other than theta
 
+    @property
+    def ranks(self) -> dict[str, int]:
+        return {name: t.rank for name, t in sorted(self.tensors.items())}
+
+    @property
+    def rank(self) -> int:
+        """The largest per-weight rank (0 without theta): the one figure to show for a uniform theta."""
+        return max(self.ranks.values(), default=0)
+
+    def metadata_bytes(self) -> int:
+        """Bytes of the factor arrays (INT8 values and FLOAT32 scales) in the file."""
+        return sum(t.a.size + t.b.size + 4 * (t.a_scale.size + t.b_scale.size) for t in self.tensors.values())
+
     def digest(self) -> str:
         """Content hash of the factors: keys the runtime's adapter cache."""
-        h = hashlib.sha256(f"v{FORMAT_VERSION} r{self.rank}".encode())
+        h = hashlib.sha256(f"v{FORMAT_VERSION}".encode())
         for name in sorted(self.tensors):
             t = self.tensors[name]
-            h.update(name.encode())
+            h.update(f"{name} r{t.rank} {t.a.shape} {t.b.shape}".encode())
             for arr in (t.a, t.a_scale, t.b, t.b_scale):
                 h.update(np.ascontiguousarray(arr).tobytes())
         return h.hexdigest()
 
 
-def _key(name: str, part: str) -> str:
+def component_bytes(out_dim: int, in_dim: int) -> int:
+    """File bytes of one rank component of a weight: its INT8 row of A and column of B, and two FLOAT32 scales."""
+    return in_dim + out_dim + 2 * 4
+
+
+def listing_bytes(name: str) -> int:
+    """File bytes a weight costs once it carries theta, whatever its rank: its four keys with their array
+    headers, its name in nkat.theta.tensors and its entry in nkat.theta.ranks."""
+    array_header = 4 + 4 + 8  # value type, element type, element count
+    keys = sum(8 + len(factor_key(name, part).encode()) + array_header for part in PARTS)
+    return keys + 8 + len(name.encode()) + 4
+
+
+def factor_key(name: str, part: str) -> str:
+    """`nkat.theta.<N>.<part>` for part in a, a_scale, b, b_scale."""
     return f"{THETA_PREFIX}{name}.{part}"
 
 
 def theta_metadata(theta: NkatTheta) -> dict[str, Any]:
-    """The metadata keys of NKAT format v1, in writing order."""
+    """The metadata keys of NKAT format v2, in writing order."""
+    names = sorted(theta.tensors)
+    for name in names:
+        if theta.tensors[name].rank < 1:
+            raise ValueError(f"{name}: a listed weight needs rank >= 1 (leave it out for rank 0)")
     out: dict[str, Any] = {
         VERSION: Value(GGUFValueType.UINT32, FORMAT_VERSION),
         THETA_RANK: Value(GGUFValueType.UINT32, theta.rank),
         THETA_GAMMA: Value(GGUFValueType.FLOAT32, float(theta.gamma)),
-        THETA_TENSORS: sorted(theta.tensors),
+        THETA_TENSORS: names,
+        THETA_RANKS: np.asarray([theta.tensors[n].rank for n in names], dtype=np.uint32),
     }
-    for name in sorted(theta.tensors):
+    for name in names:
         t = theta.tensors[name]
-        if t.rank != theta.rank:
-            raise ValueError(f"{name}: rank {t.rank} differs from the file's rank {theta.rank}")
         for part, arr, dtype in (("a", t.a, np.int8), ("a_scale", t.a_scale, np.float32),
                                  ("b", t.b, np.int8), ("b_scale", t.b_scale, np.float32)):
             if arr.size > MAX_ARRAY_ELEMENTS:
                 raise InputError(f"theta for {name} needs {arr.size} elements in one array; the limit is "
-                                 f"{MAX_ARRAY_ELEMENTS} (lower --theta-rank)")
-            out[_key(name, part)] = np.ascontiguousarray(arr, dtype=dtype)
+                                 f"{MAX_ARRAY_ELEMENTS} (lower its rank)")
+            out[factor_key(name, part)] = np.ascontiguousarray(arr, dtype=dtype)
     for key, value in theta.provenance.items():
-        if not key.startswith(PREFIX) or key.startswith(THETA_PREFIX):
+        if not key.startswith(PREFIX) or key.startswith(THETA_PREFIX) or key == VERSION:
             raise ValueError(f"provenance key {key!r} must be nkat.* and outside nkat.theta.*")
         out[key] = value
     return out
 
 
+def _listed_ranks(layout: GGUFLayout, version: int, names: list[str]) -> list[int]:
+    """Each listed weight's rank: v1 has one for all, v2 one per name."""
+    path = layout.path
+    if version == 1:
+        return [int(layout.get(THETA_RANK))] * len(names)
+    ranks = layout.get(THETA_RANKS)
+    if not isinstance(ranks, np.ndarray) or ranks.size != len(names):
+        got = "missing" if not isinstance(ranks, np.ndarray) else f"{ranks.size} elements"
+        raise InputError(f"{path}: {THETA_RANKS} is {got}, expected one rank per name of {THETA_TENSORS} ({len(names)})")
+    if ranks.size and int(ranks.min()) < 1:
+        raise InputError(f"{path}: {THETA_RANKS} holds a rank below 1 (a weight without theta is not listed)")
+    return [int(r) for r in ranks]
+
+
 def read_theta(source: str | Path | GGUFLayout) -> NkatTheta | None:
-    """theta stored in a GGUF, or None for a file without NKAT metadata. Checks every shape."""
+    """theta stored in a GGUF (v1 or v2), or None for a file without NKAT metadata. Checks every shape."""
     layout = source if isinstance(source, GGUFLayout) else read_layout(source)
     version = layout.get(VERSION)
     if version is None:
         return None
     path = layout.path
-    if version != FORMAT_VERSION:
-        raise InputError(f"{path}: NKAT format version {version} is not supported (this tool reads {FORMAT_VERSION})")
+    if version not in READABLE_VERSIONS:
+        raise InputError(f"{path}: NKAT format version {version} is not supported (this tool reads "
+                         f"{', '.join(map(str, READABLE_VERSIONS))})")
     try:
-        rank = int(layout.get(THETA_RANK))
         gamma = float(layout.get(THETA_GAMMA))
         names = list(layout.get(THETA_TENSORS))
+        ranks = _listed_ranks(layout, version, names)
     except TypeError:
-        raise InputError(f"{path}: NKAT metadata is incomplete (nkat.theta.rank/gamma/tensors)") from None
+        raise InputError(f"{path}: NKAT metadata is incomplete ({THETA_RANK}/{THETA_GAMMA}/{THETA_TENSORS})") from None
     shapes = {t.name: tuple(reversed(t.shape)) for t in layout.tensors}
     tensors = {}
-    for name in names:
+    for name, rank in zip(names, ranks):
         if name not in shapes or len(shapes[name]) != 2:
             raise InputError(f"{path}: theta names {name}, which is not a 2-D tensor of the model")
         out_dim, in_dim = shapes[name]
-        parts = {p: layout.get(_key(name, p)) for p in ("a", "a_scale", "b", "b_scale")}
+        parts = {p: layout.get(factor_key(name, p)) for p in PARTS}
         expected = {"a": rank * in_dim, "a_scale": rank, "b": out_dim * rank, "b_scale": rank}
         for part, arr in parts.items():
             if not isinstance(arr, np.ndarray) or arr.size != expected[part]:
                 got = "missing" if not isinstance(arr, np.ndarray) else f"{arr.size} elements"
-                raise InputError(f"{path}: {_key(name, part)} is {got}, expected {expected[part]} elements")
+                raise InputError(f"{path}: {factor_key(name, part)} is {got}, expected {expected[part]} elements")
         tensors[name] = ThetaInt8(
             parts["a"].astype(np.int8, copy=False).reshape(rank, in_dim),
             parts["a_scale"].astype(np.float32, copy=False),
@@ -150,4 +205,4 @@ def read_theta(source: str | Path | GGUFLayout) -> NkatTheta | None:
         )
     provenance = {k: v.python() for k, v in layout.metadata.items()
                   if k.startswith(PREFIX) and not k.startswith(THETA_PREFIX) and k != VERSION}
-    return NkatTheta(rank, gamma, tensors, provenance)
+    return NkatTheta(gamma, tensors, provenance)

@@ -171,6 +171,17 @@ def theta_whitened(residual: np.ndarray, rank: int, cholesky: np.ndarray, seed: 
     return ThetaFit(LowRank(b, a.astype(np.float32)), min(captured, 1.0))
 
 
+def residual_spectrum(residual: np.ndarray, input_scale: np.ndarray | None = None) -> np.ndarray:
+    """σ_k² of the matrix theta_from_residual fits (E·S), descending: what each rank component captures.
+
+    The allocation spends bytes where these are largest; rank r of theta_from_residual captures the first r.
+    """
+    e = torch.from_numpy(np.ascontiguousarray(residual, dtype=np.float32))
+    if input_scale is not None:
+        e = e * torch.from_numpy(input_scale.astype(np.float32))[None, :]
+    return (torch.linalg.svdvals(e.double()) ** 2).numpy()
+
+
 def antisymmetrize(factors: LowRank) -> np.ndarray:
     """theta = D - D^T, D = [[0, 2·B·A], [0, 0]] in so(out+in). Dense: for tests and the spec only."""
     out_dim, in_dim = factors.b.shape[0], factors.a.shape[1]
