@@ -6,7 +6,6 @@ The output is llama.cpp's own quantization of the input, byte for byte, plus the
 
 from __future__ import annotations
 
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,7 +22,7 @@ from nkat_gguf.engine.reference import supports_reference
 from nkat_gguf.engine.runtime import check_loadable
 from nkat_gguf.errors import InputError
 from nkat_gguf.format import nkat
-from nkat_gguf.format.atomic import check_writable_dir
+from nkat_gguf.format.atomic import check_writable_dir, work_dir
 from nkat_gguf.format.gguf_file import read_layout, write_with_metadata
 from nkat_gguf.format.hashing import sha256_file
 from nkat_gguf.format.imatrix import input_widths, missing_note, read_imatrix_file
@@ -107,7 +106,7 @@ def convert(opts: ConvertOptions, calibration: Calibration | None = None) -> Con
     report = ConvertReport(str(input_path), str(output_path), outtype_name, opts.theta_rank, opts.theta_gamma,
                            "none", "none", input_bytes=input_path.stat().st_size)
 
-    with tempfile.TemporaryDirectory(prefix=".nkat-convert-", dir=output_path.parent) as tmp:
+    with work_dir(output_path.parent, "convert") as tmp:
         model_path, so8t = input_path, None
         if opts.so8t.enabled:  # everything below runs on the baked F32 copy (and baked reference)
             so8t = bake_step(opts.so8t, source, ref_source, Path(tmp))
