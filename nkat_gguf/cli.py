@@ -36,8 +36,23 @@ def _fail_cleanly(fn: Callable) -> Callable:
     return wrapper
 
 
+def _non_finite(value: Any, where: str = "") -> str | None:
+    """The path of the first NaN or infinity in a result (nested dicts and lists), else None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return where or "result"
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+    for key, item in items:
+        if (found := _non_finite(item, f"{where}.{key}" if where else str(key))) is not None:
+            return found
+    return None
+
+
 def _emit(result: dict, as_json: bool, text: Callable[[dict], str]) -> None:
-    click.echo(json.dumps(result, indent=2, default=str) if as_json else text(result))
+    """Print a result, never one holding NaN or infinity: such a figure is an error, not a measurement."""
+    if (where := _non_finite(result)) is not None:
+        raise NkatError(f"the result has a non-finite value at {where}: the model or its theta produced NaN or "
+                        "infinity, so no figure is reported")
+    click.echo(json.dumps(result, indent=2, default=str, allow_nan=False) if as_json else text(result))
 
 
 def _gamma(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:

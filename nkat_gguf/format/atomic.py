@@ -122,3 +122,18 @@ def work_dir(parent: Path, label: str) -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def output_directory(directory: Path) -> Iterator[Path]:
+    """`make_output_dir`, undone if the block fails and this call created the directory (left empty)."""
+    directory = Path(directory)
+    created = not directory.exists()
+    resolved = make_output_dir(directory)
+    try:
+        yield resolved
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                directory.rmdir()  # only if empty: never removes anything else
+        raise

@@ -207,7 +207,7 @@ def _parse(cur: _Cursor, path: Path, size: int) -> GGUFLayout:
         except ValueError:
             raise InputError(f"unsupported tensor type {raw_type} for {name} in {path}") from None
         info = TensorInfo(name, shape, ttype, cur.unpack("<Q"))
-        _check_tensor_size(info, path, size)
+        _check_tensor_size(info, path)
         tensors.append(info)
     if len({t.name for t in tensors}) != len(tensors):
         raise InputError(f"corrupt GGUF: {path} names a tensor twice")
@@ -238,15 +238,15 @@ def _alignment(metadata: dict[str, Value], path: Path) -> int:
     return alignment
 
 
-def _check_tensor_size(info: TensorInfo, path: Path, file_size: int) -> None:
-    """Rows whole blocks, and a byte size computed without wrapping (Python ints) that fits in the file."""
+def _check_tensor_size(info: TensorInfo, path: Path) -> None:
+    """Rows of whole blocks, and an element count that fits in int64 (computed in Python ints: no wrapping)."""
     block, _ = GGML_QUANT_SIZES[info.type]
     if info.shape[0] % block:
         raise InputError(f"corrupt GGUF: {path}: tensor {info.name} has rows of {info.shape[0]} elements, "
                          f"not a multiple of {info.type.name}'s block of {block}")
-    if info.n_bytes > file_size or info.offset > file_size:
-        raise InputError(f"corrupt GGUF: {path}: tensor {info.name} {list(info.shape)} needs {info.n_bytes} bytes "
-                         f"at offset {info.offset}; the file has {file_size}")
+    if math.prod(info.shape) >= 1 << 63:  # ggml counts elements in int64; llama.cpp refuses such shapes
+        raise InputError(f"corrupt GGUF: {path}: tensor {info.name} has the shape {list(info.shape)}, "
+                         "whose element count overflows 64 bits")
 
 
 def typed_value(layout: "GGUFLayout", key: str, types: tuple[GGUFValueType, ...], required: bool = False) -> Any:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 
-from gguf.constants import GGUFValueType
+from gguf.constants import MODEL_ARCH_NAMES, GGUFValueType
 
 from nkat_gguf.errors import InputError
 from nkat_gguf.format.gguf_file import GGUFLayout, typed_value
@@ -23,6 +23,7 @@ LLAMA_MAX_EXPERTS = 1024
 MAX_WIDTH = 1 << 20  # embedding / feed-forward widths: far beyond any model, far below overflow
 MAX_CONTEXT = 1 << 24
 ROPE_SCALING_TYPES = ("none", "linear", "yarn", "longrope")  # llama_rope_scaling_type_from_string
+KNOWN_ARCHITECTURES = frozenset(MODEL_ARCH_NAMES.values())
 _UINT32 = (GGUFValueType.UINT32,)
 _FLOAT32 = (GGUFValueType.FLOAT32,)
 
@@ -79,6 +80,8 @@ def check_hparams(layout: GGUFLayout) -> None:
     if layout.get("general.type", "model") != "model":
         return  # adapters and imatrix files carry no hyperparameters
     arch = layout.architecture
+    if arch not in KNOWN_ARCHITECTURES:
+        return  # llama.cpp refuses an unknown architecture itself, in a catchable way
     name = layout.path.name
     n_layer = _uint(layout, f"{arch}.block_count", 1, LLAMA_MAX_LAYERS, required=True)
     n_ctx_train(layout)
