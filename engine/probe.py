@@ -20,9 +20,10 @@ from pathlib import Path
 import llama_cpp
 
 from nkat_gguf.engine.native_log import captured_llama_log
+from nkat_gguf.engine.perplexity import MIN_N_CTX
 from nkat_gguf.errors import InputError
-from nkat_gguf.format.gguf_file import read_layout
-from nkat_gguf.format.hparams import check_hparams
+from nkat_gguf.format.gguf_file import GGUFLayout, read_layout
+from nkat_gguf.format.hparams import check_context, check_hparams
 
 PROBE_SECONDS = 300.0  # a load that takes longer is reported, not waited for
 _REFUSED = 3  # child exit code: llama.cpp returned an error (message on the pipe)
@@ -104,3 +105,16 @@ def check_loadable(path: Path, adapter: Path | None = None) -> None:
     hyperparameters it asserts on...), or an adapter it rejects on that model (architecture, names, shapes)."""
     check_hparams(read_layout(path))
     probe_load(Path(path), Path(adapter) if adapter is not None else None)
+
+
+def check_model(path: Path, n_ctx: int | None = None, option: str = "--ctx") -> GGUFLayout:
+    """Everything about a model input that can be checked before work starts: it is a GGUF llama.cpp loads,
+    and `n_ctx` (when given) is a perplexity chunk it can score, within its trained context."""
+    path = Path(path)
+    layout = read_layout(path)
+    if n_ctx is not None:
+        if n_ctx < MIN_N_CTX:
+            raise InputError(f"{option} must be at least {MIN_N_CTX}, got {n_ctx}")
+        check_context(layout, n_ctx, option)
+    check_loadable(path)
+    return layout

@@ -14,6 +14,7 @@ from nkat_gguf.engine.native_log import captured_llama_log
 from nkat_gguf.engine.probe import check_loadable  # noqa: F401  (callers import it from here)
 from nkat_gguf.errors import InputError
 from nkat_gguf.format.gguf_file import read_layout
+from nkat_gguf.format.hparams import check_context
 from nkat_gguf.format.nkat import NkatTheta, check_gamma, read_theta
 
 
@@ -36,6 +37,7 @@ class NkatRuntime:
         layout = read_layout(self.path)
         self.theta: NkatTheta | None = read_theta(layout)
         self.options = options
+        check_context(layout, options.n_ctx, "n_ctx")  # the KV cache grows with it; past training is untrained
         check_loadable(self.path)  # an abort inside llama.cpp must not take this process down
         with captured_llama_log() as log:
             try:

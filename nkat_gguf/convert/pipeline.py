@@ -98,6 +98,8 @@ def convert(opts: ConvertOptions, calibration: Calibration | None = None) -> Con
     check_gamma(opts.theta_gamma)
     check_loadable(input_path)
     check_so8t_options(opts.so8t, opts.imatrix, reuses_calibration=calibration is not None)
+    if opts.imatrix not in ("auto", "none"):  # a bad file fails now, not after the calibration
+        read_imatrix_file(Path(opts.imatrix), input_widths(layout))
     outtype_name, ftype = resolve_outtype(opts.outtype, layout)
     source = TensorSource(input_path, layout)
     names = select_tensors(layout, opts.selective_layers)
