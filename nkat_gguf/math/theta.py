@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 SVD_OVERSAMPLE = 16  # with 4 power iterations: within ~0.5 % of the exact SVD on real residuals
 SVD_POWER_ITERATIONS = 4
@@ -87,6 +86,10 @@ def theta_from_residual(
         raise ValueError("rank must be >= 1")
     if rank > min(residual.shape):
         raise ValueError(f"rank {rank} exceeds the smaller dimension of a {residual.shape} weight")
+    # imported here, not at the top: every command reads theta (ThetaInt8), only fitting needs torch,
+    # and its import costs 1.5 s of CPU before a bad input can even be refused
+    import torch
+
     e = torch.from_numpy(np.ascontiguousarray(residual, dtype=np.float32))
     s = torch.ones(e.shape[1]) if input_scale is None else torch.from_numpy(input_scale.astype(np.float32))
     m = e * s[None, :]
