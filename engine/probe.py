@@ -10,6 +10,7 @@ library, so the probe costs one memory-mapped load, not a new interpreter.
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import signal
 import sys
@@ -66,6 +67,7 @@ def probe_load(path: Path, adapter: Path | None = None) -> None:
                 os.close(read_fd)
                 os.dup2(child_stderr.fileno(), 2)
                 os.environ["GGML_NO_BACKTRACE"] = "1"  # ggml_abort would otherwise start gdb
+                faulthandler.disable()  # an abort here is the expected news, not a Python crash to dump
                 message = _load(path, adapter)
                 os.write(write_fd, message.encode("utf-8", "replace")[:4096])
                 code = _REFUSED if message else 0
