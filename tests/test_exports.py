@@ -198,7 +198,7 @@ def test_bad_output_dir_and_arguments(tiny_nkat: Path, tmp_path: Path) -> None:
         export_kobold(tiny_nkat, blocker)
     with pytest.raises(InputError, match="cannot create output directory"):
         export_adapter(tiny_nkat, blocker / "theta.gguf")
-    with pytest.raises(InputError, match="gamma must be a finite number"):
+    with pytest.raises(InputError, match="gamma must be a number"):
         export_adapter(tiny_nkat, tmp_path / "t.gguf", gamma=float("nan"))
     with pytest.raises(InputError, match="out of range"):
         export_kobold(tiny_nkat, tmp_path / "k", gamma=-1.0)

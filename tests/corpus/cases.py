@@ -286,7 +286,6 @@ OPTIONS = [
      "output directory", None),
     ("convert-reference-missing", CONVERT + ("--reference", "{out}/missing.gguf"), "no such file", None),
     ("convert-reference-text", CONVERT + ("--reference", "{file}"), "not a gguf", TEXT),
-    ("convert-reference-other", CONVERT + ("--reference", "{plain}"), "q4_0", None),
     ("convert-calib-missing", CONVERT + ("--calib-text", "{out}/missing.txt"), "no such text file", None),
     ("convert-calib-not-utf8", CONVERT + ("--calib-text", "{file}"), "not utf-8", NOT_UTF8),
     ("convert-imatrix-missing", CONVERT + ("--imatrix", "{out}/missing.dat"), "no such imatrix file", None),
