@@ -40,6 +40,7 @@ THETA_READERS = (
     ("bench", "-m", "{file}", "--n-prompt", "8", "--n-gen", "4", "-r", "1", "--threads", "1"),
 )
 CONVERT = ("convert", "--input", "{tiny}", "--output", "{out}/c.gguf", "--theta-rank", "2", "--threads", "1")
+CONVERT_FILE = ("convert", "--input", "{file}") + CONVERT[3:]
 Q = "blk.0.attn_q.weight"
 
 
@@ -294,6 +295,10 @@ OPTIONS = [
     ("convert-so8t-missing", CONVERT + ("--so8t", "file:{out}/missing.safetensors", "--imatrix", "none"),
      "no such so8t checkpoint", None),
     ("convert-so8t-imatrix-file", CONVERT + ("--so8t", "hadamard", "--imatrix", "{file}"), "--imatrix", TEXT),
+    ("convert-same-file-type-string", CONVERT_FILE + ("--outtype", "same"), "file_type",
+     with_metadata({"general.file_type": string("Q4_0")}, "tiny")),
+    ("convert-same-file-type-array", CONVERT_FILE + ("--outtype", "same"), "file_type",
+     with_metadata({"general.file_type": array([2, 3], GGUFValueType.UINT32)}, "tiny")),
     ("convert-threads-word", CONVERT + ("--threads", "abc"), "threads", None),
     ("convert-input-dir", ("convert", "--input", "{out}", "--output", "{out}/c.gguf"), "no such file", None),
     # perplexity
@@ -398,6 +403,8 @@ CONTROLS = [
          creates=("k/tiny.theta.gguf", "k/tiny.kcpps")),
     Case("control-ollama", ("export", "ollama", "{nkat}", "--output-dir", "{out}/o"), None,
          creates=("o/tiny.gguf", "o/tiny.theta.gguf", "o/Modelfile")),
+    Case("control-compare-small-ctx", ("compare", "-m", "{nkat}", "--ctx", "64", "--chunks", "1", "-r", "1",
+                                       "--threads", "1"), None),
     Case("control-convert", CONVERT + ("--imatrix", "none", "--theta-calib", "none"), None, creates=("c.gguf",)),
     Case("control-imatrix-legacy", CONVERT + ("--imatrix", "{file}", "--theta-calib", "none"), None,
          legacy_imatrix([(Q, 2, np.ones(64))]), suffix=".dat", creates=("c.gguf",)),
