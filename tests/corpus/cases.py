@@ -300,7 +300,7 @@ OPTIONS = [
     ("convert-same-file-type-array", CONVERT_FILE + ("--outtype", "same"), "file_type",
      with_metadata({"general.file_type": array([2, 3], GGUFValueType.UINT32)}, "tiny")),
     ("convert-threads-word", CONVERT + ("--threads", "abc"), "threads", None),
-    ("convert-input-dir", ("convert", "--input", "{out}", "--output", "{out}/c.gguf"), "no such file", None),
+    ("convert-input-dir", ("convert", "--input", "{out}", "--output", "{out}/c.gguf"), "not a file", None),
     # perplexity
     ("perplexity-ctx-1", ("perplexity", "-m", "{tiny}", "--ctx", "1"), "--ctx", None),
     ("perplexity-ctx-0", ("perplexity", "-m", "{tiny}", "--ctx", "0"), "--ctx", None),
@@ -317,7 +317,7 @@ OPTIONS = [
     ("perplexity-text-short", ("perplexity", "-m", "{tiny}", "--ctx", "64", "--text", "{file}"), "too short",
      bytes_file(b"just a few words")),
     ("perplexity-model-missing", ("perplexity", "-m", "{out}/missing.gguf"), "no such file", None),
-    ("perplexity-model-dir", ("perplexity", "-m", "{out}"), "no such file", None),
+    ("perplexity-model-dir", ("perplexity", "-m", "{out}"), "not a file", None),
     # bench
     ("bench-prompt-0", ("bench", "-m", "{tiny}", "--n-prompt", "0"), "--n-prompt", None),
     ("bench-prompt-huge", ("bench", "-m", "{tiny}", "--n-prompt", "100000"), "trained context", None),
@@ -374,7 +374,7 @@ OPTIONS = [
      "--merged", None),
     ("ollama-merged-outtype", ("export", "ollama", "{nkat}", "--output-dir", "{out}/o", "--merged", "--outtype",
                                "Q9_9"), "unknown --outtype", None),
-    ("ollama-output-file", ("export", "ollama", "{nkat}", "--output-dir", "{file}"), "output directory", TEXT),
+    ("ollama-output-file", ("export", "ollama", "{nkat}", "--output-dir", "{file}"), "is a file", TEXT),
     ("kobold-gamma-negative", ("export", "kobold", "{nkat}", "--output-dir", "{out}/k", "--gamma", "-1"), "--gamma",
      None),
     ("kobold-threads-0", ("export", "kobold", "{nkat}", "--output-dir", "{out}/k", "--threads", "0"), "--threads",
