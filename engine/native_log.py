@@ -9,10 +9,14 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from llama_cpp import _logger
+
+_GENERIC = re.compile(r"failed to load model|failed to read key-value pairs|failed to initialize")
+_PREFIX = re.compile(r"^\s*(\w+: )?(error loading model: )?")  # "llama_model_load: error loading model: "
 
 
 @dataclass
@@ -23,9 +27,10 @@ class LlamaLog:
     def reason(self, default: str) -> str:
         """The most telling line of a failure: the last error-looking line, else `default`."""
         keys = ("error", "failed", "unknown", "invalid", "wrong", "mismatch", "cannot", "unsupported")
-        for line in reversed(self.lines):
-            if any(k in line.lower() for k in keys):
-                return line.strip()
+        telling = [line for line in self.lines if any(k in line.lower() for k in keys)]
+        specific = [line for line in telling if not _GENERIC.search(line)]  # "failed to load model" says nothing
+        for line in reversed(specific or telling):
+            return " ".join(_PREFIX.sub("", line).split())
         return default
 
 

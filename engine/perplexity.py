@@ -135,6 +135,9 @@ def perplexity(
 
     count = n_chunks * n_scored
     mean = nll / count
+    if not math.isfinite(mean) or mean > 700:  # exp would overflow; a NaN logit poisons every figure
+        raise InputError(f"perplexity is not finite (mean NLL {mean}): the model or its theta produces NaN or "
+                         "infinite logits")
     ppl = math.exp(mean)
     variance = max(nll2 / count - mean * mean, 0.0)
     return PerplexityResult(

@@ -35,8 +35,9 @@ def resolve_outtype(outtype: str, layout: GGUFLayout) -> tuple[str, int]:
         if ftype is None:
             raise InputError(f"{layout.path.name} has no general.file_type; pass --outtype explicitly")
         by_value = {v: k for k, v in table.items()}
-        if ftype not in by_value:
-            raise InputError(f"{layout.path.name}: file type {ftype} is not one llama.cpp can write; pass --outtype")
+        if isinstance(ftype, bool) or not isinstance(ftype, int) or ftype not in by_value:
+            raise InputError(f"{layout.path.name}: general.file_type {ftype!r} is not one llama.cpp can write; "
+                             "pass --outtype")
         return by_value[ftype], int(ftype)
     name = outtype.upper()
     if name not in table:

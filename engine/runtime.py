@@ -11,8 +11,10 @@ import llama_cpp
 
 from nkat_gguf.engine.adapter import cached_adapter
 from nkat_gguf.engine.native_log import captured_llama_log
+from nkat_gguf.engine.probe import check_loadable  # noqa: F401  (callers import it from here)
 from nkat_gguf.errors import InputError
 from nkat_gguf.format.gguf_file import read_layout
+from nkat_gguf.format.hparams import check_context
 from nkat_gguf.format.nkat import NkatTheta, check_gamma, read_theta
 
 
@@ -26,27 +28,6 @@ class RuntimeOptions:
     logits_all: bool = False
 
 
-def check_loadable(path: Path, adapter: Path | None = None) -> None:
-    """Refuse, in one line, a GGUF that llama.cpp cannot load (unknown architecture, missing tensors...),
-    or an adapter it rejects on that model (architecture, names, shapes)."""
-    params = llama_cpp.llama_model_default_params()
-    params.n_gpu_layers = 0
-    params.use_mmap = True
-    with captured_llama_log() as log:
-        model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
-        lora = llama_cpp.llama_adapter_lora_init(model, str(adapter).encode()) if model and adapter else None
-    try:
-        if not model:
-            raise InputError(f"llama.cpp cannot load {path.name}: {log.reason('load failed')}")
-        if adapter is not None and not lora:
-            raise InputError(f"llama.cpp rejects the adapter {adapter.name}: {log.reason('')}")
-    finally:
-        if lora:
-            llama_cpp.llama_adapter_lora_free(lora)
-        if model:
-            llama_cpp.llama_model_free(model)
-
-
 class NkatRuntime:
     """A llama.cpp context over a GGUF; theta (if the file has it) is a LoRA adapter whose scale is γ."""
 
@@ -56,6 +37,8 @@ class NkatRuntime:
         layout = read_layout(self.path)
         self.theta: NkatTheta | None = read_theta(layout)
         self.options = options
+        check_context(layout, options.n_ctx, "n_ctx")  # the KV cache grows with it; past training is untrained
+        check_loadable(self.path)  # an abort inside llama.cpp must not take this process down
         with captured_llama_log() as log:
             try:
                 self.llm = llama_cpp.Llama(
@@ -68,7 +51,8 @@ class NkatRuntime:
             except ValueError:
                 self.llm = None
         if self.llm is None:
-            raise InputError(f"llama.cpp cannot load {self.path.name}: {log.reason('load failed')}")
+            raise InputError(f"llama.cpp cannot set up {self.path.name} with a context of {options.n_ctx} tokens: "
+                             f"{log.reason('no reason given (out of memory?)')}")
         self._architecture, self._cache_dir = layout.architecture, cache_dir
         self._adapters: dict[str, object] = {}  # theta digest -> llama.cpp adapter, each loaded once
         self._adapter = None

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import math
 import socket
 import threading
 import time
@@ -23,6 +24,7 @@ from typing import Any
 
 from nkat_gguf.engine.runtime import NkatRuntime
 from nkat_gguf.errors import InputError
+from nkat_gguf.format.nkat import check_gamma
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
@@ -105,8 +107,7 @@ class ChatServer:
         """One chat completion. With `stream_to` (a callable taking each chunk), chunks are passed on."""
         if not isinstance(body, dict):
             raise RequestError("the request body must be a JSON object")
-        if not isinstance(body.get("messages"), list) or not body["messages"]:
-            raise RequestError("'messages' must be a non-empty list")
+        check_request(body, self.runtime.options.n_ctx)
         kwargs = {k: body[k] for k in FORWARDED if body.get(k) is not None}
         if body.get("max_completion_tokens") is not None:
             kwargs.setdefault("max_tokens", body["max_completion_tokens"])
@@ -131,6 +132,52 @@ class ChatServer:
                 self.runtime.set_gamma(gamma)  # also empties the KV cache computed under the old γ
             except InputError as exc:
                 raise RequestError(str(exc)) from None
+
+
+# OpenAI's documented ranges; a value outside them is the client's mistake, answered with 400
+_NUMBERS = {"temperature": (0.0, 2.0), "top_p": (0.0, 1.0), "min_p": (0.0, 1.0), "typical_p": (0.0, 1.0),
+            "presence_penalty": (-2.0, 2.0), "frequency_penalty": (-2.0, 2.0), "repeat_penalty": (0.0, 10.0)}
+_INTEGERS = {"top_k": (0, 1 << 20), "seed": (-(1 << 31), (1 << 32) - 1)}
+_ROLES = ("system", "user", "assistant", "tool", "developer")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_request(body: dict, n_ctx: int) -> None:
+    """Every field the server reads has the type and range OpenAI documents; anything else is a RequestError."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise RequestError("'messages' must be a non-empty list")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in _ROLES:
+            raise RequestError(f"messages[{i}] must be an object with 'role' one of {', '.join(_ROLES)}")
+        if not isinstance(message.get("content"), str):
+            raise RequestError(f"messages[{i}].content must be a string")
+    for key, (low, high) in _NUMBERS.items():
+        value = body.get(key)
+        if value is not None and not (_is_number(value) and low <= value <= high):
+            raise RequestError(f"'{key}' must be a number from {low:g} to {high:g}, got {json.dumps(value)}")
+    for key, (low, high) in {**_INTEGERS, "max_tokens": (1, n_ctx), "max_completion_tokens": (1, n_ctx)}.items():
+        value = body.get(key)
+        if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and low <= value <= high):
+            raise RequestError(f"'{key}' must be a whole number from {low} to {high}, got {json.dumps(value)}")
+    stop = body.get("stop")
+    if stop is not None and not (isinstance(stop, str) or (isinstance(stop, list) and len(stop) <= 16
+                                                           and all(isinstance(s, str) for s in stop))):
+        raise RequestError("'stop' must be a string or a list of at most 16 strings")
+    for key, kind in (("response_format", dict), ("tools", list), ("stream", bool)):
+        if body.get(key) is not None and not isinstance(body[key], kind):
+            raise RequestError(f"'{key}' must be a JSON {'object' if kind is dict else kind.__name__}")
+    gamma = body.get(GAMMA_FIELD)
+    if gamma is not None:
+        if not _is_number(gamma):
+            raise RequestError(f"'{GAMMA_FIELD}' must be a number or null, got {json.dumps(gamma)}")
+        try:
+            check_gamma(gamma)
+        except InputError as exc:
+            raise RequestError(str(exc)) from None
 
 
 class _HTTPServer(ThreadingHTTPServer):
@@ -172,12 +219,15 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_error(HTTPStatus.INTERNAL_SERVER_ERROR, f"{type(exc).__name__}: {exc}")
 
     def _read_json(self) -> Any:
-        length = int(self.headers.get("Content-Length") or 0)
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            raise RequestError("Content-Length must be a whole number of bytes") from None
         if not 0 < length <= MAX_BODY_BYTES:
             raise RequestError(f"request body must be 1 to {MAX_BODY_BYTES} bytes with a Content-Length")
         try:
             return json.loads(self.rfile.read(length))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
             raise RequestError(f"request body is not JSON: {exc}") from None
 
     def _stream(self, body: dict) -> None:

@@ -8,6 +8,7 @@ import llama_cpp
 
 from nkat_gguf.engine.native_log import captured_llama_log
 from nkat_gguf.errors import InputError
+from nkat_gguf.format.gguf_file import read_layout
 
 
 def tokenize(model_path: Path, text: str) -> list[int]:
@@ -18,13 +19,14 @@ def tokenize(model_path: Path, text: str) -> list[int]:
 def tokens_and_bos(model_path: Path, text: str) -> tuple[list[int], int | None]:
     """`tokenize`'s tokens, and the BOS id when the model adds one (else None): windows cut from the
     tokens start with it, as llama-perplexity and llama-imatrix do."""
+    read_layout(model_path)  # a file that is not GGUF at all says so
     with captured_llama_log() as log:
         try:
             vocab = llama_cpp.Llama(model_path=str(model_path), vocab_only=True, verbose=False)
         except ValueError:
             vocab = None
     if vocab is None:
-        raise InputError(f"llama.cpp cannot load the tokenizer of {model_path.name}: {log.reason('')}")
+        raise InputError(f"llama.cpp cannot load the tokenizer of {model_path.name}: {log.reason('its tokenizer metadata is missing or invalid')}")
     try:
         add_bos = bool(llama_cpp.llama_vocab_get_add_bos(llama_cpp.llama_model_get_vocab(vocab.model)))
         tokens = vocab.tokenize(text.encode("utf-8"), add_bos=add_bos, special=False)

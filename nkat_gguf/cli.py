@@ -36,8 +36,23 @@ def _fail_cleanly(fn: Callable) -> Callable:
     return wrapper
 
 
+def _non_finite(value: Any, where: str = "") -> str | None:
+    """The path of the first NaN or infinity in a result (nested dicts and lists), else None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return where or "result"
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+    for key, item in items:
+        if (found := _non_finite(item, f"{where}.{key}" if where else str(key))) is not None:
+            return found
+    return None
+
+
 def _emit(result: dict, as_json: bool, text: Callable[[dict], str]) -> None:
-    click.echo(json.dumps(result, indent=2, default=str) if as_json else text(result))
+    """Print a result, never one holding NaN or infinity: such a figure is an error, not a measurement."""
+    if (where := _non_finite(result)) is not None:
+        raise NkatError(f"the result has a non-finite value at {where}: the model or its theta produced NaN or "
+                        "infinity, so no figure is reported")
+    click.echo(json.dumps(result, indent=2, default=str, allow_nan=False) if as_json else text(result))
 
 
 def _gamma(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
@@ -65,10 +80,12 @@ def engine_options(fn: Callable) -> Callable:
     return fn
 
 
-def _runtime_options(gpu_layers: int, no_cuda: bool, threads: int | None, n_ctx: int = 512, **extra: Any):
+def _runtime_options(gpu_layers: int, no_cuda: bool, threads: int | None, n_ctx: int = 512,
+                     n_batch: int | None = None, **extra: Any):
+    """`n_batch`: the most tokens one decode needs (a perplexity chunk decodes whole: n_ctx); default 512."""
     from nkat_gguf.engine.runtime import RuntimeOptions
 
-    return RuntimeOptions(n_ctx=n_ctx, n_batch=max(n_ctx, 512), n_threads=threads,
+    return RuntimeOptions(n_ctx=n_ctx, n_batch=min(n_ctx, n_batch or 512), n_threads=threads,
                           n_gpu_layers=0 if no_cuda else gpu_layers, **extra)
 
 
@@ -260,12 +277,14 @@ def perplexity(model: str, gamma: float | None, no_theta: bool, text: Path | Non
     from nkat_gguf.default_model import resolve_model
     from nkat_gguf.engine.perplexity import perplexity as run_perplexity
     from nkat_gguf.engine.perplexity import tokenize_text
+    from nkat_gguf.engine.probe import check_model
     from nkat_gguf.engine.runtime import NkatRuntime
     from nkat_gguf.texts import load_text
 
     path = resolve_model(model)
+    check_model(path, ctx)
     content = load_text(text, "evaluation")
-    with NkatRuntime(path, _runtime_options(gpu_layers, no_cuda, threads, n_ctx=ctx)) as rt:
+    with NkatRuntime(path, _runtime_options(gpu_layers, no_cuda, threads, n_ctx=ctx, n_batch=ctx)) as rt:
         rt.set_gamma(None if no_theta else (gamma if gamma is not None else rt.default_gamma))
         result = run_perplexity(rt.llm, tokenize_text(rt.llm, content.content), ctx, chunks, progress=True)
         out = {"model": str(path), "theta_enabled": rt.gamma is not None, "gamma": rt.gamma,
@@ -291,8 +310,11 @@ def bench(model: str, gamma: float | None, n_prompt: int, n_gen: int, repetition
     from nkat_gguf.engine.bench import device_name
     from nkat_gguf.engine.measure import SpeedSettings, interleaved_speed
     from nkat_gguf.engine.runtime import NkatRuntime
+    from nkat_gguf.format.gguf_file import read_layout
+    from nkat_gguf.format.hparams import check_context
 
     path = resolve_model(model)
+    check_context(read_layout(path), n_prompt + n_gen, "--n-prompt + --n-gen")
     settings = SpeedSettings(repetitions=repetitions, n_prompt=n_prompt, n_gen=n_gen)
     with NkatRuntime(path, _runtime_options(gpu_layers, no_cuda, threads, n_ctx=max(512, n_prompt + n_gen))) as rt:
         gammas = {"baseline": None}
@@ -339,12 +361,20 @@ def compare(model: str, reference: Path | None, gamma: float | None, text: Path 
     from nkat_gguf.default_model import resolve_model
     from nkat_gguf.engine.compare import CompareSettings, format_compare
     from nkat_gguf.engine.compare import compare as run_compare
+    from nkat_gguf.engine.probe import check_model
+    from nkat_gguf.format.gguf_file import read_layout
+    from nkat_gguf.format.hparams import check_context
     from nkat_gguf.texts import load_text
 
     settings = CompareSettings(n_ctx=ctx, n_chunks=chunks, repetitions=repetitions)
-    result = run_compare(resolve_model(model), load_text(text, "evaluation"),
-                         _runtime_options(gpu_layers, no_cuda, threads, n_ctx=ctx), settings, gamma,
-                         Path(reference) if reference else None)
+    path = resolve_model(model)
+    speed_ctx = settings.n_prompt + settings.n_gen  # the speed runs need this much context whatever --ctx is
+    for file in (path, reference) if reference else (path,):
+        check_model(file, ctx)
+        check_context(read_layout(file), speed_ctx, f"the speed runs' {settings.n_prompt} + {settings.n_gen} tokens")
+    result = run_compare(path, load_text(text, "evaluation"),
+                         _runtime_options(gpu_layers, no_cuda, threads, n_ctx=max(ctx, speed_ctx), n_batch=ctx),
+                         settings, gamma, Path(reference) if reference else None)
     result["command"] = "nkat-gguf " + " ".join(sys.argv[1:])
     _emit(result, as_json, format_compare)
 
@@ -382,7 +412,7 @@ def quality(input_: str, reference: Path | None, outtype: str, theta_rank: int, 
                                repetitions=repetitions)
     result = quality_table(resolve_model(input_), load_text(text, "evaluation"),
                            _runtime_options(gpu_layers, no_cuda, threads,
-                                            n_ctx=max(ctx, settings.n_prompt, settings.n_gen)),
+                                            n_ctx=max(ctx, settings.n_prompt + settings.n_gen), n_batch=ctx),
                            settings, reference, calib_text, out_dir)
     result["command"] = "nkat-gguf " + " ".join(sys.argv[1:])
     _emit(result, as_json, format_quality_table)
@@ -499,10 +529,11 @@ def doctor(as_json: bool) -> None:
 @click.option("--gamma", callback=_gamma, default=None, help="theta scale (default: the file's).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
-@click.option("--ctx", type=click.IntRange(min=16), default=4096, show_default=True, help="Context size in tokens.")
+@click.option("--ctx", type=click.IntRange(min=16), default=None,
+              help="Context size in tokens (default: 4096, or the model's trained context if smaller).")
 @engine_options
 @_fail_cleanly
-def serve(model: str, gamma: float | None, host: str, port: int, ctx: int, gpu_layers: int, no_cuda: bool,
+def serve(model: str, gamma: float | None, host: str, port: int, ctx: int | None, gpu_layers: int, no_cuda: bool,
           threads: int | None) -> None:
     """OpenAI-compatible server (/v1/chat/completions, /v1/models) with theta applied at gamma.
 
@@ -511,8 +542,11 @@ def serve(model: str, gamma: float | None, host: str, port: int, ctx: int, gpu_l
     from nkat_gguf.default_model import resolve_model
     from nkat_gguf.engine.runtime import NkatRuntime
     from nkat_gguf.engine.server import ChatServer, is_loopback
+    from nkat_gguf.format.gguf_file import read_layout
+    from nkat_gguf.format.hparams import n_ctx_train
 
     path = resolve_model(model)
+    ctx = ctx or min(4096, n_ctx_train(read_layout(path)))
     with NkatRuntime(path, _runtime_options(gpu_layers, no_cuda, threads, n_ctx=ctx), gamma=gamma) as runtime, \
             ChatServer(runtime, host, port) as server:
         theta = f"theta at gamma {runtime.gamma:g}" if runtime.gamma is not None else "no theta"
@@ -594,7 +628,7 @@ def optimize(model: str, output_dir: Path, mode: str, trials: int | None, ranks:
         max_weights=parse_max_weights(max_weights), pareto=pareto, storage=storage, study_name=study_name,
         seed=seed, n_ctx=ctx, chunks=chunks, eval_chunks=eval_chunks, eval_text=text, n_gen=n_gen,
         speed_repetitions=speed_repetitions,
-        runtime=_runtime_options(gpu_layers, no_cuda, threads, n_ctx=max(ctx, 512)), progress=progress))
+        runtime=_runtime_options(gpu_layers, no_cuda, threads, n_ctx=max(ctx, 512), n_batch=ctx), progress=progress))
     _emit(summary, as_json, format_summary)
 
 

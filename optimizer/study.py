@@ -22,13 +22,17 @@ from optuna.trial import TrialState
 from tqdm import tqdm
 
 from nkat_gguf.convert import ConvertOptions
+from nkat_gguf.convert.pipeline import check_rank
 from nkat_gguf.convert.selection import select_tensors
 from nkat_gguf.convert.sensitivity import SENSITIVITY_RANK, held_out_tokens, sensitivity_on
 from nkat_gguf.engine.perplexity import tokenize_text
+from nkat_gguf.engine.probe import check_model
+from nkat_gguf.engine.vocab import tokenize
 from nkat_gguf.errors import InputError
 from nkat_gguf.format.atomic import make_output_dir
 from nkat_gguf.format.gguf_file import read_layout
 from nkat_gguf.format.hashing import sha256_file
+from nkat_gguf.format.tensors import TensorSource
 from nkat_gguf.math.allocation import check_max_weights, parse_budget
 from nkat_gguf.optimizer.base_model import SENSITIVITY_ATTR, WORK_DIR, SearchModel, base_key, search_base
 from nkat_gguf.optimizer.objective import Objective
@@ -133,12 +137,13 @@ def open_search(opts: OptimizeOptions) -> Search:
         raise InputError(f"--output {opts.best_model} is a directory; give a file name")
     calibration = load_text(opts.convert.calib_text, "calibration")
     evaluation = load_text(opts.eval_text, "evaluation")
-    input_sha256 = sha256_file(model)
     for budget in opts.budgets:  # each refused in one line before any work
         parse_budget(budget, model.stat().st_size)
     if opts.max_weights:
         check_max_weights(max(opts.max_weights), len(select_tensors(read_layout(model), opts.convert.selective_layers)))
     rank = max(opts.ranks)
+    _check_model(opts, model, rank, calibration)  # before the study database or work directory exists
+    input_sha256 = sha256_file(model)
     key = base_key(opts.convert, rank, input_sha256, calibration)
     url = storage_url(opts.storage, Path(opts.output_dir))
     if opts.storage is None:  # the SQLite file lives in the output directory
@@ -155,6 +160,17 @@ def open_search(opts: OptimizeOptions) -> Search:
             study.enqueue_trial(params)
     base = search_base(replace(opts.convert, progress=opts.progress), rank, opts.output_dir / WORK_DIR, key)
     return Search(opts, total, study, storage, url, sampler, base, calibration, evaluation)
+
+
+def _check_model(opts: OptimizeOptions, model: Path, rank: int, calibration: Text) -> None:
+    """The model loads, every searched rank fits its weights, --ctx fits its context and the calibration text."""
+    layout = check_model(model, opts.n_ctx)
+    check_rank(TensorSource(model, layout), select_tensors(layout, opts.convert.selective_layers), rank)
+    if opts.convert.reference is not None and not Path(opts.convert.reference).is_file():
+        raise InputError(f"no such file: {opts.convert.reference}")
+    n_tokens = len(tokenize(model, calibration.content))
+    if n_tokens < opts.n_ctx:
+        raise InputError(f"calibration text has {n_tokens} tokens; one chunk needs --ctx {opts.n_ctx}")
 
 
 def make_objective(search: Search, model: SearchModel) -> Objective:

@@ -14,7 +14,8 @@ from nkat_gguf.engine.runtime import RuntimeOptions
 from nkat_gguf.errors import InputError
 from nkat_gguf.format.nkat import NkatTheta, read_theta
 from nkat_gguf.math.allocation import allocation_bytes
-from nkat_gguf.math.theta import quantize_int8, residual_spectrum, theta_from_residual
+from nkat_gguf.math.lowrank import residual_spectrum, theta_from_residual
+from nkat_gguf.math.theta import quantize_int8
 from nkat_gguf.optimizer.base_model import SENSITIVITY_ATTR, theta_for
 from nkat_gguf.optimizer.options import OptimizeOptions, ThetaConfig
 from nkat_gguf.optimizer.study import optimize

@@ -23,7 +23,8 @@ from nkat_gguf.format.nkat import (
     theta_metadata,
 )
 from nkat_gguf.math.allocation import KINDS, MIB, WeightCosts, allocate, allocation_bytes, parse_budget, weight_kind
-from nkat_gguf.math.theta import LowRank, quantize_int8, residual_spectrum, theta_from_residual
+from nkat_gguf.math.lowrank import residual_spectrum, theta_from_residual
+from nkat_gguf.math.theta import LowRank, quantize_int8
 
 RNG = np.random.default_rng(5)
 SHAPES = {"attn_q": (64, 64), "attn_k": (16, 64), "ffn_up": (160, 64), "ffn_down": (64, 160)}

@@ -5,14 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from nkat_gguf.math.theta import (
-    LowRank,
-    activation_scale,
-    antisymmetrize,
-    quantize_int8,
-    star_product,
-    theta_from_residual,
-)
+from nkat_gguf.math.lowrank import theta_from_residual
+from nkat_gguf.math.theta import LowRank, activation_scale, antisymmetrize, quantize_int8, star_product
 
 RNG = np.random.default_rng(7)
 

@@ -5,13 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from nkat_gguf.math.theta import (
-    activation_scale,
-    damped_cholesky,
-    expected_output_error,
-    theta_from_residual,
-    theta_whitened,
-)
+from nkat_gguf.math.lowrank import theta_from_residual, theta_whitened
+from nkat_gguf.math.theta import activation_scale, damped_cholesky, expected_output_error
 
 RNG = np.random.default_rng(11)
 

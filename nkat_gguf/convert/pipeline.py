@@ -7,7 +7,6 @@ The output is llama.cpp's own quantization of the input, byte for byte, plus the
 from __future__ import annotations
 
 import json
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,7 +23,7 @@ from nkat_gguf.engine.quantize import quantize_model, resolve_outtype
 from nkat_gguf.engine.runtime import check_loadable
 from nkat_gguf.errors import InputError
 from nkat_gguf.format import nkat
-from nkat_gguf.format.atomic import check_writable_dir
+from nkat_gguf.format.atomic import check_writable_dir, work_dir
 from nkat_gguf.format.gguf_file import read_layout, write_with_metadata
 from nkat_gguf.format.hashing import sha256_file
 from nkat_gguf.format.imatrix import input_widths, missing_note, read_imatrix_file
@@ -101,6 +100,8 @@ def convert(opts: ConvertOptions, calibration: Calibration | None = None) -> Con
     check_gamma(opts.theta_gamma)
     check_loadable(input_path)
     check_so8t_options(opts.so8t, opts.imatrix, reuses_calibration=calibration is not None)
+    if opts.imatrix not in ("auto", "none"):  # a bad file fails now, not after the calibration
+        read_imatrix_file(Path(opts.imatrix), input_widths(layout))
     outtype_name, ftype = resolve_outtype(opts.outtype, layout)
     source = TensorSource(input_path, layout)
     names = select_tensors(layout, opts.selective_layers)
@@ -111,7 +112,7 @@ def convert(opts: ConvertOptions, calibration: Calibration | None = None) -> Con
     report = ConvertReport(str(input_path), str(output_path), outtype_name, opts.theta_rank, opts.theta_gamma,
                            "none", opts.theta_fit, "none", input_bytes=input_path.stat().st_size)
 
-    with tempfile.TemporaryDirectory(prefix=".nkat-convert-", dir=output_path.parent) as tmp:
+    with work_dir(output_path.parent, "convert") as tmp:
         model_path, so8t = input_path, None
         if opts.so8t.enabled:  # everything below runs on the baked F32 copy (and baked reference)
             so8t = bake_step(opts.so8t, source, ref_source, Path(tmp))

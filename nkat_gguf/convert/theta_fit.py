@@ -23,15 +23,8 @@ from nkat_gguf.convert.calibrate import Calibration
 from nkat_gguf.export.merge import quantize_rows
 from nkat_gguf.format.gguf_file import TensorSpec, copy_metadata, read_layout, write_gguf
 from nkat_gguf.format.tensors import TensorSource
-from nkat_gguf.math.theta import (
-    LowRank,
-    activation_scale,
-    damped_cholesky,
-    expected_output_error,
-    quantize_int8,
-    theta_from_residual,
-    theta_whitened,
-)
+from nkat_gguf.math.lowrank import theta_from_residual, theta_whitened
+from nkat_gguf.math.theta import LowRank, activation_scale, damped_cholesky, expected_output_error, quantize_int8
 
 FitMethod = Literal["diag", "whiten"]
 FIT_METHODS: tuple[FitMethod, ...] = ("diag", "whiten")

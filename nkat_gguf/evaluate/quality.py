@@ -22,6 +22,8 @@ from nkat_gguf.convert.pipeline import reference_weights
 from nkat_gguf.engine.bench import device_name
 from nkat_gguf.engine.measure import Configuration, SpeedSettings, interleaved_rates
 from nkat_gguf.engine.perplexity import perplexity, tokenize_text
+from nkat_gguf.engine.probe import check_model
+from nkat_gguf.engine.quantize import resolve_outtype
 from nkat_gguf.engine.runtime import NkatRuntime, RuntimeOptions
 from nkat_gguf.format import nkat
 from nkat_gguf.format.atomic import check_writable_dir
@@ -105,6 +107,9 @@ def quality_table(model: Path, text: Text, runtime_options: RuntimeOptions,
     """Calibrate once, write the four variants (into `out_dir`, else a temporary directory), measure all five rows."""
     if out_dir is not None:
         check_writable_dir(Path(out_dir).resolve())  # before the long calibration, not after it
+    for path in (model, reference) if reference is not None else (model,):
+        check_model(path, settings.n_ctx)  # a bad --ctx or --reference fails now, not after the variants
+    resolve_outtype(settings.outtype, read_layout(model))
     start = time.perf_counter()
     calibration = calibrate_once(model, reference, calib_text, settings.progress)
     calibrate_seconds = time.perf_counter() - start

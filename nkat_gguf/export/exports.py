@@ -9,6 +9,7 @@ exports (the plain model), with a note that there is no correction to carry.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -16,14 +17,17 @@ import shlex
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+from gguf.constants import GGUFValueType
+
 from nkat_gguf.engine.adapter import write_lora_adapter
 from nkat_gguf.engine.perplexity import perplexity, tokenize_text
 from nkat_gguf.engine.runtime import NkatRuntime, RuntimeOptions, check_loadable
 from nkat_gguf.errors import InputError
 from nkat_gguf.export.merge import write_merged
 from nkat_gguf.format import nkat
-from nkat_gguf.format.atomic import atomic_output, make_output_dir
-from nkat_gguf.format.gguf_file import GGUFLayout, read_layout, write_with_metadata
+from nkat_gguf.format.atomic import atomic_output, output_directory
+from nkat_gguf.format.gguf_file import GGUFLayout, read_layout, typed_int, typed_value, write_with_metadata
 from nkat_gguf.format.nkat import NkatTheta, check_gamma, read_theta
 from nkat_gguf.texts import load_text
 
@@ -94,14 +98,19 @@ def _target(model: _Model, path: Path) -> Path:
 # ---- loading back through llama.cpp -------------------------------------------------------------
 
 
-def _write_adapter(model: _Model, dst: Path, base: Path, tensor_type: str = "F16") -> Path:
-    """theta with γ folded into B, then loaded back on `base`, the model file the runtime will use."""
+def _write_adapter(model: _Model, staged: Path, base: Path, tensor_type: str = "F16") -> None:
+    """theta with γ folded into B, written to `staged` (a temporary name), then loaded back on `base`,
+    the model file the runtime will use; the caller renames it only after that check."""
     theta = model.theta or NkatTheta(gamma=0.0, tensors={})
-    write_lora_adapter(_target(model, dst), theta, model.layout.architecture,
+    write_lora_adapter(staged, theta, model.layout.architecture,
                        scale_folded_into_b=model.gamma or 0.0, tensor_type=tensor_type,
                        name=f"{model.stem}-theta-gamma-{model.gamma or 0:g}")
-    check_loadable(base, adapter=dst)
-    return dst
+    check_loadable(base, adapter=staged)
+
+
+def _stage(outputs: contextlib.ExitStack, model: _Model, path: Path) -> Path:
+    """A temporary name for `path`, renamed to it when `outputs` closes without an error (after every check)."""
+    return outputs.enter_context(atomic_output(_target(model, path)))
 
 
 def export_adapter(model: Path, output: Path, gamma: float | None = None, tensor_type: str = "F16") -> ExportReport:
@@ -114,8 +123,9 @@ def export_adapter(model: Path, output: Path, gamma: float | None = None, tensor
     report.gamma = source.gamma
     if output.is_dir():
         raise InputError(f"-o {output} is a directory; give a file name")
-    make_output_dir(output.parent)
-    report.files["adapter"] = str(_write_adapter(source, output, source.path, tensor_type))
+    with output_directory(output.parent), contextlib.ExitStack() as outputs:
+        _write_adapter(source, _stage(outputs, source, output), source.path, tensor_type)
+    report.files["adapter"] = str(output)
     if source.theta is None:
         report.notes.append("the adapter has no tensors: applying it changes nothing")
     else:
@@ -130,21 +140,23 @@ def export_adapter(model: Path, output: Path, gamma: float | None = None, tensor
 
 def context_length(layout: GGUFLayout) -> int:
     """The model's training context, capped at MAX_EXPORT_CTX (a bigger KV cache rarely fits on a laptop)."""
-    trained = layout.get(f"{layout.architecture}.context_length")
-    return min(int(trained), MAX_EXPORT_CTX) if trained else MAX_EXPORT_CTX
+    trained = typed_int(layout, f"{layout.architecture}.context_length", 1, 1 << 31)
+    return min(trained, MAX_EXPORT_CTX) if trained else MAX_EXPORT_CTX
 
 
 def stop_tokens(layout: GGUFLayout) -> list[str]:
     """End-of-turn strings: the EOS/EOT tokens, and control tokens in the chat template named end/eot/eos."""
-    tokens = layout.get("tokenizer.ggml.tokens") or []
+    tokens = typed_value(layout, "tokenizer.ggml.tokens", (GGUFValueType.ARRAY,)) or []
+    if not isinstance(tokens, list):
+        raise InputError(f"{layout.path}: tokenizer.ggml.tokens must be an array of strings")
     found: list[str] = []
     for key in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eos_token_id"):
-        token_id = layout.get(key)
-        if token_id is not None and 0 <= token_id < len(tokens):
+        token_id = typed_int(layout, key, 0, 1 << 31)
+        if token_id is not None and token_id < len(tokens):
             found.append(tokens[token_id])
-    template = layout.get("tokenizer.chat_template")
-    types = layout.get("tokenizer.ggml.token_type")
-    if isinstance(template, str) and types is not None:
+    template = typed_value(layout, "tokenizer.chat_template", (GGUFValueType.STRING,))
+    types = typed_value(layout, "tokenizer.ggml.token_type", (GGUFValueType.ARRAY,))
+    if isinstance(template, str) and isinstance(types, np.ndarray):
         found += [t for t, kind in zip(tokens, types) if kind == _CONTROL_TOKEN and t in template and _STOP_NAME.search(t)]
     return list(dict.fromkeys(t for t in found if t))
 
@@ -168,11 +180,6 @@ def _ollama_name(name: str | None, source: _Model) -> str:
     return name
 
 
-def _write_text(path: Path, text: str) -> None:
-    with atomic_output(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-
-
 def export_ollama(model: Path, output_dir: Path, gamma: float | None = None, name: str | None = None,
                   merged: bool = False, outtype: str | None = None, ppl_chunks: int = 4, ppl_ctx: int = 512,
                   threads: int | None = None) -> ExportReport:
@@ -183,33 +190,35 @@ def export_ollama(model: Path, output_dir: Path, gamma: float | None = None, nam
     source = _open(model, gamma, report.notes)
     report.gamma = source.gamma
     name = _ollama_name(name, source)
-    directory = make_output_dir(output_dir)
+    modelfile_lines = (context_length(source.layout), stop_tokens(source.layout))
     adapter_file = None
-    if merged:
-        model_file = f"{source.stem}.merged.gguf"
-        target = _target(source, directory / model_file)
-        if source.theta is None:
-            write_with_metadata(source.path, target, {}, drop_prefixes=(nkat.PREFIX,))
+    # every file is written under a temporary name and renamed only once all of them passed their checks
+    with output_directory(output_dir) as directory, contextlib.ExitStack() as outputs:
+        if merged:
+            model_file = f"{source.stem}.merged.gguf"
+            staged = _stage(outputs, source, directory / model_file)
+            if source.theta is None:
+                write_with_metadata(source.path, staged, {}, drop_prefixes=(nkat.PREFIX,))
+            else:
+                write_merged(source.path, staged, source.theta, source.gamma, outtype, threads or 0)
+            report.perplexity = _measure_merged(source, staged, ppl_chunks, ppl_ctx, threads)
+            report.notes.append(_merged_summary(report.perplexity))
+            report.notes += _merged_caveats(source, outtype)
         else:
-            write_merged(source.path, target, source.theta, source.gamma, outtype, threads or 0)
-        report.files["model"] = str(target)
-        report.perplexity = _measure_merged(source, target, ppl_chunks, ppl_ctx, threads)
-        report.notes.append(_merged_summary(report.perplexity))
-        report.notes += _merged_caveats(source, outtype)
-    else:
-        model_file = f"{source.stem}.gguf"
-        target = _target(source, directory / model_file)
-        # theta lives in the adapter now; the model file is the plain quantized model, tensors byte for byte
-        write_with_metadata(source.path, target, {}, drop_prefixes=(nkat.PREFIX,))
-        report.files["model"] = str(target)
-        if source.theta is not None:
-            adapter_file = f"{source.stem}.theta.gguf"
-            report.files["adapter"] = str(_write_adapter(source, directory / adapter_file, target))
-        else:
-            check_loadable(target)
-    modelfile = directory / "Modelfile"
-    _write_text(modelfile, modelfile_text(model_file, adapter_file, context_length(source.layout),
-                                          stop_tokens(source.layout)))
+            model_file = f"{source.stem}.gguf"
+            staged = _stage(outputs, source, directory / model_file)
+            # theta lives in the adapter now; the model file is the plain quantized model, tensors byte for byte
+            write_with_metadata(source.path, staged, {}, drop_prefixes=(nkat.PREFIX,))
+            if source.theta is not None:
+                adapter_file = f"{source.stem}.theta.gguf"
+                _write_adapter(source, _stage(outputs, source, directory / adapter_file), staged)
+                report.files["adapter"] = str(directory / adapter_file)
+            else:
+                check_loadable(staged)
+        report.files["model"] = str(directory / model_file)
+        modelfile = directory / "Modelfile"
+        _stage(outputs, source, modelfile).write_text(modelfile_text(model_file, adapter_file, *modelfile_lines),
+                                                      encoding="utf-8")
     report.files["modelfile"] = str(modelfile)
     report.commands += [f"ollama create {name} -f {shlex.quote(str(modelfile))}", f"ollama run {name}"]
     return report
@@ -281,17 +290,19 @@ def export_kobold(model: Path, output_dir: Path, gamma: float | None = None, thr
     report = ExportReport("kobold", str(model), None)
     source = _open(model, gamma, report.notes)
     report.gamma = source.gamma
-    directory = make_output_dir(output_dir)
     model_path = source.path.resolve()
-    adapter = None
-    if source.theta is not None:
-        adapter = _write_adapter(source, directory / f"{source.stem}.theta.gguf", model_path)
-        report.files["adapter"] = str(adapter)
-    else:
-        check_loadable(model_path)
-    config = kcpps_config(model_path, adapter, context_length(source.layout), threads or os.cpu_count() or 1)
-    kcpps = directory / f"{source.stem}.kcpps"
-    _write_text(kcpps, json.dumps(config, indent=2) + "\n")
+    contextsize = context_length(source.layout)
+    with output_directory(output_dir) as directory, contextlib.ExitStack() as outputs:
+        adapter = None
+        if source.theta is not None:
+            adapter = directory / f"{source.stem}.theta.gguf"
+            _write_adapter(source, _stage(outputs, source, adapter), model_path)
+            report.files["adapter"] = str(adapter)
+        else:
+            check_loadable(model_path)
+        config = kcpps_config(model_path, adapter, contextsize, threads or os.cpu_count() or 1)
+        kcpps = directory / f"{source.stem}.kcpps"
+        _stage(outputs, source, kcpps).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     report.files["kcpps"] = str(kcpps)
     report.commands.append(f"koboldcpp --config {shlex.quote(str(kcpps))}")
     return report

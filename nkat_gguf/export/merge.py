@@ -12,8 +12,6 @@ Either way the correction is rounded by the quantizer again, which can lose much
 from __future__ import annotations
 
 import ctypes
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,6 +22,7 @@ from llama_cpp._ggml import libggml
 from nkat_gguf.engine.quantize import quantize_model, resolve_outtype
 from nkat_gguf.errors import UnsupportedModelError
 from nkat_gguf.format import nkat
+from nkat_gguf.format.atomic import atomic_output, work_dir
 from nkat_gguf.format.gguf_file import TensorSpec, copy_metadata, read_layout, write_gguf
 from nkat_gguf.format.nkat import NkatTheta
 from nkat_gguf.format.tensors import TensorSource
@@ -91,8 +90,7 @@ def write_merged(model: Path, dst: Path, theta: NkatTheta, gamma: float, outtype
     _, ftype = resolve_outtype(outtype, layout)
     specs = [TensorSpec(t.name, tuple(reversed(t.shape)), GGMLQuantizationType.F32 if t.name in factors else t.type)
              for t in layout.tensors]
-    with tempfile.TemporaryDirectory(prefix=".nkat-merge-", dir=dst.parent) as tmp:
-        intermediate, quantized = Path(tmp) / "merged-f32.gguf", Path(tmp) / "merged.gguf"
+    with work_dir(dst.parent, "merge") as tmp, atomic_output(dst) as quantized:
+        intermediate = Path(tmp) / "merged-f32.gguf"
         write_gguf(intermediate, metadata, specs, produce(quantize=False), layout.alignment)
         quantize_model(intermediate, quantized, ftype, threads=threads)
-        os.replace(quantized, dst)

@@ -11,6 +11,7 @@ key/value section, so "every tensor of the quantized model unchanged" holds byte
 
 from __future__ import annotations
 
+import math
 import mmap
 import shutil
 import struct
@@ -27,6 +28,8 @@ from nkat_gguf.format.atomic import atomic_output
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
+MAX_ALIGNMENT = 1 << 16  # llama.cpp accepts any power of two; beyond this the padding alone is absurd
+GGML_MAX_DIMS = 4  # ggml.h: a tensor has at most four dimensions
 
 
 _SCALAR_DTYPES: dict[GGUFValueType, np.dtype] = {
@@ -43,6 +46,9 @@ _SCALAR_DTYPES: dict[GGUFValueType, np.dtype] = {
     GGUFValueType.FLOAT64: np.dtype("<f8"),
 }
 _TYPE_OF_DTYPE = {dt: t for t, dt in _SCALAR_DTYPES.items() if t != GGUFValueType.BOOL}
+INTEGER_TYPES = (GGUFValueType.UINT8, GGUFValueType.INT8, GGUFValueType.UINT16, GGUFValueType.INT16,
+                 GGUFValueType.UINT32, GGUFValueType.INT32, GGUFValueType.UINT64, GGUFValueType.INT64)
+FLOAT_TYPES = (GGUFValueType.FLOAT32, GGUFValueType.FLOAT64)
 
 
 @dataclass(frozen=True)
@@ -70,7 +76,7 @@ class TensorInfo:
     @property
     def n_bytes(self) -> int:
         block, size = GGML_QUANT_SIZES[self.type]
-        return int(np.prod(self.shape, dtype=np.int64)) // block * size
+        return math.prod(self.shape) // block * size  # Python ints: a product of huge dims cannot wrap
 
 
 @dataclass(frozen=True)
@@ -135,8 +141,8 @@ class _Cursor:
             count = self.unpack("<Q")
             if sub == GGUFValueType.STRING:
                 return Value(vtype, [self.string() for _ in range(count)], sub)
-            if sub == GGUFValueType.ARRAY:
-                return Value(vtype, [self.value(self._value_type()) for _ in range(count)], sub)
+            if sub == GGUFValueType.ARRAY:  # gguf.cpp refuses nested arrays too
+                raise InputError(f"corrupt GGUF: {self.path} has a nested array at byte {self.pos - 12}")
             dtype = _SCALAR_DTYPES[sub]
             arr = np.frombuffer(self.take(dtype.itemsize * count), dtype=dtype).copy()
             return Value(vtype, arr, sub)
@@ -183,6 +189,8 @@ def _parse(cur: _Cursor, path: Path, size: int) -> GGUFLayout:
     for _ in range(n_kv):
         start = cur.pos
         key = cur.string()
+        if key in metadata:
+            raise InputError(f"corrupt GGUF: {path} has the key {key!r} twice")
         metadata[key] = cur.value(cur._value_type())
         spans[key] = (start, cur.pos)
     infos_start = cur.pos
@@ -190,21 +198,80 @@ def _parse(cur: _Cursor, path: Path, size: int) -> GGUFLayout:
     for _ in range(n_tensors):
         name = cur.string()
         n_dims = cur.unpack("<I")
+        if not 1 <= n_dims <= GGML_MAX_DIMS:
+            raise InputError(f"corrupt GGUF: {path}: tensor {name} has {n_dims} dimensions (1 to {GGML_MAX_DIMS})")
         shape = tuple(cur.unpack("<Q") for _ in range(n_dims))
         raw_type = cur.unpack("<I")
         try:
             ttype = GGMLQuantizationType(raw_type)
         except ValueError:
             raise InputError(f"unsupported tensor type {raw_type} for {name} in {path}") from None
-        tensors.append(TensorInfo(name, shape, ttype, cur.unpack("<Q")))
+        info = TensorInfo(name, shape, ttype, cur.unpack("<Q"))
+        _check_tensor_size(info, path)
+        tensors.append(info)
+    if len({t.name for t in tensors}) != len(tensors):
+        raise InputError(f"corrupt GGUF: {path} names a tensor twice")
     infos_end = cur.pos
-    alignment_value = metadata.get("general.alignment")
-    alignment = int(alignment_value.data) if alignment_value else DEFAULT_ALIGNMENT
+    alignment = _alignment(metadata, path)
     data_offset = -(-infos_end // alignment) * alignment
     needed = max((data_offset + t.offset + t.n_bytes for t in tensors), default=infos_end)
     if needed > size:
         raise InputError(f"truncated GGUF: {path} has {size} bytes, its tensors need {needed}")
+    for t in tensors:
+        if t.offset % alignment:
+            raise InputError(f"corrupt GGUF: {path}: tensor {t.name} starts at offset {t.offset}, "
+                             f"not a multiple of the alignment {alignment}")
     return GGUFLayout(path, version, metadata, spans, tensors, (infos_start, infos_end), alignment, data_offset, size)
+
+
+def _alignment(metadata: dict[str, Value], path: Path) -> int:
+    """general.alignment as llama.cpp's gguf reader accepts it: a UINT32 power of two (default 32)."""
+    value = metadata.get("general.alignment")
+    if value is None:
+        return DEFAULT_ALIGNMENT
+    if value.type != GGUFValueType.UINT32:
+        raise InputError(f"corrupt GGUF: {path}: general.alignment is {value.type.name}, llama.cpp requires UINT32")
+    alignment = int(value.data)
+    if alignment <= 0 or alignment & (alignment - 1) or alignment > MAX_ALIGNMENT:
+        raise InputError(f"corrupt GGUF: {path}: general.alignment {alignment} is not a power of two "
+                         f"from 1 to {MAX_ALIGNMENT}")
+    return alignment
+
+
+def _check_tensor_size(info: TensorInfo, path: Path) -> None:
+    """Rows of whole blocks, and an element count that fits in int64 (computed in Python ints: no wrapping)."""
+    block, _ = GGML_QUANT_SIZES[info.type]
+    if info.shape[0] % block:
+        raise InputError(f"corrupt GGUF: {path}: tensor {info.name} has rows of {info.shape[0]} elements, "
+                         f"not a multiple of {info.type.name}'s block of {block}")
+    if math.prod(info.shape) >= 1 << 63:  # ggml counts elements in int64; llama.cpp refuses such shapes
+        raise InputError(f"corrupt GGUF: {path}: tensor {info.name} has the shape {list(info.shape)}, "
+                         "whose element count overflows 64 bits")
+
+
+def typed_value(layout: "GGUFLayout", key: str, types: tuple[GGUFValueType, ...], required: bool = False) -> Any:
+    """The value of `key` if its GGUF type is one of `types` (None when absent and not required).
+
+    The one way to read a metadata value whose type matters: a wrong type is one clear line, not a
+    TypeError deep inside whatever used it.
+    """
+    value = layout.metadata.get(key)
+    if value is None:
+        if required:
+            raise InputError(f"{layout.path}: metadata key {key} is missing")
+        return None
+    if value.type not in types:
+        names = " or ".join(t.name for t in types)
+        raise InputError(f"{layout.path}: metadata key {key} is {value.type.name}, expected {names}")
+    return value.python()
+
+
+def typed_int(layout: "GGUFLayout", key: str, low: int, high: int, required: bool = False) -> int | None:
+    """An integer-typed key within [low, high], or None when absent and not required."""
+    value = typed_value(layout, key, INTEGER_TYPES, required)
+    if value is not None and not low <= value <= high:
+        raise InputError(f"{layout.path}: metadata key {key} is {value}, expected {low} to {high}")
+    return value
 
 
 # ---- encoding ---------------------------------------------------------------------------------
@@ -298,7 +365,7 @@ class TensorSpec:
     @property
     def n_bytes(self) -> int:
         block, size = GGML_QUANT_SIZES[self.type]
-        return int(np.prod(self.shape, dtype=np.int64)) // block * size
+        return math.prod(self.shape) // block * size  # Python ints: a product of huge dims cannot wrap
 
 
 def write_gguf(

@@ -103,6 +103,8 @@ def _read_gguf(path: Path) -> dict[str, np.ndarray]:
         for t in (tensor, source.info(counts_name)):
             if t.type != GGMLQuantizationType.F32:
                 raise InputError(f"imatrix {path.name}: {t.name} is {t.type.name}, llama.cpp requires F32")
+            if 0 in t.shape:
+                raise InputError(f"imatrix {path.name}: {t.name} has the shape {list(t.shape)}, with no values")
         sums = source.dequantize(tensor.name).reshape(-1, tensor.shape[0])  # (n_mat, n_in)
         counts = source.dequantize(counts_name).reshape(-1)  # (n_mat,)
         if counts.size != sums.shape[0]:

@@ -27,6 +27,9 @@ READABLE_VERSIONS = (1, 2)
 PREFIX = "nkat."
 MAX_ARRAY_ELEMENTS = 16 * 1024 * 1024  # Ollama refuses arrays over 64 Mi elements; stay well below
 MAX_GAMMA = 16.0
+# |factor| <= 127 * scale; with γ folded in, 127 * 16 * MAX_GAMMA = 32512 stays below F16's 65504
+MAX_THETA_SCALE = 16.0
+MAX_THETA_RANK = 4096
 
 # theta (written by theta_metadata, read by read_theta)
 VERSION = "nkat.version"
@@ -144,6 +147,8 @@ def theta_metadata(theta: NkatTheta) -> dict[str, Any]:
         t = theta.tensors[name]
         for part, arr, dtype in (("a", t.a, np.int8), ("a_scale", t.a_scale, np.float32),
                                  ("b", t.b, np.int8), ("b_scale", t.b_scale, np.float32)):
+            if part.endswith("_scale") and not np.all(np.isfinite(arr)):
+                raise InputError(f"theta for {name} is not finite: the weights it corrects hold NaN or infinity")
             if arr.size > MAX_ARRAY_ELEMENTS:
                 raise InputError(f"theta for {name} needs {arr.size} elements in one array; the limit is "
                                  f"{MAX_ARRAY_ELEMENTS} (lower its rank)")
@@ -169,6 +174,54 @@ def _listed_ranks(layout: GGUFLayout, version: int, names: list[str]) -> list[in
     return [int(r) for r in ranks]
 
 
+_THETA_PART_TYPES = {"a": GGUFValueType.INT8, "b": GGUFValueType.INT8,
+                     "a_scale": GGUFValueType.FLOAT32, "b_scale": GGUFValueType.FLOAT32}
+_INTEGER_TYPES = (GGUFValueType.UINT8, GGUFValueType.UINT16, GGUFValueType.UINT32, GGUFValueType.UINT64,
+                  GGUFValueType.INT8, GGUFValueType.INT16, GGUFValueType.INT32, GGUFValueType.INT64)
+
+
+def check_theta_parts(layout: GGUFLayout) -> None:
+    """Every nkat.theta.* value has exactly the type the format says, and every scale a sane value.
+
+    Nothing is cast: a FLOAT32 300.0 where INT8 belongs would wrap silently. Scales must be finite
+    and in [0, MAX_THETA_SCALE], so that no dequantized factor, even with γ = MAX_GAMMA folded in,
+    overflows the F16 an exported adapter holds (and NaN never reaches a result).
+    """
+    path = layout.path
+    for key, value in layout.metadata.items():
+        if not key.startswith(THETA_PREFIX):
+            continue
+        part = key.rsplit(".", 1)[-1]
+        if key == THETA_RANK or part == "rank":
+            if value.type not in _INTEGER_TYPES or not 0 <= int(value.data) <= MAX_THETA_RANK:
+                raise InputError(f"{path}: {key} must be a whole number from 0 to {MAX_THETA_RANK}, "
+                                 f"got {value.type.name} {value.data!r}")
+        elif key == THETA_GAMMA:
+            if value.type not in (GGUFValueType.FLOAT32, GGUFValueType.FLOAT64):
+                raise InputError(f"{path}: {key} must be FLOAT32, got {value.type.name} {value.data!r}")
+            try:
+                check_gamma(value.data)
+            except InputError as exc:
+                raise InputError(f"{path}: {key}: {exc}") from None
+        elif key == THETA_TENSORS:
+            if value.type != GGUFValueType.ARRAY or value.sub_type != GGUFValueType.STRING:
+                raise InputError(f"{path}: {key} must be an array of tensor names (strings), got {value.type.name}")
+        elif part in _THETA_PART_TYPES:
+            expected = _THETA_PART_TYPES[part]
+            if value.type != GGUFValueType.ARRAY or value.sub_type != expected:
+                got = value.sub_type.name if value.type == GGUFValueType.ARRAY and value.sub_type else value.type.name
+                raise InputError(f"{path}: {key} must be an array of {expected.name}, got {got}")
+            if part.endswith("_scale"):
+                _check_scales(path, key, value.data)
+
+
+def _check_scales(path: Path, key: str, scales: np.ndarray) -> None:
+    bad = np.flatnonzero(~np.isfinite(scales) | (scales < 0) | (scales > MAX_THETA_SCALE))
+    if bad.size:
+        raise InputError(f"{path}: {key}[{bad[0]}] is {scales[bad[0]]}; a theta scale must be finite and in "
+                         f"[0, {MAX_THETA_SCALE:g}]")
+
+
 def read_theta(source: str | Path | GGUFLayout) -> NkatTheta | None:
     """theta stored in a GGUF (v1 or v2), or None for a file without NKAT metadata. Checks every shape."""
     layout = source if isinstance(source, GGUFLayout) else read_layout(source)
@@ -179,11 +232,12 @@ def read_theta(source: str | Path | GGUFLayout) -> NkatTheta | None:
     if version not in READABLE_VERSIONS:
         raise InputError(f"{path}: NKAT format version {version} is not supported (this tool reads "
                          f"{', '.join(map(str, READABLE_VERSIONS))})")
+    check_theta_parts(layout)
     try:
         gamma = float(layout.get(THETA_GAMMA))
         names = list(layout.get(THETA_TENSORS))
         ranks = _listed_ranks(layout, version, names)
-    except TypeError:
+    except (TypeError, ValueError):
         raise InputError(f"{path}: NKAT metadata is incomplete ({THETA_RANK}/{THETA_GAMMA}/{THETA_TENSORS})") from None
     shapes = {t.name: tuple(reversed(t.shape)) for t in layout.tensors}
     tensors = {}

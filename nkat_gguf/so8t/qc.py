@@ -26,14 +26,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from gguf.constants import GGUFValueType
 
 from nkat_gguf.engine.reference import LlamaReference
-from nkat_gguf.engine.runtime import NkatRuntime, RuntimeOptions
+from nkat_gguf.engine.runtime import NkatRuntime, RuntimeOptions, check_loadable
 from nkat_gguf.engine.vocab import tokenize
 from nkat_gguf.errors import InputError, NkatError
 from nkat_gguf.format import nkat
 from nkat_gguf.format.atomic import atomic_output, check_writable_dir
-from nkat_gguf.format.gguf_file import read_layout
+from nkat_gguf.format.gguf_file import FLOAT_TYPES, read_layout, typed_value
 from nkat_gguf.format.tensors import TensorSource
 from nkat_gguf.math.rotations import BLOCK, ORTHOGONALITY_TOLERANCE
 from nkat_gguf.texts import Text, load_text
@@ -150,11 +151,14 @@ def judge(mode: str, pre: str, text: Text, z_pre: np.ndarray, z_post: np.ndarray
 
 def compare_ggufs(pre: Path, post: Path, text: Text) -> QCResult:
     """`qc bake`: both files in llama.cpp on the pre file's tokens; block figures from post's nkat.so8t.* keys."""
+    for path in (pre, post):
+        check_loadable(path)  # llama.cpp's own reason for a bad file, before any tokenizing
     tokens = qc_tokens(pre, text)
     layout = read_layout(post)
-    return judge(layout.get(nkat.SO8T_MODE, "gguf"), f"llama.cpp: {pre.name}", text,
-                 llama_logits(pre, tokens), llama_logits(post, tokens),
-                 layout.get(nkat.SO8T_MAX_ORTHOGONALITY_ERROR), layout.get(nkat.SO8T_MIN_DET))
+    return judge(typed_value(layout, nkat.SO8T_MODE, (GGUFValueType.STRING,)) or "gguf", f"llama.cpp: {pre.name}",
+                 text, llama_logits(pre, tokens), llama_logits(post, tokens),
+                 typed_value(layout, nkat.SO8T_MAX_ORTHOGONALITY_ERROR, FLOAT_TYPES),
+                 typed_value(layout, nkat.SO8T_MIN_DET, FLOAT_TYPES))
 
 
 def check_report_dir(directory: Path) -> None:
