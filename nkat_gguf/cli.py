@@ -191,7 +191,8 @@ def _format_qc(qc: dict) -> str:
 
 @main.group()
 def qc() -> None:
-    """Quality checks: `qc bake` compares a model before and after SO8T baking."""
+    """Quality checks: `qc bake` (SO8T before/after), `qc calibration` (ECE, Brier, temperature) and
+    `qc longtext` (entropy and max logit over long text and generations)."""
 
 
 @qc.command("bake")
@@ -211,6 +212,103 @@ def qc_bake(pre: Path, post: Path, text: Path | None, as_json: bool) -> None:
     _emit({"pre": str(pre), "post": str(post), **result.as_dict()}, as_json, _format_qc)
     if not result.passed:
         raise QCFailed(f"SO8T QC failed: {result.summary()}")
+
+
+def _qc_common(fn: Callable) -> Callable:
+    """Options `qc calibration` and `qc longtext` share."""
+    options = [
+        click.argument("model"),
+        click.option("--reference", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                     help="Reference GGUF measured beside the model (default: the embedded model when it is the "
+                          "file's reference)."),
+        click.option("--gamma", callback=_gamma, default=None, help="theta scale of the 'theta on' row (default: the "
+                                                                     "file's)."),
+        click.option("--text", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                     help="UTF-8 evaluation text (default: the evaluation split of Python's pydoc topics)."),
+        click.option("--report-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+                     help="Write the JSON and Markdown reports and the PNG plots here (created if missing)."),
+        click.option("--json", "as_json", is_flag=True, help="Print JSON."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return engine_options(fn)
+
+
+@qc.command("calibration")
+@_qc_common
+@click.option("--calib-text", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="UTF-8 text the temperature is fitted on (default: the calibration split of pydoc topics).")
+@click.option("--ctx", type=int, default=512, show_default=True, help="Tokens per chunk, as llama-perplexity -c.")
+@click.option("--chunks", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Evaluation chunks scored per configuration.")
+@click.option("--calib-chunks", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Calibration chunks the temperature is fitted on (their logits are held in memory, ~50 MB "
+                   "per chunk on a 49k vocabulary).")
+@click.option("--write-temperature", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write a copy of MODEL with the fitted temperature (theta at gamma) stored as "
+                   "nkat.calibration.temperature; MODEL itself is never modified.")
+@_fail_cleanly
+def qc_calibration(model: str, reference: Path | None, gamma: float | None, text: Path | None,
+                   report_dir: Path | None, as_json: bool, gpu_layers: int, no_cuda: bool, threads: int | None,
+                   calib_text: Path | None, ctx: int, chunks: int, calib_chunks: int,
+                   write_temperature: Path | None) -> None:
+    """Next-token ECE, Brier, NLL, top-1 and confidence, before and after a fitted temperature.
+
+    Rows: theta at gamma, theta off (or the plain model) and the reference. T minimises NLL on the
+    calibration text in [0.5, 3.0]; the metrics are measured on the evaluation text at T = 1 and at T.
+    """
+    from engine.confidence import CalibrationSettings, calibration_report, fitted_temperature, \
+        write_temperature as write_t
+
+    from .atomic import check_writable_dir
+    from .default_model import resolve_model
+    from .evaluate.qc_reports import format_calibration, write_calibration_report
+    from .texts import load_text
+
+    path = resolve_model(model)
+    if write_temperature is not None:
+        check_writable_dir(write_temperature.resolve().parent)
+    settings = CalibrationSettings(n_ctx=ctx, n_chunks=chunks, calib_chunks=calib_chunks)
+    report = calibration_report(path, load_text(text, "evaluation"), load_text(calib_text, "calibration"),
+                                _runtime_options(gpu_layers, no_cuda, threads, n_ctx=ctx), settings, gamma,
+                                reference)
+    report["command"] = "nkat-gguf " + " ".join(sys.argv[1:])
+    if write_temperature is not None:
+        write_t(path, write_temperature, fitted_temperature(report))
+        report["wrote_temperature"] = str(write_temperature)
+    if report_dir is not None:
+        report["report_files"] = [str(p) for p in write_calibration_report(report_dir, report)]
+    _emit(report, as_json, format_calibration)
+
+
+@qc.command("longtext")
+@_qc_common
+@click.option("--tokens", type=click.IntRange(min=1), default=2048, show_default=True,
+              help="Teacher-forced window in tokens (capped, with a note, at the model's training context).")
+@click.option("--gen-tokens", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Greedy new tokens per built-in prompt at most (an end-of-generation token stops earlier).")
+@_fail_cleanly
+def qc_longtext(model: str, reference: Path | None, gamma: float | None, text: Path | None, report_dir: Path | None,
+                as_json: bool, gpu_layers: int, no_cuda: bool, threads: int | None, tokens: int,
+                gen_tokens: int) -> None:
+    """Entropy and max logit over a long window and greedy generations: oscillation, drift, drops, repetition.
+
+    Rows: theta at gamma, theta off (or the plain model) and the reference; prompts: three built-in long
+    prompts (a scientific explanation, a mathematical proof, a technical implementation).
+    """
+    from engine.longtext import LongtextSettings, longtext_report, without_series
+
+    from .default_model import resolve_model
+    from .evaluate.qc_reports import format_longtext, write_longtext_report
+    from .texts import load_text
+
+    report = longtext_report(resolve_model(model), load_text(text, "evaluation"),
+                             _runtime_options(gpu_layers, no_cuda, threads),
+                             LongtextSettings(tokens=tokens, gen_tokens=gen_tokens), gamma, reference)
+    report["command"] = "nkat-gguf " + " ".join(sys.argv[1:])
+    if report_dir is not None:
+        report["report_files"] = [str(p) for p in write_longtext_report(report_dir, report)]
+    _emit(without_series(report), as_json, format_longtext)
 
 
 @main.command()
