@@ -38,9 +38,18 @@ def fit_llm_temperature(llm: llama_cpp.Llama, text: Text, settings: CalibrationS
     """T minimising NLL over the scored positions of the first `calib_chunks` chunks of `text`."""
     logits: list[np.ndarray] = []
     targets: list[np.ndarray] = []
-    result = perplexity(llm, tokenize_text(llm, text.content), settings.n_ctx, settings.calib_chunks,
+    result = perplexity(llm, long_enough(tokenize_text(llm, text.content), text, settings.n_ctx), settings.n_ctx,
+                        settings.calib_chunks,
                         settings.progress, on_chunk=lambda z, y: (logits.append(z.copy()), targets.append(y.copy())))
     return CalibratedTemperature(fit_temperature(logits, targets), text.sha256, result.tokens_scored, gamma)
+
+
+def long_enough(tokens: list[int], text: Text, n_ctx: int) -> list[int]:
+    """`tokens` when they fill at least one chunk; else one line naming the text."""
+    if len(tokens) < n_ctx:
+        raise InputError(f"text too short: {text.source} has {len(tokens)} tokens, one chunk needs {n_ctx} "
+                         "(pass a longer text or a smaller --ctx)")
+    return tokens
 
 
 def measure_llm(llm: llama_cpp.Llama, eval_tokens: list[int], calib_text: Text, settings: CalibrationSettings,
@@ -67,7 +76,7 @@ def calibration_report(model: Path, text: Text, calib_text: Text, runtime_option
         stored = read_temperature(model)
         gammas = {"theta": runtime.default_gamma if gamma is None else gamma, "theta_off": None} \
             if runtime.has_theta else {"model": None}
-        tokens = tokenize_text(runtime.llm, text.content)
+        tokens = long_enough(tokenize_text(runtime.llm, text.content), text, settings.n_ctx)
         for name, g in gammas.items():
             runtime.set_gamma(g)
             configurations[name] = measure_llm(runtime.llm, tokens, calib_text, settings, g)

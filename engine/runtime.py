@@ -13,7 +13,7 @@ from nkat_gguf.engine.adapter import cached_adapter
 from nkat_gguf.engine.native_log import captured_llama_log
 from nkat_gguf.errors import InputError
 from nkat_gguf.format.gguf_file import read_layout
-from nkat_gguf.format.nkat import NkatTheta, check_gamma, read_theta
+from nkat_gguf.format.nkat import CalibratedTemperature, NkatTheta, check_gamma, read_temperature, read_theta
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,8 @@ class NkatRuntime:
         self.path = Path(model_path)
         layout = read_layout(self.path)
         self.theta: NkatTheta | None = read_theta(layout)
+        # the file's fitted sampling temperature (nkat.calibration.temperature), the engine's default
+        self.temperature: CalibratedTemperature | None = read_temperature(layout)
         self.options = options
         with captured_llama_log() as log:
             try:

@@ -139,12 +139,16 @@ def main() -> None:
 @click.option("--optimize-rank", is_flag=True,
               help="Search rank and gamma with a quick Optuna study (nkat-gguf optimize --mode quick; study files in "
                    "OUTPUT.optimize/) and write the best model to --output; --theta-rank/--theta-gamma are ignored.")
+@click.option("--calibrate-temperature", is_flag=True,
+              help="Fit the sampling temperature T that minimises NLL on the calibration text (theta at gamma, "
+                   "4 chunks of 512) and store it as nkat.calibration.temperature; serve and the exports use it "
+                   "as their default temperature.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
 @_fail_cleanly
 def convert(input_: str, output: Path, outtype: str, reference: Path | None, theta_rank: int, theta_gamma: float,
             selective_layers: tuple[str, ...], calib_text: Path | None, theta_calib: str, imatrix: str,
             threads: int, so8t: str, so8t_seed: int | None, so8t_heads: bool, force: bool, report_dir: Path | None,
-            optimize_rank: bool, as_json: bool) -> None:
+            optimize_rank: bool, calibrate_temperature: bool, as_json: bool) -> None:
     """Quantize a GGUF with llama.cpp and store theta (what quantization lost, low rank) in its metadata."""
     from nkat_gguf.convert import ConvertOptions
     from nkat_gguf.convert import convert as run_convert
@@ -156,8 +160,11 @@ def convert(input_: str, output: Path, outtype: str, reference: Path | None, the
         theta_rank=theta_rank, theta_gamma=theta_gamma, selective_layers=list(selective_layers) or None,
         calib_text=calib_text, theta_calib=theta_calib, imatrix=imatrix, threads=threads,
         so8t=So8tOptions(mode=so8t, seed=so8t_seed, heads=so8t_heads, force=force, report_dir=report_dir),
-        progress=sys.stderr.isatty() or not as_json)
+        calibrate_temperature=calibrate_temperature, progress=sys.stderr.isatty() or not as_json)
     if optimize_rank:
+        if calibrate_temperature:
+            raise click.UsageError("--calibrate-temperature does not combine with --optimize-rank: run "
+                                   "'nkat-gguf qc calibration BEST.gguf --write-temperature OUT' on the result")
         from nkat_gguf.optimizer.outputs import format_summary
         from nkat_gguf.optimizer.study import optimize_convert
 
@@ -175,6 +182,9 @@ def _format_convert(r: dict) -> str:
              f"calibration: {r['calibration']}, importance matrix: {r['imatrix']}, "
              f"mean residual energy captured: {mean_energy}",
              "time: " + ", ".join(f"{k} {v:.2f} s" for k, v in r["seconds"].items())]
+    if r.get("temperature"):
+        lines.append(f"calibrated temperature {r['temperature']['temperature']:.4f} (NLL on "
+                     f"{r['temperature']['tokens']} calibration tokens), stored as nkat.calibration.temperature")
     if r.get("so8t"):
         lines.append(f"SO8T {r['so8t']['description']}: {_format_qc(r['so8t']['qc'])}"
                      + (", written anyway (--force)" if r["so8t"]["forced"] else ""))
@@ -584,7 +594,9 @@ def serve(model: str, gamma: float | None, host: str, port: int, ctx: int, gpu_l
     with NkatRuntime(path, _runtime_options(gpu_layers, no_cuda, threads, n_ctx=ctx), gamma=gamma) as runtime, \
             ChatServer(runtime, host, port) as server:
         theta = f"theta at gamma {runtime.gamma:g}" if runtime.gamma is not None else "no theta"
-        click.echo(f"serving {path.name} ({theta}) at {server.url}  (Ctrl-C stops)", err=True)
+        temperature = (f"default temperature {server.default_temperature:.4g} from nkat.calibration.temperature"
+                       if server.default_temperature is not None else "default temperature: llama-cpp-python's")
+        click.echo(f"serving {path.name} ({theta}, {temperature}) at {server.url}  (Ctrl-C stops)", err=True)
         if not is_loopback(host):
             click.echo(f"warning: listening on {host} without authentication: anyone who can reach it can use "
                        "the model", err=True)

@@ -28,6 +28,7 @@ class ConvertOptions:
     threads: int = 0
     progress: bool = True
     so8t: So8tOptions = So8tOptions()  # no rotation unless asked for
+    calibrate_temperature: bool = False  # fit T on the calibration text (theta at γ) and store it
 
 
 @dataclass
@@ -48,6 +49,7 @@ class ConvertReport:
     tensors: dict[str, dict] = field(default_factory=dict)  # name -> {rank, captured_energy, ...}
     seconds: dict[str, float] = field(default_factory=dict)
     so8t: dict | None = None  # rotation and QC figures when --so8t baked one
+    temperature: dict | None = None  # --calibrate-temperature: the fitted T and what it was fitted on
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -20,14 +21,15 @@ from nkat_gguf.convert.options import ConvertOptions, ConvertReport
 from nkat_gguf.convert.selection import select_tensors
 from nkat_gguf.engine.quantize import quantize_model, resolve_outtype
 from nkat_gguf.engine.reference import supports_reference
-from nkat_gguf.engine.runtime import check_loadable
+from nkat_gguf.engine.confidence import CalibrationSettings, fit_llm_temperature
+from nkat_gguf.engine.runtime import NkatRuntime, RuntimeOptions, check_loadable
 from nkat_gguf.errors import InputError
 from nkat_gguf.format import nkat
 from nkat_gguf.format.atomic import check_writable_dir
 from nkat_gguf.format.gguf_file import read_layout, write_with_metadata
 from nkat_gguf.format.hashing import sha256_file
 from nkat_gguf.format.imatrix import input_widths, missing_note, read_imatrix_file
-from nkat_gguf.format.nkat import NkatTheta, check_gamma, theta_metadata
+from nkat_gguf.format.nkat import CalibratedTemperature, NkatTheta, check_gamma, theta_metadata
 from nkat_gguf.format.tensors import TensorSource
 from nkat_gguf.math.theta import LowRank, activation_scale, quantize_int8, theta_from_residual
 from nkat_gguf.so8t.bake_step import bake_step, check_so8t_options
@@ -146,8 +148,15 @@ def convert(opts: ConvertOptions, calibration: Calibration | None = None) -> Con
 
         t = time.perf_counter()
         metadata = theta_metadata(theta)
-        write_with_metadata(quantized_path, output_path, metadata, drop_prefixes=(nkat.PREFIX,))
+        written = Path(tmp) / "nkat.gguf" if opts.calibrate_temperature else output_path
+        write_with_metadata(quantized_path, written, metadata, drop_prefixes=(nkat.PREFIX,))
         seconds["write"] = time.perf_counter() - t
+        if opts.calibrate_temperature:
+            t = time.perf_counter()
+            fitted = _fit_temperature(written, opts)
+            write_with_metadata(written, output_path, fitted.metadata())
+            report.temperature = asdict(fitted)
+            seconds["temperature"] = time.perf_counter() - t
     report.output_bytes = output_path.stat().st_size
     report.theta_metadata_bytes = sum(v.nbytes for v in metadata.values() if isinstance(v, np.ndarray))
     seconds["total"] = time.perf_counter() - t_start
@@ -157,6 +166,14 @@ def convert(opts: ConvertOptions, calibration: Calibration | None = None) -> Con
         if opts.so8t.report_dir is not None:
             write_report(Path(opts.so8t.report_dir), report.as_dict())
     return report
+
+
+def _fit_temperature(model: Path, opts: ConvertOptions) -> CalibratedTemperature:
+    """T minimising NLL of the written model (theta at its γ) on the calibration text (engine.confidence)."""
+    settings = CalibrationSettings(progress=opts.progress)
+    options = RuntimeOptions(n_ctx=settings.n_ctx, n_batch=settings.n_ctx, n_threads=opts.threads or None)
+    with NkatRuntime(model, options) as runtime:
+        return fit_llm_temperature(runtime.llm, load_text(opts.calib_text, "calibration"), settings, runtime.gamma)
 
 
 def _check_paths(input_path: Path, output_path: Path, reference: Path | None) -> None:

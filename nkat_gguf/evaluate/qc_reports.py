@@ -95,14 +95,17 @@ def _draw_reliability(axes: Any, report: Mapping[str, Any]) -> None:
     ax = axes[0]
     ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfect calibration")
     for name, c in report["configurations"].items():
-        bins = [b for b in c["before"]["bins"] if b["count"]]
-        ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], marker="o",
-                color=COLORS.get(name), label=f"{_label(name, c)}: ECE {c['before']['ece']:.4f}")
+        for key, style, title in (("before", "-", "T = 1"), ("after", ":", f"T = {c['temperature']:.3f}")):
+            bins = [b for b in c[key]["bins"] if b["count"]]
+            ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], marker="o", markersize=4,
+                    linestyle=style, color=COLORS.get(name),
+                    label=f"{_label(name, c)}, {title}: ECE {c[key]['ece']:.4f}")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.set_xlabel("mean confidence in bin (max softmax probability)")
     ax.set_ylabel("top-1 accuracy in bin")
-    ax.set_title(f"Reliability, {report['ece_bins']} {report['ece_binning']} bins, T = 1 ({report['text']})")
+    ax.set_title(f"Reliability, {report['ece_bins']} {report['ece_binning']} bins ({report['text']}); "
+                 "dotted: at the fitted temperature")
     ax.legend(loc="upper left")
 
 
@@ -131,15 +134,15 @@ def format_longtext(report: Mapping[str, Any]) -> str:
     lines = [f"model  {report['model']}",
              f"text   {report['text']}: teacher-forced window of {report['window_tokens']} tokens (context "
              f"{report['n_ctx']}); greedy generations of up to {report['gen_tokens']} tokens",
-             *[f"note: {n}" for n in report["notes"]], f"{'teacher-forced':40}{header}"]
+             *[f"note: {n}" for n in report["notes"]], f"{'teacher-forced':52}{header}"]
     for name, c in report["configurations"].items():
-        lines.append(f"{_label(name, c):40}" + "".join(f"{v:>12}" for v in _index_cells(c["teacher_forced"])[:-1])
+        lines.append(f"{_label(name, c):52}" + "".join(f"{v:>12}" for v in _index_cells(c["teacher_forced"])[:-1])
                      + f"{_index_cells(c['teacher_forced'])[-1]:>7}")
-    lines.append(f"{'generation':40}{header}{'tokens':>8}{'repeat':>8}  stop")
+    lines.append(f"{'generation':52}{header}{'tokens':>8}{'repeat':>8}  stop")
     for name, c in report["configurations"].items():
         for prompt, g in c["generation"].items():
             cells = _index_cells(g["indices"])
-            lines.append(f"{_label(name, c) + ' / ' + prompt:40}" + "".join(f"{v:>12}" for v in cells[:-1])
+            lines.append(f"{_label(name, c) + ' / ' + prompt:52}" + "".join(f"{v:>12}" for v in cells[:-1])
                          + f"{cells[-1]:>7}{g['tokens']:>8}{g['repetition_share']:>8.3f}  {g['stop']}")
     if report["reference"] is None:
         lines.append("no reference measured (pass --reference REF.gguf)")
