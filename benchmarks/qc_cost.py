@@ -21,11 +21,10 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-from engine.confidence import CalibrationSettings, measure_llm
-from engine.perplexity import perplexity, tokenize_text
-from engine.runtime import NkatRuntime, RuntimeOptions
+from nkat_gguf.engine.confidence import CalibrationSettings, measure_llm
+from nkat_gguf.engine.perplexity import perplexity, tokenize_text
+from nkat_gguf.engine.runtime import NkatRuntime, RuntimeOptions
 from nkat_gguf.texts import load_text
 
 

@@ -14,15 +14,14 @@ from pathlib import Path
 import llama_cpp
 import numpy as np
 
-from nkat_gguf.confidence import ECE_BINS, TEMPERATURE_RANGE, CalibrationAccumulator, fit_temperature
+from nkat_gguf.engine.compare import default_reference_for
+from nkat_gguf.engine.perplexity import perplexity, tokenize_text
+from nkat_gguf.engine.runtime import NkatRuntime, RuntimeOptions
 from nkat_gguf.errors import InputError
-from nkat_gguf.gguf_file import write_with_metadata
-from nkat_gguf.nkat_format import CalibratedTemperature, read_temperature
+from nkat_gguf.format.gguf_file import write_with_metadata
+from nkat_gguf.format.nkat import CalibratedTemperature, read_temperature
+from nkat_gguf.math.confidence import ECE_BINS, TEMPERATURE_RANGE, CalibrationAccumulator, fit_temperature
 from nkat_gguf.texts import Text
-
-from .compare import default_reference_for
-from .perplexity import perplexity, tokenize_text
-from .runtime import NkatRuntime, RuntimeOptions
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 Teacher forcing: the first `tokens` tokens of the text in one sequence (decoded n_batch at a time, the
 KV cache kept), logits at every position. Generation: each built-in prompt (nkat_gguf.texts.LONG_PROMPTS),
 then up to `gen_tokens` greedy tokens, stopped early by an end-of-generation token. Indices are those
-of nkat_gguf.confidence; their definitions are in docs/QC.md.
+of nkat_gguf.math.confidence; their definitions are in docs/QC.md.
 """
 
 from __future__ import annotations
@@ -16,14 +16,13 @@ import llama_cpp
 import numpy as np
 from tqdm import tqdm
 
-from nkat_gguf.confidence import entropy_and_max_logit, repetition_share, series_indices
+from nkat_gguf.engine.compare import default_reference_for
+from nkat_gguf.engine.perplexity import tokenize_text
+from nkat_gguf.engine.runtime import NkatRuntime, RuntimeOptions
 from nkat_gguf.errors import InputError
-from nkat_gguf.gguf_file import read_layout
+from nkat_gguf.format.gguf_file import read_layout
+from nkat_gguf.math.confidence import entropy_and_max_logit, repetition_share, series_indices
 from nkat_gguf.texts import LONG_PROMPTS, Text
-
-from .compare import default_reference_for
-from .perplexity import tokenize_text
-from .runtime import NkatRuntime, RuntimeOptions
 
 MIN_WINDOW = 64  # below this the drop window (32) and the drift slope say little
 

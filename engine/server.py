@@ -25,6 +25,7 @@ from typing import Any
 
 from nkat_gguf.engine.runtime import NkatRuntime
 from nkat_gguf.errors import InputError
+from nkat_gguf.format import nkat
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
@@ -105,7 +106,7 @@ class ChatServer:
             "id": self.model_id, "object": "model", "created": self.created, "owned_by": "nkat-gguf",
             "nkat": {"has_theta": self.runtime.has_theta, "default_gamma": self.default_gamma,
                      "default_temperature": self.default_temperature,
-                     "default_temperature_source": "nkat.calibration.temperature"
+                     "default_temperature_source": nkat.TEMPERATURE
                      if self.default_temperature is not None else "llama-cpp-python"}}]}
 
     def chat(self, body: Any, stream_to: Any = None) -> dict | None:

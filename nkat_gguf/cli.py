@@ -267,13 +267,12 @@ def qc_calibration(model: str, reference: Path | None, gamma: float | None, text
     Rows: theta at gamma, theta off (or the plain model) and the reference. T minimises NLL on the
     calibration text in [0.5, 3.0]; the metrics are measured on the evaluation text at T = 1 and at T.
     """
-    from engine.confidence import CalibrationSettings, calibration_report, fitted_temperature, \
-        write_temperature as write_t
-
-    from .atomic import check_writable_dir
-    from .default_model import resolve_model
-    from .evaluate.qc_reports import format_calibration, write_calibration_report
-    from .texts import load_text
+    from nkat_gguf.default_model import resolve_model
+    from nkat_gguf.engine.confidence import CalibrationSettings, calibration_report, fitted_temperature
+    from nkat_gguf.engine.confidence import write_temperature as write_t
+    from nkat_gguf.evaluate.qc_reports import format_calibration, write_calibration_report
+    from nkat_gguf.format.atomic import check_writable_dir
+    from nkat_gguf.texts import load_text
 
     path = resolve_model(model)
     if write_temperature is not None:
@@ -306,11 +305,10 @@ def qc_longtext(model: str, reference: Path | None, gamma: float | None, text: P
     Rows: theta at gamma, theta off (or the plain model) and the reference; prompts: three built-in long
     prompts (a scientific explanation, a mathematical proof, a technical implementation).
     """
-    from engine.longtext import LongtextSettings, longtext_report, without_series
-
-    from .default_model import resolve_model
-    from .evaluate.qc_reports import format_longtext, write_longtext_report
-    from .texts import load_text
+    from nkat_gguf.default_model import resolve_model
+    from nkat_gguf.engine.longtext import LongtextSettings, longtext_report, without_series
+    from nkat_gguf.evaluate.qc_reports import format_longtext, write_longtext_report
+    from nkat_gguf.texts import load_text
 
     report = longtext_report(resolve_model(model), load_text(text, "evaluation"),
                              _runtime_options(gpu_layers, no_cuda, threads),

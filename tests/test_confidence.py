@@ -5,9 +5,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from nkat_gguf.confidence import (
-    ECE_BINS, CalibrationAccumulator, abnormal_drops, calibration_metrics, drift_per_1k, entropy_and_max_logit,
-    fit_temperature, golden_section_minimum, mean_nll, oscillation_index, repetition_share, run_starts,
+from nkat_gguf.math.confidence import (
+    ECE_BINS,
+    CalibrationAccumulator,
+    abnormal_drops,
+    calibration_metrics,
+    drift_per_1k,
+    entropy_and_max_logit,
+    fit_temperature,
+    golden_section_minimum,
+    mean_nll,
+    oscillation_index,
+    repetition_share,
+    run_starts,
     series_indices,
 )
 

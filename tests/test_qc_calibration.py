@@ -15,17 +15,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.confidence import CalibrationSettings, calibration_report, fitted_temperature, write_temperature
-from engine.longtext import LongtextSettings, longtext_report, without_series
-from engine.perplexity import perplexity, tokenize_text
-from engine.runtime import NkatRuntime, RuntimeOptions
-from engine.server import ChatServer
 from nkat_gguf.convert import ConvertOptions, convert
 from nkat_gguf.default_model import default_model_path
+from nkat_gguf.engine.confidence import CalibrationSettings, calibration_report, fitted_temperature, write_temperature
+from nkat_gguf.engine.longtext import LongtextSettings, longtext_report, without_series
+from nkat_gguf.engine.perplexity import perplexity, tokenize_text
+from nkat_gguf.engine.runtime import NkatRuntime, RuntimeOptions
+from nkat_gguf.engine.server import ChatServer
 from nkat_gguf.errors import InputError
 from nkat_gguf.evaluate.qc_reports import write_calibration_report, write_longtext_report
-from nkat_gguf.exports import export_kobold, export_ollama
-from nkat_gguf.nkat_format import TEMPERATURE_KEY, CalibratedTemperature, read_temperature
+from nkat_gguf.export.exports import export_kobold, export_ollama
+from nkat_gguf.format import nkat
+from nkat_gguf.format.nkat import CalibratedTemperature, read_temperature
 from nkat_gguf.texts import Text, load_text
 
 OPTIONS = RuntimeOptions(n_ctx=512, n_batch=512, n_threads=2)
@@ -101,7 +102,7 @@ def test_serve_uses_the_stored_temperature(tempered: Path) -> None:
         with urllib.request.urlopen(server.url + "/models", timeout=60) as response:
             info = json.loads(response.read())["data"][0]["nkat"]
         assert info["default_temperature"] == pytest.approx(1.375)
-        assert info["default_temperature_source"] == TEMPERATURE_KEY
+        assert info["default_temperature_source"] == nkat.TEMPERATURE
         for body, expected in (({}, 1.375), ({"temperature": 0}, 0)):
             request = urllib.request.Request(
                 server.url + "/chat/completions", json.dumps({"messages": [{"role": "user", "content": "Hi"}],
@@ -121,7 +122,7 @@ def test_server_without_temperature_keeps_the_library_default(tiny_nkat: Path) -
 def test_exports_carry_the_temperature(tempered: Path, tiny_nkat: Path, tmp_path: Path) -> None:
     ollama = export_ollama(tempered, tmp_path / "o")
     assert "PARAMETER temperature 1.3750" in Path(ollama.files["modelfile"]).read_text().splitlines()
-    assert any(TEMPERATURE_KEY in note for note in ollama.notes)
+    assert any(nkat.TEMPERATURE in note for note in ollama.notes)
     kobold = export_kobold(tempered, tmp_path / "k")
     config = json.loads(Path(kobold.files["kcpps"]).read_text())
     assert json.loads(config["gendefaults"]) == {"temperature": 1.375}

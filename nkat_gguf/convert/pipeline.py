@@ -19,9 +19,9 @@ from nkat_gguf import __version__
 from nkat_gguf.convert.calibrate import Calibration, calibrate
 from nkat_gguf.convert.options import ConvertOptions, ConvertReport
 from nkat_gguf.convert.selection import select_tensors
+from nkat_gguf.engine.confidence import CalibrationSettings, fit_llm_temperature
 from nkat_gguf.engine.quantize import quantize_model, resolve_outtype
 from nkat_gguf.engine.reference import supports_reference
-from nkat_gguf.engine.confidence import CalibrationSettings, fit_llm_temperature
 from nkat_gguf.engine.runtime import NkatRuntime, RuntimeOptions, check_loadable
 from nkat_gguf.errors import InputError
 from nkat_gguf.format import nkat
@@ -148,7 +148,7 @@ def convert(opts: ConvertOptions, calibration: Calibration | None = None) -> Con
 
         t = time.perf_counter()
         metadata = theta_metadata(theta)
-        written = Path(tmp) / "nkat.gguf" if opts.calibrate_temperature else output_path
+        written = Path(tmp) / "with-theta.gguf" if opts.calibrate_temperature else output_path
         write_with_metadata(quantized_path, written, metadata, drop_prefixes=(nkat.PREFIX,))
         seconds["write"] = time.perf_counter() - t
         if opts.calibrate_temperature:

@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from nkat_gguf.atomic import atomic_output, make_output_dir
+from nkat_gguf.format.atomic import atomic_output, make_output_dir
 
 LABELS = {"reference": "reference", "theta": "NKAT, theta on", "theta_off": "NKAT, theta off", "model": "model"}
 COLORS = {"reference": "black", "theta": "tab:blue", "theta_off": "tab:orange", "model": "tab:blue"}

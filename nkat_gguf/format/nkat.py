@@ -168,11 +168,11 @@ class CalibratedTemperature:
     gamma: float | None  # theta's γ during the fit; None: theta off or absent
 
     def metadata(self) -> dict[str, Value]:
-        out = {TEMPERATURE: Value(ValueType.FLOAT32, float(self.temperature)),
-               TEMPERATURE_SHA256: Value(ValueType.STRING, self.text_sha256),
-               TEMPERATURE_TOKENS: Value(ValueType.UINT32, int(self.tokens))}
+        out = {TEMPERATURE: Value(GGUFValueType.FLOAT32, float(self.temperature)),
+               TEMPERATURE_SHA256: Value(GGUFValueType.STRING, self.text_sha256),
+               TEMPERATURE_TOKENS: Value(GGUFValueType.UINT32, int(self.tokens))}
         if self.gamma is not None:
-            out[TEMPERATURE_GAMMA] = Value(ValueType.FLOAT32, float(self.gamma))
+            out[TEMPERATURE_GAMMA] = Value(GGUFValueType.FLOAT32, float(self.gamma))
         return out
 
 
