@@ -38,7 +38,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="An NKAT GGUF (theta at its γ is timed).")
     parser.add_argument("--chunks", type=int, default=16)
-    parser.add_argument("--calib-chunks", type=int, default=4)
+    parser.add_argument("--calib-chunks", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--command-rounds", type=int, default=1, help="Rounds of the whole-command timings.")
     parser.add_argument("--tokens", type=int, default=2048, help="qc longtext window.")

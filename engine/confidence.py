@@ -28,7 +28,7 @@ from nkat_gguf.texts import Text
 class CalibrationSettings:
     n_ctx: int = 512
     n_chunks: int = 16  # evaluation-split chunks scored
-    calib_chunks: int = 4  # calibration-split chunks T is fitted on (their logits are held: ~50 MB each)
+    calib_chunks: int = 2  # calibration-split chunks T is fitted on (their logits are held: ~50 MB each)
     progress: bool = True
 
 
@@ -68,7 +68,7 @@ def measure_llm(llm: llama_cpp.Llama, eval_tokens: list[int], calib_text: Text, 
 
 def calibration_report(model: Path, text: Text, calib_text: Text, runtime_options: RuntimeOptions,
                        settings: CalibrationSettings, gamma: float | None = None,
-                       reference: Path | None = None) -> dict:
+                       reference: Path | None = None, with_reference: bool = True) -> dict:
     """Calibration of the model (theta at γ and off, or the plain model) and of its reference."""
     configurations: dict[str, dict] = {}
     with NkatRuntime(model, runtime_options) as runtime:
@@ -79,7 +79,7 @@ def calibration_report(model: Path, text: Text, calib_text: Text, runtime_option
         for name, g in gammas.items():
             runtime.set_gamma(g)
             configurations[name] = measure_llm(runtime.llm, tokens, calib_text, settings, g)
-        reference = reference or default_reference_for(runtime)
+        reference = (reference or default_reference_for(runtime)) if with_reference else None
     if reference is not None:
         with NkatRuntime(reference, runtime_options) as ref:
             configurations["reference"] = measure_llm(ref.llm, tokenize_text(ref.llm, text.content), calib_text,

@@ -155,7 +155,8 @@ def _window(llm: llama_cpp.Llama, text: Text, n: int) -> np.ndarray:
 
 
 def longtext_report(model: Path, text: Text, runtime_options: RuntimeOptions, settings: LongtextSettings,
-                    gamma: float | None = None, reference: Path | None = None) -> dict:
+                    gamma: float | None = None, reference: Path | None = None,
+                    with_reference: bool = True) -> dict:
     """Long-text indices of the model (theta at γ and off, or the plain model) and of its reference."""
     window_size, notes = plan_context(model, settings)
     longest_prompt = max(len(p) for p in LONG_PROMPTS.values())  # characters ≥ tokens
@@ -170,7 +171,7 @@ def longtext_report(model: Path, text: Text, runtime_options: RuntimeOptions, se
                             disable=not settings.progress):
             runtime.set_gamma(g)
             configurations[name] = {"gamma": g, **measure_llm(runtime.llm, window, settings)}
-        reference = reference or default_reference_for(runtime)
+        reference = (reference or default_reference_for(runtime)) if with_reference else None
     if reference is not None:
         with NkatRuntime(reference, options) as ref:
             configurations["reference"] = {"gamma": None, **measure_llm(ref.llm, _window(ref.llm, text, window_size),

@@ -231,6 +231,7 @@ def _qc_common(fn: Callable) -> Callable:
         click.option("--reference", type=click.Path(dir_okay=False, path_type=Path), default=None,
                      help="Reference GGUF measured beside the model (default: the embedded model when it is the "
                           "file's reference)."),
+        click.option("--no-reference", is_flag=True, help="Measure no reference (when another run already did)."),
         click.option("--gamma", callback=_gamma, default=None, help="theta scale of the 'theta on' row (default: the "
                                                                      "file's)."),
         click.option("--text", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -251,14 +252,14 @@ def _qc_common(fn: Callable) -> Callable:
 @click.option("--ctx", type=int, default=512, show_default=True, help="Tokens per chunk, as llama-perplexity -c.")
 @click.option("--chunks", type=click.IntRange(min=1), default=16, show_default=True,
               help="Evaluation chunks scored per configuration.")
-@click.option("--calib-chunks", type=click.IntRange(min=1), default=4, show_default=True,
+@click.option("--calib-chunks", type=click.IntRange(min=1), default=2, show_default=True,
               help="Calibration chunks the temperature is fitted on (their logits are held in memory, ~50 MB "
                    "per chunk on a 49k vocabulary).")
 @click.option("--write-temperature", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write a copy of MODEL with the fitted temperature (theta at gamma) stored as "
                    "nkat.calibration.temperature; MODEL itself is never modified.")
 @_fail_cleanly
-def qc_calibration(model: str, reference: Path | None, gamma: float | None, text: Path | None,
+def qc_calibration(model: str, reference: Path | None, no_reference: bool, gamma: float | None, text: Path | None,
                    report_dir: Path | None, as_json: bool, gpu_layers: int, no_cuda: bool, threads: int | None,
                    calib_text: Path | None, ctx: int, chunks: int, calib_chunks: int,
                    write_temperature: Path | None) -> None:
@@ -280,7 +281,7 @@ def qc_calibration(model: str, reference: Path | None, gamma: float | None, text
     settings = CalibrationSettings(n_ctx=ctx, n_chunks=chunks, calib_chunks=calib_chunks)
     report = calibration_report(path, load_text(text, "evaluation"), load_text(calib_text, "calibration"),
                                 _runtime_options(gpu_layers, no_cuda, threads, n_ctx=ctx), settings, gamma,
-                                reference)
+                                reference, not no_reference)
     report["command"] = "nkat-gguf " + " ".join(sys.argv[1:])
     if write_temperature is not None:
         write_t(path, write_temperature, fitted_temperature(report))
@@ -297,7 +298,8 @@ def qc_calibration(model: str, reference: Path | None, gamma: float | None, text
 @click.option("--gen-tokens", type=click.IntRange(min=1), default=256, show_default=True,
               help="Greedy new tokens per built-in prompt at most (an end-of-generation token stops earlier).")
 @_fail_cleanly
-def qc_longtext(model: str, reference: Path | None, gamma: float | None, text: Path | None, report_dir: Path | None,
+def qc_longtext(model: str, reference: Path | None, no_reference: bool, gamma: float | None, text: Path | None,
+                report_dir: Path | None,
                 as_json: bool, gpu_layers: int, no_cuda: bool, threads: int | None, tokens: int,
                 gen_tokens: int) -> None:
     """Entropy and max logit over a long window and greedy generations: oscillation, drift, drops, repetition.
@@ -312,7 +314,7 @@ def qc_longtext(model: str, reference: Path | None, gamma: float | None, text: P
 
     report = longtext_report(resolve_model(model), load_text(text, "evaluation"),
                              _runtime_options(gpu_layers, no_cuda, threads),
-                             LongtextSettings(tokens=tokens, gen_tokens=gen_tokens), gamma, reference)
+                             LongtextSettings(tokens=tokens, gen_tokens=gen_tokens), gamma, reference, not no_reference)
     report["command"] = "nkat-gguf " + " ".join(sys.argv[1:])
     if report_dir is not None:
         report["report_files"] = [str(p) for p in write_longtext_report(report_dir, report)]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -9,11 +11,11 @@ from nkat_gguf.math.confidence import (
     ECE_BINS,
     CalibrationAccumulator,
     abnormal_drops,
+    bounded_minimum,
     calibration_metrics,
     drift_per_1k,
     entropy_and_max_logit,
     fit_temperature,
-    golden_section_minimum,
     mean_nll,
     oscillation_index,
     repetition_share,
@@ -69,9 +71,19 @@ def test_streaming_equals_one_shot() -> None:
     assert streamed == pytest.approx(whole)
 
 
-def test_golden_section_finds_a_known_minimum() -> None:
-    assert golden_section_minimum(lambda t: (t - 1.234) ** 2 + 3, 0.5, 3.0) == pytest.approx(1.234, abs=1e-4)
-    assert golden_section_minimum(lambda t: t, 0.5, 3.0) == pytest.approx(0.5, abs=1e-4)  # bound is a minimum
+def test_bounded_minimum_finds_known_minima_in_few_evaluations() -> None:
+    calls: list[float] = []
+
+    def f(t: float) -> float:  # smooth and unimodal on [0.5, 3], like mean NLL against T
+        calls.append(t)
+        return t + 2.0 / t + math.log(t)
+
+    expected = (-1.0 + math.sqrt(9.0)) / 2.0  # f'(t) = 1 − 2/t² + 1/t = 0  →  t² + t − 2 = 0  →  t = 1
+    assert bounded_minimum(f, 0.5, 3.0) == pytest.approx(expected, abs=1e-4)
+    assert all(0.5 <= t <= 3.0 for t in calls) and len(calls) <= 15  # golden section alone needs 23
+    assert bounded_minimum(lambda t: (t - 1.234) ** 2 + 3, 0.5, 3.0) == pytest.approx(1.234, abs=1e-4)
+    assert bounded_minimum(lambda t: t, 0.5, 3.0) == pytest.approx(0.5, abs=1e-3)  # the bound is the minimum
+    assert bounded_minimum(lambda t: abs(t - 2.9), 0.5, 3.0) == pytest.approx(2.9, abs=1e-3)  # not smooth
 
 
 @pytest.mark.parametrize("true_t", [0.7, 1.0, 1.8])

@@ -168,9 +168,12 @@ def convert(opts: ConvertOptions, calibration: Calibration | None = None) -> Con
     return report
 
 
+TEMPERATURE_CHUNKS = 4  # convert fits on twice qc calibration's default: the result stays in the file
+
+
 def _fit_temperature(model: Path, opts: ConvertOptions) -> CalibratedTemperature:
     """T minimising NLL of the written model (theta at its γ) on the calibration text (engine.confidence)."""
-    settings = CalibrationSettings(progress=opts.progress)
+    settings = CalibrationSettings(calib_chunks=TEMPERATURE_CHUNKS, progress=opts.progress)
     options = RuntimeOptions(n_ctx=settings.n_ctx, n_batch=settings.n_ctx, n_threads=opts.threads or None)
     with NkatRuntime(model, options) as runtime:
         return fit_llm_temperature(runtime.llm, load_text(opts.calib_text, "calibration"), settings, runtime.gamma)

@@ -18,11 +18,12 @@ import numpy as np
 
 ECE_BINS = 15  # equal-width bins over confidence [0, 1], as in Guo et al. 2017
 TEMPERATURE_RANGE = (0.5, 3.0)
-TEMPERATURE_TOLERANCE = 1e-4  # golden-section stops when the bracket is narrower than this
+TEMPERATURE_TOLERANCE = 1e-4  # the search stops when T is known to within about this
 DROP_WINDOW = 32  # tokens of the trailing mean in an abnormal entropy drop
 DROP_RATIO = 0.5  # a drop: trailing mean below this share of the window's median entropy
 REPEAT_N = 4  # n of the n-grams in the repetition share
-_GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
+_GOLDEN_STEP = (3.0 - math.sqrt(5.0)) / 2.0  # 0.382: the golden-section share of the larger part
+_SQRT_EPS = math.sqrt(2.2e-16)
 
 
 # ---- per-row quantities -----------------------------------------------------------------------
@@ -140,22 +141,57 @@ def calibration_metrics(logits: np.ndarray, targets: np.ndarray, temperature: fl
 # ---- temperature --------------------------------------------------------------------------------
 
 
-def golden_section_minimum(f: Callable[[float], float], low: float, high: float,
-                           tolerance: float = TEMPERATURE_TOLERANCE) -> float:
-    """argmin of a unimodal f on [low, high]: the bracket shrinks by 0.618 per evaluation."""
+def bounded_minimum(f: Callable[[float], float], low: float, high: float,
+                    tolerance: float = TEMPERATURE_TOLERANCE, max_evaluations: int = 100) -> float:
+    """argmin of a unimodal f on [low, high] by Brent's method (R. Brent, *Algorithms for Minimization
+    without Derivatives*, 1973, ch. 5): parabolic steps through the three best points while they shrink
+    the bracket fast enough, golden-section steps otherwise. On a smooth f such as mean NLL against T it
+    needs about 10 evaluations for a bracket of 1e-4, where pure golden section needs about 23."""
     a, b = low, high
-    c, d = b - _GOLDEN * (b - a), a + _GOLDEN * (b - a)
-    fc, fd = f(c), f(d)
-    while b - a > tolerance:
-        if fc <= fd:
-            b, d, fd = d, c, fc
-            c = b - _GOLDEN * (b - a)
-            fc = f(c)
+    x = w = v = a + _GOLDEN_STEP * (b - a)
+    fx = fw = fv = f(x)
+    step = previous = 0.0  # the last step, and the one before it
+    for _ in range(max_evaluations):
+        middle = 0.5 * (a + b)
+        tol1 = _SQRT_EPS * abs(x) + tolerance / 3.0
+        if abs(x - middle) <= 2.0 * tol1 - 0.5 * (b - a):
+            break
+        parabolic = False
+        if abs(previous) > tol1:  # try the vertex of the parabola through x, w, v
+            r = (x - w) * (fx - fv)
+            q = (x - v) * (fx - fw)
+            p = (x - v) * q - (x - w) * r
+            q = 2.0 * (q - r)
+            if q > 0.0:
+                p = -p
+            q = abs(q)
+            if abs(p) < abs(0.5 * q * previous) and q * (a - x) < p < q * (b - x):
+                previous, step = step, p / q
+                u = x + step
+                if u - a < 2.0 * tol1 or b - u < 2.0 * tol1:
+                    step = tol1 if x < middle else -tol1
+                parabolic = True
+        if not parabolic:
+            previous = (b - x) if x < middle else (a - x)
+            step = _GOLDEN_STEP * previous
+        u = x + (step if abs(step) >= tol1 else math.copysign(tol1, step))
+        fu = f(u)
+        if fu <= fx:
+            if u < x:
+                b = x
+            else:
+                a = x
+            v, fv, w, fw, x, fx = w, fw, x, fx, u, fu
         else:
-            a, c, fc = c, d, fd
-            d = a + _GOLDEN * (b - a)
-            fd = f(d)
-    return (a + b) / 2.0
+            if u < x:
+                a = u
+            else:
+                b = u
+            if fu <= fw or w == x:
+                v, fv, w, fw = w, fw, u, fu
+            elif fu <= fv or v in (x, w):
+                v, fv = u, fu
+    return x
 
 
 def mean_nll(logit_rows: Sequence[np.ndarray], target_rows: Sequence[np.ndarray], temperature: float) -> float:
@@ -177,8 +213,8 @@ def mean_nll(logit_rows: Sequence[np.ndarray], target_rows: Sequence[np.ndarray]
 
 def fit_temperature(logit_rows: Sequence[np.ndarray], target_rows: Sequence[np.ndarray],
                     bounds: tuple[float, float] = TEMPERATURE_RANGE) -> float:
-    """The single T in `bounds` minimising mean NLL (convex in 1/T, so unimodal in T: golden section)."""
-    return golden_section_minimum(lambda t: mean_nll(logit_rows, target_rows, t), *bounds)
+    """The single T in `bounds` minimising mean NLL (convex in 1/T, so unimodal in T: Brent's method)."""
+    return bounded_minimum(lambda t: mean_nll(logit_rows, target_rows, t), *bounds)
 
 
 # ---- long text ----------------------------------------------------------------------------------
