@@ -62,7 +62,10 @@ def measure_llm(llm: llama_cpp.Llama, eval_tokens: list[int], calib_text: Text, 
         after.add(z, y)
 
     ppl = perplexity(llm, eval_tokens, settings.n_ctx, settings.n_chunks, settings.progress, on_chunk=score)
-    return {"gamma": gamma, "temperature": fitted.temperature, "temperature_tokens": fitted.tokens,
+    low, high = TEMPERATURE_RANGE
+    at_bound = min(fitted.temperature - low, high - fitted.temperature) < 1e-3
+    return {"gamma": gamma, "temperature": fitted.temperature, "temperature_at_bound": at_bound,
+            "temperature_tokens": fitted.tokens,
             "before": before.result().as_dict(), "after": after.result().as_dict(), "perplexity": ppl.as_dict()}
 
 

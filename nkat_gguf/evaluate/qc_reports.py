@@ -64,6 +64,9 @@ def format_calibration(report: Mapping[str, Any]) -> str:
                      f"{b['top1_accuracy']:>8.4f}{b['mean_confidence']:>8.4f}{a['mean_confidence']:>8.4f}")
     if report["reference"] is None:
         lines.append("no reference measured (pass --reference REF.gguf)")
+    for name, c in report["configurations"].items():
+        if c.get("temperature_at_bound"):
+            lines.append(f"note: {_label(name, c)}: T is at the bound of the search range, not an interior minimum")
     if report.get("wrote_temperature"):
         lines.append(f"wrote {report['wrote_temperature']} with nkat.calibration.temperature = "
                      f"{report['configurations'][report['main']]['temperature']:.4f}")
