@@ -26,6 +26,7 @@ from nkat_gguf.errors import InputError
 from nkat_gguf.evaluate.qc_reports import write_calibration_report, write_longtext_report
 from nkat_gguf.export.exports import export_kobold, export_ollama
 from nkat_gguf.format import nkat
+from nkat_gguf.format.gguf_file import write_with_metadata
 from nkat_gguf.format.nkat import CalibratedTemperature, read_temperature
 from nkat_gguf.texts import Text, load_text
 
@@ -183,3 +184,11 @@ def test_default_model_calibration_is_measured_not_assumed(default_q4_0_rank8: P
         assert config["before"]["perplexity"] == pytest.approx(config["perplexity"]["ppl"], rel=1e-5)
     on, off = report["configurations"]["theta"]["before"], report["configurations"]["theta_off"]["before"]
     assert on["nll"] != off["nll"] and np.isfinite(on["brier"])
+
+
+@pytest.mark.parametrize("value", [0.0, -1.0, float("nan")])
+def test_a_bad_stored_temperature_is_refused(tiny_f32: Path, tmp_path: Path, value: float) -> None:
+    bad = tmp_path / "bad.gguf"
+    write_with_metadata(tiny_f32, bad, {nkat.TEMPERATURE: value})
+    with pytest.raises(InputError, match="must be a positive number"):
+        read_temperature(bad)
