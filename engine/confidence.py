@@ -14,9 +14,9 @@ from pathlib import Path
 import llama_cpp
 import numpy as np
 
-from nkat_gguf.engine.compare import default_reference_for
+from nkat_gguf.engine.configurations import measure_rows
 from nkat_gguf.engine.perplexity import perplexity, tokenize_text
-from nkat_gguf.engine.runtime import NkatRuntime, RuntimeOptions
+from nkat_gguf.engine.runtime import RuntimeOptions
 from nkat_gguf.errors import InputError
 from nkat_gguf.format.gguf_file import write_with_metadata
 from nkat_gguf.format.nkat import CalibratedTemperature, read_temperature
@@ -73,20 +73,15 @@ def calibration_report(model: Path, text: Text, calib_text: Text, runtime_option
                        settings: CalibrationSettings, gamma: float | None = None,
                        reference: Path | None = None, with_reference: bool = True) -> dict:
     """Calibration of the model (theta at γ and off, or the plain model) and of its reference."""
-    configurations: dict[str, dict] = {}
-    with NkatRuntime(model, runtime_options) as runtime:
-        stored = read_temperature(model)
-        gammas = {"theta": runtime.default_gamma if gamma is None else gamma, "theta_off": None} \
-            if runtime.has_theta else {"model": None}
-        tokens = long_enough(tokenize_text(runtime.llm, text.content), text, settings.n_ctx)
-        for name, g in gammas.items():
-            runtime.set_gamma(g)
-            configurations[name] = measure_llm(runtime.llm, tokens, calib_text, settings, g)
-        reference = (reference or default_reference_for(runtime)) if with_reference else None
-    if reference is not None:
-        with NkatRuntime(reference, runtime_options) as ref:
-            configurations["reference"] = measure_llm(ref.llm, tokenize_text(ref.llm, text.content), calib_text,
-                                                      settings, None)
+    stored = read_temperature(model)
+    tokens: dict[str, list[int]] = {}  # per model file: the model's rows share one tokenization
+
+    def measure(llm: llama_cpp.Llama, gamma: float | None) -> dict:
+        if llm.model_path not in tokens:
+            tokens[llm.model_path] = long_enough(tokenize_text(llm, text.content), text, settings.n_ctx)
+        return measure_llm(llm, tokens[llm.model_path], calib_text, settings, gamma)
+
+    configurations, reference = measure_rows(model, runtime_options, measure, gamma, reference, with_reference)
     main = next(iter(configurations))
     return {
         "model": str(model),

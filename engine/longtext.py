@@ -16,9 +16,9 @@ import llama_cpp
 import numpy as np
 from tqdm import tqdm
 
-from nkat_gguf.engine.compare import default_reference_for
+from nkat_gguf.engine.configurations import measure_rows
 from nkat_gguf.engine.perplexity import tokenize_text
-from nkat_gguf.engine.runtime import NkatRuntime, RuntimeOptions
+from nkat_gguf.engine.runtime import RuntimeOptions
 from nkat_gguf.errors import InputError
 from nkat_gguf.format.gguf_file import read_layout
 from nkat_gguf.math.confidence import entropy_and_max_logit, repetition_share, series_indices
@@ -127,8 +127,11 @@ def greedy(decoder: _Decoder, prompt: np.ndarray, n_new: int) -> dict:
 def measure_llm(llm: llama_cpp.Llama, window: np.ndarray, settings: LongtextSettings) -> dict:
     """Indices of the teacher-forced window and of each prompt's generation, with the series for plots."""
     decoder = _Decoder(llm, settings.n_batch)
+    bar = tqdm(total=1 + len(LONG_PROMPTS), desc="longtext", unit="series", file=sys.stderr,
+               disable=not settings.progress)
     try:
         entropy, top = teacher_forced(decoder, window)
+        bar.update()
         result = {"teacher_forced": {**series_indices(entropy, top).as_dict(),
                                      "series": _series(entropy, top)}, "generation": {}}
         for name, prompt in LONG_PROMPTS.items():
@@ -136,7 +139,9 @@ def measure_llm(llm: llama_cpp.Llama, window: np.ndarray, settings: LongtextSett
             entropy, top = out.pop("entropy"), out.pop("max_logit")
             indices = series_indices(entropy, top).as_dict() if len(entropy) >= 3 else None
             result["generation"][name] = {**out, "indices": indices, "series": _series(entropy, top)}
+            bar.update()
     finally:
+        bar.close()
         decoder.close()
     return result
 
@@ -162,20 +167,14 @@ def longtext_report(model: Path, text: Text, runtime_options: RuntimeOptions, se
     longest_prompt = max(len(p) for p in LONG_PROMPTS.values())  # characters ≥ tokens
     n_ctx = max(window_size, longest_prompt + settings.gen_tokens)
     options = replace(runtime_options, n_ctx=n_ctx, n_batch=settings.n_batch)
-    configurations: dict[str, dict] = {}
-    with NkatRuntime(model, options) as runtime:
-        gammas = {"theta": runtime.default_gamma if gamma is None else gamma, "theta_off": None} \
-            if runtime.has_theta else {"model": None}
-        window = _window(runtime.llm, text, window_size)
-        for name, g in tqdm(gammas.items(), desc="longtext", unit="config", file=sys.stderr,
-                            disable=not settings.progress):
-            runtime.set_gamma(g)
-            configurations[name] = {"gamma": g, **measure_llm(runtime.llm, window, settings)}
-        reference = (reference or default_reference_for(runtime)) if with_reference else None
-    if reference is not None:
-        with NkatRuntime(reference, options) as ref:
-            configurations["reference"] = {"gamma": None, **measure_llm(ref.llm, _window(ref.llm, text, window_size),
-                                                                        settings)}
+    windows: dict[str, np.ndarray] = {}  # per model file: the model's rows share one window
+
+    def measure(llm: llama_cpp.Llama, gamma: float | None) -> dict:
+        if llm.model_path not in windows:
+            windows[llm.model_path] = _window(llm, text, window_size)
+        return {"gamma": gamma, **measure_llm(llm, windows[llm.model_path], settings)}
+
+    configurations, reference = measure_rows(model, options, measure, gamma, reference, with_reference)
     return {
         "model": str(model),
         "reference": str(reference) if reference else None,
