@@ -40,7 +40,7 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=16)
     parser.add_argument("--calib-chunks", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--command-rounds", type=int, default=1, help="Rounds of the whole-command timings.")
+    parser.add_argument("--command-rounds", type=int, default=1, help="Rounds of the whole-command timings (0: none).")
     parser.add_argument("--tokens", type=int, default=2048, help="qc longtext window.")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -75,8 +75,9 @@ def main() -> None:
         "model": args.model, "chunks": args.chunks, "calib_chunks": args.calib_chunks, "threads": args.threads,
         "tokens": args.tokens,
         "per_configuration_ratio_median": statistics.median(r["ratio"] for r in rounds),
-        "command_ratio_median": statistics.median(c["command_ratio"] for c in commands),
-        "qc_longtext_seconds_median": statistics.median(c["qc_longtext_command_seconds"] for c in commands),
+        "command_ratio_median": statistics.median(c["command_ratio"] for c in commands) if commands else None,
+        "qc_longtext_seconds_median": statistics.median(c["qc_longtext_command_seconds"] for c in commands)
+        if commands else None,
         "rounds": rounds, "commands": commands,
     }, indent=2))
 
