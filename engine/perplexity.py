@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import llama_cpp
@@ -21,6 +22,9 @@ from tqdm import tqdm
 from nkat_gguf.errors import InputError, UnsupportedModelError
 
 MIN_N_CTX = 16  # below this a chunk scores too few tokens for a meaningful mean and error
+# Called once per chunk with the scored logits (n_scored, vocab) -- a view of llama.cpp's buffer, valid only
+# during the call: copy what must outlive it -- and the target token of each row.
+ChunkHook = Callable[[np.ndarray, np.ndarray], None]
 
 
 @dataclass(frozen=True)
@@ -78,10 +82,12 @@ def perplexity(
     n_ctx: int = 512,
     n_chunks: int | None = None,
     progress: bool = True,
+    on_chunk: ChunkHook | None = None,
 ) -> PerplexityResult:
     """llama-perplexity over the first `n_chunks` chunks (all whole chunks when None).
 
-    Logits are requested only for the scored positions and read in place from llama.cpp's buffer.
+    Logits are requested only for the scored positions and read in place from llama.cpp's buffer;
+    `on_chunk` sees the same logits, so other metrics ride on this pass (`seconds` includes them).
     The KV cache is left empty afterwards.
     """
     _check_context(llm, n_ctx)
@@ -124,7 +130,10 @@ def perplexity(
             if (ret := llama_cpp.llama_decode(llm.ctx, batch)) != 0:
                 raise RuntimeError(f"llama_decode failed with code {ret}")
             logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits(llm.ctx), shape=(n_scored, n_vocab))
-            values = _chunk_nll(logits, chunk[first + 1 :])
+            targets = chunk[first + 1 :]
+            values = _chunk_nll(logits, targets)
+            if on_chunk is not None:
+                on_chunk(logits, targets)
             nll += float(values.sum())
             nll2 += float(np.square(values).sum())
         seconds = time.perf_counter() - start

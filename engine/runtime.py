@@ -15,7 +15,7 @@ from nkat_gguf.engine.probe import check_loadable  # noqa: F401  (callers import
 from nkat_gguf.errors import InputError
 from nkat_gguf.format.gguf_file import read_layout
 from nkat_gguf.format.hparams import check_context
-from nkat_gguf.format.nkat import NkatTheta, check_gamma, read_theta
+from nkat_gguf.format.nkat import CalibratedTemperature, NkatTheta, check_gamma, read_temperature, read_theta
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,8 @@ class NkatRuntime:
         self.path = Path(model_path)
         layout = read_layout(self.path)
         self.theta: NkatTheta | None = read_theta(layout)
+        # the file's fitted sampling temperature (nkat.calibration.temperature), the engine's default
+        self.temperature: CalibratedTemperature | None = read_temperature(layout)
         self.options = options
         check_context(layout, options.n_ctx, "n_ctx")  # the KV cache grows with it; past training is untrained
         check_loadable(self.path)  # an abort inside llama.cpp must not take this process down

@@ -5,7 +5,9 @@ builds its own `Llama` from settings, where theta could only be a `lora_path` at
 it needs five more packages (fastapi, uvicorn, sse-starlette, starlette-context, pydantic-settings).
 Here the runtime that already holds theta as an adapter serves the requests, one at a time under a
 lock (one llama.cpp context), and a request may carry `"nkat_gamma"` (a number, or null for theta
-off) to use another γ without reloading anything.
+off) to use another γ without reloading anything. A request without `"temperature"` samples at the
+file's calibrated temperature (`nkat.calibration.temperature`) when it has one, else at
+llama-cpp-python's default; every response says which in `"nkat_temperature"`.
 
 Endpoints: GET /v1/models, POST /v1/chat/completions (with `"stream": true` as server-sent events).
 """
@@ -24,12 +26,14 @@ from typing import Any
 
 from nkat_gguf.engine.runtime import NkatRuntime
 from nkat_gguf.errors import InputError
+from nkat_gguf.format import nkat
 from nkat_gguf.format.nkat import check_gamma
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
 MAX_BODY_BYTES = 4 << 20
 GAMMA_FIELD = "nkat_gamma"
+TEMPERATURE_FIELD = "nkat_temperature"  # in responses: the temperature used (null: llama-cpp-python's default)
 # OpenAI request fields passed on to llama-cpp-python's create_chat_completion; others are ignored
 FORWARDED = ("messages", "temperature", "top_p", "top_k", "min_p", "typical_p", "stop", "seed", "max_tokens",
              "presence_penalty", "frequency_penalty", "repeat_penalty", "response_format", "tools", "tool_choice")
@@ -48,6 +52,7 @@ class ChatServer:
         self.runtime = runtime
         self.model_id = model_id or runtime.path.name
         self.default_gamma = runtime.gamma
+        self.default_temperature = runtime.temperature.temperature if runtime.temperature else None
         self.quiet = quiet
         self.created = int(time.time())
         self._lock = threading.Lock()
@@ -101,7 +106,10 @@ class ChatServer:
     def models(self) -> dict:
         return {"object": "list", "data": [{
             "id": self.model_id, "object": "model", "created": self.created, "owned_by": "nkat-gguf",
-            "nkat": {"has_theta": self.runtime.has_theta, "default_gamma": self.default_gamma}}]}
+            "nkat": {"has_theta": self.runtime.has_theta, "default_gamma": self.default_gamma,
+                     "default_temperature": self.default_temperature,
+                     "default_temperature_source": nkat.TEMPERATURE
+                     if self.default_temperature is not None else "llama-cpp-python"}}]}
 
     def chat(self, body: Any, stream_to: Any = None) -> dict | None:
         """One chat completion. With `stream_to` (a callable taking each chunk), chunks are passed on."""
@@ -111,10 +119,13 @@ class ChatServer:
         kwargs = {k: body[k] for k in FORWARDED if body.get(k) is not None}
         if body.get("max_completion_tokens") is not None:
             kwargs.setdefault("max_tokens", body["max_completion_tokens"])
+        if self.default_temperature is not None:
+            kwargs.setdefault("temperature", self.default_temperature)
         gamma = body.get(GAMMA_FIELD, _UNSET)
         with self._lock:
             self._use_gamma(self.default_gamma if gamma is _UNSET else gamma)
-            extra = {GAMMA_FIELD: self.runtime.gamma, "model": self.model_id}
+            extra = {GAMMA_FIELD: self.runtime.gamma, TEMPERATURE_FIELD: kwargs.get("temperature"),
+                     "model": self.model_id}
             try:
                 if stream_to is None:
                     return {**self.runtime.llm.create_chat_completion(**kwargs), **extra}

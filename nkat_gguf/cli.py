@@ -177,6 +177,10 @@ def main() -> None:
 @click.option("--optimize-rank", is_flag=True,
               help="Search rank and gamma with a quick Optuna study (nkat-gguf optimize --mode quick; study files in "
                    "OUTPUT.optimize/) and write the best model to --output; --theta-rank/--theta-gamma are ignored.")
+@click.option("--calibrate-temperature", is_flag=True,
+              help="Fit the sampling temperature T that minimises NLL on the calibration text (theta at gamma, "
+                   "4 chunks of 512) and store it as nkat.calibration.temperature; serve and the exports use it "
+                   "as their default temperature.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
 @_fail_cleanly
 def convert(input_: str, output: Path, outtype: str, reference: Path | None, theta_rank: int, theta_gamma: float,
@@ -185,7 +189,7 @@ def convert(input_: str, output: Path, outtype: str, reference: Path | None, the
             save_imatrix: Path | None, theta_calib: str, theta_fit: str, theta_damping: float | None,
             theta_rounds: int, imatrix: str, threads: int, so8t: str,
             so8t_seed: int | None, so8t_heads: bool, force: bool, report_dir: Path | None,
-            optimize_rank: bool, as_json: bool) -> None:
+            optimize_rank: bool, calibrate_temperature: bool, as_json: bool) -> None:
     """Quantize a GGUF with llama.cpp and store theta (what quantization lost, low rank) in its metadata."""
     from nkat_gguf.convert import ConvertOptions
     from nkat_gguf.convert import convert as run_convert
@@ -199,8 +203,11 @@ def convert(input_: str, output: Path, outtype: str, reference: Path | None, the
         calib_text=calib_text, calib_tokens=calib_tokens, save_imatrix=save_imatrix, theta_calib=theta_calib,
         theta_fit=theta_fit, theta_damping=theta_damping, theta_rounds=theta_rounds, imatrix=imatrix, threads=threads,
         so8t=So8tOptions(mode=so8t, seed=so8t_seed, heads=so8t_heads, force=force, report_dir=report_dir),
-        progress=sys.stderr.isatty() or not as_json)
+        calibrate_temperature=calibrate_temperature, progress=sys.stderr.isatty() or not as_json)
     if optimize_rank:
+        if calibrate_temperature:
+            raise click.UsageError("--calibrate-temperature does not combine with --optimize-rank: run "
+                                   "'nkat-gguf qc calibration BEST.gguf --write-temperature OUT' on the result")
         from nkat_gguf.optimizer.outputs import format_summary
         from nkat_gguf.optimizer.study import optimize_convert
 
@@ -222,6 +229,9 @@ def _format_convert(r: dict) -> str:
         kinds = ", ".join(f"{k} {v['weights']}×Σr{v['total_rank']}" for k, v in allocation["ranks_by_kind"].items())
         lines.append(f"allocation: {allocation['spent_bytes'] / mib:.2f} of {allocation['budget_bytes'] / mib:.2f} MiB "
                      f"on {allocation['weights']} weights ({kinds or 'none'})")
+    if r.get("temperature"):
+        lines.append(f"calibrated temperature {r['temperature']['temperature']:.4f} (NLL on "
+                     f"{r['temperature']['tokens']} calibration tokens), stored as nkat.calibration.temperature")
     if r.get("so8t"):
         lines.append(f"SO8T {r['so8t']['description']}: {_format_qc(r['so8t']['qc'])}"
                      + (", written anyway (--force)" if r["so8t"]["forced"] else ""))
@@ -238,7 +248,8 @@ def _format_qc(qc: dict) -> str:
 
 @main.group()
 def qc() -> None:
-    """Quality checks: `qc bake` compares a model before and after SO8T baking."""
+    """Quality checks: `qc bake` (SO8T before/after), `qc calibration` (ECE, Brier, temperature) and
+    `qc longtext` (entropy and max logit over long text and generations)."""
 
 
 @qc.command("bake")
@@ -258,6 +269,103 @@ def qc_bake(pre: Path, post: Path, text: Path | None, as_json: bool) -> None:
     _emit({"pre": str(pre), "post": str(post), **result.as_dict()}, as_json, _format_qc)
     if not result.passed:
         raise QCFailed(f"SO8T QC failed: {result.summary()}")
+
+
+def _qc_common(fn: Callable) -> Callable:
+    """Options `qc calibration` and `qc longtext` share."""
+    options = [
+        click.argument("model"),
+        click.option("--reference", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                     help="Reference GGUF measured beside the model (default: the embedded model when it is the "
+                          "file's reference)."),
+        click.option("--no-reference", is_flag=True, help="Measure no reference (when another run already did)."),
+        click.option("--gamma", callback=_gamma, default=None, help="theta scale of the 'theta on' row (default: the "
+                                                                     "file's)."),
+        click.option("--text", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                     help="UTF-8 evaluation text (default: the evaluation split of Python's pydoc topics)."),
+        click.option("--report-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+                     help="Write the JSON and Markdown reports and the PNG plots here (created if missing)."),
+        click.option("--json", "as_json", is_flag=True, help="Print JSON."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return engine_options(fn)
+
+
+@qc.command("calibration")
+@_qc_common
+@click.option("--calib-text", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="UTF-8 text the temperature is fitted on (default: the calibration split of pydoc topics).")
+@click.option("--ctx", type=int, default=512, show_default=True, help="Tokens per chunk, as llama-perplexity -c.")
+@click.option("--chunks", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Evaluation chunks scored per configuration.")
+@click.option("--calib-chunks", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Calibration chunks the temperature is fitted on (their logits are held in memory, ~50 MB "
+                   "per chunk on a 49k vocabulary).")
+@click.option("--write-temperature", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write a copy of MODEL with the fitted temperature (theta at gamma) stored as "
+                   "nkat.calibration.temperature; MODEL itself is never modified.")
+@_fail_cleanly
+def qc_calibration(model: str, reference: Path | None, no_reference: bool, gamma: float | None, text: Path | None,
+                   report_dir: Path | None, as_json: bool, gpu_layers: int, no_cuda: bool, threads: int | None,
+                   calib_text: Path | None, ctx: int, chunks: int, calib_chunks: int,
+                   write_temperature: Path | None) -> None:
+    """Next-token ECE, Brier, NLL, top-1 and confidence, before and after a fitted temperature.
+
+    Rows: theta at gamma, theta off (or the plain model) and the reference. T minimises NLL on the
+    calibration text in [0.5, 3.0]; the metrics are measured on the evaluation text at T = 1 and at T.
+    """
+    from nkat_gguf.default_model import resolve_model
+    from nkat_gguf.engine.confidence import CalibrationSettings, calibration_report, fitted_temperature
+    from nkat_gguf.engine.confidence import write_temperature as write_t
+    from nkat_gguf.evaluate.qc_reports import format_calibration, write_calibration_report
+    from nkat_gguf.format.atomic import check_writable_dir
+    from nkat_gguf.texts import load_text
+
+    path = resolve_model(model)
+    if write_temperature is not None:
+        check_writable_dir(write_temperature.resolve().parent)
+    settings = CalibrationSettings(n_ctx=ctx, n_chunks=chunks, calib_chunks=calib_chunks)
+    report = calibration_report(path, load_text(text, "evaluation"), load_text(calib_text, "calibration"),
+                                _runtime_options(gpu_layers, no_cuda, threads, n_ctx=ctx), settings, gamma,
+                                reference, not no_reference)
+    report["command"] = "nkat-gguf " + " ".join(sys.argv[1:])
+    if write_temperature is not None:
+        write_t(path, write_temperature, fitted_temperature(report))
+        report["wrote_temperature"] = str(write_temperature)
+    if report_dir is not None:
+        report["report_files"] = [str(p) for p in write_calibration_report(report_dir, report)]
+    _emit(report, as_json, format_calibration)
+
+
+@qc.command("longtext")
+@_qc_common
+@click.option("--tokens", type=click.IntRange(min=1), default=2048, show_default=True,
+              help="Teacher-forced window in tokens (capped, with a note, at the model's training context).")
+@click.option("--gen-tokens", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Greedy new tokens per built-in prompt at most (an end-of-generation token stops earlier).")
+@_fail_cleanly
+def qc_longtext(model: str, reference: Path | None, no_reference: bool, gamma: float | None, text: Path | None,
+                report_dir: Path | None,
+                as_json: bool, gpu_layers: int, no_cuda: bool, threads: int | None, tokens: int,
+                gen_tokens: int) -> None:
+    """Entropy and max logit over a long window and greedy generations: oscillation, drift, drops, repetition.
+
+    Rows: theta at gamma, theta off (or the plain model) and the reference; prompts: three built-in long
+    prompts (a scientific explanation, a mathematical proof, a technical implementation).
+    """
+    from nkat_gguf.default_model import resolve_model
+    from nkat_gguf.engine.longtext import LongtextSettings, longtext_report, without_series
+    from nkat_gguf.evaluate.qc_reports import format_longtext, write_longtext_report
+    from nkat_gguf.texts import load_text
+
+    report = longtext_report(resolve_model(model), load_text(text, "evaluation"),
+                             _runtime_options(gpu_layers, no_cuda, threads),
+                             LongtextSettings(tokens=tokens, gen_tokens=gen_tokens), gamma, reference, not no_reference)
+    report["command"] = "nkat-gguf " + " ".join(sys.argv[1:])
+    if report_dir is not None:
+        report["report_files"] = [str(p) for p in write_longtext_report(report_dir, report)]
+    _emit(without_series(report), as_json, format_longtext)
 
 
 @main.command()
@@ -550,7 +658,9 @@ def serve(model: str, gamma: float | None, host: str, port: int, ctx: int | None
     with NkatRuntime(path, _runtime_options(gpu_layers, no_cuda, threads, n_ctx=ctx), gamma=gamma) as runtime, \
             ChatServer(runtime, host, port) as server:
         theta = f"theta at gamma {runtime.gamma:g}" if runtime.gamma is not None else "no theta"
-        click.echo(f"serving {path.name} ({theta}) at {server.url}  (Ctrl-C stops)", err=True)
+        temperature = (f"default temperature {server.default_temperature:.4g} from nkat.calibration.temperature"
+                       if server.default_temperature is not None else "default temperature: llama-cpp-python's")
+        click.echo(f"serving {path.name} ({theta}, {temperature}) at {server.url}  (Ctrl-C stops)", err=True)
         if not is_loopback(host):
             click.echo(f"warning: listening on {host} without authentication: anyone who can reach it can use "
                        "the model", err=True)

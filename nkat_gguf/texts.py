@@ -71,3 +71,36 @@ def _licenses_text() -> Text:
                          "pass --text FILE instead")
     content = "\n\n".join((LICENSES_DIR / name).read_text(encoding="utf-8") for name in LICENSE_FILES)
     return Text(content, "licenses:" + ",".join(LICENSE_FILES))
+
+
+# Prompts of `qc longtext`'s greedy generations, written for this project: three kinds of long-form
+# writing (an explanation of science, a proof, an implementation) whose continuations drift or loop
+# in different ways when a quantized model degrades.
+LONG_PROMPTS = {
+    "scientific_explanation": (
+        "Why the sky is blue: an explanation for curious readers.\n\n"
+        "Sunlight looks white, but it is a mixture of every visible colour, from red light with long "
+        "wavelengths to violet light with short ones. When this light enters the atmosphere it meets "
+        "molecules of nitrogen and oxygen that are far smaller than its wavelength. Such small particles "
+        "scatter light in all directions, and they scatter short wavelengths much more strongly than long "
+        "ones: the effect grows with the inverse fourth power of the wavelength, so blue light is scattered "
+        "several times more than red. To understand why the sky is blue rather than violet, we first need to"
+    ),
+    "mathematical_proof": (
+        "Theorem. There are infinitely many prime numbers.\n\n"
+        "Proof. We argue by contradiction. Suppose that there are only finitely many primes, and list them "
+        "all as p1, p2, ..., pn. Consider the number N = p1 * p2 * ... * pn + 1, one more than the product "
+        "of every prime on the list. N is larger than 1, so it has at least one prime factor q. Every prime "
+        "is on our list, so q must be one of p1, ..., pn, and therefore q divides the product p1 * ... * pn. "
+        "Since q divides both N and the product, it also divides their difference, which is"
+    ),
+    "technical_implementation": (
+        "Implementing a least-recently-used (LRU) cache in Python.\n\n"
+        "An LRU cache keeps a fixed number of entries and, when it is full, evicts the entry that was used "
+        "least recently. Both lookups and insertions should take constant time. The classic design combines "
+        "two structures: a dictionary that maps each key to a node, and a doubly linked list that orders the "
+        "nodes from most to least recently used. On every access we move the node to the front of the list; "
+        "on insertion into a full cache we remove the node at the back. We start with the node class:\n\n"
+        "class Node:\n    def __init__(self, key, value):\n"
+    ),
+}

@@ -35,6 +35,7 @@ class ConvertOptions:
     so8t: So8tOptions = So8tOptions()  # no rotation unless asked for
     theta_budget: str | None = None  # "2MiB" or "3%" of the quantized file: per-weight ranks (theta_rank unused)
     theta_max_weights: int | None = None  # with theta_budget: the most weights that carry theta (graph operations)
+    calibrate_temperature: bool = False  # fit T on the calibration text (theta at γ) and store it
 
 
 @dataclass
@@ -57,6 +58,7 @@ class ConvertReport:
     seconds: dict[str, float] = field(default_factory=dict)
     so8t: dict | None = None  # rotation and QC figures when --so8t baked one
     allocation: dict | None = None  # --theta-budget: budget, bytes spent, sensitivity per kind, ranks per kind
+    temperature: dict | None = None  # --calibrate-temperature: the fitted T and what it was fitted on
 
     def as_dict(self) -> dict:
         return asdict(self)

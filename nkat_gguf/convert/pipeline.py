@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -19,15 +20,16 @@ from nkat_gguf.convert.calibrate import DEFAULT_CALIB_TOKENS, Calibration, calib
 from nkat_gguf.convert.options import ConvertOptions, ConvertReport
 from nkat_gguf.convert.selection import select_tensors
 from nkat_gguf.convert.theta_fit import FIT_METHODS, FitSettings, fit_weights, replace_tensors
+from nkat_gguf.engine.confidence import CalibrationSettings, fit_llm_temperature
 from nkat_gguf.engine.quantize import quantize_model, resolve_outtype
-from nkat_gguf.engine.runtime import check_loadable
+from nkat_gguf.engine.runtime import NkatRuntime, RuntimeOptions, check_loadable
 from nkat_gguf.errors import InputError
 from nkat_gguf.format import nkat
 from nkat_gguf.format.atomic import check_writable_dir, work_dir
 from nkat_gguf.format.gguf_file import read_layout, write_with_metadata
 from nkat_gguf.format.hashing import sha256_file
 from nkat_gguf.format.imatrix import input_widths, missing_note, read_imatrix_file
-from nkat_gguf.format.nkat import NkatTheta, check_gamma, theta_metadata
+from nkat_gguf.format.nkat import CalibratedTemperature, NkatTheta, check_gamma, theta_metadata
 from nkat_gguf.format.tensors import TensorSource
 from nkat_gguf.math.allocation import ThetaBudget, check_max_weights, parse_budget
 from nkat_gguf.math.theta import quantize_int8
@@ -172,8 +174,15 @@ def convert(opts: ConvertOptions, calibration: Calibration | None = None) -> Con
 
         t = time.perf_counter()
         metadata = theta_metadata(theta)
-        write_with_metadata(quantized_path, output_path, metadata, drop_prefixes=(nkat.PREFIX,))
+        written = Path(tmp) / "with-theta.gguf" if opts.calibrate_temperature else output_path
+        write_with_metadata(quantized_path, written, metadata, drop_prefixes=(nkat.PREFIX,))
         seconds["write"] = time.perf_counter() - t
+        if opts.calibrate_temperature:
+            t = time.perf_counter()
+            fitted = _fit_temperature(written, opts)
+            write_with_metadata(written, output_path, fitted.metadata())
+            report.temperature = asdict(fitted)
+            seconds["temperature"] = time.perf_counter() - t
     report.output_bytes = output_path.stat().st_size
     report.theta_metadata_bytes = sum(v.nbytes for v in metadata.values() if isinstance(v, np.ndarray))
     seconds["total"] = time.perf_counter() - t_start
@@ -207,6 +216,17 @@ def _allocation_provenance(allocation: dict | None) -> dict[str, object]:
     if allocation["max_weights"] is not None:
         out[nkat.ALLOCATION_MAX_WEIGHTS] = allocation["max_weights"]
     return out
+
+
+TEMPERATURE_CHUNKS = 4  # convert fits on twice qc calibration's default: the result stays in the file
+
+
+def _fit_temperature(model: Path, opts: ConvertOptions) -> CalibratedTemperature:
+    """T minimising NLL of the written model (theta at its γ) on the calibration text (engine.confidence)."""
+    settings = CalibrationSettings(calib_chunks=TEMPERATURE_CHUNKS, progress=opts.progress)
+    options = RuntimeOptions(n_ctx=settings.n_ctx, n_batch=settings.n_ctx, n_threads=opts.threads or None)
+    with NkatRuntime(model, options) as runtime:
+        return fit_llm_temperature(runtime.llm, load_text(opts.calib_text, "calibration"), settings, runtime.gamma)
 
 
 def _check_paths(input_path: Path, output_path: Path, reference: Path | None) -> None:

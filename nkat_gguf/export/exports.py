@@ -4,7 +4,9 @@ Ollama always applies an adapter at scale 1 and KoboldCpp releases before mid-20
 exported adapter has γ folded into B (alpha = 0, so scale 1 gives W x + γ·B·A·x on every weight,
 whatever its rank). Every file written is
 loaded back through llama.cpp before the export reports success. A model without theta still
-exports (the plain model), with a note that there is no correction to carry.
+exports (the plain model), with a note that there is no correction to carry. A calibrated temperature
+in the file (`nkat.calibration.temperature`) becomes the default sampling temperature of the Modelfile
+(`PARAMETER temperature`) and of the .kcpps (`gendefaults`), and the report says so.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from nkat_gguf.export.merge import write_merged
 from nkat_gguf.format import nkat
 from nkat_gguf.format.atomic import atomic_output, output_directory
 from nkat_gguf.format.gguf_file import GGUFLayout, read_layout, typed_int, typed_value, write_with_metadata
-from nkat_gguf.format.nkat import NkatTheta, check_gamma, read_theta
+from nkat_gguf.format.nkat import CalibratedTemperature, NkatTheta, check_gamma, read_temperature, read_theta
 from nkat_gguf.texts import load_text
 
 MAX_EXPORT_CTX = 8192  # num_ctx / contextsize: the model's training context, capped to what a laptop can hold
@@ -60,6 +62,7 @@ class _Model:
     layout: GGUFLayout
     theta: NkatTheta | None
     gamma: float | None
+    temperature: CalibratedTemperature | None  # the file's calibrated default sampling temperature
 
     @property
     def stem(self) -> str:
@@ -80,13 +83,25 @@ def ollama_name(model: Path) -> str:
 def _open(model: Path, gamma: float | None, report_notes: list[str]) -> _Model:
     layout = read_layout(model)
     theta = read_theta(layout)
+    temperature = read_temperature(layout)
     if theta is None or not theta.tensors:
         report_notes.append(NO_THETA_NOTE.format(name=model.name))
         if gamma is not None:
             check_gamma(gamma)
             report_notes.append(f"--gamma {gamma:g} ignored: nothing to scale")
-        return _Model(model, layout, None, None)
-    return _Model(model, layout, theta, check_gamma(theta.gamma if gamma is None else gamma))
+        return _Model(model, layout, None, None, temperature)
+    gamma = check_gamma(theta.gamma if gamma is None else gamma)
+    if temperature is not None and temperature.gamma is not None and abs(temperature.gamma - gamma) > 1e-6:
+        report_notes.append(f"the calibrated temperature {temperature.temperature:.4g} was fitted at gamma "
+                            f"{temperature.gamma:g}, the export folds gamma {gamma:g}")
+    return _Model(model, layout, theta, gamma, temperature)
+
+
+def _temperature_note(source: _Model, where: str) -> list[str]:
+    if source.temperature is None:
+        return []
+    return [f"default sampling temperature {source.temperature.temperature:.4g} from {nkat.TEMPERATURE}, "
+            f"written as {where}"]
 
 
 def _target(model: _Model, path: Path) -> Path:
@@ -161,12 +176,15 @@ def stop_tokens(layout: GGUFLayout) -> list[str]:
     return list(dict.fromkeys(t for t in found if t))
 
 
-def modelfile_text(model_file: str, adapter_file: str | None, num_ctx: int, stops: list[str]) -> str:
+def modelfile_text(model_file: str, adapter_file: str | None, num_ctx: int, stops: list[str],
+                   temperature: float | None = None) -> str:
     """Ollama's Modelfile syntax: one instruction per line, FROM first, paths relative to the Modelfile."""
     lines = [f"FROM ./{model_file}"]
     if adapter_file:
         lines.append(f"ADAPTER ./{adapter_file}")
     lines.append(f"PARAMETER num_ctx {num_ctx}")
+    if temperature is not None:
+        lines.append(f"PARAMETER temperature {temperature:.4f}")
     lines += [f"PARAMETER stop {json.dumps(s)}" for s in stops]
     return "\n".join(lines) + "\n"
 
@@ -217,9 +235,11 @@ def export_ollama(model: Path, output_dir: Path, gamma: float | None = None, nam
                 check_loadable(staged)
         report.files["model"] = str(directory / model_file)
         modelfile = directory / "Modelfile"
-        _stage(outputs, source, modelfile).write_text(modelfile_text(model_file, adapter_file, *modelfile_lines),
-                                                      encoding="utf-8")
+        temperature = source.temperature.temperature if source.temperature else None
+        _stage(outputs, source, modelfile).write_text(
+            modelfile_text(model_file, adapter_file, *modelfile_lines, temperature), encoding="utf-8")
     report.files["modelfile"] = str(modelfile)
+    report.notes += _temperature_note(source, "PARAMETER temperature in the Modelfile")
     report.commands += [f"ollama create {name} -f {shlex.quote(str(modelfile))}", f"ollama run {name}"]
     return report
 
@@ -271,9 +291,14 @@ def _merged_caveats(source: _Model, outtype: str | None) -> list[str]:
 # ---- KoboldCpp ------------------------------------------------------------------------------------
 
 
-def kcpps_config(model_path: Path, adapter_path: Path | None, contextsize: int, threads: int) -> dict:
-    """KoboldCpp's `.kcpps`: the JSON of its command-line arguments, bound to loopback."""
-    return {
+def kcpps_config(model_path: Path, adapter_path: Path | None, contextsize: int, threads: int,
+                 temperature: float | None = None) -> dict:
+    """KoboldCpp's `.kcpps`: the JSON of its command-line arguments, bound to loopback.
+
+    A temperature goes into `gendefaults` (`--gendefaults`, KoboldCpp 1.91+: default generation
+    parameters of API requests, as a JSON string); older releases set unknown keys aside unused.
+    """
+    config = {
         "model_param": str(model_path),
         "lora": [str(adapter_path)] if adapter_path else None,  # KoboldCpp uses only the first file
         "loramult": 1.0,  # γ is folded into the adapter; releases before mid-2025 ignore this key
@@ -283,6 +308,9 @@ def kcpps_config(model_path: Path, adapter_path: Path | None, contextsize: int, 
         "port": 5001,
         "launch": False,
     }
+    if temperature is not None:
+        config["gendefaults"] = json.dumps({"temperature": round(temperature, 4)})
+    return config
 
 
 def export_kobold(model: Path, output_dir: Path, gamma: float | None = None, threads: int | None = None) -> ExportReport:
@@ -300,7 +328,9 @@ def export_kobold(model: Path, output_dir: Path, gamma: float | None = None, thr
             report.files["adapter"] = str(adapter)
         else:
             check_loadable(model_path)
-        config = kcpps_config(model_path, adapter, contextsize, threads or os.cpu_count() or 1)
+        config = kcpps_config(model_path, adapter, contextsize, threads or os.cpu_count() or 1,
+                              source.temperature.temperature if source.temperature else None)
+        report.notes += _temperature_note(source, "gendefaults in the .kcpps (KoboldCpp 1.91 and later)")
         kcpps = directory / f"{source.stem}.kcpps"
         _stage(outputs, source, kcpps).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     report.files["kcpps"] = str(kcpps)

@@ -75,6 +75,11 @@ def check_gamma(gamma: object) -> float:
     if not 0.0 <= gamma <= MAX_GAMMA:
         raise InputError(f"gamma {gamma:g} is out of range [0, {MAX_GAMMA:g}]")
     return float(gamma)
+# calibrated sampling temperature (docs/NKAT_FORMAT.md); may stand in any GGUF, with theta or without
+TEMPERATURE = "nkat.calibration.temperature"
+TEMPERATURE_SHA256 = "nkat.calibration.temperature.sha256"
+TEMPERATURE_TOKENS = "nkat.calibration.temperature.tokens"
+TEMPERATURE_GAMMA = "nkat.calibration.temperature.gamma"
 
 
 @dataclass(frozen=True)
@@ -260,3 +265,34 @@ def read_theta(source: str | Path | GGUFLayout) -> NkatTheta | None:
     provenance = {k: v.python() for k, v in layout.metadata.items()
                   if k.startswith(PREFIX) and not k.startswith(THETA_PREFIX) and k != VERSION}
     return NkatTheta(gamma, tensors, provenance)
+
+
+@dataclass(frozen=True)
+class CalibratedTemperature:
+    """The T minimising NLL of softmax(z / T) on a text, and what it was fitted on."""
+
+    temperature: float
+    text_sha256: str
+    tokens: int  # tokens scored in the fit
+    gamma: float | None  # theta's γ during the fit; None: theta off or absent
+
+    def metadata(self) -> dict[str, Value]:
+        out = {TEMPERATURE: Value(GGUFValueType.FLOAT32, float(self.temperature)),
+               TEMPERATURE_SHA256: Value(GGUFValueType.STRING, self.text_sha256),
+               TEMPERATURE_TOKENS: Value(GGUFValueType.UINT32, int(self.tokens))}
+        if self.gamma is not None:
+            out[TEMPERATURE_GAMMA] = Value(GGUFValueType.FLOAT32, float(self.gamma))
+        return out
+
+
+def read_temperature(source: str | Path | GGUFLayout) -> CalibratedTemperature | None:
+    """The calibrated temperature stored in a GGUF, or None; a malformed one is refused in one line."""
+    layout = source if isinstance(source, GGUFLayout) else read_layout(source)
+    value = layout.get(TEMPERATURE)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise InputError(f"{layout.path}: {TEMPERATURE} must be a positive number, got {value!r}")
+    gamma = layout.get(TEMPERATURE_GAMMA)
+    return CalibratedTemperature(float(value), str(layout.get(TEMPERATURE_SHA256, "")),
+                                 int(layout.get(TEMPERATURE_TOKENS, 0)), None if gamma is None else float(gamma))

@@ -1,0 +1,35 @@
+"""The rows every QC run measures: theta at γ and theta off (or the plain model), then the reference.
+
+One model load for all of the model's rows (γ is the adapter's scale), one for the reference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import llama_cpp
+
+from nkat_gguf.engine.compare import default_reference_for
+from nkat_gguf.engine.runtime import NkatRuntime, RuntimeOptions
+
+# measure(llm, gamma) -> that row's figures; gamma None is theta off, the plain model or the reference
+Measure = Callable[[llama_cpp.Llama, float | None], dict]
+
+
+def measure_rows(model: Path, options: RuntimeOptions, measure: Measure, gamma: float | None = None,
+                 reference: Path | None = None, with_reference: bool = True) -> tuple[dict[str, dict], Path | None]:
+    """Rows "theta" (at `gamma`, default the file's) and "theta_off", or "model" for a file without theta,
+    then "reference" (`reference`, or the default model when the file was made from it), and the reference used."""
+    rows: dict[str, dict] = {}
+    with NkatRuntime(model, options) as runtime:
+        gammas = {"theta": runtime.default_gamma if gamma is None else gamma, "theta_off": None} \
+            if runtime.has_theta else {"model": None}
+        for name, g in gammas.items():
+            runtime.set_gamma(g)
+            rows[name] = measure(runtime.llm, g)
+        reference = (reference or default_reference_for(runtime)) if with_reference else None
+    if reference is not None:
+        with NkatRuntime(reference, options) as ref:
+            rows["reference"] = measure(ref.llm, None)
+    return rows, reference
