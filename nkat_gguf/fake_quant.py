@@ -19,6 +19,8 @@ Types outside this list are refused with one line.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from .errors import InputError
@@ -34,29 +36,34 @@ def supported(kind: str) -> bool:
     return kind in EXACT or kind in APPROXIMATE
 
 
-def dequantized(w: torch.Tensor, kind: str, imatrix: torch.Tensor | None = None) -> torch.Tensor:
-    """What llama.cpp stores for `w` (rows, n) as type `kind`, dequantized to float32; no gradient."""
+def dequantized(w: torch.Tensor, kind: str, imatrix: torch.Tensor | None = None, exact: bool = True) -> torch.Tensor:
+    """What llama.cpp stores for `w` (rows, n) as type `kind`, dequantized to float32; no gradient.
+
+    `exact=False` (training) sums the searches' weighted errors in float64 instead of replaying the
+    C loop's float32 order: the same values except at near-exact ties between two scales.
+    """
     if not supported(kind):
         raise InputError(f"cannot emulate llama.cpp's {kind} quantizer; emulated: {', '.join(EXACT + APPROXIMATE)}")
     if w.shape[-1] % BLOCK:
         raise InputError(f"rows of {w.shape[-1]} values are not a multiple of {BLOCK}, the block of {kind}")
     with torch.no_grad():
         x = w.detach().float().reshape(w.shape[0], -1, BLOCK)  # (rows, blocks, 32)
+        total = _seq_sum if exact else _fast_sum
         qw = None if imatrix is None else imatrix.detach().float().reshape(1, -1, BLOCK).expand_as(x)
         if kind == "Q8_0":
             out = _q8_0(x)
         elif kind == "Q4_0":
-            out = _q4_0(x) if qw is None else _q4_0_imatrix(x, qw)
+            out = _q4_0(x) if qw is None else _q4_0_imatrix(x, qw, total)
         elif kind == "IQ4_NL":
-            out = _iq4_nl(x, qw)
+            out = _iq4_nl(x, qw, total)
         else:
             out = _q4_1(x)
         return out.reshape(w.shape)
 
 
-def fake_quantize(w: torch.Tensor, kind: str, imatrix: torch.Tensor | None = None) -> torch.Tensor:
-    """Forward: exactly `dequantized(w)`. Backward: straight through, plus the block scale's gradient."""
-    deq = dequantized(w, kind, imatrix)
+def fake_quantize(w: torch.Tensor, kind: str, imatrix: torch.Tensor | None = None, exact: bool = False) -> torch.Tensor:
+    """Forward: `dequantized(w)`. Backward: straight through, plus the block scale's gradient."""
+    deq = dequantized(w, kind, imatrix, exact)
     blocks = w.reshape(w.shape[0], -1, BLOCK)
     scale = blocks.abs().amax(-1, keepdim=True)  # (rows, blocks, 1): every emulated scale is ∝ the block's amax
     safe = torch.where(scale.detach() > 0, scale.detach(), torch.ones_like(scale))
@@ -81,11 +88,22 @@ def _signed_max(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _seq_sum(t: torch.Tensor) -> torch.Tensor:
-    """Σ over the last axis in order j = 0, 1, … in float32, as the C loops accumulate (keepdim)."""
+    """Σ over the last axis in order j = 0, 1, … in float32, as the C loops accumulate (keepdim).
+
+    """
     total = torch.zeros_like(t[..., :1])
     for j in range(t.shape[-1]):
         total = total + t[..., j : j + 1]
     return total
+
+
+def _fast_sum(t: torch.Tensor) -> torch.Tensor:
+    """Σ in float64, rounded once: off from the C loop's float32 sum in the last bit at most, which
+    changes a choice of scale only at a near-exact tie; 30-100× faster than `_seq_sum`."""
+    return t.double().sum(-1, keepdim=True).float()
+
+
+Summer = Callable[[torch.Tensor], torch.Tensor]
 
 
 def _nearest_int(v: torch.Tensor) -> torch.Tensor:
@@ -128,16 +146,16 @@ def _imatrix_weights(x: torch.Tensor, qw: torch.Tensor, sigma2: torch.Tensor) ->
     return qw * torch.sqrt((sigma2 + x * x).double()).float()
 
 
-def _q4_0_imatrix(x: torch.Tensor, qw: torch.Tensor) -> torch.Tensor:
+def _q4_0_imatrix(x: torch.Tensor, qw: torch.Tensor, total: Summer) -> torch.Tensor:
     """quantize_row_q4_0_impl: σ² over the whole row, then make_qx_quants(32, 8, x, L, 1, weight)."""
-    sigma2 = _seq_sum(x.reshape(x.shape[0], 1, -1) ** 2) / (x.shape[1] * BLOCK)  # (rows, 1, 1)
+    sigma2 = total(x.reshape(x.shape[0], 1, -1) ** 2) / (x.shape[1] * BLOCK)  # (rows, 1, 1)
     w = _imatrix_weights(x, qw, sigma2)
     amax, mx = _signed_max(x)
     nmax = 8
 
     def trial(iscale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         levels = torch.clamp(_nearest_int(iscale * x), -nmax, nmax - 1)
-        return levels, _seq_sum(w * x * levels), _seq_sum(w * levels * levels)
+        return levels, total(w * x * levels), total(w * levels * levels)
 
     safe_max = torch.where(amax >= GROUP_MAX_EPS, mx, torch.ones_like(mx))
     levels, sumlx, suml2 = trial(-nmax / safe_max)
@@ -163,14 +181,14 @@ def _best_index(v: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     return torch.where(v >= grid[-1], torch.full_like(pick, len(grid) - 1), pick)
 
 
-def _iq4_nl(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
+def _iq4_nl(x: torch.Tensor, qw: torch.Tensor | None, total: Summer) -> torch.Tensor:
     """quantize_row_iq4_nl_impl(QK4_NL, 32, …, ntry = 7): one block per super-block."""
     grid = torch.tensor(IQ4NL_VALUES, dtype=torch.float32)
     ntry = 7
     if qw is None:
         w = x * x
     else:
-        sigma2 = _seq_sum(x * x) * (2.0 / BLOCK)  # per block: the super-block is the block here
+        sigma2 = total(x * x) * (2.0 / BLOCK)  # per block: the super-block is the block here
         w = _imatrix_weights(x, qw, sigma2)
     amax, mx = _signed_max(x)
     ok = amax >= GROUP_MAX_EPS
@@ -178,7 +196,7 @@ def _iq4_nl(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
 
     def sums(inv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         q = grid[_best_index(inv * x, grid)]
-        return _seq_sum(w * q * x), _seq_sum(w * q * q)
+        return total(w * q * x), total(w * q * q)
 
     d = -safe_max / grid[0]
     sumqx, sumq2 = sums(1 / d)
