@@ -238,12 +238,6 @@ class QuantObjective:
 
     def __init__(self, model: FrozenLlama, opts: TrainOptions):
         cfg = model.config
-        if not (opts.outtype in EXACT or opts.outtype in APPROXIMATE):
-            raise InputError(f"--outtype {opts.outtype}: its quantizer is not emulated; choose one of "
-                             f"{', '.join(EXACT)} (exact) or {', '.join(APPROXIMATE)}")
-        if opts.outtype == "IQ4_NL" and not opts.imatrix:
-            raise InputError("IQ4_NL without an importance matrix puts the first layers' ffn_down in Q5_K, "
-                             "which is not emulated; keep the importance matrix")
         self.model, self.opts = model, opts
         self.gates = {RESIDUAL: Gate(cfg.n_embd)}
         if opts.heads:
@@ -415,6 +409,13 @@ def check_options(opts: TrainOptions) -> None:
         raise InputError(f"--ctx must be at least 2, got {opts.ctx}")
     if opts.warmup < 0 or opts.lambda_max < 0 or not opts.lr > 0:
         raise InputError("--warmup and --lambda-max must be >= 0 and --lr > 0")
+    if opts.objective == "quant":
+        if not (opts.outtype in EXACT or opts.outtype in APPROXIMATE):
+            raise InputError(f"--outtype {opts.outtype}: its quantizer is not emulated; choose one of "
+                             f"{', '.join(EXACT)} (exact) or {', '.join(APPROXIMATE)}")
+        if opts.outtype == "IQ4_NL" and not opts.imatrix:
+            raise InputError("IQ4_NL without an importance matrix puts the first layers' ffn_down in Q5_K, "
+                             "which is not emulated; keep the importance matrix")
     if opts.dtype not in DTYPES:
         raise InputError(f"unknown --dtype {opts.dtype!r}: expected {' or '.join(DTYPES)}")
     if not Path(opts.model).is_file():
