@@ -231,6 +231,9 @@ def so8t() -> None:
                    "also the type of the report's quantized rows.")
 @click.option("--no-imatrix", is_flag=True, help="quant: emulate quantizing without an importance matrix.")
 @click.option("--heads", is_flag=True, help="quant: also train R2 per layer on the value heads.")
+@click.option("--quant-layers", type=int, default=0, show_default=True,
+              help="quant: fake-quantize only this many layers per step, drawn at random (0: every layer and the "
+                   "head); the others need no rotation, which makes a step that much cheaper.")
 @click.option("--gate", "gates", multiple=True, default=("attn_output",), show_default=True,
               help="lm: weight roles whose input is gated (attn_q, attn_k, attn_v, attn_output, ffn_gate, ffn_up, "
                    "ffn_down); repeat for several.")
@@ -261,7 +264,7 @@ def so8t() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @_fail_cleanly
 def so8t_train(model: str, output: Path, objective: str, outtype: str, no_imatrix: bool, heads: bool,
-               gates: tuple[str, ...], train_text: Path | None, eval_text: Path | None, steps: int, batch: int,
+               quant_layers: int, gates: tuple[str, ...], train_text: Path | None, eval_text: Path | None, steps: int, batch: int,
                ctx: int, accumulate: int, lr: float, lambda_max: float, warmup: int, device: str, dtype: str,
                checkpoint_every: int, eval_every: int, eval_sequences: int, report_dir: Path | None,
                report_chunks: int, threads: int | None, seed: int, as_json: bool) -> None:
@@ -272,7 +275,7 @@ def so8t_train(model: str, output: Path, objective: str, outtype: str, no_imatri
     from .so8t_train_report import final_perplexities, write_report
 
     opts = TrainOptions(model=resolve_model(model), output=output, objective=objective, outtype=outtype.upper(),
-                        imatrix=not no_imatrix, heads=heads, gate_weights=tuple(gates), train_text=train_text,
+                        imatrix=not no_imatrix, heads=heads, quant_layers=quant_layers, gate_weights=tuple(gates), train_text=train_text,
                         eval_text=eval_text, steps=steps, batch=batch, ctx=ctx, accumulate=accumulate, lr=lr,
                         lambda_max=lambda_max, warmup=warmup, device=device, dtype=dtype,
                         checkpoint_every=checkpoint_every, eval_every=eval_every, eval_sequences=eval_sequences,

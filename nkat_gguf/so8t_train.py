@@ -67,6 +67,7 @@ class TrainOptions:
     outtype: str = "Q4_0"  # quant: the llama.cpp type whose quantizer is emulated
     imatrix: bool = True  # quant: emulate quantizing with an importance matrix (E[x²] of each batch)
     heads: bool = False  # quant: also R2 per layer on the value heads
+    quant_layers: int = 0  # quant: layers fake-quantized per step, drawn at random (0: all, and the head)
     gate_weights: tuple[str, ...] = ("attn_output",)  # lm: the weight roles whose inputs are gated
     train_text: Path | None = None  # default: the calibration split
     eval_text: Path | None = None  # default: the evaluation split
@@ -88,7 +89,7 @@ class TrainOptions:
 
     def fingerprint(self) -> dict[str, Any]:
         """What a resumed run must share with the saved one (the step count may grow)."""
-        keys = ("objective", "outtype", "imatrix", "heads", "gate_weights", "batch", "ctx", "accumulate", "lr",
+        keys = ("objective", "outtype", "imatrix", "heads", "quant_layers", "gate_weights", "batch", "ctx", "accumulate", "lr",
                 "lambda_max", "warmup", "dtype", "seed")
         out = {k: getattr(self, k) for k in keys}
         out["gate_weights"] = list(self.gate_weights)
@@ -260,29 +261,57 @@ class QuantObjective:
             raise InputError("the head of this model would be Q6_K, which is not emulated")
         return types
 
-    def weight_fn(self) -> WeightFn:
-        """Rotated, fake-quantized weights of the current gates (recomputed inside each checkpointed layer)."""
+    def sampled_layers(self, step: int | None) -> set[int]:
+        """The layers fake-quantized at `step` (all, or `quant_layers` drawn from (seed, step)); None: eval."""
+        n, k = self.model.config.n_layer, self.opts.quant_layers
+        if not k or k >= n:
+            return set(range(n))
+        rng = np.random.default_rng([self.opts.seed, -1 if step is None else step])
+        return {int(i) for i in rng.choice(n, size=k, replace=False)}
+
+    def weight_fn(self, step: int | None = None) -> WeightFn:
+        """Effective weights of the rotated, fake-quantized model, written in the unrotated basis.
+
+        The rotated model computes y' = fq(W·Q)·x' with x' = Qᵀx; that is y = (fq(W·Q)·Qᵀ)·x, and for a
+        weight writing the residual stream y = (Q·fq(Qᵀ·W))·x. So the forward runs unrotated and only the
+        fake-quantized weights see the rotation: a weight left unquantized (a layer not drawn this step)
+        is the base weight itself, since the rotation is function-preserving there.
+        """
         model, cfg = self.model, self.model.config
         q = self.gates[RESIDUAL].rotation()
-        r2 = {i: self.gates[HEADS.format(i)].rotation() for i in range(cfg.n_layer)} if self.opts.heads else {}
+        qt = q.mT
+        layers = self.sampled_layers(step)
+        everything = len(layers) == cfg.n_layer
+        r2 = {i: self.gates[HEADS.format(i)].rotation() for i in layers} if self.opts.heads else {}
+
+        def quantized(w: torch.Tensor, name: str, x_rot: torch.Tensor | None) -> torch.Tensor:
+            imatrix = x_rot.detach().float().square().mean(0) if (self.opts.imatrix and x_rot is not None) else None
+            return fake_quantize(w.float(), self.types[name], imatrix).to(w.dtype)
 
         def weight(name: str, x: torch.Tensor | None) -> torch.Tensor:
             if name == "token_embd.weight":  # x holds token ids: rotate and quantize only the rows used
-                rows = rotate_columns(model.weights[name][x], q)
-                return fake_quantize(rows, self.types[name])
-            w = model.weights[name]
-            role = name.split(".")[-2]
+                rows = model.weights[name][x]
+                return rotate_columns(quantized(rotate_columns(rows, q), name, None), qt)
             layer = int(name.split(".")[1]) if name.startswith("blk.") else None
-            if role in _WRITES_RESIDUAL:
+            if not (everything if layer is None else layer in layers):
+                return model.weights[name]
+            w, role = model.weights[name], name.split(".")[-2]
+            if role == "ffn_down":
+                return rotate_rows_transposed(qt, quantized(rotate_rows_transposed(q, w), name, x))
+            if role == "attn_output":
+                heads = r2[layer].repeat(cfg.n_head, 1, 1) if layer in r2 else None
                 w = rotate_rows_transposed(q, w)
-                if role == "attn_output" and layer in r2:
-                    w = rotate_columns(w, r2[layer].repeat(cfg.n_head, 1, 1))
-            else:
-                w = rotate_columns(w, q)
-                if role == "attn_v" and layer in r2:
-                    w = rotate_rows_transposed(r2[layer].repeat(cfg.n_head_kv, 1, 1), w)
-            imatrix = x.detach().float().square().mean(0) if (self.opts.imatrix and x is not None) else None
-            return fake_quantize(w.float(), self.types[name], imatrix).to(w.dtype)
+                if heads is None:
+                    return rotate_rows_transposed(qt, quantized(w, name, x))
+                w_rot = quantized(rotate_columns(w, heads), name, rotate_columns(x, heads))
+                return rotate_columns(rotate_rows_transposed(qt, w_rot), heads.mT)
+            x_rot = rotate_columns(x, q)  # the rotated model's input of this weight, x·Q per row
+            w = rotate_columns(w, q)
+            if role == "attn_v" and layer in r2:
+                heads = r2[layer].repeat(cfg.n_head_kv, 1, 1)
+                w_rot = quantized(rotate_rows_transposed(heads, w), name, x_rot)
+                return rotate_columns(rotate_rows_transposed(heads.mT, w_rot), qt)
+            return rotate_columns(quantized(w, name, x_rot), qt)
 
         return weight
 
@@ -320,7 +349,7 @@ class LmObjective:
         self.gates = {f"blk.{i}.{role}.weight": Gate(model.weights[f"blk.{i}.{role}.weight"].shape[1])
                       for i in range(cfg.n_layer) for role in BLOCK_MATRICES if role in roles}
 
-    def weight_fn(self) -> WeightFn:
+    def weight_fn(self, step: int | None = None) -> WeightFn:
         model = self.model
         rotations = {name: gate.rotation() for name, gate in self.gates.items()}
 
@@ -405,6 +434,8 @@ def check_options(opts: TrainOptions) -> None:
                         (opts.eval_every, "--eval-every"), (opts.eval_sequences, "--eval-sequences")):
         if value < 1:
             raise InputError(f"{flag} must be at least 1, got {value}")
+    if opts.quant_layers < 0:
+        raise InputError(f"--quant-layers must be >= 0 (0: all), got {opts.quant_layers}")
     if opts.ctx < 2:
         raise InputError(f"--ctx must be at least 2, got {opts.ctx}")
     if opts.warmup < 0 or opts.lambda_max < 0 or not opts.lr > 0:
@@ -469,18 +500,18 @@ def train(opts: TrainOptions) -> TrainResult:
                 targets[key] = torch.log_softmax(z, -1).to(torch.bfloat16)
         return targets[key]
 
-    def batch_loss(kind: str, seqs: torch.Tensor, indices: list[int], grad: bool) -> torch.Tensor:
+    def batch_loss(kind: str, seqs: torch.Tensor, indices: list[int], grad: bool, step: int | None) -> torch.Tensor:
         tokens = seqs[indices]
         goal = None
         if objective.needs_target():
             goal = torch.cat([target(kind, i, seqs) for i in indices])
         with torch.set_grad_enabled(grad):
-            logits = model.logits(tokens, objective.weight_fn(), checkpointed=grad)
+            logits = model.logits(tokens, objective.weight_fn(step), checkpointed=grad)
             return objective.loss(logits, tokens, goal)
 
     def evaluate(step: int) -> None:
         with torch.no_grad():
-            value = float(batch_loss("eval", eval_seqs, list(range(len(eval_seqs))), grad=False))
+            value = float(batch_loss("eval", eval_seqs, list(range(len(eval_seqs))), grad=False, step=None))
         evals.append({"step": step, "eval_loss": value})
 
     if start == 0 and not evals:
@@ -497,7 +528,7 @@ def train(opts: TrainOptions) -> TrainResult:
         for micro in range(opts.accumulate):
             first = ((step - 1) * opts.accumulate + micro) * opts.batch
             indices = [(first + j) % len(train_seqs) for j in range(opts.batch)]
-            loss = batch_loss("train", train_seqs, indices, grad=True)
+            loss = batch_loss("train", train_seqs, indices, grad=True, step=step)
             (loss / opts.accumulate).backward()
             total_obj += float(loss.detach()) / opts.accumulate
         penalty = torch.stack([gate.penalty() for gate in objective.gates.values()]).mean()

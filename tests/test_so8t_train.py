@@ -182,3 +182,25 @@ def test_bad_input_is_one_line(case: str, extra: list[str], message: str, tiny_f
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], proc.stderr
     assert not (tmp_path / "g.safetensors").exists()
+
+
+@pytest.mark.parametrize("quant_layers", [0, 1])
+def test_rotations_alone_preserve_the_function(quant_layers: int, tiny_f32: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the quantizer replaced by the identity, random R1 and R2 leave the logits unchanged."""
+    import nkat_gguf.so8t_train as so8t_train
+
+    monkeypatch.setattr(so8t_train, "fake_quantize", lambda w, kind, imatrix=None: w)
+    model = FrozenLlama(TensorSource(tiny_f32), torch.float64, torch.device("cpu"), fold_norms=True, progress=False)
+    objective = QuantObjective(model, TrainOptions(model=tiny_f32, output=Path("x"), heads=True,
+                                                   quant_layers=quant_layers))
+    with torch.no_grad():
+        for gate in objective.gates.values():
+            gate.raw.copy_(torch.randn_like(gate.raw))
+            gate.alpha.fill_(3.0)
+            gate.double()
+        tokens = torch.randint(0, 1000, (2, 16))
+        reference = model.logits(tokens, objective.reference_fn(), checkpointed=False)
+        rotated = model.logits(tokens, objective.weight_fn(step=3), checkpointed=False)
+    assert objective.gates["residual"].rotation().sub(torch.eye(8)).abs().max() > 0.5  # far from the identity
+    assert (reference - rotated).abs().max() < 1e-5
