@@ -269,10 +269,10 @@ def so8t_train(model: str, output: Path, objective: str, outtype: str, no_imatri
                checkpoint_every: int, eval_every: int, eval_sequences: int, report_dir: Path | None,
                report_chunks: int, threads: int | None, seed: int, as_json: bool) -> None:
     """Learn SO8T rotations R = exp(sigmoid(alpha)·A) on a frozen model; write the gate checkpoint."""
-    from .default_model import resolve_model
-    from .qc import check_report_dir
-    from .so8t_train import TrainOptions, check_options, train
-    from .so8t_train_report import final_perplexities, write_report
+    from nkat_gguf.default_model import resolve_model
+    from nkat_gguf.evaluate.so8t_training import final_perplexities, write_report
+    from nkat_gguf.so8t.qc import check_report_dir
+    from nkat_gguf.so8t.train import TrainOptions, check_options, train
 
     opts = TrainOptions(model=resolve_model(model), output=output, objective=objective, outtype=outtype.upper(),
                         imatrix=not no_imatrix, heads=heads, quant_layers=quant_layers, gate_weights=tuple(gates), train_text=train_text,

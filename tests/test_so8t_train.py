@@ -21,15 +21,24 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from safetensors.numpy import load_file
 
 from nkat_gguf.convert import ConvertOptions, convert
-from nkat_gguf.fake_quant import EXACT, dequantized, fake_quantize
-from nkat_gguf.gguf_file import write_with_metadata
-from nkat_gguf.so8t_train import (ALPHA_INIT, STATE_SUFFIX, FrozenLlama, Gate, QuantObjective, TrainOptions,
-                                  block_figures, train)
-from nkat_gguf.weights import TensorSource
+from nkat_gguf.format.gguf_file import write_with_metadata
+from nkat_gguf.format.tensors import TensorSource
+from nkat_gguf.so8t.bake_step import So8tOptions
+from nkat_gguf.so8t.fake_quant import EXACT, dequantized, fake_quantize
+from nkat_gguf.so8t.train import (
+    ALPHA_INIT,
+    STATE_SUFFIX,
+    FrozenLlama,
+    Gate,
+    QuantObjective,
+    TrainOptions,
+    block_figures,
+    train,
+)
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "nkat_gguf.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "nkat_gguf.cli", *args], capture_output=True, text=True, check=False,
                           timeout=300, cwd=Path(__file__).parents[1])
 
 
@@ -138,7 +147,7 @@ def test_a_short_run_writes_a_checkpoint_convert_bakes_with_qc_passing(objective
         assert set(generators) == {"blk.0.attn_output.weight.so8t_generator", "blk.1.attn_output.weight.so8t_generator"}
     out = tmp_path / "baked.gguf"
     report = convert(ConvertOptions(input=tiny_f32, output=out, outtype="Q8_0", theta_rank=0, imatrix="none",
-                                    so8t=f"file:{gates}", progress=False))
+                                    so8t=So8tOptions(mode=f"file:{gates}"), progress=False))
     assert report.so8t["qc"]["passed"], report.so8t["qc"]
 
 
@@ -188,7 +197,7 @@ def test_bad_input_is_one_line(case: str, extra: list[str], message: str, tiny_f
 def test_rotations_alone_preserve_the_function(quant_layers: int, tiny_f32: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """With the quantizer replaced by the identity, random R1 and R2 leave the logits unchanged."""
-    import nkat_gguf.so8t_train as so8t_train
+    import nkat_gguf.so8t.train as so8t_train
 
     monkeypatch.setattr(so8t_train, "fake_quantize", lambda w, kind, imatrix=None: w)
     model = FrozenLlama(TensorSource(tiny_f32), torch.float64, torch.device("cpu"), fold_norms=True, progress=False)

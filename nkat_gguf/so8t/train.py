@@ -26,6 +26,7 @@ history) is saved every `checkpoint_every` steps beside the output; the same com
 from __future__ import annotations
 
 import json
+import pickle
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -39,15 +40,22 @@ from safetensors.torch import save_file
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from engine.reference import BLOCK_MATRICES, LlamaConfig, apply_rope, causal_attention, rms_norm, rope_rotations
-from .atomic import atomic_output, check_writable_dir
-from .calibrate import tokenize
-from .errors import InputError, UnsupportedModelError
-from .fake_quant import APPROXIMATE, EXACT, fake_quantize
-from .rotations import BLOCK
-from .so8t_checkpoint import ALPHA, GENERATOR, HEADS, RESIDUAL
-from .texts import load_text
-from .weights import TensorSource
+from nkat_gguf.engine.reference import (
+    BLOCK_MATRICES,
+    LlamaConfig,
+    apply_rope,
+    causal_attention,
+    rms_norm,
+    rope_rotations,
+)
+from nkat_gguf.engine.vocab import tokenize
+from nkat_gguf.errors import InputError, UnsupportedModelError
+from nkat_gguf.format.atomic import atomic_output, check_writable_dir
+from nkat_gguf.format.so8t_checkpoint import ALPHA, GENERATOR, HEADS, RESIDUAL
+from nkat_gguf.format.tensors import TensorSource
+from nkat_gguf.math.rotations import BLOCK
+from nkat_gguf.so8t.fake_quant import APPROXIMATE, EXACT, fake_quantize
+from nkat_gguf.texts import load_text
 
 OBJECTIVES = ("quant", "lm")
 ALPHA_INIT = -5.0
@@ -606,7 +614,7 @@ def _resume(path: Path, opts: TrainOptions, objective: Any, optimizer: torch.opt
         return [], [], 0
     try:
         state = torch.load(path, weights_only=True)
-    except Exception as exc:  # a truncated or foreign file: say which, do not guess
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as exc:  # truncated or foreign
         raise InputError(f"cannot read the training state {path} ({exc}); delete it to start afresh") from None
     if state.get("fingerprint") != _state_fingerprint(opts):
         raise InputError(f"{path} was saved by a run with other options; rerun with those, or delete it to "

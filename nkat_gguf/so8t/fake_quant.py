@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 import torch
 
-from .errors import InputError
+from nkat_gguf.errors import InputError
 
 BLOCK = 32
 EXACT = ("Q8_0", "Q4_0", "IQ4_NL")

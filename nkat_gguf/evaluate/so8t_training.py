@@ -22,10 +22,13 @@ from typing import Any
 
 from tqdm import tqdm
 
-from .atomic import atomic_output, make_output_dir
-from .convert import ConvertOptions, convert
-from .so8t_train import OPEN_LEVEL, TrainOptions, TrainResult
-from .texts import Split, load_text
+from nkat_gguf.convert import ConvertOptions, convert
+from nkat_gguf.engine.perplexity import perplexity, tokenize_text
+from nkat_gguf.engine.runtime import NkatRuntime, RuntimeOptions
+from nkat_gguf.format.atomic import atomic_output, make_output_dir
+from nkat_gguf.so8t.bake_step import So8tOptions
+from nkat_gguf.so8t.train import OPEN_LEVEL, TrainOptions, TrainResult
+from nkat_gguf.texts import Split, load_text
 
 REPORT_NAME = "so8t-train"
 REPORT_TEXTS: tuple[Split, ...] = ("evaluation", "licenses")
@@ -34,9 +37,6 @@ REPORT_TEXTS: tuple[Split, ...] = ("evaluation", "licenses")
 def final_perplexities(opts: TrainOptions, chunks: int, threads: int | None, work_dir: Path,
                        progress: bool = True) -> dict[str, Any]:
     """Convert the rows of the module docstring and score each on both evaluation texts."""
-    from engine.perplexity import perplexity, tokenize_text
-    from engine.runtime import NkatRuntime, RuntimeOptions
-
     gates = f"file:{Path(opts.output).resolve()}"
     rows = [("reference (F32)", "F32", "none"), (f"base {opts.outtype}", opts.outtype, "none"),
             (f"trained {opts.outtype}", opts.outtype, gates)]
@@ -50,7 +50,7 @@ def final_perplexities(opts: TrainOptions, chunks: int, threads: int | None, wor
         for label, outtype, so8t in tqdm(rows, desc="final perplexities", unit="model", disable=not progress):
             path = Path(tmp) / f"{len(out['rows'])}.gguf"
             report = convert(ConvertOptions(input=Path(opts.model), output=path, outtype=outtype, theta_rank=0,
-                                            imatrix=imatrix if outtype != "F32" else "none", so8t=so8t,
+                                            imatrix=imatrix if outtype != "F32" else "none", so8t=So8tOptions(mode=so8t),
                                             threads=threads or 0, progress=False))
             row: dict[str, Any] = {"outtype": outtype, "so8t": so8t, "bytes": report.output_bytes,
                                    "convert_seconds": report.seconds.get("total")}
@@ -88,11 +88,11 @@ def _markdown(result: TrainResult, final: Mapping[str, Any] | None) -> str:
              f"- model `{o['model']}`, objective **{result.objective}**"
              + (f", target {o['outtype']} (importance matrix {'on' if o['imatrix'] else 'off'})"
                 if result.objective == "quant" else ""),
-             f"- {result.steps} steps (resumed from {result.resumed_from}), batch {o['batch']}×{o['ctx']} tokens, "
-             f"accumulate {o['accumulate']}, Adam lr {o['lr']}, λ_max {o['lambda_max']}, warmup {o['warmup']}",
+             (f"- {result.steps} steps (resumed from {result.resumed_from}), batch {o['batch']}×{o['ctx']} tokens, "
+              f"accumulate {o['accumulate']}, Adam lr {o['lr']}, λ_max {o['lambda_max']}, warmup {o['warmup']}"),
              f"- training time {result.seconds:.1f} s ({result.tokens_per_second:.1f} tokens/s)", "",
-             f"A gate *opened* at the first step with σ(α) ≥ {OPEN_LEVEL}; *steepest* is the step of the "
-             "largest rise of σ between two steps.", "",
+             (f"A gate *opened* at the first step with σ(α) ≥ {OPEN_LEVEL}; *steepest* is the step of the "
+              "largest rise of σ between two steps."), "",
              "| gate | final σ(α) | opened | steepest | max ‖σA_k‖_F | max ‖RᵀR − I‖_F | min det |",
              "|---|---|---|---|---|---|---|"]
     for name, g in result.gates.items():
