@@ -270,11 +270,11 @@ class QuantObjective:
         return types
 
     def sampled_layers(self, step: int | None) -> set[int]:
-        """The layers fake-quantized at `step` (all, or `quant_layers` drawn from (seed, step)); None: eval."""
+        """The layers fake-quantized at `step` (all, or `quant_layers` drawn from (seed, step)); None: the evaluation draw."""
         n, k = self.model.config.n_layer, self.opts.quant_layers
         if not k or k >= n:
             return set(range(n))
-        rng = np.random.default_rng([self.opts.seed, -1 if step is None else step])
+        rng = np.random.default_rng([self.opts.seed, 0 if step is None else step])  # training steps count from 1
         return {int(i) for i in rng.choice(n, size=k, replace=False)}
 
     def weight_fn(self, step: int | None = None) -> WeightFn:
