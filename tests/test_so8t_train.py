@@ -136,7 +136,8 @@ def test_fake_quantize_is_the_quantized_value_with_a_straight_through_gradient()
 def test_a_short_run_writes_a_checkpoint_convert_bakes_with_qc_passing(objective: str, tiny_f32: Path,
                                                                        tmp_path: Path) -> None:
     gates = tmp_path / "gates.safetensors"
-    result = train(quick(tiny_f32, gates, objective=objective, heads=objective == "quant"))
+    extra = {"heads": True, "quant_layers": 1} if objective == "quant" else {}  # R2, and the layer draw
+    result = train(quick(tiny_f32, gates, objective=objective, **extra))
     assert result.steps == 2 and [h["step"] for h in result.history] == [1, 2]
     tensors = load_file(gates)
     generators = {k: v for k, v in tensors.items() if k.endswith(".so8t_generator")}
