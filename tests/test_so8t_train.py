@@ -141,10 +141,11 @@ def test_a_short_run_writes_a_checkpoint_convert_bakes_with_qc_passing(objective
     assert result.steps == 2 and [h["step"] for h in result.history] == [1, 2]
     tensors = load_file(gates)
     generators = {k: v for k, v in tensors.items() if k.endswith(".so8t_generator")}
-    assert generators and all(np.abs(v).max() > 0 for v in generators.values())  # it did move
-    if objective == "quant":
-        assert "residual.so8t_generator" in tensors and "blk.1.attn_heads.so8t_alpha" in tensors
+    if objective == "quant":  # R1 moves every step; an R2 only in the steps that drew its layer
+        assert "blk.1.attn_heads.so8t_alpha" in tensors
+        assert np.abs(tensors["residual.so8t_generator"]).max() > 0
     else:
+        assert all(np.abs(v).max() > 0 for v in generators.values())
         assert set(generators) == {"blk.0.attn_output.weight.so8t_generator", "blk.1.attn_output.weight.so8t_generator"}
     out = tmp_path / "baked.gguf"
     report = convert(ConvertOptions(input=tiny_f32, output=out, outtype="Q8_0", theta_rank=0, imatrix="none",
