@@ -18,7 +18,8 @@ v' = R2ᵀv, and undone where attn_output reads it:
 Attention mixes value vectors linearly over positions, so every query head sharing a KV head (GQA)
 sees R2ᵀ·o and its W_o columns map it back: W_o·R2·R2ᵀ·o = W_o·o.
 
-Trained gates (mode `file:PATH`): the gated model computed W·(R·x), so W' = W·R.
+Trained gates (mode `file:PATH`): the gated model computed W·(R·x), so W' = W·R. A checkpoint of
+trained function-preserving rotations (`residual`, `blk.N.attn_heads`) is baked like `random`.
 
 Each tensor is computed on demand from the memory-mapped source, in float64, and written as F32;
 tensors a plan does not touch keep their type and bytes. Memory stays at one tensor however deep.
@@ -38,7 +39,7 @@ from gguf.constants import GGMLQuantizationType, GGUFValueType
 from nkat_gguf.errors import InputError, UnsupportedModelError
 from nkat_gguf.format import nkat
 from nkat_gguf.format.gguf_file import TensorSpec, Value, copy_metadata
-from nkat_gguf.format.so8t_checkpoint import load_so8t_checkpoint
+from nkat_gguf.format.so8t_checkpoint import HEADS, RESIDUAL, load_so8t_checkpoint
 from nkat_gguf.format.tensors import TensorSource
 from nkat_gguf.math.rotations import (
     apply_blocks_left_transposed,
@@ -113,9 +114,7 @@ def make_plan(mode: str, source: TensorSource, seed: int | None = None, heads: b
     if mode.startswith(FILE_PREFIX):
         if heads:
             raise InputError("head rotations (R2) go with hadamard/random, not with trained gates")
-        path = Path(mode[len(FILE_PREFIX):])
-        shapes = {name: source.numpy_shape(name) for name in source.infos}
-        return BakePlan("file", gates=load_so8t_checkpoint(path, shapes), checkpoint=path.name)
+        return _file_plan(Path(mode[len(FILE_PREFIX):]), source)
     if mode not in RESIDUAL_MODES:
         raise InputError(f"unknown SO8T mode {mode!r}: expected hadamard, random or file:PATH.safetensors")
     if mode == "random" and seed is None:
@@ -130,6 +129,23 @@ def make_plan(mode: str, source: TensorSource, seed: int | None = None, heads: b
     return BakePlan(mode, residual=residual, heads=r2, seed=seed)
 
 
+def _file_plan(path: Path, source: TensorSource) -> BakePlan:
+    """Weight gates, or a trained residual rotation with its head rotations (identity where a layer has none)."""
+    shapes = {name: source.numpy_shape(name) for name in source.infos}
+    widths: dict[str, int] = {}
+    if source.layout.architecture == "llama":
+        model = _read_llama(source)
+        widths = {RESIDUAL: model.d_model} | {HEADS.format(i): model.head_dim_v for i in range(model.n_layers)}
+    found = load_so8t_checkpoint(path, shapes, widths)
+    if RESIDUAL not in found:
+        return BakePlan("file", gates=found, checkpoint=path.name)
+    heads: tuple[np.ndarray, ...] = ()
+    if len(found) > 1:
+        identity = np.tile(np.eye(8), (model.head_dim_v // 8, 1, 1))
+        heads = tuple(found.get(HEADS.format(i), identity) for i in range(model.n_layers))
+    return BakePlan("file", residual=found[RESIDUAL], heads=heads, checkpoint=path.name)
+
+
 def _stream_seed(seed: int | None, stream: int) -> int | None:
     return None if seed is None else int(np.random.SeedSequence([seed, stream]).generate_state(1)[0])
 
@@ -140,14 +156,14 @@ def bake_rotations(source: TensorSource, plan: BakePlan) -> BakedModel:
     Blocks are not refused here: their worst orthogonality error and det go into the metadata, and
     QC decides (so a deliberately broken plan can be shown to fail QC).
     """
-    if plan.mode == "file":
+    if plan.residual is None:
         recipes = _gate_recipes(source, plan.gates)
         specs = [_spec(source, t.name, t.name in plan.gates) for t in source.layout.tensors]
     else:
         recipes, specs = _residual_recipes(source, plan)
     max_err, min_det = check_so8(plan.blocks())
     metadata: dict[str, Any] = copy_metadata(source.layout, drop_prefixes=("GGUF.", nkat.PREFIX, "general.alignment"))
-    if plan.mode != "file":
+    if plan.residual is not None:
         metadata["general.file_type"] = ALL_F32
     metadata[nkat.SO8T_MODE] = plan.mode
     if plan.seed is not None:

@@ -72,10 +72,12 @@ class BakeStep:
 
 
 def describe(plan: BakePlan) -> str:
-    if plan.mode == "file":
+    if plan.mode == "file" and plan.residual is None:
         return f"trained gates from {plan.checkpoint} on {len(plan.gates)} weights"
-    seed = "no seed" if plan.seed is None else f"seed {plan.seed}"
     heads = f" and R2 in {len(plan.heads)} layers" if plan.heads else ""
+    if plan.mode == "file":
+        return f"trained rotation from {plan.checkpoint}: residual R1 of {8 * len(plan.residual)}{heads}"
+    seed = "no seed" if plan.seed is None else f"seed {plan.seed}"
     return f"{plan.mode} ({seed}): residual R1 of {8 * len(plan.residual)}{heads}"
 
 
@@ -121,10 +123,10 @@ def bake_step(opts: So8tOptions, source: TensorSource, reference: TensorSource, 
 
 def check_bake(source: TensorSource, plan: BakePlan, post: Path, work_dir: Path) -> QCResult:
     """QC of one bake. Residual rotations: llama.cpp on an F32 copy of `source` vs llama.cpp on `post`.
-    Trained gates: the PyTorch reference with the gates applied online vs llama.cpp on `post`."""
+    Trained weight gates: the PyTorch reference with the gates applied online vs llama.cpp on `post`."""
     text = qc_text()
     tokens = qc_tokens(post, text)
-    if plan.mode == "file":
+    if plan.residual is None:
         z_pre, pre = reference_logits(source, tokens, plan.gates), "PyTorch reference with the gates applied online"
     else:
         pre_model = _write_f32(work_dir / "pre.gguf", source, _unchanged(source))
