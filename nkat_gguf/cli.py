@@ -359,6 +359,61 @@ def quality(input_: str, reference: Path | None, outtype: str, theta_rank: int, 
 
 
 
+def _names(values: tuple[str, ...]) -> tuple[str, ...]:
+    """Repeated options and comma-separated lists both work: --types Q4_0,IQ4_NL --types Q5_0."""
+    return tuple(v.strip().upper() for value in values for v in value.split(",") if v.strip())
+
+
+@main.command()
+@click.option("--input", "input_", default="default", show_default=True, help=MODEL_HELP)
+@click.option("--reference", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Higher-precision GGUF theta aims at and the gap is measured to (default: the input).")
+@click.option("--types", multiple=True, metavar="TYPE[,TYPE...]",
+              help="llama.cpp types to quantize with the importance matrix (default: Q2_K ... Q5_0, see below).")
+@click.option("--theta", "thetas", multiple=True, metavar="BASE:RANK[:WEIGHTS][:key=value]",
+              help="An NKAT variant: theta of RANK on the importance-matrix BASE type, on WEIGHTS (all, ffn, attn "
+                   "or --selective-layers patterns joined by ','); key=value sets another convert option. "
+                   "Repeatable; 'none' for no NKAT variant.")
+@click.option("--calib-text", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="UTF-8 calibration text (default: the calibration split of Python's pydoc topics).")
+@click.option("--ctx", type=int, default=512, show_default=True, help="Tokens per perplexity chunk.")
+@click.option("--chunks", type=int, default=8, show_default=True, help="Chunks scored per file and text.")
+@click.option("--repetitions", "-r", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Interleaved speed rounds over all files.")
+@click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Keep every file written here (created if missing; default: a temporary directory).")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write a PNG of perplexity against file size, one panel per text.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON: one row per file, with its size and sha256.")
+@engine_options
+@_fail_cleanly
+def frontier(input_: str, reference: Path | None, types: tuple[str, ...], thetas: tuple[str, ...],
+             calib_text: Path | None, ctx: int, chunks: int, repetitions: int, out_dir: Path | None,
+             plot: Path | None, as_json: bool, gpu_layers: int, no_cuda: bool, threads: int | None) -> None:
+    """Every llama.cpp type with the importance matrix, plain Q4_0, the reference and NKAT variants: one
+    calibration, perplexity on two texts (pydoc topics, licence texts), interleaved speed, the frontier.
+
+    \b
+    Default types: Q2_K Q3_K_S Q3_K_M Q3_K_L IQ3_XXS IQ3_S IQ4_XS IQ4_NL Q4_0 Q4_K_S Q4_K_M Q5_0
+    Default theta: Q4_0:4 Q4_0:8 IQ4_NL:4 IQ4_NL:8 IQ4_NL:8:ffn IQ4_NL:16:ffn Q4_0:8:ffn
+    """
+    from engine.compare import CompareSettings
+    from engine.frontier import FrontierSettings, format_frontier, frontier as run_frontier, parse_theta_spec
+
+    from .default_model import resolve_model
+
+    defaults = FrontierSettings()
+    specs = () if thetas == ("none",) else tuple(parse_theta_spec(t) for t in thetas) if thetas else defaults.thetas
+    settings = FrontierSettings(
+        types=_names(types) or defaults.types, thetas=specs,
+        measure=CompareSettings(n_ctx=ctx, n_chunks=chunks, repetitions=repetitions), threads=threads or 0)
+    result = run_frontier(resolve_model(input_),
+                          _runtime_options(gpu_layers, no_cuda, threads, n_ctx=max(ctx, settings.measure.n_prompt)),
+                          settings, reference, calib_text, out_dir, plot)
+    result["command"] = "nkat-gguf " + " ".join(sys.argv[1:])
+    _emit(result, as_json, format_frontier)
+
+
 @main.group()
 def export() -> None:
     """Export an NKAT model for llama.cpp (--lora), Ollama or KoboldCpp, with gamma folded into theta's B.

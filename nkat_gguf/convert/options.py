@@ -48,6 +48,7 @@ class ConvertReport:
     tensors: dict[str, dict] = field(default_factory=dict)  # name -> {rank, captured_energy, ...}
     seconds: dict[str, float] = field(default_factory=dict)
     so8t: dict | None = None  # rotation and QC figures when --so8t baked one
+    fallbacks: dict[str, str] = field(default_factory=dict)  # tensor -> "q3_K -> q4_0", llama.cpp's substitutions
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -18,7 +18,7 @@ from nkat_gguf import __version__
 from nkat_gguf.convert.calibrate import Calibration, calibrate
 from nkat_gguf.convert.options import ConvertOptions, ConvertReport
 from nkat_gguf.convert.selection import select_tensors
-from nkat_gguf.engine.quantize import quantize_model, resolve_outtype
+from nkat_gguf.engine.quantize import fallbacks, quantize_model, resolve_outtype
 from nkat_gguf.engine.reference import supports_reference
 from nkat_gguf.engine.runtime import check_loadable
 from nkat_gguf.errors import InputError
@@ -131,7 +131,7 @@ def convert(opts: ConvertOptions, calibration: Calibration | None = None) -> Con
 
         quantized_path = Path(tmp) / "quantized.gguf"
         t = time.perf_counter()
-        quantize_model(model_path, quantized_path, ftype, imatrix, opts.threads)
+        report.fallbacks = fallbacks(quantize_model(model_path, quantized_path, ftype, imatrix, opts.threads))
         seconds["quantize"] = time.perf_counter() - t
 
         t = time.perf_counter()
