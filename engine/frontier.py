@@ -36,7 +36,9 @@ from .runtime import RuntimeOptions
 # The types the issue asks for first, then the rest of llama.cpp's types in the same size range.
 DEFAULT_TYPES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "IQ3_XXS", "IQ3_S", "IQ4_XS", "IQ4_NL", "Q4_0",
                  "Q4_K_S", "Q4_K_M", "Q5_0")
-DEFAULT_THETA = ("Q4_0:4", "Q4_0:8", "IQ4_NL:4", "IQ4_NL:8", "IQ4_NL:8:ffn", "IQ4_NL:16:ffn", "Q4_0:8:ffn")
+# uniform rank 4/8 on Q4_0 and IQ4_NL; FFN-only and attention-only θ; a 3-bit base with more θ
+DEFAULT_THETA = ("Q4_0:4", "Q4_0:8", "Q4_0:8:ffn", "IQ4_NL:4", "IQ4_NL:8", "IQ4_NL:8:attn", "IQ4_NL:8:ffn",
+                 "IQ4_NL:12:ffn", "IQ4_NL:16:ffn", "Q3_K_S:16")
 TEXTS: tuple[Split, ...] = ("evaluation", "licenses")  # pydoc topics (not the calibration split); licence texts
 PLAIN_TYPE = "Q4_0"  # plain Q4_0, no importance matrix: the zero point of the gap
 WEIGHT_SETS = {"all": None, "ffn": ["blk.*.ffn_*"], "attn": ["blk.*.attn_*"]}
@@ -333,4 +335,25 @@ def format_frontier(result: dict) -> str:
     fallbacks = {r["name"]: r["fallbacks"] for r in result["rows"] if r["fallbacks"]}
     for name, counts in fallbacks.items():
         lines.append(f"llama.cpp fallbacks in {name}: " + ", ".join(f"{n}× {k}" for k, n in counts.items()))
+    return "\n".join(lines)
+
+
+def format_markdown(result: dict) -> str:
+    """The table README and BENCHMARKS.md quote, from a `frontier --json` result (tools/frontier_table.py)."""
+    mib = 1 << 20
+    keys = list(result["texts"])
+    head = ["file", "MiB", *(f"{k} ppl (gap)" for k in keys), "pp tok/s", "tg tok/s", "tg θ/off", "pp θ/off",
+            "beats the frontier"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in sorted(result["rows"], key=lambda r: (r["kind"] == "nkat", r["file_bytes"])):
+        cells = [r["name"], f"{r['file_bytes'] / mib:.2f}"]
+        for k in keys:
+            gap = r["gap_recovered"][k]
+            cells.append(f"{r['perplexity'][k]['ppl']:.4f} ({'n/a' if gap is None else f'{100 * gap:.1f} %'})")
+        ratio = r["speed_vs_base"]
+        cells += [f"{r['pp_tokens_per_second']:.0f}", f"{r['tg_tokens_per_second']:.0f}",
+                  f"{ratio['tg']:.3f}" if ratio else "", f"{ratio['pp']:.3f}" if ratio else ""]
+        cells.append(", ".join(f"{k}: {'yes' if r['frontier'][k]['beats'] else 'no'} (vs {r['frontier'][k]['best_type']})"
+                               for k in keys) if "frontier" in r else "")
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -395,7 +395,8 @@ def frontier(input_: str, reference: Path | None, types: tuple[str, ...], thetas
 
     \b
     Default types: Q2_K Q3_K_S Q3_K_M Q3_K_L IQ3_XXS IQ3_S IQ4_XS IQ4_NL Q4_0 Q4_K_S Q4_K_M Q5_0
-    Default theta: Q4_0:4 Q4_0:8 IQ4_NL:4 IQ4_NL:8 IQ4_NL:8:ffn IQ4_NL:16:ffn Q4_0:8:ffn
+    Default theta: Q4_0:4 Q4_0:8 Q4_0:8:ffn IQ4_NL:4 IQ4_NL:8 IQ4_NL:8:attn IQ4_NL:8:ffn IQ4_NL:12:ffn
+                   IQ4_NL:16:ffn Q3_K_S:16
     """
     from engine.compare import CompareSettings
     from engine.frontier import FrontierSettings, format_frontier, frontier as run_frontier, parse_theta_spec

@@ -15,8 +15,8 @@ from click.testing import CliRunner
 
 import engine.frontier
 from engine.compare import CompareSettings
-from engine.frontier import (FrontierSettings, ThetaSpec, format_frontier, frontier, lower_envelope,
-                             parse_theta_spec)
+from engine.frontier import (FrontierSettings, ThetaSpec, format_frontier, format_markdown, frontier,
+                             lower_envelope, parse_theta_spec)
 from engine.runtime import RuntimeOptions
 from nkat_gguf.cli import main
 from nkat_gguf.convert import sha256_file
@@ -100,6 +100,8 @@ def test_gaps_envelope_and_outputs(run: tuple[dict, Path]) -> None:
     assert json.loads(json.dumps(result)) == result
     assert Path(result["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert all(any(line.startswith(name + " ") for line in format_frontier(result).splitlines()) for name in NAMES)
+    table = format_markdown(result).splitlines()
+    assert len(table) == 2 + len(NAMES) and all(any(f"| {name} |" in line for line in table) for name in NAMES)
 
 
 def _row(name: str, mib: float, ppl: float, kind: str = "imatrix") -> dict:
@@ -180,3 +182,10 @@ def test_default_model_rows_match_their_files(tmp_path: Path) -> None:
     assert "IQ4_NL" in rows["IQ4_NL+imatrix"]["tensor_types"]
     for key in ("evaluation", "licenses"):  # real text on a real model: the gap exists and the reference closes it
         assert rows["Q4_0 plain"]["perplexity"][key]["ppl"] > rows["reference"]["perplexity"][key]["ppl"]
+
+
+def test_help_lists_the_defaults_the_run_uses() -> None:
+    from engine.frontier import DEFAULT_THETA, DEFAULT_TYPES
+
+    text = " ".join(CliRunner().invoke(main, ["frontier", "--help"]).output.split())
+    assert " ".join(DEFAULT_TYPES) in text and " ".join(DEFAULT_THETA) in text
