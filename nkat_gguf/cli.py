@@ -398,10 +398,10 @@ def frontier(input_: str, reference: Path | None, types: tuple[str, ...], thetas
     Default theta: Q4_0:4 Q4_0:8 Q4_0:8:ffn IQ4_NL:4 IQ4_NL:8 IQ4_NL:8:attn IQ4_NL:8:ffn IQ4_NL:12:ffn
                    IQ4_NL:16:ffn Q3_K_S:16
     """
-    from engine.compare import CompareSettings
-    from engine.frontier import FrontierSettings, format_frontier, frontier as run_frontier, parse_theta_spec
-
-    from .default_model import resolve_model
+    from nkat_gguf.default_model import resolve_model
+    from nkat_gguf.engine.compare import CompareSettings
+    from nkat_gguf.evaluate.frontier import FrontierSettings, format_frontier, parse_theta_spec
+    from nkat_gguf.evaluate.frontier import frontier as run_frontier
 
     defaults = FrontierSettings()
     specs = () if thetas == ("none",) else tuple(parse_theta_spec(t) for t in thetas) if thetas else defaults.thetas

@@ -13,16 +13,23 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-import engine.frontier
-from engine.compare import CompareSettings
-from engine.frontier import (FrontierSettings, ThetaSpec, format_frontier, format_markdown, frontier,
-                             lower_envelope, parse_theta_spec)
-from engine.runtime import RuntimeOptions
+import nkat_gguf.evaluate.frontier
 from nkat_gguf.cli import main
-from nkat_gguf.convert import sha256_file
 from nkat_gguf.default_model import default_model_path
+from nkat_gguf.engine.compare import CompareSettings
+from nkat_gguf.engine.runtime import RuntimeOptions
 from nkat_gguf.errors import InputError
-from nkat_gguf.gguf_file import read_layout
+from nkat_gguf.evaluate.frontier import (
+    FrontierSettings,
+    ThetaSpec,
+    format_frontier,
+    format_markdown,
+    frontier,
+    lower_envelope,
+    parse_theta_spec,
+)
+from nkat_gguf.format.gguf_file import read_layout
+from nkat_gguf.format.hashing import sha256_file
 
 MEASURE = CompareSettings(n_ctx=64, n_chunks=1, repetitions=1, n_prompt=64, n_gen=8, progress=False)
 SETTINGS = FrontierSettings(types=("Q4_0", "Q3_K_M"), thetas=(parse_theta_spec("Q4_0:4"), parse_theta_spec("Q4_0:4:ffn")),
@@ -38,7 +45,7 @@ def run(tiny_f32: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict,
         raise AssertionError("convert calibrated again: every file must share the run's one calibration")
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("nkat_gguf.convert.calibrate", no_second_calibration)
+        mp.setattr("nkat_gguf.convert.pipeline.calibrate", no_second_calibration)
         result = frontier(tiny_f32, RuntimeOptions(n_ctx=64, n_batch=64, n_threads=2), SETTINGS,
                           out_dir=out_dir, plot=out_dir.parent / "frontier.png")
     return result, out_dir
@@ -113,9 +120,9 @@ def test_lower_envelope_keeps_only_types_no_smaller_type_beats() -> None:
             _row("p", 80, 10, kind="plain")]
     assert [r["name"] for r in lower_envelope(rows, "t")] == ["a", "b", "e"]
     envelope = lower_envelope(rows, "t")
-    assert engine.frontier._against_frontier(_row("n", 88.5, 24.9, "nkat"), envelope, "t") == {
+    assert nkat_gguf.evaluate.frontier._against_frontier(_row("n", 88.5, 24.9, "nkat"), envelope, "t") == {
         "best_type": "b", "best_ppl": 25, "beats": True}
-    equal_size = engine.frontier._against_frontier(_row("n", 89, 21.5, "nkat"), envelope, "t")
+    equal_size = nkat_gguf.evaluate.frontier._against_frontier(_row("n", 89, 21.5, "nkat"), envelope, "t")
     assert equal_size["best_type"] == "e" and not equal_size["beats"]  # equal size counts against it
 
 
@@ -156,7 +163,7 @@ def test_cli_is_a_thin_shell(run: tuple[dict, Path], tiny_f32: Path, monkeypatch
         calls.append(args)
         return dict(run[0])
 
-    monkeypatch.setattr(engine.frontier, "frontier", fake)
+    monkeypatch.setattr(nkat_gguf.evaluate.frontier, "frontier", fake)
     result = CliRunner().invoke(main, ["frontier", "--input", str(tiny_f32), "--types", "q4_0,IQ4_NL", "--types",
                                        "Q5_0", "--theta", "none", "--chunks", "3", "--json"])
     assert result.exit_code == 0, result.output
@@ -185,7 +192,7 @@ def test_default_model_rows_match_their_files(tmp_path: Path) -> None:
 
 
 def test_help_lists_the_defaults_the_run_uses() -> None:
-    from engine.frontier import DEFAULT_THETA, DEFAULT_TYPES
+    from nkat_gguf.evaluate.frontier import DEFAULT_THETA, DEFAULT_TYPES
 
     text = " ".join(CliRunner().invoke(main, ["frontier", "--help"]).output.split())
     assert " ".join(DEFAULT_TYPES) in text and " ".join(DEFAULT_THETA) in text

@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from engine.frontier import format_markdown
+from nkat_gguf.evaluate.frontier import format_markdown
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:

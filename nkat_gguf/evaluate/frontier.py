@@ -19,19 +19,19 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from nkat_gguf.atomic import atomic_output, check_writable_dir, make_output_dir
-from nkat_gguf.calibrate import Calibration
-from nkat_gguf.convert import ConvertOptions, ConvertReport, convert, sha256_file
+from nkat_gguf.convert import ConvertOptions, ConvertReport, convert
+from nkat_gguf.convert.calibrate import Calibration
+from nkat_gguf.convert.selection import select_tensors
+from nkat_gguf.engine.bench import device_name
+from nkat_gguf.engine.compare import CompareSettings
+from nkat_gguf.engine.quantize import resolve_outtype
+from nkat_gguf.engine.runtime import RuntimeOptions
 from nkat_gguf.errors import InputError
-from nkat_gguf.gguf_file import read_layout
-from nkat_gguf.quantize import resolve_outtype
-from nkat_gguf.selection import select_tensors
-from nkat_gguf.texts import Split, Text, load_text
-
-from .bench import device_name
-from .compare import CompareSettings
-from .quality_table import calibrate_once, measure_files
-from .runtime import RuntimeOptions
+from nkat_gguf.evaluate.quality import calibrate_once, measure_files
+from nkat_gguf.format.atomic import atomic_output, check_writable_dir, make_output_dir
+from nkat_gguf.format.gguf_file import read_layout
+from nkat_gguf.format.hashing import sha256_file
+from nkat_gguf.texts import Split, load_text
 
 # The types the issue asks for first, then the rest of llama.cpp's types in the same size range.
 DEFAULT_TYPES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "IQ3_XXS", "IQ3_S", "IQ4_XS", "IQ4_NL", "Q4_0",
