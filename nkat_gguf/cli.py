@@ -108,16 +108,18 @@ def main() -> None:
 @click.option("--input", "input_", default="default", show_default=True, help=MODEL_HELP)
 @click.option("--output", "-o", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Where to write the NKAT GGUF (written atomically; the input is never modified).")
-@click.option("--outtype", default="same", show_default=True,
-              help="llama.cpp quantization type (Q4_0, Q4_K_M, Q8_0, F16, ...) or 'same' as the input.")
+@click.option("--outtype", default=None,
+              help="llama.cpp quantization type (Q4_0, IQ4_NL, Q4_K_M, Q8_0, F16, ...) or 'same' as the input "
+                   "(default: the type the frontier run chose, see 'Defaults' below).")
 @click.option("--reference", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Higher-precision GGUF of the same model whose weights theta aims at (default: the input).")
-@click.option("--theta-rank", type=int, default=4, show_default=True,
-              help="Rank r of the correction per weight; 0 writes no theta.")
+@click.option("--theta-rank", type=int, default=None,
+              help="Rank r of the correction per weight; 0 writes no theta (default: see 'Defaults' below).")
 @click.option("--theta-gamma", callback=_gamma, default="0.97", show_default=True,
               help="Default gamma stored in the file (1 applies the full correction).")
 @click.option("--selective-layers", multiple=True, metavar="NAME",
-              help="Only these weights: GGUF names, globs (blk.*.ffn_*) or Meta/HF names. Repeatable.")
+              help="Only these weights: GGUF names, globs (blk.*.ffn_*; blk.* for all) or Meta/HF names. "
+                   "Repeatable (default: see 'Defaults' below).")
 @click.option("--calib-text", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="UTF-8 calibration text (default: the calibration split of Python's pydoc topics).")
 @click.option("--theta-calib", type=click.Choice(["activation", "none"]), default="activation", show_default=True,
@@ -141,22 +143,29 @@ def main() -> None:
                    "OUTPUT.optimize/) and write the best model to --output; --theta-rank/--theta-gamma are ignored.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
 @_fail_cleanly
-def convert(input_: str, output: Path, outtype: str, reference: Path | None, theta_rank: int, theta_gamma: float,
+def convert(input_: str, output: Path, outtype: str | None, reference: Path | None, theta_rank: int | None,
+            theta_gamma: float,
             selective_layers: tuple[str, ...], calib_text: Path | None, theta_calib: str, imatrix: str,
             threads: int, so8t: str, so8t_seed: int | None, so8t_heads: bool, force: bool, report_dir: Path | None,
             optimize_rank: bool, as_json: bool) -> None:
-    """Quantize a GGUF with llama.cpp and store theta (what quantization lost, low rank) in its metadata."""
+    """Quantize a GGUF with llama.cpp and store theta (what quantization lost, low rank) in its metadata.
+
+    \b
+    Defaults: the base type and theta that 'nkat-gguf frontier' measured best on the default model
+    within +3 % of the base type's size, on both evaluation texts (BENCHMARKS.md, "Frontier (issue 9)"):
+      --outtype IQ4_NL --theta-rank 8, theta on every attention/FFN weight
+    """
     from nkat_gguf.convert import ConvertOptions
     from nkat_gguf.convert import convert as run_convert
     from nkat_gguf.default_model import resolve_model
     from nkat_gguf.so8t.bake_step import So8tOptions
 
+    given = {"outtype": outtype, "theta_rank": theta_rank, "selective_layers": list(selective_layers) or None}
     options = ConvertOptions(
-        input=resolve_model(input_), output=output, outtype=outtype, reference=reference,
-        theta_rank=theta_rank, theta_gamma=theta_gamma, selective_layers=list(selective_layers) or None,
+        input=resolve_model(input_), output=output, reference=reference, theta_gamma=theta_gamma,
         calib_text=calib_text, theta_calib=theta_calib, imatrix=imatrix, threads=threads,
         so8t=So8tOptions(mode=so8t, seed=so8t_seed, heads=so8t_heads, force=force, report_dir=report_dir),
-        progress=sys.stderr.isatty() or not as_json)
+        progress=sys.stderr.isatty() or not as_json, **{k: v for k, v in given.items() if v is not None})
     if optimize_rank:
         from nkat_gguf.optimizer.outputs import format_summary
         from nkat_gguf.optimizer.study import optimize_convert

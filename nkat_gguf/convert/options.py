@@ -10,6 +10,12 @@ from nkat_gguf.so8t.bake_step import So8tOptions
 
 ThetaCalib = Literal["activation", "none"]
 
+# The default convert (issue 9): the base type and θ that `nkat-gguf frontier` measured best on the default
+# model within +3 % of the base type's file size, on both evaluation texts (BENCHMARKS.md, "Frontier (issue 9)").
+DEFAULT_OUTTYPE = "IQ4_NL"
+DEFAULT_THETA_RANK = 8
+DEFAULT_THETA_WEIGHTS: tuple[str, ...] | None = None  # --selective-layers patterns; None: every attention/FFN weight
+
 
 @dataclass(frozen=True)
 class ConvertOptions:
@@ -17,11 +23,11 @@ class ConvertOptions:
 
     input: Path
     output: Path
-    outtype: str = "same"
+    outtype: str = DEFAULT_OUTTYPE  # "same": the input's type
     reference: Path | None = None
-    theta_rank: int = 4
+    theta_rank: int = DEFAULT_THETA_RANK
     theta_gamma: float = 0.97
-    selective_layers: list[str] | None = None
+    selective_layers: list[str] | tuple[str, ...] | None = DEFAULT_THETA_WEIGHTS  # None: every attention/FFN weight
     calib_text: Path | None = None
     theta_calib: ThetaCalib = "activation"
     imatrix: str = "auto"  # "auto": from the calibration; "none"; or a llama.cpp imatrix file
