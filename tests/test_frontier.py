@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-import nkat_gguf.evaluate.frontier
+import nkat_gguf.evaluate.frontier as engine_frontier
 from nkat_gguf.cli import main
 from nkat_gguf.default_model import default_model_path
 from nkat_gguf.engine.compare import CompareSettings
@@ -32,7 +32,8 @@ from nkat_gguf.format.gguf_file import read_layout
 from nkat_gguf.format.hashing import sha256_file
 
 MEASURE = CompareSettings(n_ctx=64, n_chunks=1, repetitions=1, n_prompt=64, n_gen=8, progress=False)
-SETTINGS = FrontierSettings(types=("Q4_0", "Q3_K_M"), thetas=(parse_theta_spec("Q4_0:4"), parse_theta_spec("Q4_0:4:ffn")),
+SETTINGS = FrontierSettings(types=("Q4_0", "Q3_K_M"),
+                            thetas=(parse_theta_spec("Q4_0:4"), parse_theta_spec("Q4_0:4:ffn")),
                             measure=MEASURE, threads=2, progress=False)
 NAMES = ["reference", "Q4_0 plain", "Q4_0+imatrix", "Q3_K_M+imatrix", "Q4_0+imatrix+θ r4", "Q4_0+imatrix+θ r4 ffn"]
 
@@ -108,7 +109,7 @@ def test_gaps_envelope_and_outputs(run: tuple[dict, Path]) -> None:
     assert Path(result["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert all(any(line.startswith(name + " ") for line in format_frontier(result).splitlines()) for name in NAMES)
     table = format_markdown(result).splitlines()
-    assert len(table) == 2 + len(NAMES) and all(any(f"| {name} |" in line for line in table) for name in NAMES)
+    assert len(table) == 4 + len(NAMES) and all(any(f"| {name} |" in line for line in table) for name in NAMES)
 
 
 def _row(name: str, mib: float, ppl: float, kind: str = "imatrix") -> dict:
@@ -120,10 +121,23 @@ def test_lower_envelope_keeps_only_types_no_smaller_type_beats() -> None:
             _row("p", 80, 10, kind="plain")]
     assert [r["name"] for r in lower_envelope(rows, "t")] == ["a", "b", "e"]
     envelope = lower_envelope(rows, "t")
-    assert nkat_gguf.evaluate.frontier._against_frontier(_row("n", 88.5, 24.9, "nkat"), envelope, "t") == {
+    assert engine_frontier._against_frontier(_row("n", 88.5, 24.9, "nkat"), envelope, "t") == {
         "best_type": "b", "best_ppl": 25, "beats": True}
-    equal_size = nkat_gguf.evaluate.frontier._against_frontier(_row("n", 89, 21.5, "nkat"), envelope, "t")
+    equal_size = engine_frontier._against_frontier(_row("n", 89, 21.5, "nkat"), envelope, "t")
     assert equal_size["best_type"] == "e" and not equal_size["beats"]  # equal size counts against it
+
+
+def test_default_candidate_fits_the_budget_beats_the_frontier_and_is_best_on_its_worse_text() -> None:
+    def nkat_row(name: str, mib: float, gaps: tuple[float, float], beats: tuple[bool, bool]) -> dict:
+        return {"name": name, "kind": "nkat", "base": "b", "file_bytes": int(mib * (1 << 20)),
+                "gap_recovered": dict(zip("xy", gaps)), "frontier": {k: {"beats": v} for k, v in zip("xy", beats)}}
+
+    base = {"name": "b", "kind": "imatrix", "file_bytes": 100 << 20}
+    rows = [base, nkat_row("big", 103.5, (0.99, 0.99), (True, True)), nkat_row("loses", 101, (0.9, 0.9), (True, False)),
+            nkat_row("even", 102, (0.7, 0.7), (True, True)), nkat_row("lopsided", 102.9, (0.95, 0.6), (True, True))]
+    assert engine_frontier.default_candidate(rows) == "even"
+    assert engine_frontier.default_candidate(rows, budget=0.04) == "big"
+    assert engine_frontier.default_candidate(rows[:3]) is None
 
 
 def test_theta_spec_parsing() -> None:
@@ -163,7 +177,7 @@ def test_cli_is_a_thin_shell(run: tuple[dict, Path], tiny_f32: Path, monkeypatch
         calls.append(args)
         return dict(run[0])
 
-    monkeypatch.setattr(nkat_gguf.evaluate.frontier, "frontier", fake)
+    monkeypatch.setattr(engine_frontier, "frontier", fake)
     result = CliRunner().invoke(main, ["frontier", "--input", str(tiny_f32), "--types", "q4_0,IQ4_NL", "--types",
                                        "Q5_0", "--theta", "none", "--chunks", "3", "--json"])
     assert result.exit_code == 0, result.output
@@ -181,7 +195,8 @@ def test_default_model_rows_match_their_files(tmp_path: Path) -> None:
                                                         progress=False), threads=2, progress=False)
     result = frontier(default_model_path(), RuntimeOptions(n_threads=2), settings, out_dir=tmp_path)
     rows = {r["name"]: r for r in result["rows"]}
-    assert list(rows) == ["reference", "Q4_0 plain", "Q4_0+imatrix", "IQ4_NL+imatrix", "IQ4_NL+imatrix+θ r2 blk.*.ffn_down"]
+    assert list(rows) == ["reference", "Q4_0 plain", "Q4_0+imatrix", "IQ4_NL+imatrix",
+                          "IQ4_NL+imatrix+θ r2 blk.*.ffn_down"]
     for row in rows.values():
         path = Path(row["path"])
         assert row["file_bytes"] == path.stat().st_size and row["sha256"] == sha256_file(path)

@@ -40,6 +40,7 @@ DEFAULT_TYPES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "IQ3_XXS", "IQ3_S", "IQ4_
 DEFAULT_THETA = ("Q4_0:4", "Q4_0:8", "Q4_0:8:ffn", "IQ4_NL:4", "IQ4_NL:8", "IQ4_NL:8:attn", "IQ4_NL:8:ffn",
                  "IQ4_NL:12:ffn", "IQ4_NL:16:ffn", "Q3_K_S:16")
 TEXTS: tuple[Split, ...] = ("evaluation", "licenses")  # pydoc topics (not the calibration split); licence texts
+DEFAULT_BUDGET = 0.03  # the default convert may add this share of its base type's file size
 PLAIN_TYPE = "Q4_0"  # plain Q4_0, no importance matrix: the zero point of the gap
 WEIGHT_SETS = {"all": None, "ffn": ["blk.*.ffn_*"], "attn": ["blk.*.attn_*"]}
 _SETTABLE = {f.name for f in dataclasses.fields(ConvertOptions)} - {"input", "output", "reference", "outtype",
@@ -82,7 +83,8 @@ def parse_theta_spec(spec: str) -> ThetaSpec:
         key, value = item.split("=", 1)
         key = key.replace("-", "_")
         if key not in _SETTABLE:
-            raise InputError(f"--theta {spec!r}: {key} is not a convert option; choose from {', '.join(sorted(_SETTABLE))}")
+            raise InputError(f"--theta {spec!r}: {key} is not a convert option; "
+                             f"choose from {', '.join(sorted(_SETTABLE))}")
         options.append((key, _literal(value)))
     return ThetaSpec(parts[0].upper(), int(parts[1]), positional[0] if positional else "all", tuple(options))
 
@@ -196,6 +198,7 @@ def frontier(model: Path, runtime_options: RuntimeOptions, settings: FrontierSet
         "n_gen": settings.measure.n_gen, "device": device_name(),
         "rows": rows,
         "frontier": {key: [r["name"] for r in env] for key, env in envelopes.items()},
+        "default_candidate": default_candidate(rows),
     }
     if plot is not None:
         plot_frontier(result, Path(plot))
@@ -262,6 +265,17 @@ def _against_frontier(row: dict, envelope: list[dict], key: str) -> dict:
     return {"best_type": best["name"] if best else None,
             "best_ppl": best["perplexity"][key]["ppl"] if best else None,
             "beats": best is None or ppl < best["perplexity"][key]["ppl"]}
+
+
+def default_candidate(rows: list[dict], budget: float = DEFAULT_BUDGET) -> str | None:
+    """The NKAT row a default convert should write: at most `budget` over its base type's size, beating the
+    frontier on every text, and of those the one with the best gap share on its worse text (None: no such row)."""
+    by_name = {r["name"]: r for r in rows}
+    fits = [r for r in rows if r["kind"] == "nkat" and all(v["beats"] for v in r["frontier"].values())
+            and r["file_bytes"] <= (1 + budget) * by_name[r["base"]]["file_bytes"]]
+    worst = {r["name"]: min((g for g in r["gap_recovered"].values() if g is not None), default=float("-inf"))
+             for r in fits}
+    return max(fits, key=lambda r: worst[r["name"]])["name"] if fits else None
 
 
 def plot_frontier(result: dict, path: Path) -> None:
@@ -332,6 +346,8 @@ def format_frontier(result: dict) -> str:
                      f"{r['tg_tokens_per_second']:>10.1f}{ratio}{beats}")
     for key in keys:
         lines.append(f"frontier on {key}: " + " < ".join(result["frontier"][key]))
+    lines.append(f"default candidate (<= +{100 * DEFAULT_BUDGET:g} % over its base, beats the frontier on every text, "
+                 f"best worse-text gap share): {result['default_candidate'] or 'none'}")
     fallbacks = {r["name"]: r["fallbacks"] for r in result["rows"] if r["fallbacks"]}
     for name, counts in fallbacks.items():
         lines.append(f"llama.cpp fallbacks in {name}: " + ", ".join(f"{n}× {k}" for k, n in counts.items()))
@@ -353,7 +369,10 @@ def format_markdown(result: dict) -> str:
         ratio = r["speed_vs_base"]
         cells += [f"{r['pp_tokens_per_second']:.0f}", f"{r['tg_tokens_per_second']:.0f}",
                   f"{ratio['tg']:.3f}" if ratio else "", f"{ratio['pp']:.3f}" if ratio else ""]
-        cells.append(", ".join(f"{k}: {'yes' if r['frontier'][k]['beats'] else 'no'} (vs {r['frontier'][k]['best_type']})"
-                               for k in keys) if "frontier" in r else "")
+        verdicts = [f"{k}: {'yes' if v['beats'] else 'no'} (vs {v['best_type']})"
+                    for k, v in r.get("frontier", {}).items()]
+        cells.append(", ".join(verdicts))
         lines.append("| " + " | ".join(cells) + " |")
+    lines.append(f"\nDefault candidate (at most +{100 * DEFAULT_BUDGET:g} % over its base type, beats the frontier on "
+                 f"every text, best gap share on its worse text): {default_candidate(result['rows']) or 'none'}")
     return "\n".join(lines)
