@@ -7,6 +7,7 @@ Using llama.cpp itself makes the output exactly what `llama-quantize` would writ
 from __future__ import annotations
 
 import ctypes
+import re
 from pathlib import Path
 
 import llama_cpp
@@ -17,6 +18,8 @@ from nkat_gguf.errors import InputError, NkatError
 from nkat_gguf.format.gguf_file import GGUFLayout
 
 _FTYPE_PREFIX = "LLAMA_FTYPE_MOSTLY_"
+# llama-quant.cpp's tensor_type_fallback: "warning: NAME - ncols N not divisible by B (required for type T) -> falling back to U"
+_FALLBACK = re.compile(r"warning: (\S+)\s+- ncols .*?\(required for type\s*(\S+)\).*?-> falling back to\s*(\S+)")
 
 
 def outtypes() -> dict[str, int]:
@@ -80,3 +83,11 @@ def quantize_model(
     if status != 0:
         raise NkatError(f"llama.cpp could not quantize {src.name}: {log.reason(f'status {status}')}")
     return log.text
+
+
+def fallbacks(log: str) -> dict[str, str]:
+    """Tensor name -> "q3_K -> q4_0" for each tensor whose rows the requested type cannot hold (from the log).
+
+    K-quants need rows that are a multiple of 256 wide: on a model of width 576 most weights fall back.
+    """
+    return {name: f"{wanted} -> {used}" for name, wanted, used in _FALLBACK.findall(log)}

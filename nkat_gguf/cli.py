@@ -125,12 +125,13 @@ def main() -> None:
 @click.option("--input", "input_", default="default", show_default=True, help=MODEL_HELP)
 @click.option("--output", "-o", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Where to write the NKAT GGUF (written atomically; the input is never modified).")
-@click.option("--outtype", default="same", show_default=True,
-              help="llama.cpp quantization type (Q4_0, Q4_K_M, Q8_0, F16, ...) or 'same' as the input.")
+@click.option("--outtype", default=None,
+              help="llama.cpp quantization type (Q4_0, IQ4_NL, Q4_K_M, Q8_0, F16, ...) or 'same' as the input "
+                   "(default: the type the frontier run chose, see 'Defaults' below).")
 @click.option("--reference", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Higher-precision GGUF of the same model whose weights theta aims at (default: the input).")
-@click.option("--theta-rank", type=int, default=4, show_default=True,
-              help="Rank r of the correction per weight; 0 writes no theta.")
+@click.option("--theta-rank", type=int, default=None,
+              help="Rank r of the correction per weight; 0 writes no theta (default: see 'Defaults' below).")
 @click.option("--theta-gamma", callback=_gamma, default="0.97", show_default=True,
               help="Default gamma stored in the file (1 applies the full correction).")
 @click.option("--theta-budget", default=None, metavar="SIZE",
@@ -141,7 +142,8 @@ def main() -> None:
               help="With --theta-budget: at most N weights carry theta. Each adds 4 llama.cpp graph operations "
                    "whatever its rank, so this caps the run-time cost.")
 @click.option("--selective-layers", multiple=True, metavar="NAME",
-              help="Only these weights: GGUF names, globs (blk.*.ffn_*) or Meta/HF names. Repeatable.")
+              help="Only these weights: GGUF names, globs (blk.*.ffn_*; blk.* for all) or Meta/HF names. "
+                   "Repeatable (default: see 'Defaults' below).")
 @click.option("--calib-text", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="UTF-8 calibration text (default: the calibration split of Python's pydoc topics).")
 @click.option("--calib-tokens", type=int, default=None,
@@ -183,27 +185,35 @@ def main() -> None:
                    "as their default temperature.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
 @_fail_cleanly
-def convert(input_: str, output: Path, outtype: str, reference: Path | None, theta_rank: int, theta_gamma: float,
+def convert(input_: str, output: Path, outtype: str | None, reference: Path | None, theta_rank: int | None,
+            theta_gamma: float,
             theta_budget: str | None, theta_max_weights: int | None, selective_layers: tuple[str, ...],
             calib_text: Path | None, calib_tokens: int | None,
             save_imatrix: Path | None, theta_calib: str, theta_fit: str, theta_damping: float | None,
             theta_rounds: int, imatrix: str, threads: int, so8t: str,
             so8t_seed: int | None, so8t_heads: bool, force: bool, report_dir: Path | None,
             optimize_rank: bool, calibrate_temperature: bool, as_json: bool) -> None:
-    """Quantize a GGUF with llama.cpp and store theta (what quantization lost, low rank) in its metadata."""
+    """Quantize a GGUF with llama.cpp and store theta (what quantization lost, low rank) in its metadata.
+
+    \b
+    Defaults: the base type and theta that 'nkat-gguf frontier' measured best on the default model
+    within +3 % of the base type's size, on both evaluation texts (BENCHMARKS.md, "Frontier (issue 9)"):
+      --outtype IQ4_NL --theta-rank 8, theta on every attention/FFN weight
+    """
     from nkat_gguf.convert import ConvertOptions
     from nkat_gguf.convert import convert as run_convert
     from nkat_gguf.default_model import resolve_model
     from nkat_gguf.so8t.bake_step import So8tOptions
 
+    given = {"outtype": outtype, "theta_rank": theta_rank, "selective_layers": list(selective_layers) or None}
     options = ConvertOptions(
-        input=resolve_model(input_), output=output, outtype=outtype, reference=reference,
-        theta_rank=theta_rank, theta_gamma=theta_gamma, theta_budget=theta_budget,
-        theta_max_weights=theta_max_weights, selective_layers=list(selective_layers) or None,
+        input=resolve_model(input_), output=output, reference=reference, theta_gamma=theta_gamma,
+        theta_budget=theta_budget, theta_max_weights=theta_max_weights,
         calib_text=calib_text, calib_tokens=calib_tokens, save_imatrix=save_imatrix, theta_calib=theta_calib,
         theta_fit=theta_fit, theta_damping=theta_damping, theta_rounds=theta_rounds, imatrix=imatrix, threads=threads,
         so8t=So8tOptions(mode=so8t, seed=so8t_seed, heads=so8t_heads, force=force, report_dir=report_dir),
-        calibrate_temperature=calibrate_temperature, progress=sys.stderr.isatty() or not as_json)
+        calibrate_temperature=calibrate_temperature, progress=sys.stderr.isatty() or not as_json,
+        **{k: v for k, v in given.items() if v is not None})
     if optimize_rank:
         if calibrate_temperature:
             raise click.UsageError("--calibrate-temperature does not combine with --optimize-rank: run "
@@ -618,6 +628,62 @@ def quality(input_: str, reference: Path | None, outtype: str, theta_rank: int, 
     result["command"] = "nkat-gguf " + " ".join(sys.argv[1:])
     _emit(result, as_json, format_quality_table)
 
+
+
+def _names(values: tuple[str, ...]) -> tuple[str, ...]:
+    """Repeated options and comma-separated lists both work: --types Q4_0,IQ4_NL --types Q5_0."""
+    return tuple(v.strip().upper() for value in values for v in value.split(",") if v.strip())
+
+
+@main.command()
+@click.option("--input", "input_", default="default", show_default=True, help=MODEL_HELP)
+@click.option("--reference", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Higher-precision GGUF theta aims at and the gap is measured to (default: the input).")
+@click.option("--types", multiple=True, metavar="TYPE[,TYPE...]",
+              help="llama.cpp types to quantize with the importance matrix (default: Q2_K ... Q5_0, see below).")
+@click.option("--theta", "thetas", multiple=True, metavar="BASE:RANK[:WEIGHTS][:key=value]",
+              help="An NKAT variant: theta of RANK on the importance-matrix BASE type, on WEIGHTS (all, ffn, attn "
+                   "or --selective-layers patterns joined by ','); key=value sets another convert option. "
+                   "Repeatable; 'none' for no NKAT variant.")
+@click.option("--calib-text", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="UTF-8 calibration text (default: the calibration split of Python's pydoc topics).")
+@click.option("--ctx", type=int, default=512, show_default=True, help="Tokens per perplexity chunk.")
+@click.option("--chunks", type=int, default=8, show_default=True, help="Chunks scored per file and text.")
+@click.option("--repetitions", "-r", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Interleaved speed rounds over all files.")
+@click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Keep every file written here (created if missing; default: a temporary directory).")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write a PNG of perplexity against file size, one panel per text.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON: one row per file, with its size and sha256.")
+@engine_options
+@_fail_cleanly
+def frontier(input_: str, reference: Path | None, types: tuple[str, ...], thetas: tuple[str, ...],
+             calib_text: Path | None, ctx: int, chunks: int, repetitions: int, out_dir: Path | None,
+             plot: Path | None, as_json: bool, gpu_layers: int, no_cuda: bool, threads: int | None) -> None:
+    """Every llama.cpp type with the importance matrix, plain Q4_0, the reference and NKAT variants: one
+    calibration, perplexity on two texts (pydoc topics, licence texts), interleaved speed, the frontier.
+
+    \b
+    Default types: Q2_K Q3_K_S Q3_K_M Q3_K_L IQ3_XXS IQ3_S IQ4_XS IQ4_NL Q4_0 Q4_K_S Q4_K_M Q5_0
+    Default theta: Q4_0:4 Q4_0:8 Q4_0:8:ffn IQ4_NL:4 IQ4_NL:8 IQ4_NL:8:attn IQ4_NL:8:ffn IQ4_NL:12:ffn
+                   IQ4_NL:16:ffn Q3_K_S:16
+    """
+    from nkat_gguf.default_model import resolve_model
+    from nkat_gguf.engine.compare import CompareSettings
+    from nkat_gguf.evaluate.frontier import FrontierSettings, format_frontier, parse_theta_spec
+    from nkat_gguf.evaluate.frontier import frontier as run_frontier
+
+    defaults = FrontierSettings()
+    specs = () if thetas == ("none",) else tuple(parse_theta_spec(t) for t in thetas) if thetas else defaults.thetas
+    settings = FrontierSettings(
+        types=_names(types) or defaults.types, thetas=specs,
+        measure=CompareSettings(n_ctx=ctx, n_chunks=chunks, repetitions=repetitions), threads=threads or 0)
+    result = run_frontier(resolve_model(input_),
+                          _runtime_options(gpu_layers, no_cuda, threads, n_ctx=max(ctx, settings.measure.n_prompt)),
+                          settings, reference, calib_text, out_dir, plot)
+    result["command"] = "nkat-gguf " + " ".join(sys.argv[1:])
+    _emit(result, as_json, format_frontier)
 
 
 @main.group()

@@ -2,7 +2,9 @@
 
 - `pydoc_data.topics` (CPython's own documentation, shipped with every CPython): the topics are taken
   in sorted key order; every fifth one (index 0, 5, 10, ...) is the calibration split, all others are
-  the evaluation split, so the two never share a sentence.
+  the evaluation split. Topics repeat each other's sections (a third of the calibration paragraphs
+  recur in other topics), so the evaluation split also drops every paragraph found in the calibration
+  split or sharing a line of SHARED_LINE characters or more with it: the two never share a sentence.
 - `licenses`: a second evaluation text of another kind, legal prose: the licence texts every Debian
   system ships in /usr/share/common-licenses (package base-files), in sorted file order. A gain that
   shows on pydoc but not here is a gain on text like the calibration text only.
@@ -22,6 +24,7 @@ from nkat_gguf.errors import InputError
 
 Split = Literal["calibration", "evaluation", "licenses"]
 CALIBRATION_EVERY = 5
+SHARED_LINE = 60  # a line this long found in both splits is shared text, not a common phrase
 LICENSES_DIR = Path("/usr/share/common-licenses")
 # The licence files of the second evaluation text; the other files there are older versions or links to these.
 LICENSE_FILES = ("Apache-2.0", "Artistic", "GFDL-1.3", "GPL-3", "LGPL-2.1", "MPL-2.0")
@@ -43,9 +46,19 @@ def builtin_text(split: Split) -> Text:
         return _licenses_text()
 
     keys = sorted(topics)
-    in_calibration = split == "calibration"
-    chosen = [topics[k] for i, k in enumerate(keys) if (i % CALIBRATION_EVERY == 0) == in_calibration]
-    return Text("\n\n".join(chosen), f"pydoc_data.topics:{split}")
+    calibration = [topics[k] for i, k in enumerate(keys) if i % CALIBRATION_EVERY == 0]
+    if split == "calibration":
+        return Text("\n\n".join(calibration), f"pydoc_data.topics:{split}")
+    seen = long_lines("\n".join(calibration)) | {p.strip() for t in calibration for p in t.split("\n\n")}
+    evaluation = ["\n\n".join(p for p in topics[k].split("\n\n")
+                            if p.strip() not in seen and not long_lines(p) & seen)
+                  for i, k in enumerate(keys) if i % CALIBRATION_EVERY != 0]
+    return Text("\n\n".join(t for t in evaluation if t), f"pydoc_data.topics:{split}")
+
+
+def long_lines(text: str) -> set[str]:
+    """The stripped lines of at least SHARED_LINE characters: what two texts that share prose have in common."""
+    return {s for line in text.splitlines() if len(s := line.strip()) >= SHARED_LINE}
 
 
 def load_text(path: str | Path | None, split: Split) -> Text:

@@ -10,6 +10,12 @@ from nkat_gguf.so8t.bake_step import So8tOptions
 
 ThetaCalib = Literal["activation", "none"]
 
+# The default convert (issue 9): the base type and θ that `nkat-gguf frontier` measured best on the default
+# model within +3 % of the base type's file size, on both evaluation texts (BENCHMARKS.md, "Frontier (issue 9)").
+DEFAULT_OUTTYPE = "IQ4_NL"
+DEFAULT_THETA_RANK = 8
+DEFAULT_THETA_WEIGHTS: tuple[str, ...] | None = None  # --selective-layers patterns; None: every attention/FFN weight
+
 
 @dataclass(frozen=True)
 class ConvertOptions:
@@ -17,11 +23,11 @@ class ConvertOptions:
 
     input: Path
     output: Path
-    outtype: str = "same"
+    outtype: str = DEFAULT_OUTTYPE  # "same": the input's type
     reference: Path | None = None
-    theta_rank: int = 4
+    theta_rank: int = DEFAULT_THETA_RANK
     theta_gamma: float = 0.97
-    selective_layers: list[str] | None = None
+    selective_layers: list[str] | tuple[str, ...] | None = DEFAULT_THETA_WEIGHTS  # None: every attention/FFN weight
     calib_text: Path | None = None
     calib_tokens: int | None = None  # None: DEFAULT_CALIB_TOKENS, or all whole windows of a shorter text
     save_imatrix: Path | None = None  # also write the calibration as a llama.cpp imatrix GGUF
@@ -59,6 +65,7 @@ class ConvertReport:
     so8t: dict | None = None  # rotation and QC figures when --so8t baked one
     allocation: dict | None = None  # --theta-budget: budget, bytes spent, sensitivity per kind, ranks per kind
     temperature: dict | None = None  # --calibrate-temperature: the fitted T and what it was fitted on
+    fallbacks: dict[str, str] = field(default_factory=dict)  # tensor -> "q3_K -> q4_0", llama.cpp's substitutions
 
     def as_dict(self) -> dict:
         return asdict(self)

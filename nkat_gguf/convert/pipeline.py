@@ -21,7 +21,7 @@ from nkat_gguf.convert.options import ConvertOptions, ConvertReport
 from nkat_gguf.convert.selection import select_tensors
 from nkat_gguf.convert.theta_fit import FIT_METHODS, FitSettings, fit_weights, replace_tensors
 from nkat_gguf.engine.confidence import CalibrationSettings, fit_llm_temperature
-from nkat_gguf.engine.quantize import quantize_model, resolve_outtype
+from nkat_gguf.engine.quantize import fallbacks, quantize_model, resolve_outtype
 from nkat_gguf.engine.runtime import NkatRuntime, RuntimeOptions, check_loadable
 from nkat_gguf.errors import InputError
 from nkat_gguf.format import nkat
@@ -144,7 +144,7 @@ def convert(opts: ConvertOptions, calibration: Calibration | None = None) -> Con
 
         quantized_path = Path(tmp) / "quantized.gguf"
         t = time.perf_counter()
-        quantize_model(model_path, quantized_path, ftype, imatrix, opts.threads)
+        report.fallbacks = fallbacks(quantize_model(model_path, quantized_path, ftype, imatrix, opts.threads))
         seconds["quantize"] = time.perf_counter() - t
 
         t = time.perf_counter()

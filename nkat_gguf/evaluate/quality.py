@@ -20,7 +20,8 @@ from nkat_gguf.convert import ConvertOptions, ConvertReport, convert
 from nkat_gguf.convert.calibrate import Calibration, calibrate
 from nkat_gguf.convert.pipeline import reference_weights
 from nkat_gguf.engine.bench import device_name
-from nkat_gguf.engine.measure import Configuration, SpeedSettings, interleaved_rates
+from nkat_gguf.engine.compare import CompareSettings
+from nkat_gguf.engine.measure import Configuration, interleaved_rates
 from nkat_gguf.engine.perplexity import perplexity, tokenize_text
 from nkat_gguf.engine.probe import check_model
 from nkat_gguf.engine.quantize import resolve_outtype
@@ -75,29 +76,43 @@ def build_variants(model: Path, reference: Path | None, calibration: Calibration
     return reports
 
 
-def measure(files: dict[str, Path], text: Text, runtime_options: RuntimeOptions,
-            settings: QualitySettings) -> dict[str, dict]:
-    """Perplexity and speed of every file, θ on at the file's γ where it has θ, all loaded at once.
+def measure_files(files: dict[str, Path], texts: dict[str, Text], runtime_options: RuntimeOptions,
+                  settings: CompareSettings) -> dict[str, dict]:
+    """Speed and perplexity of every file, θ on at the file's γ where it has θ, all loaded at once.
 
     Speed goes through the one interleaving primitive (engine/measure.py): file by file each round,
-    re-warmed after every switch of model, so drift on a shared machine hits every row alike.
+    re-warmed after every switch of model, so drift on a shared machine hits every row alike. Then
+    each file's perplexity on each text.
     """
-    speed_settings = SpeedSettings(repetitions=settings.repetitions, n_prompt=settings.n_prompt,
-                                   n_gen=settings.n_gen, progress=settings.progress)
     with ExitStack() as stack:
         runtimes = {name: stack.enter_context(NkatRuntime(path, runtime_options)) for name, path in files.items()}
         gammas = {name: rt.default_gamma for name, rt in runtimes.items()}  # None: no θ in the file
         speed = interleaved_rates({name: Configuration(rt.llm, functools.partial(rt.set_gamma, gammas[name]))
-                                   for name, rt in runtimes.items()}, speed_settings)
-        tokens = tokenize_text(next(iter(runtimes.values())).llm, text.content)  # one model, one tokenizer
+                                   for name, rt in runtimes.items()}, settings)
+        tokenizer = next(iter(runtimes.values())).llm  # one model, one tokenizer
+        tokens = {key: tokenize_text(tokenizer, text.content) for key, text in texts.items()}
         rows = {}
         for name, rt in runtimes.items():
             rt.set_gamma(gammas[name])
-            ppl = perplexity(rt.llm, tokens, settings.n_ctx, settings.n_chunks, settings.progress)
+            ppl = {key: perplexity(rt.llm, tokens[key], settings.n_ctx, settings.n_chunks, settings.progress)
+                   for key in texts}
             rows[name] = {"file": files[name].name, "file_bytes": files[name].stat().st_size,
                           "theta": gammas[name] is not None, "gamma": gammas[name],
-                          "ppl": ppl.ppl, "ppl_stderr": ppl.ppl_stderr, "chunks": ppl.n_chunks,
+                          "perplexity": {key: {"ppl": r.ppl, "ppl_stderr": r.ppl_stderr, "chunks": r.n_chunks}
+                                         for key, r in ppl.items()},
                           **{k: v for k, v in speed[name].items() if k != "avg_latency_ms"}}
+    return rows
+
+
+def measure(files: dict[str, Path], text: Text, runtime_options: RuntimeOptions,
+            settings: QualitySettings) -> dict[str, dict]:
+    """`measure_files` on the table's one text, its perplexity fields flat in each row."""
+    rows = measure_files(files, {"text": text}, runtime_options,
+                         CompareSettings(n_ctx=settings.n_ctx, n_chunks=settings.n_chunks,
+                                         repetitions=settings.repetitions, n_prompt=settings.n_prompt,
+                                         n_gen=settings.n_gen, progress=settings.progress))
+    for row in rows.values():
+        row.update(row.pop("perplexity")["text"])
     return rows
 
 
