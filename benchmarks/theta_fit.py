@@ -34,12 +34,10 @@ from nkat_gguf.convert.theta_fit import DEFAULT_DAMPING  # noqa: E402
 from nkat_gguf.default_model import default_model_path  # noqa: E402
 from nkat_gguf.engine.perplexity import perplexity, tokenize_text  # noqa: E402
 from nkat_gguf.engine.runtime import NkatRuntime, RuntimeOptions  # noqa: E402
-from nkat_gguf.format.tensors import TensorSource  # noqa: E402
 from nkat_gguf.texts import load_text  # noqa: E402
 
 TEXTS = ("evaluation", "licenses")
-TOKENS = {2048: (8, 256), 8192: (16, 512), 16384: (32, 512)}  # calibration tokens -> (windows, length)
-MAIN_TOKENS = 2048  # today's default (8 windows of 256); 16,384 is 32 of 512, nearly all of the split's 17,186
+MAIN_TOKENS = 2048  # the seed's calibration size; convert's default is now 16,384 (32 windows of 512)
 RANK = 8
 
 
@@ -100,12 +98,11 @@ class Bench:
                 self.done[row["name"]] = row
 
     def calibration(self, tokens: int) -> Calibration:
+        """convert's own calibration (llama.cpp, consecutive windows of 512), E[x xᵀ] included."""
         if tokens not in self.calibrations:
-            source = TensorSource(self.model)
-            n_seq, length = TOKENS[tokens]
             t = time.perf_counter()
-            self.calibrations[tokens] = calibrate(source, source.dequantize, self.model, load_text(None, "calibration"),
-                                                  second_moments=True, n_seq=n_seq, length=length)
+            self.calibrations[tokens] = calibrate(self.model, load_text(None, "calibration"), tokens,
+                                                  second_moments=True, threads=self.args.threads, progress=False)
             print(f"calibration {tokens} tokens: {time.perf_counter() - t:.1f} s", file=sys.stderr)
         return self.calibrations[tokens]
 
