@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Perplexity of the files a `nkat-gguf frontier --out-dir D` run wrote, both texts, 4 chunks of 512, one thread,
+# Perplexity of the files a `nkat-gguf frontier --out-dir D` run wrote, both texts, CHUNKS (default 4) chunks of 512, one thread,
 # as JSON lines in /tmp/fr/ppl/ppl.jsonl (benchmarks/frontier_perplexity_table.py turns them into the table).
 # Texts: load_text(None, "evaluation") and load_text(None, "licenses") written to /tmp/fr/{evaluation,licenses}.txt.
 cd "$(dirname "$0")/.."
@@ -18,7 +18,7 @@ files=("$(.venv/bin/python -c 'from nkat_gguf.default_model import default_model
   $D/$P.Q4_K_M.imatrix.gguf)
 for f in "${files[@]}"; do
   for t in evaluation licenses; do
-    r=$(nice -n 10 .venv/bin/nkat-gguf perplexity --model "$f" --text /tmp/fr/$t.txt --chunks 4 --threads 1 --json 2>/dev/null)
+    r=$(nice -n 10 .venv/bin/nkat-gguf perplexity --model "$f" --text /tmp/fr/$t.txt --chunks ${CHUNKS:-4} --threads 1 --json 2>/dev/null)
     echo "{\"file\": \"$f\", \"text\": \"$t\", \"result\": $r}" >> /tmp/fr/ppl/ppl.jsonl
   done
 done

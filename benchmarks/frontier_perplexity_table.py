@@ -47,7 +47,10 @@ def rows_from(lines: list[dict]) -> list[dict]:
 
 
 def main(path: Path) -> None:
-    lines = [json.loads(line) for line in path.read_text().splitlines() if line.startswith("{")]
+    lines, text, decoder, at = [], path.read_text(), json.JSONDecoder(), 0
+    while (at := text.find("{", at)) >= 0:  # entries of pretty-printed JSON, one after another
+        entry, at = decoder.raw_decode(text, at)
+        lines.append(entry)
     rows = rows_from(lines)
     keys = ["evaluation", "licenses"]
     _add_gaps(rows, keys)

@@ -31,7 +31,7 @@ def table(tiny_f32: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dic
         raise AssertionError("convert calibrated again: the table must reuse its one calibration")
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("nkat_gguf.convert.calibrate", no_second_calibration)
+        mp.setattr("nkat_gguf.convert.pipeline.calibrate", no_second_calibration)
         result = quality_table(tiny_f32, builtin_text("evaluation"), RuntimeOptions(n_ctx=64, n_batch=64, n_threads=2),
                                SETTINGS, out_dir=out_dir)
     return result, out_dir
