@@ -14,13 +14,14 @@ import functools
 import statistics
 import sys
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import llama_cpp
 import numpy as np
 from tqdm import tqdm
 
-from nkat_gguf.engine.bench import BenchResult, device_name, summarize, time_generation, time_prompt
+from nkat_gguf.engine.bench import BenchResult, DecodeLoop, device_name, summarize
 from nkat_gguf.engine.runtime import NkatRuntime
 from nkat_gguf.errors import InputError
 
@@ -44,24 +45,34 @@ class Configuration:
 
 
 def interleaved_rates(configurations: dict[str, Configuration], settings: SpeedSettings) -> dict[str, dict]:
-    """pp and tg tokens/s per configuration: mean, sample sd, and the mean latency per generated token."""
+    """pp and tg tokens/s per configuration: mean, sample sd, and the mean latency per generated token.
+
+    Switching γ makes llama.cpp rebuild its scheduler at the next decode; one untimed token after every
+    switch keeps that out of the timed runs, as llama-bench (which never switches) has it.
+    """
     rngs = {name: np.random.default_rng(i) for i, name in enumerate(configurations)}
     pp: dict[str, list[float]] = {name: [] for name in configurations}
     tg: dict[str, list[float]] = {name: [] for name in configurations}
     names = list(configurations)
-    previous: llama_cpp.Llama | None = None
-    with tqdm(total=settings.repetitions * len(names), desc="speed", unit="run", file=sys.stderr,
-              disable=not settings.progress) as bar:
+    previous: str | None = None
+    with ExitStack() as stack, tqdm(total=settings.repetitions * len(names), desc="speed", unit="run",
+                                    file=sys.stderr, disable=not settings.progress) as bar:
+        loops: dict[int, DecodeLoop] = {}  # one per loaded model, its batches reused by every run
         for round_ in range(settings.repetitions):
             for name in names[round_ % len(names):] + names[:round_ % len(names)]:
                 config = configurations[name]
                 config.activate()
-                if config.llm is not previous:
-                    time_prompt(config.llm, settings.n_prompt, rngs[name])
-                    time_generation(config.llm, WARMUP_GEN_TOKENS, rngs[name])
-                    previous = config.llm
-                pp[name].append(settings.n_prompt / time_prompt(config.llm, settings.n_prompt, rngs[name]))
-                tg[name].append(settings.n_gen / time_generation(config.llm, settings.n_gen, rngs[name]))
+                if id(config.llm) not in loops:
+                    loops[id(config.llm)] = stack.enter_context(DecodeLoop(config.llm))
+                loop = loops[id(config.llm)]
+                if previous is None or configurations[previous].llm is not config.llm:
+                    loop.time_prompt(settings.n_prompt, rngs[name])  # warm the model's caches
+                    loop.time_generation(WARMUP_GEN_TOKENS, rngs[name])
+                elif previous != name:
+                    loop.time_generation(1, rngs[name])  # the scheduler rebuild after a γ switch
+                previous = name
+                pp[name].append(settings.n_prompt / loop.time_prompt(settings.n_prompt, rngs[name]))
+                tg[name].append(settings.n_gen / loop.time_generation(settings.n_gen, rngs[name]))
                 bar.update()
     out = {}
     for name in names:

@@ -18,14 +18,46 @@ from nkat_gguf.format.hparams import check_context
 from nkat_gguf.format.nkat import CalibratedTemperature, NkatTheta, check_gamma, read_temperature, read_theta
 
 
+N_UBATCH = 512  # llama.cpp's default physical batch (llama-bench, llama-perplexity)
+
+
+def physical_cores() -> int:
+    """llama.cpp's default thread count: one per physical core this process may run on.
+
+    SMT siblings share a core's vector units, and ggml's threads meet at a barrier after every
+    operation, so a second thread per core mostly waits (llama.cpp's `common_cpu_get_num_math`).
+    """
+    cpus = os.sched_getaffinity(0)
+    cores = set()
+    for cpu in cpus:
+        try:
+            cores.add(Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list").read_text().strip())
+        except OSError:
+            return len(cpus)  # no topology (not Linux, or a container hiding it): every CPU counts
+    return max(1, len(cores))
+
+
 @dataclass(frozen=True)
 class RuntimeOptions:
+    """The llama.cpp context. Defaults are llama-bench's / llama-perplexity's, so speeds compare with theirs."""
+
     n_ctx: int = 512
-    n_batch: int = 512
-    n_threads: int | None = None  # None: all cores
+    n_batch: int = 512  # logical batch; llama.cpp splits it into physical batches of N_UBATCH
+    n_threads: int | None = None  # None: one per physical core, as llama.cpp; prompt and generation alike
     n_gpu_layers: int = -1  # all layers on a GPU build; a CPU build ignores it
     f32_kv_cache: bool = False  # needed to compare logits across models (an F16 cache adds ~2e-2)
     logits_all: bool = False
+    # llama.cpp's tools default to flash attention "auto", which is on for CPU (and CUDA) builds;
+    # llama-cpp-python's Llama defaults to off, which cost ~20 % of pp and tg on the default model.
+    flash_attn: bool = True
+
+    def llama_kwargs(self) -> dict:
+        """Keyword arguments for llama_cpp.Llama: the same context llama-bench would create."""
+        threads = self.n_threads or physical_cores()
+        return {"n_ctx": self.n_ctx, "n_batch": self.n_batch, "n_ubatch": min(self.n_batch, N_UBATCH),
+                "n_threads": threads, "n_threads_batch": threads, "n_gpu_layers": self.n_gpu_layers,
+                "flash_attn": self.flash_attn, "logits_all": self.logits_all,
+                "type_k": 0 if self.f32_kv_cache else None, "type_v": 0 if self.f32_kv_cache else None}
 
 
 class NkatRuntime:
@@ -43,13 +75,7 @@ class NkatRuntime:
         check_loadable(self.path)  # an abort inside llama.cpp must not take this process down
         with captured_llama_log() as log:
             try:
-                self.llm = llama_cpp.Llama(
-                    model_path=str(self.path), n_ctx=options.n_ctx, n_batch=options.n_batch,
-                    n_ubatch=options.n_batch, n_threads=options.n_threads or os.cpu_count(),
-                    n_gpu_layers=options.n_gpu_layers, logits_all=options.logits_all,
-                    type_k=0 if options.f32_kv_cache else None, type_v=0 if options.f32_kv_cache else None,
-                    verbose=False,
-                )
+                self.llm = llama_cpp.Llama(model_path=str(self.path), verbose=False, **options.llama_kwargs())
             except ValueError:
                 self.llm = None
         if self.llm is None:
