@@ -13,6 +13,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 import llama_cpp
@@ -67,13 +68,37 @@ def _check_context(llm: llama_cpp.Llama, n_ctx: int) -> None:
         raise InputError(f"n_batch={n_batch} < n_ctx={n_ctx}: a chunk is decoded in one batch; load with n_batch >= {n_ctx}")
 
 
-def _chunk_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """-log softmax(logits)[target] per row, as llama.cpp: float32 exp, float64 sum."""
+def _chunk_nll(logits: np.ndarray, targets: np.ndarray, work: np.ndarray) -> np.ndarray:
+    """-log softmax(logits)[target] per row, as llama.cpp: float32 exp, float64 sum. `work`: a reused buffer."""
     row_max = logits.max(axis=1)
-    shifted = logits - row_max[:, None]  # the only (n, vocab) temporary
-    target_shifted = shifted[np.arange(len(targets)), targets].astype(np.float64)
-    np.exp(shifted, out=shifted)
-    return np.log(shifted.sum(axis=1, dtype=np.float64)) - target_shifted
+    np.subtract(logits, row_max[:, None], out=work)
+    target_shifted = work[np.arange(len(targets)), targets].astype(np.float64)
+    np.exp(work, out=work)
+    return np.log(work.sum(axis=1, dtype=np.float64)) - target_shifted
+
+
+class _ChunkScorer:
+    """The NLL of a chunk's scored rows, split over the context's threads as llama-perplexity splits it.
+
+    numpy releases the GIL in these loops, so the row blocks run in parallel; the buffer is allocated
+    once per run (a fresh 50 MB temporary per chunk cost page faults every chunk).
+    """
+
+    def __init__(self, n_threads: int, n_rows: int, n_vocab: int):
+        self.work = np.empty((n_rows, n_vocab), dtype=np.float32)
+        edges = np.linspace(0, n_rows, min(n_threads, n_rows) + 1).astype(int)
+        self.blocks = [slice(a, b) for a, b in zip(edges[:-1], edges[1:])]
+        self.pool = ThreadPoolExecutor(len(self.blocks)) if len(self.blocks) > 1 else None
+
+    def __call__(self, logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        if self.pool is None:
+            return _chunk_nll(logits, targets, self.work)
+        parts = [self.pool.submit(_chunk_nll, logits[b], targets[b], self.work[b]) for b in self.blocks]
+        return np.concatenate([part.result() for part in parts])
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
 
 
 def perplexity(
@@ -107,6 +132,7 @@ def perplexity(
     memory = llama_cpp.llama_get_memory(llm.ctx)
 
     batch = llama_cpp.llama_batch_init(n_ctx, 0, 1)
+    scorer = _ChunkScorer(llama_cpp.llama_n_threads_batch(llm.ctx), n_scored, n_vocab)
     try:
         # Everything but the tokens is the same for every chunk: positions 0..n_ctx-1, sequence 0,
         # and outputs for positions first..n_ctx-2 only.
@@ -131,13 +157,14 @@ def perplexity(
                 raise RuntimeError(f"llama_decode failed with code {ret}")
             logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits(llm.ctx), shape=(n_scored, n_vocab))
             targets = chunk[first + 1 :]
-            values = _chunk_nll(logits, targets)
+            values = scorer(logits, targets)
             if on_chunk is not None:
                 on_chunk(logits, targets)
             nll += float(values.sum())
             nll2 += float(np.square(values).sum())
         seconds = time.perf_counter() - start
     finally:
+        scorer.close()
         llama_cpp.llama_batch_free(batch)
         llama_cpp.llama_memory_clear(memory, True)
         llm.reset()  # llama-cpp-python's own record of cached tokens must match the emptied cache

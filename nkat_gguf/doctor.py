@@ -17,11 +17,12 @@ from pathlib import Path
 from nkat_gguf.backends import detect
 from nkat_gguf.default_model import default_model_path
 from nkat_gguf.engine.adapter import adapter_cache_dir
+from nkat_gguf.engine.system_info import CPU_FLAG_TO_FEATURE, build_features
 from nkat_gguf.errors import InputError
 
 OK, WARN, FAIL = "ok", "warn", "fail"
-# CPU flag in /proc/cpuinfo -> the feature name llama.cpp's system info prints for it
-CPU_FEATURES = {"avx2": "AVX2", "fma": "FMA", "f16c": "F16C", "avx512f": "AVX512"}
+REBUILD_FOR_THIS_CPU = ("pip install --no-cache-dir --force-reinstall llama-cpp-python==0.3.36 "
+                        "(compiles llama.cpp for this CPU, ~12 min; see README, 'Rebuilding llama.cpp')")
 
 
 @dataclass(frozen=True)
@@ -78,29 +79,27 @@ def check_llama_cpp() -> list[Check]:
         checks.append(Check("adapter API", OK, "llama_adapter_lora_init, llama_set_adapters_lora"))
     else:
         checks.append(Check("adapter API", FAIL, "missing: theta cannot run", "pip install llama-cpp-python==0.3.36"))
-    system = llama_cpp.llama_print_system_info().decode(errors="replace")
-    built = {m.group(1) for m in re.finditer(r"(\w+) = 1", system)}
-    cpu = _cpu_flags()
-    unused = [feature for flag, feature in CPU_FEATURES.items() if flag in cpu and feature not in built]
-    detail = ", ".join(sorted(built & set(CPU_FEATURES.values()))) or "no SIMD features"
-    if unused:
-        checks.append(Check("CPU features", WARN, f"build uses {detail}; the CPU also has {', '.join(unused)}",
-                            'CMAKE_ARGS="-DGGML_NATIVE=ON" pip install --force-reinstall --no-cache-dir '
-                            "llama-cpp-python==0.3.36 (builds for this CPU, ~12 min)"))
-    else:
-        checks.append(Check("CPU features", OK, detail))
+    checks.extend(check_build_features(llama_cpp.llama_print_system_info().decode(errors="replace")))
     offload = "GPU offload available" if llama_cpp.llama_supports_gpu_offload() else "CPU build (no GPU offload)"
     checks.append(Check("device", OK, offload))
     return checks
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    match = re.search(r"^flags\s*:\s*(.*)$", text, re.MULTILINE)
-    return set(match.group(1).split()) if match else set()
+def check_build_features(system_info: str, flags: set[str] | None = None) -> list[Check]:
+    """llama.cpp's system info as it is, and a warning for instruction sets the CPU has and the build lacks."""
+    features = build_features(system_info, flags)
+    checks = [Check("llama.cpp build", OK, features.system_info)]
+    simd = [f for f in features.built if f in CPU_FLAG_TO_FEATURE.values()] or ["no SIMD instruction sets"]
+    if features.cpu is None:
+        checks.append(Check("CPU features", OK, f"build uses {', '.join(simd)}; this CPU's flags are unknown "
+                                                "(no /proc/cpuinfo)"))
+    elif features.unused:
+        checks.append(Check("CPU features", WARN, f"build uses {', '.join(simd)}; the CPU also has "
+                                                  f"{', '.join(features.unused)}, unused (a wheel built elsewhere?)",
+                            REBUILD_FOR_THIS_CPU))
+    else:
+        checks.append(Check("CPU features", OK, f"build uses {', '.join(simd)}: all this CPU offers"))
+    return checks
 
 
 def check_default_model() -> Check:
