@@ -1,11 +1,14 @@
-"""Cross-check engine.perplexity and engine.bench against stock llama-perplexity and llama-bench.
+"""The engine against stock llama.cpp on the same file and threads: pp512, tg128 and perplexity throughput.
 
-Builds both tools once from the llama.cpp vendored in the llama-cpp-python 0.3.36 sdist (the same
-llama.cpp the product runs), into a cache directory reused afterwards, then measures both sides on
-the default model and the built-in evaluation text and prints JSON. Targets: perplexity within
-0.5 %, our throughput at least 0.9 x stock. A benchmark only: the product never uses these binaries.
+Stock `llama-bench` and `llama-perplexity` are built once, the way llama.cpp builds by default (for the
+local CPU), from the llama.cpp vendored in the llama-cpp-python 0.3.36 sdist (the one the product runs);
+`--stock-bin DIR` or NKAT_STOCK_LLAMA_BIN points at tools already built so nobody builds twice. Both
+sides run as a user would (`nkat-gguf bench --json`, `nkat-gguf perplexity --json`), θ off, in
+alternating rounds (stock first, then ours first) so drift hits both; the ratios are medians over rounds.
+It refuses to measure on a busy machine (1-minute load average above --max-load) unless --force, which
+the JSON records. Targets (issue 14): pp and tg >= 0.95, perplexity throughput >= 0.90.
 
-    .venv/bin/python benchmarks/stock_llama_cpp.py --chunks 8 --rounds 3
+    .venv/bin/python benchmarks/stock_llama_cpp.py --stock-bin /work/src/stock-build/bin --rounds 3 > stock.json
 """
 
 from __future__ import annotations
@@ -19,20 +22,21 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import time
 from pathlib import Path
 
 import llama_cpp
 
-from nkat_gguf.default_model import resolve_model
-from nkat_gguf.engine.measure import bench
-from nkat_gguf.engine.perplexity import perplexity, tokenize_text
+from nkat_gguf.convert import ConvertOptions, convert
+from nkat_gguf.default_model import default_model_path, resolve_model
+from nkat_gguf.engine.runtime import physical_cores
+from nkat_gguf.engine.system_info import build_features
 from nkat_gguf.texts import builtin_text
 
 VERSION = "0.3.36"
 TOOLS = ("llama-perplexity", "llama-bench")
 DEFAULT_CACHE = Path.home() / ".cache" / "nkat-gguf" / "stock-llama.cpp"
-N_CTX = 512
+N_CTX, N_PROMPT, N_GEN = 512, 512, 128
+TARGETS = {"pp_ratio": 0.95, "tg_ratio": 0.95, "perplexity_throughput_ratio": 0.90}
 STAMP = r"(\d+)\.(\d{2})\.(\d{3})\.(\d{3})"  # llama.cpp log timestamp: minutes.seconds.ms.us
 
 
@@ -57,123 +61,154 @@ def _vendored_llama_cpp(cache: Path) -> Path:
     return unpacked / "vendor" / "llama.cpp"
 
 
-def build_tools(cache: Path, source: Path | None) -> Path:
-    """bin/ with llama-perplexity and llama-bench, built at lowest CPU priority unless already there.
+def stock_tools(stock_bin: Path | None, cache: Path, source: Path | None) -> Path:
+    """bin/ with llama-perplexity and llama-bench: the given prebuilt one, else built once into the cache.
 
-    ggml's default CPU flags, as llama-cpp-python's own build uses (-march=native): other flags give
-    other kernels, hence slightly different logits and speed. The report shows both sides' flags.
+    The build is llama.cpp's default (GGML_NATIVE: kernels for this CPU, OpenMP, Release), only without
+    the downloader (LLAMA_CURL=OFF); its system info line goes into the report beside ours.
     """
+    if stock_bin is not None:
+        missing = [tool for tool in TOOLS if not (stock_bin / tool).is_file()]
+        if missing:
+            sys.exit(f"error: {stock_bin} lacks {', '.join(missing)} (build them with --cache-dir instead)")
+        return stock_bin
     bin_dir = cache / "build" / "bin"
     if all((bin_dir / tool).is_file() for tool in TOOLS):
         return bin_dir
     cache.mkdir(parents=True, exist_ok=True)
     src = source or _vendored_llama_cpp(cache)
     nice = ["nice", "-n", "19"]
-    _run(nice + ["cmake", "-S", str(src), "-B", str(cache / "build"), "-DCMAKE_BUILD_TYPE=Release",
-                 "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF"], stdout=sys.stderr)
+    _run(nice + ["cmake", "-S", str(src), "-B", str(cache / "build"), "-DLLAMA_CURL=OFF"], stdout=sys.stderr)
     _run(nice + ["cmake", "--build", str(cache / "build"), "-j2", "--target", *TOOLS], stdout=sys.stderr)
     return bin_dir
 
 
-def stock_perplexity(
-    bin_dir: Path, model: Path, text: str, chunks: int, threads: int, fa: str
-) -> dict[str, float | str]:
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "evaluation.txt"
-        path.write_text(text + "\n", encoding="utf-8")  # llama.cpp drops one trailing newline from -f files
-        start = time.perf_counter()
-        out = _run([str(bin_dir / "llama-perplexity"), "-m", str(model), "-f", str(path), "-c", str(N_CTX),
-                    "--chunks", str(chunks), "-t", str(threads), "-fa", fa, "--log-prefix", "--log-timestamps"],
-                   capture_output=True)
-        wall = time.perf_counter() - start
-    log = out.stdout + out.stderr
-    ppl = re.search(rf"{STAMP} I Final estimate: PPL = ([\d.]+) \+/- ([\d.]+)", log)
-    loop = re.search(rf"{STAMP} I perplexity: calculating perplexity", log)
-    cpu = re.search(r"system_info: .*?(CPU : .*?)\s*$", log, re.MULTILINE)
-    if not ppl or not loop or not cpu:
-        raise RuntimeError(f"unexpected llama-perplexity output:\n{log[-2000:]}")
-    # the chunk loop only, from its first log line to its last: the same span engine.perplexity times
-    seconds = _log_seconds(ppl) - _log_seconds(loop)
-    return {
-        "ppl": float(ppl[5]),
-        "ppl_stderr": float(ppl[6]),
-        "seconds": seconds,
-        "tokens_per_second": chunks * N_CTX / seconds,
-        "wall_seconds": wall,
-        "cpu_features": cpu[1],
-    }
+def default_q4_0(cache: Path) -> Path:
+    """The issue's file: the default model converted to Q4_0 without θ (converted once, then reused)."""
+    out = cache / "SmolLM2-135M-Instruct.Q4_0.gguf"
+    if not out.is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        convert(ConvertOptions(input=default_model_path(), output=out, outtype="Q4_0", theta_rank=0,
+                               imatrix="none", progress=False))
+    return out
 
 
-def stock_bench(bin_dir: Path, model: Path, repetitions: int, threads: int, fa: str) -> dict[str, float]:
-    out = _run([str(bin_dir / "llama-bench"), "-m", str(model), "-p", "512", "-n", "128", "-r", str(repetitions),
-                "-t", str(threads), "-fa", fa, "-o", "json"], capture_output=True)
+def stock_bench(bin_dir: Path, model: Path, repetitions: int, threads: int) -> dict[str, float]:
+    out = _run([str(bin_dir / "llama-bench"), "-m", str(model), "-p", str(N_PROMPT), "-n", str(N_GEN),
+                "-r", str(repetitions), "-t", str(threads), "-o", "json"], capture_output=True)
     tests = json.loads(out.stdout)
     pp = next(t for t in tests if t["n_gen"] == 0)
     tg = next(t for t in tests if t["n_prompt"] == 0)
     return {"pp_tokens_per_second": pp["avg_ts"], "pp_sd": pp["stddev_ts"],
-            "tg_tokens_per_second": tg["avg_ts"], "tg_sd": tg["stddev_ts"]}
+            "tg_tokens_per_second": tg["avg_ts"], "tg_sd": tg["stddev_ts"], "flash_attn": pp.get("flash_attn")}
 
 
-def one_round(llm: llama_cpp.Llama, bin_dir: Path, model: Path, text: str, args: argparse.Namespace) -> dict:
-    """Stock and ours back to back for each measurement, so load from other processes hits both alike."""
-    stock_ppl = stock_perplexity(bin_dir, model, text, args.chunks, args.threads, args.flash_attn)
-    ours_ppl = perplexity(llm, tokenize_text(llm, text), n_ctx=N_CTX, n_chunks=args.chunks).as_dict()
-    stock_tp = stock_bench(bin_dir, model, args.repetitions, args.threads, args.flash_attn)
-    ours_tp = bench(llm, repetitions=args.repetitions).as_dict()
+def stock_perplexity(bin_dir: Path, model: Path, text_file: Path, chunks: int, threads: int) -> dict:
+    out = _run([str(bin_dir / "llama-perplexity"), "-m", str(model), "-f", str(text_file), "-c", str(N_CTX),
+                "--chunks", str(chunks), "-t", str(threads), "--log-prefix", "--log-timestamps"],
+               capture_output=True)
+    log = out.stdout + out.stderr
+    ppl = re.search(rf"{STAMP} I Final estimate: PPL = ([\d.]+) \+/- ([\d.]+)", log)
+    loop = re.search(rf"{STAMP} I perplexity: calculating perplexity", log)
+    system = re.search(r"system_info: .*?(CPU : .*?)\s*$", log, re.MULTILINE)
+    if not ppl or not loop or not system:
+        raise RuntimeError(f"unexpected llama-perplexity output:\n{log[-2000:]}")
+    seconds = _log_seconds(ppl) - _log_seconds(loop)  # the chunk loop, the span engine.perplexity times
+    return {"ppl": float(ppl[5]), "ppl_stderr": float(ppl[6]), "seconds": seconds,
+            "tokens_per_second": chunks * N_CTX / seconds, "system_info": system[1]}
+
+
+def _nkat(*args: str) -> dict:
+    out = _run([sys.executable, "-m", "nkat_gguf.cli", *args, "--json"], capture_output=True)
+    return json.loads(out.stdout)
+
+
+def our_bench(model: Path, repetitions: int, threads: int) -> dict[str, float]:
+    result = _nkat("bench", "--model", str(model), "--n-prompt", str(N_PROMPT), "--n-gen", str(N_GEN),
+                   "--repetitions", str(repetitions), "--threads", str(threads))
+    return result["runs"]["baseline"]
+
+
+def our_perplexity(model: Path, text_file: Path, chunks: int, threads: int) -> dict:
+    return _nkat("perplexity", "--model", str(model), "--no-theta", "--text", str(text_file), "--ctx", str(N_CTX),
+                 "--chunks", str(chunks), "--threads", str(threads))
+
+
+def one_round(order: tuple[str, str], bin_dir: Path, model: Path, text_file: Path, args: argparse.Namespace) -> dict:
+    """Both sides of each measurement back to back, in the given order."""
+    run = {"stock": {"bench": lambda: stock_bench(bin_dir, model, args.repetitions, args.threads),
+                     "perplexity": lambda: stock_perplexity(bin_dir, model, text_file, args.chunks, args.threads)},
+           "ours": {"bench": lambda: our_bench(model, args.repetitions, args.threads),
+                    "perplexity": lambda: our_perplexity(model, text_file, args.chunks, args.threads)}}
+    got: dict[str, dict] = {"stock": {}, "ours": {}}
+    for what in ("bench", "perplexity"):
+        for side in order:
+            got[side][what] = run[side][what]()
+    stock, ours = got["stock"], got["ours"]
     return {
+        "order": list(order),
         "load_average_1min": os.getloadavg()[0],
-        "perplexity": {
-            "stock": stock_ppl,
-            "ours": ours_ppl,
-            "relative_difference": abs(ours_ppl["ppl"] - stock_ppl["ppl"]) / stock_ppl["ppl"],
-            "throughput_ratio": ours_ppl["tokens_per_second"] / stock_ppl["tokens_per_second"],
-        },
-        "bench": {
-            "stock": stock_tp,
-            "ours": ours_tp,
-            "pp_ratio": ours_tp["pp_tokens_per_second"] / stock_tp["pp_tokens_per_second"],
-            "tg_ratio": ours_tp["tg_tokens_per_second"] / stock_tp["tg_tokens_per_second"],
-        },
+        "stock": stock, "ours": ours,
+        "pp_ratio": ours["bench"]["pp_tokens_per_second"] / stock["bench"]["pp_tokens_per_second"],
+        "tg_ratio": ours["bench"]["tg_tokens_per_second"] / stock["bench"]["tg_tokens_per_second"],
+        "perplexity_throughput_ratio": ours["perplexity"]["tokens_per_second"]
+        / stock["perplexity"]["tokens_per_second"],
+        "ppl_relative_difference": abs(ours["perplexity"]["ppl"] - stock["perplexity"]["ppl"])
+        / stock["perplexity"]["ppl"],
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help="GGUF file (default: the embedded default model)")
+    parser.add_argument("--model", default=None,
+                        help="GGUF file (default: the embedded model converted to Q4_0, cached)")
+    parser.add_argument("--stock-bin", type=Path, default=os.environ.get("NKAT_STOCK_LLAMA_BIN") or None,
+                        help="directory with prebuilt llama-bench and llama-perplexity (or NKAT_STOCK_LLAMA_BIN)")
     parser.add_argument("--chunks", type=int, default=8, help="perplexity chunks of 512 tokens")
-    parser.add_argument("--repetitions", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=1, help="repeat everything; ratios are medians over rounds")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--flash-attn", choices=("off", "on"), default="off",
-                        help="same on both sides; off is llama-cpp-python's default, stock tools default to auto")
+    parser.add_argument("--repetitions", type=int, default=5, help="llama-bench repetitions per round, both sides")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; ratios are medians over them")
+    parser.add_argument("--threads", type=int, default=physical_cores(),
+                        help="threads on both sides (default: the physical cores, llama.cpp's default)")
+    parser.add_argument("--max-load", type=float, default=0.5 * physical_cores(),
+                        help="refuse when the 1-minute load average is above this (default: half the cores)")
+    parser.add_argument("--force", action="store_true", help="measure on a busy machine anyway (recorded)")
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--llama-cpp-source", type=Path, default=None,
                         help="an already unpacked vendor/llama.cpp to build from instead of downloading the sdist")
     args = parser.parse_args()
 
-    model = resolve_model(args.model)
-    text = builtin_text("evaluation").content
-    bin_dir = build_tools(args.cache_dir, args.llama_cpp_source)
-    llm = llama_cpp.Llama(model_path=str(model), n_ctx=N_CTX, n_batch=N_CTX, n_ubatch=N_CTX, n_threads=args.threads,
-                          n_threads_batch=args.threads, flash_attn=args.flash_attn == "on", verbose=False)
-    rounds = [one_round(llm, bin_dir, model, text, args) for _ in range(args.rounds)]
-    ppl = rounds[0]["perplexity"]
+    load = os.getloadavg()
+    if load[0] > args.max_load and not args.force:
+        sys.exit(f"error: the machine is busy (1-minute load average {load[0]:.2f} > {args.max_load:.2f}): speed "
+                 "ratios measured now would say more about the other processes than about the engine; "
+                 "rerun when it is quiet, or pass --force to measure anyway (the JSON records it)")
+    bin_dir = stock_tools(args.stock_bin, args.cache_dir, args.llama_cpp_source)
+    model = resolve_model(args.model) if args.model else default_q4_0(args.cache_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        text_file = Path(tmp) / "evaluation.txt"
+        # llama.cpp drops one trailing newline from -f files; nkat-gguf --text reads the file as it is
+        text_file.write_text(builtin_text("evaluation").content + "\n", encoding="utf-8")
+        rounds = [one_round(("stock", "ours") if i % 2 == 0 else ("ours", "stock"), bin_dir, model, text_file, args)
+                  for i in range(args.rounds)]
+    ours = build_features(llama_cpp.llama_print_system_info().decode(errors="replace"))
+    stock = build_features(rounds[0]["stock"]["perplexity"]["system_info"])
+    summary = {}
+    for key in (*TARGETS, "ppl_relative_difference"):
+        values = [r[key] for r in rounds]
+        summary[key] = {"median": statistics.median(values), "min": min(values), "max": max(values)}
     report = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "model": str(model),
-        "chunks": args.chunks,
-        "flash_attn": args.flash_attn,
-        "threads": args.threads,
-        "stock_cpu_features": ppl["stock"]["cpu_features"],
-        "our_cpu_features": llama_cpp.llama_print_system_info().decode().strip(),
-        "summary": {
-            "stock_ppl": ppl["stock"]["ppl"],
-            "our_ppl": ppl["ours"]["ppl"],
-            "ppl_relative_difference": ppl["relative_difference"],
-            "perplexity_throughput_ratio": statistics.median(r["perplexity"]["throughput_ratio"] for r in rounds),
-            "pp_ratio": statistics.median(r["bench"]["pp_ratio"] for r in rounds),
-            "tg_ratio": statistics.median(r["bench"]["tg_ratio"] for r in rounds),
-        },
-        "rounds": rounds,
+        "stock_bin": str(bin_dir),
+        "threads": args.threads, "chunks": args.chunks, "repetitions": args.repetitions, "rounds": args.rounds,
+        "forced": bool(args.force and load[0] > args.max_load),
+        "load_average_at_start": {"1min": load[0], "5min": load[1], "15min": load[2], "max_load": args.max_load},
+        "cpu_features": ours.cpu,
+        "llama_cpp": {"ours": ours.as_dict(), "stock": stock.as_dict()},
+        "summary": summary,
+        "targets": {key: {"target": target, "met": summary[key]["median"] >= target}
+                    for key, target in TARGETS.items()},
+        "rounds_detail": rounds,
     }
     print(json.dumps(report, indent=2))
 

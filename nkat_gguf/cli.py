@@ -73,7 +73,8 @@ def engine_options(fn: Callable) -> Callable:
         click.option("--gpu-layers", type=int, default=-1, show_default=True,
                      help="Layers to offload to a GPU (-1: all). A CPU build of llama.cpp ignores it."),
         click.option("--no-cuda", is_flag=True, help="Offload nothing to a GPU (same as --gpu-layers 0)."),
-        click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: all cores)."),
+        click.option("--threads", type=click.IntRange(min=1), default=None,
+                     help="CPU threads for prompt and generation (default: one per physical core, as llama.cpp)."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -532,6 +533,8 @@ def bench(model: str, gamma: float | None, n_prompt: int, n_gen: int, repetition
         if rt.has_theta:
             gammas["theta"] = gamma if gamma is not None else rt.default_gamma
         speed = interleaved_speed(rt, gammas, settings)
+        context = {k: v for k, v in rt.options.llama_kwargs().items()
+                   if k in ("n_ctx", "n_batch", "n_ubatch", "n_threads", "n_threads_batch", "flash_attn")}
     main_config = speed.get("theta", speed["baseline"])
     out = {"model": str(path), "tokens_per_second": main_config["tg_tokens_per_second"],
            "prompt_tokens_per_second": main_config["pp_tokens_per_second"],
@@ -539,7 +542,7 @@ def bench(model: str, gamma: float | None, n_prompt: int, n_gen: int, repetition
            "theta_enabled": "theta" in speed, "gamma": gammas.get("theta"),
            "overhead_percentage": (100.0 * (speed["baseline"]["tg_tokens_per_second"]
                                             / speed["theta"]["tg_tokens_per_second"] - 1.0)) if "theta" in speed else 0.0,
-           "repetitions": repetitions, "n_prompt": n_prompt, "n_gen": n_gen, "runs": speed}
+           "repetitions": repetitions, "n_prompt": n_prompt, "n_gen": n_gen, "context": context, "runs": speed}
     _emit(out, as_json, _format_bench)
 
 
@@ -547,6 +550,9 @@ def _format_bench(r: dict) -> str:
     lines = [f"{name:9} pp{r['n_prompt']} {s['pp_tokens_per_second']:8.1f} ± {s['pp_sd']:.1f} tok/s   "
              f"tg{r['n_gen']} {s['tg_tokens_per_second']:8.1f} ± {s['tg_sd']:.1f} tok/s   "
              f"{s['avg_latency_ms']:.2f} ms/token" for name, s in r["runs"].items()]
+    c = r["context"]
+    lines.append(f"context: flash attention {'on' if c['flash_attn'] else 'off'}, batch {c['n_batch']}/{c['n_ubatch']}, "
+                 f"{c['n_threads']} threads (llama-bench's settings)")
     if r["theta_enabled"]:
         lines.append(f"theta generation overhead: {r['overhead_percentage']:+.1f} % (gamma {r['gamma']:g}, {r['device']})")
     return "\n".join(lines)
