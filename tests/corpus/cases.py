@@ -149,7 +149,8 @@ STRUCTURE = [
 ]
 TRUNCATION = [(f"at-{n}", truncated_at(n), "gguf") for n in (4, 8, 16, 23, 24, 31, 40, 100, 1000, 10_000, 100_000)]
 TRUNCATION += [(f"at-{int(f * 100)}pct", truncated(f), "truncated") for f in (0.3, 0.5, 0.7, 0.9, 0.99)]
-TRUNCATION += [("nkat-at-50pct", truncated(0.5, "nkat"), "truncated"), ("f32-at-80pct", truncated(0.8, "tiny"), "truncated")]
+TRUNCATION += [("nkat-at-50pct", truncated(0.5, "nkat"), "truncated"),
+               ("f32-at-80pct", truncated(0.8, "tiny"), "truncated")]
 
 
 HPARAMS = [
