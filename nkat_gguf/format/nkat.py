@@ -201,6 +201,12 @@ def check_theta_parts(layout: GGUFLayout) -> None:
             if value.type not in _INTEGER_TYPES or not 0 <= int(value.data) <= MAX_THETA_RANK:
                 raise InputError(f"{path}: {key} must be a whole number from 0 to {MAX_THETA_RANK}, "
                                  f"got {value.type.name} {value.data!r}")
+        elif key == THETA_RANKS:
+            if value.type != GGUFValueType.ARRAY or value.sub_type not in _INTEGER_TYPES:
+                raise InputError(f"{path}: {key} must be an array of whole numbers, got "
+                                 f"{(value.sub_type or value.type).name}")
+            if value.data.size and not 0 <= int(value.data.min()) <= int(value.data.max()) <= MAX_THETA_RANK:
+                raise InputError(f"{path}: {key} holds ranks outside 0 to {MAX_THETA_RANK}")
         elif key == THETA_GAMMA:
             if value.type not in (GGUFValueType.FLOAT32, GGUFValueType.FLOAT64):
                 raise InputError(f"{path}: {key} must be FLOAT32, got {value.type.name} {value.data!r}")

@@ -149,7 +149,8 @@ STRUCTURE = [
 ]
 TRUNCATION = [(f"at-{n}", truncated_at(n), "gguf") for n in (4, 8, 16, 23, 24, 31, 40, 100, 1000, 10_000, 100_000)]
 TRUNCATION += [(f"at-{int(f * 100)}pct", truncated(f), "truncated") for f in (0.3, 0.5, 0.7, 0.9, 0.99)]
-TRUNCATION += [("nkat-at-50pct", truncated(0.5, "nkat"), "truncated"), ("f32-at-80pct", truncated(0.8, "tiny"), "truncated")]
+TRUNCATION += [("nkat-at-50pct", truncated(0.5, "nkat"), "truncated"),
+               ("f32-at-80pct", truncated(0.8, "tiny"), "truncated")]
 
 
 HPARAMS = [
@@ -194,6 +195,13 @@ HPARAMS = [
 ]
 
 
+def _names() -> list[str]:
+    """The weights tiny_nkat carries theta for (convert's default selection: every 2-D weight but the
+    tied embedding of the tiny model)."""
+    return [f"blk.{i}.{w}.weight" for i in range(2) for w in ("attn_q", "attn_k", "attn_v", "attn_output",
+                                                               "ffn_gate", "ffn_up", "ffn_down")]
+
+
 def _as_float_array(arr: np.ndarray) -> object:
     return array(np.full(arr.shape, 300.0, dtype=np.float32), GGUFValueType.FLOAT32)
 
@@ -223,19 +231,31 @@ THETA = [
     ("rank-string", with_metadata({nkat.THETA_RANK: string("4")}, "nkat"), "rank"),
     ("rank-float", with_metadata({nkat.THETA_RANK: f32(4.0)}, "nkat"), "rank"),
     ("rank-huge", with_metadata({nkat.THETA_RANK: u32(2**31)}, "nkat"), "rank"),
-    ("rank-5", with_metadata({nkat.THETA_RANK: u32(5)}, "nkat"), "elements"),
-    ("rank-missing", with_metadata({}, "nkat", drop=(nkat.THETA_RANK,)), "incomplete"),
+    ("v1-rank-5", with_metadata({nkat.VERSION: u32(1), nkat.THETA_RANK: u32(5)}, "nkat"), "elements"),
+    ("v1-rank-missing", with_metadata({nkat.VERSION: u32(1)}, "nkat", drop=(nkat.THETA_RANK,)), "incomplete"),
+    ("ranks-missing", with_metadata({}, "nkat", drop=(nkat.THETA_RANKS,)), "missing"),
+    ("ranks-float", with_metadata({nkat.THETA_RANKS: array(np.full(len(_names()), 4.0, np.float32),
+                                                         GGUFValueType.FLOAT32)}, "nkat"), "whole numbers"),
+    ("ranks-short", with_metadata({nkat.THETA_RANKS: array([4], GGUFValueType.UINT32)}, "nkat"), "one rank per name"),
+    ("ranks-zero", with_metadata({nkat.THETA_RANKS: array(np.zeros(len(_names()), np.uint32),
+                                                        GGUFValueType.UINT32)}, "nkat"), "below 1"),
+    ("ranks-huge", with_metadata({nkat.THETA_RANKS: array(np.full(len(_names()), 2**31, np.uint32),
+                                                        GGUFValueType.UINT32)}, "nkat"), "ranks outside"),
+    ("ranks-5", with_metadata({nkat.THETA_RANKS: array(np.full(len(_names()), 5, np.uint32),
+                                                     GGUFValueType.UINT32)}, "nkat"), "elements"),
     ("gamma-string", with_metadata({nkat.THETA_GAMMA: string("0.97")}, "nkat"), "gamma"),
     ("gamma-nan", with_metadata({nkat.THETA_GAMMA: f32(float("nan"))}, "nkat"), "gamma"),
     ("gamma-100", with_metadata({nkat.THETA_GAMMA: f32(100.0)}, "nkat"), "gamma"),
     ("gamma-int", with_metadata({nkat.THETA_GAMMA: u32(1)}, "nkat"), "gamma"),
     ("tensors-string", with_metadata({nkat.THETA_TENSORS: string(Q)}, "nkat"), "tensors"),
     ("tensors-ints", with_metadata({nkat.THETA_TENSORS: array([1, 2], GGUFValueType.INT32)}, "nkat"), "tensors"),
-    ("tensors-unknown", with_metadata({nkat.THETA_TENSORS: array(["blk.9.nothing.weight"], GGUFValueType.STRING)},
-                                      "nkat"), "not a 2-d tensor"),
-    ("tensors-norm", with_metadata({nkat.THETA_TENSORS: array(["blk.0.attn_norm.weight"], GGUFValueType.STRING)},
-                                   "nkat"), "not a 2-d tensor"),
-    ("version-2", with_metadata({nkat.VERSION: u32(2)}, "nkat"), "version"),
+    ("tensors-unknown", with_metadata({nkat.THETA_TENSORS: array(["blk.9.nothing.weight"], GGUFValueType.STRING),
+                                       nkat.THETA_RANKS: array([4], GGUFValueType.UINT32)}, "nkat"),
+     "not a 2-d tensor"),
+    ("tensors-norm", with_metadata({nkat.THETA_TENSORS: array(["blk.0.attn_norm.weight"], GGUFValueType.STRING),
+                                    nkat.THETA_RANKS: array([4], GGUFValueType.UINT32)}, "nkat"),
+     "not a 2-d tensor"),
+    ("version-3", with_metadata({nkat.VERSION: u32(3)}, "nkat"), "version"),
     ("version-string", with_metadata({nkat.VERSION: string("1")}, "nkat"), "version"),
 ]
 
