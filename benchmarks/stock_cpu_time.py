@@ -21,11 +21,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+from stock_llama_cpp import DEFAULT_CACHE, default_q4_0, stock_tools  # noqa: E402 (a sibling script)
 
 from nkat_gguf.engine import bench as engine_bench
 from nkat_gguf.engine.runtime import NkatRuntime, RuntimeOptions
-
-from stock_llama_cpp import DEFAULT_CACHE, default_q4_0, stock_tools  # noqa: E402 (a sibling script)
 
 N_PROMPT, N_GEN = 512, 128
 

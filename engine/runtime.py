@@ -17,7 +17,6 @@ from nkat_gguf.format.gguf_file import read_layout
 from nkat_gguf.format.hparams import check_context
 from nkat_gguf.format.nkat import CalibratedTemperature, NkatTheta, check_gamma, read_temperature, read_theta
 
-
 N_UBATCH = 512  # llama.cpp's default physical batch (llama-bench, llama-perplexity)
 
 

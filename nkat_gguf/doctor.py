@@ -12,7 +12,6 @@ import re
 import sys
 import tempfile
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 from nkat_gguf.backends import detect
 from nkat_gguf.default_model import default_model_path
