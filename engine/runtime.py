@@ -44,7 +44,10 @@ class RuntimeOptions:
     n_batch: int = 512  # logical batch; llama.cpp splits it into physical batches of N_UBATCH
     n_threads: int | None = None  # None: one per physical core, as llama.cpp; prompt and generation alike
     n_gpu_layers: int = -1  # all layers on a GPU build; a CPU build ignores it
-    f32_kv_cache: bool = False  # needed to compare logits across models (an F16 cache adds ~2e-2)
+    # compare logits across models exactly (an F16 cache adds ~2e-2): an F32 cache and flash attention off,
+    # the same attention a plain llama_cpp.Llama or the PyTorch reference computes (flash attention moves
+    # logits by ~2e-3)
+    f32_kv_cache: bool = False
     logits_all: bool = False
     # llama.cpp's tools default to flash attention "auto", which is on for CPU (and CUDA) builds;
     # llama-cpp-python's Llama defaults to off, which cost ~20 % of pp and tg on the default model.
@@ -55,7 +58,7 @@ class RuntimeOptions:
         threads = self.n_threads or physical_cores()
         return {"n_ctx": self.n_ctx, "n_batch": self.n_batch, "n_ubatch": min(self.n_batch, N_UBATCH),
                 "n_threads": threads, "n_threads_batch": threads, "n_gpu_layers": self.n_gpu_layers,
-                "flash_attn": self.flash_attn, "logits_all": self.logits_all,
+                "flash_attn": self.flash_attn and not self.f32_kv_cache, "logits_all": self.logits_all,
                 "type_k": 0 if self.f32_kv_cache else None, "type_v": 0 if self.f32_kv_cache else None}
 
 
