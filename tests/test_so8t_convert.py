@@ -56,7 +56,8 @@ def test_cli_hadamard_passes_qc_writes_and_reports(tmp_path):
     """A Q8_0 input: the bake is F32 inside, yet --outtype same gives Q8_0, the input's type."""
     q8 = build_llama_gguf(tmp_path / "tiny-q8.gguf", TINY, GGMLQuantizationType.Q8_0, seed=4)
     out, report_dir = tmp_path / "out.gguf", tmp_path / "qc" / "run1"
-    done = run_cli("convert", "--input", str(q8), "-o", str(out), "--theta-rank", "2", "--so8t", "hadamard",
+    done = run_cli("convert", "--input", str(q8), "-o", str(out), "--outtype", "same", "--theta-rank", "2",
+                   "--so8t", "hadamard",
                    "--so8t-seed", "3", "--report", str(report_dir), "--json")
     assert done.returncode == 0, done.stderr
     printed = json.loads(done.stdout)
