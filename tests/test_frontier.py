@@ -190,17 +190,18 @@ def test_cli_is_a_thin_shell(run: tuple[dict, Path], tiny_f32: Path, monkeypatch
 
 @pytest.mark.slow
 def test_default_model_rows_match_their_files(tmp_path: Path) -> None:
-    settings = FrontierSettings(types=("Q4_0", "IQ4_NL"), thetas=(parse_theta_spec("IQ4_NL:2:blk.*.ffn_down"),),
+    settings = FrontierSettings(types=("Q4_0", "IQ4_NL"),
+                                thetas=(parse_theta_spec("IQ4_NL:2:blk.*.ffn_down.weight"),),
                                 measure=CompareSettings(n_chunks=1, repetitions=1, n_prompt=64, n_gen=8,
                                                         progress=False), threads=2, progress=False)
     result = frontier(default_model_path(), RuntimeOptions(n_threads=2), settings, out_dir=tmp_path)
     rows = {r["name"]: r for r in result["rows"]}
     assert list(rows) == ["reference", "Q4_0 plain", "Q4_0+imatrix", "IQ4_NL+imatrix",
-                          "IQ4_NL+imatrix+θ r2 blk.*.ffn_down"]
+                          "IQ4_NL+imatrix+θ r2 blk.*.ffn_down.weight"]
     for row in rows.values():
         path = Path(row["path"])
         assert row["file_bytes"] == path.stat().st_size and row["sha256"] == sha256_file(path)
-    assert rows["IQ4_NL+imatrix+θ r2 blk.*.ffn_down"]["theta"]["adapted_weights"] == 30
+    assert rows["IQ4_NL+imatrix+θ r2 blk.*.ffn_down.weight"]["theta"]["adapted_weights"] == 30
     assert "IQ4_NL" in rows["IQ4_NL+imatrix"]["tensor_types"]
     for key in ("evaluation", "licenses"):  # real text on a real model: the gap exists and the reference closes it
         assert rows["Q4_0 plain"]["perplexity"][key]["ppl"] > rows["reference"]["perplexity"][key]["ppl"]
