@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import math
 import statistics
+from dataclasses import replace
 
 import llama_cpp
 import numpy as np
 import pytest
 
 from nkat_gguf.engine.bench import device_name, summarize, time_generation, time_prompt
-from nkat_gguf.engine.measure import bench
+from nkat_gguf.engine.measure import Configuration, SpeedSettings, bench, interleaved_rates
 from nkat_gguf.engine.perplexity import perplexity, tokenize_text
 from nkat_gguf.errors import InputError
 from nkat_gguf.texts import builtin_text
@@ -79,3 +80,13 @@ def test_rejects_bad_sizes(llm: llama_cpp.Llama) -> None:
         time_generation(llm, 0, rng)
     with pytest.raises(InputError, match="repetitions"):
         bench(llm, repetitions=0, progress=False)
+
+
+def test_rounds_go_on_until_each_ratio_interval_is_narrow_enough(llm: llama_cpp.Llama) -> None:
+    configs = {name: Configuration(llm, lambda: None) for name in ("a", "b")}
+    base = SpeedSettings(repetitions=2, n_prompt=16, n_gen=2, progress=False, ratio_pairs=(("a", "b"),),
+                         max_repetitions=5)
+    wide = interleaved_rates(configs, replace(base, ratio_halfwidth=math.inf))
+    assert len(wide["a"]["tg_runs"]) == 2  # no interval asked beyond what two rounds give
+    strict = interleaved_rates(configs, replace(base, ratio_halfwidth=0.0))
+    assert len(strict["a"]["pp_runs"]) == len(strict["b"]["tg_runs"]) == 5  # never narrower than 0: stops at the cap
