@@ -1,11 +1,11 @@
-"""What `qc calibration` and `qc longtext` cost next to `nkat-gguf perplexity` on the same chunks, as JSON.
+"""What `qc confidence` and `qc longtext` cost next to `nkat-gguf perplexity` on the same chunks, as JSON.
 
 In-process, interleaved (perplexity, calibration, perplexity, ...) on one loaded model with theta at its
 γ, so machine drift hits both alike:
   per_configuration_ratio = seconds of engine.confidence.measure_llm (the temperature fit on
   --calib-chunks calibration chunks + the evaluation chunks scored at T = 1 and at T) over seconds of
   engine.perplexity.perplexity on the same evaluation chunks. Target (issue 11): <= 1.5.
-Whole commands, as subprocesses in alternation: `nkat-gguf qc calibration` (every configuration: theta on,
+Whole commands, as subprocesses in alternation: `nkat-gguf qc confidence` (every configuration: theta on,
 theta off, reference) against `nkat-gguf perplexity` on the same chunks, and `nkat-gguf qc longtext` at
 --tokens wall seconds (target: under 60 s on 2 cores).
 
@@ -65,7 +65,7 @@ def main() -> None:
     commands = []
     for _ in range(args.command_rounds):
         ppl = wall([*cli, "perplexity", "-m", args.model, "--chunks", str(args.chunks), *common])
-        cal = wall([*cli, "qc", "calibration", args.model, "--chunks", str(args.chunks),
+        cal = wall([*cli, "qc", "confidence", args.model, "--chunks", str(args.chunks),
                     "--calib-chunks", str(args.calib_chunks), *common])
         longtext = wall([*cli, "qc", "longtext", args.model, "--tokens", str(args.tokens), *common])
         commands.append({"perplexity_command_seconds": ppl, "qc_calibration_command_seconds": cal,

@@ -1,4 +1,4 @@
-"""`nkat-gguf qc calibration`: ECE, Brier, NLL, top-1 and a fitted temperature, on the perplexity pass's logits.
+"""`nkat-gguf qc confidence`: ECE, Brier, NLL, top-1 and a fitted temperature, on the perplexity pass's logits.
 
 Per configuration (theta at its γ, theta off, the reference) the model is loaded once and read twice:
 the calibration split (`calib_chunks` chunks, logits kept) fits T, then the evaluation split is scored
@@ -19,7 +19,7 @@ from nkat_gguf.engine.perplexity import perplexity, tokenize_text
 from nkat_gguf.engine.runtime import RuntimeOptions
 from nkat_gguf.errors import InputError
 from nkat_gguf.format.gguf_file import write_with_metadata
-from nkat_gguf.format.nkat import CalibratedTemperature, read_temperature
+from nkat_gguf.format.nkat import LEGACY_TEMPERATURE_PREFIX, CalibratedTemperature, read_temperature
 from nkat_gguf.math.confidence import ECE_BINS, TEMPERATURE_RANGE, CalibrationAccumulator, fit_temperature
 from nkat_gguf.texts import Text
 
@@ -115,4 +115,4 @@ def write_temperature(model: Path, output: Path, temperature: CalibratedTemperat
         raise InputError(f"--write-temperature {output} is the input model; choose another file")
     if output.is_dir():
         raise InputError(f"--write-temperature {output} is a directory; give a file name")
-    write_with_metadata(model, output, temperature.metadata())
+    write_with_metadata(model, output, temperature.metadata(), drop_prefixes=(LEGACY_TEMPERATURE_PREFIX,))

@@ -70,7 +70,7 @@ class NkatRuntime:
         self.path = Path(model_path)
         layout = read_layout(self.path)
         self.theta: NkatTheta | None = read_theta(layout)
-        # the file's fitted sampling temperature (nkat.calibration.temperature), the engine's default
+        # the file's fitted sampling temperature (nkat.confidence.temperature), the engine's default
         self.temperature: CalibratedTemperature | None = read_temperature(layout)
         self.options = options
         check_context(layout, options.n_ctx, "n_ctx")  # the KV cache grows with it; past training is untrained

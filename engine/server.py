@@ -6,7 +6,7 @@ it needs five more packages (fastapi, uvicorn, sse-starlette, starlette-context,
 Here the runtime that already holds theta as an adapter serves the requests, one at a time under a
 lock (one llama.cpp context), and a request may carry `"nkat_gamma"` (a number, or null for theta
 off) to use another γ without reloading anything. A request without `"temperature"` samples at the
-file's calibrated temperature (`nkat.calibration.temperature`) when it has one, else at
+file's fitted temperature (`nkat.confidence.temperature`) when it has one, else at
 llama-cpp-python's default; every response says which in `"nkat_temperature"`.
 
 Endpoints: GET /v1/models, POST /v1/chat/completions (with `"stream": true` as server-sent events).

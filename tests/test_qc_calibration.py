@@ -1,4 +1,4 @@
-"""qc calibration and qc longtext on real GGUFs in llama.cpp; the temperature's round trip through a file,
+"""qc confidence and qc longtext on real GGUFs in llama.cpp; the temperature's round trip through a file,
 `serve` (a real request) and the exports; the reports and plots; short texts and short contexts."""
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from nkat_gguf.errors import InputError
 from nkat_gguf.evaluate.qc_reports import write_calibration_report, write_longtext_report
 from nkat_gguf.export.exports import export_kobold, export_ollama
 from nkat_gguf.format import nkat
-from nkat_gguf.format.gguf_file import write_with_metadata
+from nkat_gguf.format.gguf_file import read_layout, write_with_metadata
 from nkat_gguf.format.nkat import CalibratedTemperature, read_temperature
 from nkat_gguf.texts import Text, load_text
 
@@ -86,6 +86,24 @@ def test_write_temperature_round_trip(calibration: dict, tiny_nkat: Path, tmp_pa
         assert runtime.has_theta and runtime.temperature == stored
     with pytest.raises(InputError, match="is the input model"):
         write_temperature(out, out, fitted)
+
+
+def test_temperature_keys_old_and_new(tiny_nkat: Path, tmp_path: Path) -> None:
+    """Files from before the rename hold nkat.calibration.temperature*: read as before, replaced on rewrite."""
+    fitted = CalibratedTemperature(1.25, "ab" * 32, 255, 0.97)
+    legacy = tmp_path / "legacy.gguf"
+    write_with_metadata(tiny_nkat, legacy, {nkat.LEGACY_TEMPERATURE_KEYS[k]: v for k, v in fitted.metadata().items()})
+    assert nkat.TEMPERATURE not in read_layout(legacy).metadata
+    current = tmp_path / "current.gguf"
+    write_temperature(tiny_nkat, current, fitted)
+    stored = read_temperature(legacy)
+    assert stored == read_temperature(current)
+    assert stored is not None and stored.temperature == pytest.approx(1.25) and stored.gamma == pytest.approx(0.97)
+    rewritten = tmp_path / "rewritten.gguf"
+    write_temperature(legacy, rewritten, replace(fitted, temperature=1.5))
+    keys = set(read_layout(rewritten).metadata)
+    assert nkat.TEMPERATURE in keys and not keys & set(nkat.LEGACY_TEMPERATURE_KEYS.values())
+    assert read_temperature(rewritten).temperature == pytest.approx(1.5)
 
 
 def test_convert_calibrate_temperature(tiny_f32: Path, tmp_path: Path) -> None:
@@ -166,7 +184,8 @@ def test_text_too_short_is_one_clear_line(tiny_nkat: Path, tmp_path: Path) -> No
     path = tmp_path / "short.txt"
     path.write_text("A few words only.\n")
     for command in (["qc", "longtext", str(tiny_nkat), "--text", str(path), "--tokens", "256"],
-                    ["qc", "calibration", str(tiny_nkat), "--calib-text", str(path), "--chunks", "1"]):
+                    ["qc", "confidence", str(tiny_nkat), "--calib-text", str(path), "--chunks", "1"],
+                    ["qc", "calibration", str(tiny_nkat), "--calib-text", str(path), "--chunks", "1"]):  # old name
         done = subprocess.run([sys.executable, "-m", "nkat_gguf.cli", *command, "--threads", "2"],
                               capture_output=True, text=True, timeout=300)
         assert done.returncode == 1 and done.stderr.strip().count("\n") == 0, done.stderr

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from gguf.constants import GGUFValueType
 
-from nkat_gguf.cli import _emit
+from nkat_gguf.cli.output import emit
 from nkat_gguf.engine.probe import check_loadable, probe_load
 from nkat_gguf.engine.server import RequestError, check_request
 from nkat_gguf.errors import InputError, NkatError
@@ -110,9 +110,9 @@ def test_theta_element_types_and_scales_are_exact(tiny_nkat: Path, tmp_path: Pat
 
 def test_no_result_with_nan_is_printed(capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(NkatError, match="non-finite value at perplexity.theta.ppl"):
-        _emit({"perplexity": {"theta": {"ppl": float("nan")}}}, True, str)
+        emit({"perplexity": {"theta": {"ppl": float("nan")}}}, True, str)
     with pytest.raises(NkatError, match="runs.1"):
-        _emit({"runs": [1.0, float("inf")]}, False, str)
+        emit({"runs": [1.0, float("inf")]}, False, str)
     assert capsys.readouterr().out == ""
 
 

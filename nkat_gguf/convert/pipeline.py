@@ -218,7 +218,7 @@ def _allocation_provenance(allocation: dict | None) -> dict[str, object]:
     return out
 
 
-TEMPERATURE_CHUNKS = 4  # convert fits on twice qc calibration's default: the result stays in the file
+TEMPERATURE_CHUNKS = 4  # convert fits on twice qc confidence's default: the result stays in the file
 
 
 def _fit_temperature(model: Path, opts: ConvertOptions) -> CalibratedTemperature:

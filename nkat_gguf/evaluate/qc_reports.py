@@ -1,4 +1,4 @@
-"""Reports of `qc calibration` and `qc longtext`: terminal text, JSON, Markdown and PNG plots.
+"""Reports of `qc confidence` and `qc longtext`: terminal text, JSON, Markdown and PNG plots.
 
 Every file is written atomically into the report directory:
   calibration.json, calibration.md, reliability.png (confidence vs accuracy per bin, all configurations)
@@ -68,7 +68,7 @@ def format_calibration(report: Mapping[str, Any]) -> str:
         if c.get("temperature_at_bound"):
             lines.append(f"note: {_label(name, c)}: T is at the bound of the search range, not an interior minimum")
     if report.get("wrote_temperature"):
-        lines.append(f"wrote {report['wrote_temperature']} with nkat.calibration.temperature = "
+        lines.append(f"wrote {report['wrote_temperature']} with nkat.confidence.temperature = "
                      f"{report['configurations'][report['main']]['temperature']:.4f}")
     return "\n".join(lines)
 

@@ -5,7 +5,7 @@ exported adapter has γ folded into B (alpha = 0, so scale 1 gives W x + γ·B·
 whatever its rank). Every file written is
 loaded back through llama.cpp before the export reports success. A model without theta still
 exports (the plain model), with a note that there is no correction to carry. A calibrated temperature
-in the file (`nkat.calibration.temperature`) becomes the default sampling temperature of the Modelfile
+in the file (`nkat.confidence.temperature`) becomes the default sampling temperature of the Modelfile
 (`PARAMETER temperature`) and of the .kcpps (`gendefaults`), and the report says so.
 """
 

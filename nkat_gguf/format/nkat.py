@@ -75,11 +75,20 @@ def check_gamma(gamma: object) -> float:
     if not 0.0 <= gamma <= MAX_GAMMA:
         raise InputError(f"gamma {gamma:g} is out of range [0, {MAX_GAMMA:g}]")
     return float(gamma)
-# calibrated sampling temperature (docs/NKAT_FORMAT.md); may stand in any GGUF, with theta or without
-TEMPERATURE = "nkat.calibration.temperature"
-TEMPERATURE_SHA256 = "nkat.calibration.temperature.sha256"
-TEMPERATURE_TOKENS = "nkat.calibration.temperature.tokens"
-TEMPERATURE_GAMMA = "nkat.calibration.temperature.gamma"
+# fitted sampling temperature, the confidence fit (docs/NKAT_FORMAT.md); may stand in any GGUF, with theta or
+# without. "calibration" names the activation statistics only; files written before the rename hold the
+# temperature under LEGACY_TEMPERATURE_KEYS, which are read too and dropped when a temperature is written.
+TEMPERATURE = "nkat.confidence.temperature"
+TEMPERATURE_SHA256 = "nkat.confidence.temperature.sha256"
+TEMPERATURE_TOKENS = "nkat.confidence.temperature.tokens"
+TEMPERATURE_GAMMA = "nkat.confidence.temperature.gamma"
+LEGACY_TEMPERATURE_PREFIX = "nkat.calibration.temperature"
+LEGACY_TEMPERATURE_KEYS = {
+    TEMPERATURE: LEGACY_TEMPERATURE_PREFIX,
+    TEMPERATURE_SHA256: "nkat.calibration.temperature.sha256",
+    TEMPERATURE_TOKENS: "nkat.calibration.temperature.tokens",
+    TEMPERATURE_GAMMA: "nkat.calibration.temperature.gamma",
+}
 
 
 @dataclass(frozen=True)
@@ -294,11 +303,12 @@ class CalibratedTemperature:
 def read_temperature(source: str | Path | GGUFLayout) -> CalibratedTemperature | None:
     """The calibrated temperature stored in a GGUF, or None; a malformed one is refused in one line."""
     layout = source if isinstance(source, GGUFLayout) else read_layout(source)
-    value = layout.get(TEMPERATURE)
+    keys = {key: key for key in LEGACY_TEMPERATURE_KEYS} if TEMPERATURE in layout.metadata else LEGACY_TEMPERATURE_KEYS
+    value = layout.get(keys[TEMPERATURE])
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise InputError(f"{layout.path}: {TEMPERATURE} must be a positive number, got {value!r}")
-    gamma = layout.get(TEMPERATURE_GAMMA)
-    return CalibratedTemperature(float(value), str(layout.get(TEMPERATURE_SHA256, "")),
-                                 int(layout.get(TEMPERATURE_TOKENS, 0)), None if gamma is None else float(gamma))
+        raise InputError(f"{layout.path}: {keys[TEMPERATURE]} must be a positive number, got {value!r}")
+    gamma = layout.get(keys[TEMPERATURE_GAMMA])
+    return CalibratedTemperature(float(value), str(layout.get(keys[TEMPERATURE_SHA256], "")),
+                                 int(layout.get(keys[TEMPERATURE_TOKENS], 0)), None if gamma is None else float(gamma))

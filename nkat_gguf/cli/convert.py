@@ -1,0 +1,149 @@
+"""`nkat-gguf convert`: quantize with llama.cpp and store theta in the metadata (nkat_gguf.convert)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import click
+
+from nkat_gguf.cli import options
+from nkat_gguf.cli.errors import fail_cleanly
+from nkat_gguf.cli.output import emit, progress_wanted
+from nkat_gguf.cli.qc import format_qc
+
+
+def _theta_calib_methods() -> Sequence[str]:
+    from typing import get_args
+
+    from nkat_gguf.convert.options import ThetaCalib
+
+    return get_args(ThetaCalib)
+
+
+def _fit_methods() -> Sequence[str]:
+    from nkat_gguf.convert.theta_fit import FIT_METHODS
+
+    return FIT_METHODS
+
+
+@click.command()
+@options.input_model()
+@options.output(type=click.Path(dir_okay=False, path_type=Path),
+                help="Where to write the NKAT GGUF (written atomically; the input is never modified).")
+@options.outtype(default=None, show_default=False,
+                 help="llama.cpp quantization type (Q4_0, IQ4_NL, Q4_K_M, Q8_0, F16, ...) or 'same' as the input "
+                      "(default: the type the frontier run chose, see 'Defaults' below).")
+@options.reference(help="Higher-precision GGUF of the same model whose weights theta aims at (default: the input).")
+@options.theta_rank(help="Rank r of the correction per weight; 0 writes no theta (default: see 'Defaults' below).")
+@options.gamma(hidden_aliases=("--theta-gamma",), default="0.97", show_default=True,
+               help="Default gamma stored in the file (1 applies the full correction).")
+@click.option("--theta-budget", default=None, metavar="SIZE",
+              help="Give each weight its own rank (0 included) within SIZE bytes of theta: MiB or % of the "
+                   "quantized file, e.g. 2MiB or 3%. Ranks go where the residual's singular values times a "
+                   "per-kind sensitivity (measured on the calibration text) buy most; --theta-rank is then unused.")
+@click.option("--theta-max-weights", type=int, default=None, metavar="N",
+              help="With --theta-budget: at most N weights carry theta. Each adds 4 llama.cpp graph operations "
+                   "whatever its rank, so this caps the run-time cost.")
+@click.option("--selective-layers", multiple=True, metavar="NAME",
+              help="Only these weights: GGUF names, globs (blk.*.ffn_*; blk.* for all) or Meta/HF names. "
+                   "Repeatable (default: see 'Defaults' below).")
+@options.calib_text()
+@click.option("--calib-tokens", type=int, default=None,
+              help="Calibration tokens, in whole windows of 512, evaluated in llama.cpp (default: 16384, or all "
+                   "whole windows of a shorter text). Cached per model, text and count.")
+@click.option("--save-imatrix", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the calibration as a llama.cpp imatrix GGUF (llama-quantize --imatrix reads it).")
+@click.option("--theta-calib", type=options.LazyChoice(_theta_calib_methods), default="activation", show_default=True,
+              help="activation: SVD weighted by each weight's inputs (see --theta-fit); none: plain SVD.")
+@click.option("--theta-fit", type=options.LazyChoice(_fit_methods), default="whiten", show_default=True,
+              help="whiten: the exact minimiser of the expected output error, from E[x xT] of each weight's input "
+                   "(damped Cholesky); diag: columns scaled by sqrt(E[x^2]) only, inputs taken as uncorrelated.")
+@click.option("--theta-damping", type=click.FloatRange(0, 10), default=None,
+              help="Damping added as this fraction of the mean of E[x^2] (GPTQ-style) before the fit "
+                   "(default: 0.01 for whiten, 0 for diag).")
+@click.option("--theta-rounds", type=click.IntRange(1, 10), default=1, show_default=True,
+              help="LoftQ-style joint fit: requantize W - B·A and refit theta this many rounds in all, keeping per "
+                   "weight the round with the lowest expected output error (1: theta on llama.cpp's quantization).")
+@click.option("--imatrix", default="auto", show_default=True,
+              help="Importance matrix for quantization: auto (from the calibration), none, or a llama.cpp "
+                   "imatrix file (GGUF or legacy .dat).")
+@options.threads(type=int, default=0, help="Quantization threads (0: all cores).")
+@click.option("--so8t", default="none", show_default=True, metavar="none|hadamard|random|file:PATH",
+              help="Bake SO(8) rotations into the weights before quantizing: hadamard/random rotate the residual "
+                   "stream (the function is kept), file:PATH.safetensors folds trained gates (docs/SO8T.md). "
+                   "QC compares before and after; if it fails nothing is written.")
+@click.option("--so8t-seed", type=click.IntRange(min=0), default=None,
+              help="Seed of the random rotation, or of random signs on the Hadamard blocks.")
+@click.option("--so8t-heads", is_flag=True, help="Also rotate each layer's value/output pair per head (R2).")
+@click.option("--force", is_flag=True, help="Write even if SO8T QC fails (the file records it).")
+@click.option("--report", "report_dir", type=options.DIRECTORY, default=None,
+              help="Write the SO8T QC report (so8t-qc.json and so8t-qc.md) into this directory.")
+@click.option("--optimize-rank", is_flag=True,
+              help="Search rank and gamma with a quick Optuna study (nkat-gguf optimize --mode quick; study files in "
+                   "OUTPUT.optimize/) and write the best model to --output; --theta-rank/--gamma are ignored.")
+@click.option("--calibrate-temperature", is_flag=True,
+              help="Fit the sampling temperature T that minimises NLL on the calibration text (theta at gamma, "
+                   "4 chunks of 512) and store it as nkat.confidence.temperature; serve and the exports use it "
+                   "as their default temperature.")
+@options.as_json(help="Print a machine-readable summary.")
+@fail_cleanly
+def convert(input_: str, output: Path, outtype: str | None, reference: Path | None, theta_rank: int | None,
+            gamma: float, theta_budget: str | None, theta_max_weights: int | None, selective_layers: tuple[str, ...],
+            calib_text: Path | None, calib_tokens: int | None, save_imatrix: Path | None, theta_calib: str,
+            theta_fit: str, theta_damping: float | None, theta_rounds: int, imatrix: str, threads: int, so8t: str,
+            so8t_seed: int | None, so8t_heads: bool, force: bool, report_dir: Path | None,
+            optimize_rank: bool, calibrate_temperature: bool, as_json: bool) -> None:
+    """Quantize a GGUF with llama.cpp and store theta (what quantization lost, low rank) in its metadata.
+
+    \b
+    Defaults: the base type and theta that 'nkat-gguf frontier' measured best on the default model
+    within +3 % of the base type's size, on both evaluation texts (BENCHMARKS.md, "Frontier (issue 9)"):
+      --outtype IQ4_NL --theta-rank 8, theta on every attention/FFN weight
+    """
+    from nkat_gguf.convert import ConvertOptions
+    from nkat_gguf.convert import convert as run_convert
+    from nkat_gguf.default_model import resolve_model
+    from nkat_gguf.so8t.bake_step import So8tOptions
+
+    if optimize_rank and calibrate_temperature:
+        raise click.UsageError("--calibrate-temperature does not combine with --optimize-rank: run "
+                               "'nkat-gguf qc confidence BEST.gguf --write-temperature OUT' on the result")
+    given = {"outtype": outtype, "theta_rank": theta_rank, "selective_layers": list(selective_layers) or None}
+    opts = ConvertOptions(
+        input=resolve_model(input_), output=output, reference=reference, theta_gamma=gamma,
+        theta_budget=theta_budget, theta_max_weights=theta_max_weights,
+        calib_text=calib_text, calib_tokens=calib_tokens, save_imatrix=save_imatrix, theta_calib=theta_calib,
+        theta_fit=theta_fit, theta_damping=theta_damping, theta_rounds=theta_rounds, imatrix=imatrix, threads=threads,
+        so8t=So8tOptions(mode=so8t, seed=so8t_seed, heads=so8t_heads, force=force, report_dir=report_dir),
+        calibrate_temperature=calibrate_temperature, progress=progress_wanted(as_json),
+        **{k: v for k, v in given.items() if v is not None})
+    if optimize_rank:
+        from nkat_gguf.optimizer.outputs import format_summary
+        from nkat_gguf.optimizer.study import optimize_convert
+
+        emit(optimize_convert(opts), as_json, format_summary)
+        return
+    emit(run_convert(opts).as_dict(), as_json, format_convert)
+
+
+def format_convert(r: dict) -> str:
+    mib = 1 << 20
+    energy = [t["captured_energy"] for t in r["tensors"].values()]
+    mean_energy = f"{100 * sum(energy) / len(energy):.1f} %" if energy else "n/a"
+    lines = [f"wrote {r['output']} ({r['output_bytes'] / mib:.2f} MiB, {r['outtype']}, theta rank {r['theta_rank']} "
+             f"on {len(r['tensors'])} weights, {r['theta_metadata_bytes'] / mib:.2f} MiB of theta metadata)",
+             f"calibration: {r['calibration']}, importance matrix: {r['imatrix']}, "
+             f"mean residual energy captured: {mean_energy}",
+             "time: " + ", ".join(f"{k} {v:.2f} s" for k, v in r["seconds"].items())]
+    if allocation := r.get("allocation"):
+        kinds = ", ".join(f"{k} {v['weights']}×Σr{v['total_rank']}" for k, v in allocation["ranks_by_kind"].items())
+        lines.append(f"allocation: {allocation['spent_bytes'] / mib:.2f} of {allocation['budget_bytes'] / mib:.2f} MiB "
+                     f"on {allocation['weights']} weights ({kinds or 'none'})")
+    if r.get("temperature"):
+        lines.append(f"fitted temperature {r['temperature']['temperature']:.4f} (NLL on "
+                     f"{r['temperature']['tokens']} calibration tokens), stored as nkat.confidence.temperature")
+    if r.get("so8t"):
+        lines.append(f"SO8T {r['so8t']['description']}: {format_qc(r['so8t']['qc'])}"
+                     + (", written anyway (--force)" if r["so8t"]["forced"] else ""))
+    return "\n".join(lines + [f"note: {n}" for n in r["notes"]])

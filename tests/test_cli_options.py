@@ -1,0 +1,71 @@
+"""The CLI package's shape, checked from the source: every option name declared once, no module over 300 lines."""
+
+from __future__ import annotations
+
+import ast
+from collections import Counter
+from pathlib import Path
+
+import click
+from click.testing import CliRunner
+
+from nkat_gguf.cli import main
+
+CLI = Path(__file__).resolve().parents[1] / "nkat_gguf" / "cli"
+MAX_LINES = 300
+
+
+def _long_names(node: ast.expr) -> list[str]:
+    """`--name` strings an argument of a call spells: itself, or the items of a tuple or list."""
+    items = node.elts if isinstance(node, (ast.Tuple, ast.List)) else [node]
+    return [i.value for i in items if isinstance(i, ast.Constant) and isinstance(i.value, str)
+            and i.value.startswith("--") and " " not in i.value]
+
+
+def declared_option_names() -> Counter:
+    """How many calls in the package declare each option name (click.option, the shared factory, aliases)."""
+    counts: Counter = Counter()
+    for path in CLI.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call):
+                args = list(node.args) + [k.value for k in node.keywords if k.arg != "help"]
+                counts.update(name for arg in args for name in set(_long_names(arg)))
+    return counts
+
+
+def test_no_option_is_declared_twice() -> None:
+    counts = declared_option_names()
+    assert counts["--json"] == 1 and counts["--gamma"] == 1 and counts["--ctx"] == 1  # the check sees them
+    assert {name: n for name, n in counts.items() if n > 1} == {}
+
+
+def _commands(group: click.Group, ctx: click.Context) -> list[click.Command]:
+    found = []
+    for name in group.list_commands(ctx):
+        command = group.get_command(ctx, name)
+        found.append(command)
+        if isinstance(command, click.Group):
+            found += _commands(command, ctx)
+    return found
+
+
+def test_every_declared_option_is_used() -> None:
+    """The count above means something only if the declarations are what the commands take."""
+    used = {opt for command in _commands(main, click.Context(main)) for param in command.params
+            for opt in param.opts if opt.startswith("--")}
+    assert set(declared_option_names()) - {"--help", "--version"} <= used
+
+
+def test_modules_are_small() -> None:
+    sizes = {p.name: len(p.read_text().splitlines()) for p in CLI.glob("*.py")}
+    assert len(sizes) >= 10 and max(sizes.values()) <= MAX_LINES, sizes
+
+
+def test_old_spellings_still_parse_but_are_not_shown() -> None:
+    runner = CliRunner()
+    assert "--theta-gamma" not in runner.invoke(main, ["convert", "--help"]).output
+    bad = runner.invoke(main, ["convert", "-o", "x.gguf", "--theta-gamma", "-1"])
+    assert bad.exit_code == 2 and "--theta-gamma" in bad.output
+    qc_help = runner.invoke(main, ["qc", "--help"]).output
+    assert "confidence" in qc_help and "calibration  " not in qc_help
+    assert runner.invoke(main, ["qc", "calibration", "--help"]).output.startswith("Usage: main qc calibration")
