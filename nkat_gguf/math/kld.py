@@ -118,7 +118,8 @@ class KldSummary:
     same_top_stderr: float
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        """JSON-ready: the interval as a list, as it reads back."""
+        return {**asdict(self), "kld_ci95": list(self.kld_ci95)}
 
 
 def _covariance(a: np.ndarray, b: np.ndarray) -> float:
