@@ -1,18 +1,23 @@
 """`nkat-gguf compare`: theta off vs theta on in one process, plus the reference, all measured.
 
+With a reference, theta off and on are also measured by their KL divergence from it, as
+llama-perplexity --kl-divergence computes it (the reference's pass writes a temporary base file).
+
 Speed repetitions are interleaved (off, on, off, on, ...; engine/measure.py) so machine noise hits both
 alike; the ratios are what carries over to another machine, not the absolute tokens per second.
 """
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from nkat_gguf.default_model import default_model_path
 from nkat_gguf.engine.bench import device_name
+from nkat_gguf.engine.kld import kl_divergence, write_base
 from nkat_gguf.engine.measure import SpeedSettings, interleaved_speed
-from nkat_gguf.engine.perplexity import perplexity, tokenize_text
+from nkat_gguf.engine.perplexity import PerplexityResult, perplexity, tokenize_text
 from nkat_gguf.engine.runtime import NkatRuntime, RuntimeOptions
 from nkat_gguf.errors import InputError
 from nkat_gguf.format import nkat
@@ -48,16 +53,19 @@ def compare(model: Path, text: Text, runtime_options: RuntimeOptions, settings: 
         reference = reference or default_reference_for(runtime)
         tokens = tokenize_text(runtime.llm, text.content)
         speed = interleaved_speed(runtime, {"baseline": None, "theta": gamma}, settings)
-        ppl = {}
-        for name, g in (("baseline", None), ("theta", gamma)):
-            runtime.set_gamma(g)
-            ppl[name] = perplexity(runtime.llm, tokens, settings.n_ctx, settings.n_chunks, settings.progress)
+        if reference is None:
+            ppl, kld = _theta_passes(runtime, tokens, settings, gamma)
         provenance = dict(runtime.theta.provenance)
         rank = runtime.theta.rank
-    if reference is not None:
-        with NkatRuntime(reference, runtime_options) as ref_runtime:
-            ppl["reference"] = perplexity(ref_runtime.llm, tokenize_text(ref_runtime.llm, text.content),
-                                          settings.n_ctx, settings.n_chunks, settings.progress)
+    if reference is not None:  # the reference's pass first: its log-probabilities are what KLD compares with
+        with tempfile.TemporaryDirectory(prefix="nkat-compare-") as tmp:
+            base = Path(tmp) / "reference.kld"
+            with NkatRuntime(reference, runtime_options) as ref_runtime:
+                ref_ppl = write_base(ref_runtime.llm, tokenize_text(ref_runtime.llm, text.content), base,
+                                     settings.n_ctx, settings.n_chunks, settings.progress)
+            with NkatRuntime(model, runtime_options) as runtime:
+                ppl, kld = _theta_passes(runtime, tokens, settings, gamma, base)
+        ppl["reference"] = ref_ppl
     base, theta = speed["baseline"], speed["theta"]
     result = {
         "model": str(model),
@@ -80,12 +88,27 @@ def compare(model: Path, text: Text, runtime_options: RuntimeOptions, settings: 
             "pp": 100.0 * (base["pp_tokens_per_second"] / theta["pp_tokens_per_second"] - 1.0),
             "tg": 100.0 * (base["tg_tokens_per_second"] / theta["tg_tokens_per_second"] - 1.0)},
         "perplexity": {name: r.as_dict() for name, r in ppl.items()},
+        "kld": kld,  # theta off and on against the reference, as llama-perplexity --kl-divergence; {} without one
         "gap_recovered": None,
     }
     if "reference" in ppl:
         gap = ppl["baseline"].ppl - ppl["reference"].ppl
         result["gap_recovered"] = (ppl["baseline"].ppl - ppl["theta"].ppl) / gap if gap > 0 else None
     return result
+
+
+def _theta_passes(runtime: NkatRuntime, tokens: list[int], settings: CompareSettings, gamma: float,
+                  base: Path | None = None) -> tuple[dict[str, PerplexityResult], dict[str, dict]]:
+    """Perplexity with theta off and on; against a reference's base file, each pass's KLD too."""
+    ppl, kld = {}, {}
+    for name, g in (("baseline", None), ("theta", gamma)):
+        runtime.set_gamma(g)
+        if base is None:
+            ppl[name] = perplexity(runtime.llm, tokens, settings.n_ctx, settings.n_chunks, settings.progress)
+        else:
+            result = kl_divergence(runtime.llm, base, settings.progress, tokens)
+            ppl[name], kld[name] = result.perplexity, result.kld.as_dict()
+    return ppl, kld
 
 
 def format_compare(result: dict) -> str:
@@ -106,6 +129,10 @@ def format_compare(result: dict) -> str:
     o = result["overhead_percentage"]
     lines.append(f"theta overhead: pp {o['pp']:+.1f} %, tg {o['tg']:+.1f} %   "
                  f"(speed ratio pp {result['speed_ratio']['pp']:.3f}, tg {result['speed_ratio']['tg']:.3f})")
+    for name, k in result.get("kld", {}).items():
+        lines.append(f"KLD {name:9}{k['kld']:.6f} [95 % CI {k['kld_ci95'][0]:.6f}, {k['kld_ci95'][1]:.6f}]  "
+                     f"median {k['kld_median']:.6f}  99 % {k['kld_percentiles']['99.0']:.6f}  "
+                     f"max {k['kld_max']:.6f}  same top {100 * k['same_top']:.2f} %")
     if result["gap_recovered"] is not None:
         lines.append(f"share of the reference gap recovered by theta: {100 * result['gap_recovered']:.1f} %")
     else:

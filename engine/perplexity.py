@@ -77,28 +77,57 @@ def _chunk_nll(logits: np.ndarray, targets: np.ndarray, work: np.ndarray) -> np.
     return np.log(work.sum(axis=1, dtype=np.float64)) - target_shifted
 
 
-class _ChunkScorer:
-    """The NLL of a chunk's scored rows, split over the context's threads as llama-perplexity splits it.
+class RowBlocks:
+    """A chunk's rows cut into blocks, each handed to a thread: numpy releases the GIL in its loops.
 
-    numpy releases the GIL in these loops, so the row blocks run in parallel; the buffer is allocated
-    once per run (a fresh 50 MB temporary per chunk cost page faults every chunk).
+    llama-perplexity splits its per-row work over the threads the same way; `max_rows` bounds a block so
+    the temporaries of a row-wise computation over the vocabulary stay small.
     """
 
-    def __init__(self, n_threads: int, n_rows: int, n_vocab: int):
-        self.work = np.empty((n_rows, n_vocab), dtype=np.float32)
-        edges = np.linspace(0, n_rows, min(n_threads, n_rows) + 1).astype(int)
+    def __init__(self, n_threads: int, n_rows: int, max_rows: int | None = None):
+        n_blocks = min(max(n_threads, -(-n_rows // max_rows) if max_rows else 1), n_rows)
+        edges = np.linspace(0, n_rows, n_blocks + 1).astype(int)
         self.blocks = [slice(a, b) for a, b in zip(edges[:-1], edges[1:])]
-        self.pool = ThreadPoolExecutor(len(self.blocks)) if len(self.blocks) > 1 else None
+        workers = min(n_threads, len(self.blocks))
+        self.pool = ThreadPoolExecutor(workers) if workers > 1 else None
 
-    def __call__(self, logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    def map(self, fn: Callable, *arrays: np.ndarray) -> list:
+        """fn(*(a[block] for a in arrays)) for every block, in block order."""
         if self.pool is None:
-            return _chunk_nll(logits, targets, self.work)
-        parts = [self.pool.submit(_chunk_nll, logits[b], targets[b], self.work[b]) for b in self.blocks]
-        return np.concatenate([part.result() for part in parts])
+            return [fn(*(a[b] for a in arrays)) for b in self.blocks]
+        parts = [self.pool.submit(fn, *(a[b] for a in arrays)) for b in self.blocks]
+        return [part.result() for part in parts]
 
     def close(self) -> None:
         if self.pool is not None:
             self.pool.shutdown()
+
+
+class _ChunkScorer:
+    """The NLL of a chunk's scored rows, split over the context's threads as llama-perplexity splits it.
+
+    The buffer is allocated once per run (a fresh 50 MB temporary per chunk cost page faults every chunk).
+    """
+
+    def __init__(self, n_threads: int, n_rows: int, n_vocab: int):
+        self.work = np.empty((n_rows, n_vocab), dtype=np.float32)
+        self.rows = RowBlocks(n_threads, n_rows)
+
+    def __call__(self, logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        return np.concatenate(self.rows.map(_chunk_nll, logits, targets, self.work))
+
+    def close(self) -> None:
+        self.rows.close()
+
+
+def chunk_count(n_tokens: int, n_ctx: int, n_chunks: int | None) -> int:
+    """How many whole chunks of n_ctx are scored: all of them when `n_chunks` is None, else at most that."""
+    available = n_tokens // n_ctx
+    if available == 0:
+        raise InputError(f"text too short: {n_tokens} tokens, one chunk needs n_ctx={n_ctx}")
+    if n_chunks is not None and n_chunks < 1:
+        raise InputError(f"n_chunks must be at least 1, got {n_chunks}")
+    return available if n_chunks is None else min(n_chunks, available)
 
 
 def perplexity(
@@ -116,12 +145,7 @@ def perplexity(
     The KV cache is left empty afterwards.
     """
     _check_context(llm, n_ctx)
-    available = len(tokens) // n_ctx
-    if available == 0:
-        raise InputError(f"text too short: {len(tokens)} tokens, one chunk needs n_ctx={n_ctx}")
-    if n_chunks is not None and n_chunks < 1:
-        raise InputError(f"n_chunks must be at least 1, got {n_chunks}")
-    n_chunks = available if n_chunks is None else min(n_chunks, available)
+    n_chunks = chunk_count(len(tokens), n_ctx, n_chunks)
 
     vocab = _vocab(llm)
     n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)

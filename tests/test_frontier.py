@@ -30,6 +30,7 @@ from nkat_gguf.evaluate.frontier import (
 )
 from nkat_gguf.format.gguf_file import read_layout
 from nkat_gguf.format.hashing import sha256_file
+from nkat_gguf.format.kld_base import BaseFile
 
 MEASURE = CompareSettings(n_ctx=64, n_chunks=1, repetitions=1, n_prompt=64, n_gen=8, progress=False)
 SETTINGS = FrontierSettings(types=("Q4_0", "Q3_K_M"),
@@ -112,6 +113,24 @@ def test_gaps_envelope_and_outputs(run: tuple[dict, Path]) -> None:
     assert len(table) == 4 + len(NAMES) and all(any(f"| {name} |" in line for line in table) for name in NAMES)
 
 
+def test_kld_beside_perplexity_against_one_reference_pass_per_text(run: tuple[dict, Path]) -> None:
+    result, out_dir = run
+    rows = {r["name"]: r for r in result["rows"]}
+    for key in ("evaluation", "licenses"):
+        with BaseFile(Path(result["kld_base_files"][key])) as base:  # kept in the out dir, read by the next run
+            assert Path(result["kld_base_files"][key]).parent == out_dir
+            assert (base.header.n_ctx, base.header.n_chunk) == (64, 1)
+        assert rows["reference"]["kld"][key] is None
+        for name in NAMES[1:]:
+            kld = rows[name]["kld"][key]
+            assert kld["tokens"] == 31 and kld["kld"] > 0 and kld["kld_ci95"][0] <= kld["kld"] <= kld["kld_ci95"][1]
+            assert kld["ppl_base"] == pytest.approx(rows["reference"]["perplexity"][key]["ppl"], rel=1e-3)
+            assert kld["ppl"] == pytest.approx(rows[name]["perplexity"][key]["ppl"], rel=1e-4)
+    assert result["default_candidate"] == engine_frontier.default_candidate(result["rows"])
+    assert result["default_candidate_by_gap"] == engine_frontier.default_candidate(result["rows"], by="gap")
+    assert "KLD" in format_markdown(result) and "KLD" in format_frontier(result)
+
+
 def _row(name: str, mib: float, ppl: float, kind: str = "imatrix") -> dict:
     return {"name": name, "kind": kind, "file_bytes": int(mib * (1 << 20)), "perplexity": {"t": {"ppl": ppl}}}
 
@@ -128,16 +147,25 @@ def test_lower_envelope_keeps_only_types_no_smaller_type_beats() -> None:
 
 
 def test_default_candidate_fits_the_budget_beats_the_frontier_and_is_best_on_its_worse_text() -> None:
-    def nkat_row(name: str, mib: float, gaps: tuple[float, float], beats: tuple[bool, bool]) -> dict:
+    def nkat_row(name: str, mib: float, gaps: tuple[float, float], beats: tuple[bool, bool],
+                 klds: tuple[float, float]) -> dict:
         return {"name": name, "kind": "nkat", "base": "b", "file_bytes": int(mib * (1 << 20)),
-                "gap_recovered": dict(zip("xy", gaps)), "frontier": {k: {"beats": v} for k, v in zip("xy", beats)}}
+                "gap_recovered": dict(zip("xy", gaps)), "frontier": {k: {"beats": v} for k, v in zip("xy", beats)},
+                "kld": {k: {"kld": v} for k, v in zip("xy", klds)}}
 
     base = {"name": "b", "kind": "imatrix", "file_bytes": 100 << 20}
-    rows = [base, nkat_row("big", 103.5, (0.99, 0.99), (True, True)), nkat_row("loses", 101, (0.9, 0.9), (True, False)),
-            nkat_row("even", 102, (0.7, 0.7), (True, True)), nkat_row("lopsided", 102.9, (0.95, 0.6), (True, True))]
-    assert engine_frontier.default_candidate(rows) == "even"
+    rows = [base, nkat_row("big", 103.5, (0.99, 0.99), (True, True), (0.01, 0.01)),
+            nkat_row("loses", 101, (0.9, 0.9), (True, False), (0.01, 0.01)),
+            nkat_row("even", 102, (0.7, 0.7), (True, True), (0.05, 0.05)),
+            nkat_row("lopsided", 102.9, (0.95, 0.6), (True, True), (0.02, 0.06)),
+            nkat_row("low-kld", 102.5, (0.6, 0.6), (True, True), (0.04, 0.045))]
+    # by KLD: the lowest worse-text mean KLD ("lopsided" is best on one text, worst on the other)
+    assert engine_frontier.default_candidate(rows) == "low-kld"
     assert engine_frontier.default_candidate(rows, budget=0.04) == "big"
     assert engine_frontier.default_candidate(rows[:3]) is None
+    # by the gap share on the worse text, the criterion before KLD
+    assert engine_frontier.default_candidate(rows, by="gap") == "even"
+    assert engine_frontier.default_candidate(rows, budget=0.04, by="gap") == "big"
 
 
 def test_theta_spec_parsing() -> None:

@@ -16,36 +16,50 @@ from nkat_gguf.cli.output import command_line, emit
 @options.gamma()
 @click.option("--no-theta", is_flag=True, help="Measure the plain quantized model (adapter removed).")
 @options.text()
-@options.ctx()
+@options.ctx(type=click.IntRange(min=1), default=None, show_default=False,
+             help="Tokens per chunk, as llama-perplexity -c (default 512; with --kl-divergence, the base file's).")
 @options.chunks(default=None, show_default=False, help="Chunks to score (default: all).")
+@click.option("--kl-divergence-base", "kld_base", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="llama-perplexity's base file: written from this model, or with --kl-divergence read and "
+                   "compared with (stock llama-perplexity reads and writes the same file).")
+@click.option("--kl-divergence", "kld_compare", is_flag=True,
+              help="Compare this model with the --kl-divergence-base file: KL divergence, Δp, same top.")
+@click.option("--kld-reference", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Reference GGUF: its log-probabilities are computed in this run (kept in --kl-divergence-base "
+                   "if given) and this model is compared with them.")
 @options.as_json()
 @options.engine_options
 @fail_cleanly
-def perplexity(model: str, gamma: float | None, no_theta: bool, text: Path | None, ctx: int, chunks: int | None,
+def perplexity(model: str, gamma: float | None, no_theta: bool, text: Path | None, ctx: int | None,
+               chunks: int | None, kld_base: Path | None, kld_compare: bool, kld_reference: Path | None,
                as_json: bool, gpu_layers: int, no_cuda: bool, threads: int | None) -> None:
-    """Perplexity exactly as llama.cpp's llama-perplexity computes it."""
+    """Perplexity exactly as llama.cpp's llama-perplexity computes it, and its KL divergence from a reference."""
     from nkat_gguf.default_model import resolve_model
-    from nkat_gguf.engine.perplexity import perplexity as run_perplexity
-    from nkat_gguf.engine.perplexity import tokenize_text
+    from nkat_gguf.engine.kld import base_context, measure_model
     from nkat_gguf.engine.probe import check_model
-    from nkat_gguf.engine.runtime import NkatRuntime
     from nkat_gguf.texts import load_text
 
     path = resolve_model(model)
-    check_model(path, ctx)
-    content = load_text(text, "evaluation")
-    with NkatRuntime(path, options.runtime_options(gpu_layers, no_cuda, threads, n_ctx=ctx, n_batch=ctx)) as rt:
-        rt.set_gamma(None if no_theta else (gamma if gamma is not None else rt.default_gamma))
-        result = run_perplexity(rt.llm, tokenize_text(rt.llm, content.content), ctx, chunks, progress=True)
-        out = {"model": str(path), "theta_enabled": rt.gamma is not None, "gamma": rt.gamma,
-               "text": content.source, **result.as_dict()}
+    if kld_compare and kld_base is not None and kld_reference is None:
+        ctx = base_context(kld_base, ctx)
+    ctx = ctx or 512
+    for file in (path, kld_reference) if kld_reference else (path,):
+        check_model(file, ctx)
+    content = None if kld_compare and text is None else load_text(text, "evaluation")
+    out = measure_model(path, options.runtime_options(gpu_layers, no_cuda, threads, n_ctx=ctx, n_batch=ctx),
+                        not no_theta, gamma, content, ctx, chunks, kld_base, kld_compare, kld_reference)
     emit(out, as_json, format_perplexity)
 
 
 def format_perplexity(r: dict) -> str:
+    from nkat_gguf.engine.kld import format_kld
+
     theta = "on, gamma " + format(r["gamma"], "g") if r["theta_enabled"] else "off"
-    return (f"perplexity {r['ppl']:.4f} ± {r['ppl_stderr']:.4f} over {r['n_chunks']} chunks of {r['n_ctx']} "
+    line = (f"perplexity {r['ppl']:.4f} ± {r['ppl_stderr']:.4f} over {r['n_chunks']} chunks of {r['n_ctx']} "
             f"({r['tokens_per_second']:.1f} tok/s, theta {theta})")
+    if r["kld"] is None:
+        return line + (f"\nwrote the KL-divergence base {r['kl_divergence_base']}" if r["kl_divergence_base"] else "")
+    return line + "\n" + format_kld(r["kld"])
 
 
 @click.command()

@@ -7,6 +7,10 @@ variants (θ on some of those bases), all from ONE calibration; then measures ea
 file itself), perplexity on two texts of different domains, and speed interleaved in one process.
 The frontier is the lower envelope of the llama.cpp types: at size s, the best perplexity of any
 type of size <= s. An NKAT point counts only where it is below that envelope on both texts.
+Every file's KL divergence from the reference rides on its perplexity pass, as llama-perplexity's
+--kl-divergence computes it; the reference's log-probabilities are written once per text, as
+llama-perplexity's base files, into the output directory, and reused by a later run on the same
+reference, text and chunks. The default candidate is chosen on the worse text's mean KLD.
 """
 
 from __future__ import annotations
@@ -179,7 +183,9 @@ def frontier(model: Path, runtime_options: RuntimeOptions, settings: FrontierSet
     calibrate_seconds = time.perf_counter() - start
     with tempfile.TemporaryDirectory(prefix="nkat-frontier-") as tmp:
         files = build_files(model, reference, calibration, Path(out_dir or tmp), settings)
-        measured = measure_files({f.name: f.path for f in files}, texts, runtime_options, settings.measure)
+        bases = kld_base_paths(files[0].path, Path(out_dir or tmp), list(texts), settings.measure)
+        measured = measure_files({f.name: f.path for f in files}, texts, runtime_options, settings.measure,
+                                 bases, files[0].name)
         rows = [_row(f, measured[f.name], out_dir is not None) for f in files]
     _add_gaps(rows, list(texts))
     _add_speed_ratios(rows)
@@ -198,12 +204,21 @@ def frontier(model: Path, runtime_options: RuntimeOptions, settings: FrontierSet
         "n_gen": settings.measure.n_gen, "device": device_name(),
         "rows": rows,
         "frontier": {key: [r["name"] for r in env] for key, env in envelopes.items()},
+        "kld_base_files": {key: str(path) if out_dir else None for key, path in bases.items()},
         "default_candidate": default_candidate(rows),
+        "default_candidate_by_gap": default_candidate(rows, by="gap"),
     }
     if plot is not None:
         plot_frontier(result, Path(plot))
         result["plot"] = str(plot)
     return result
+
+
+def kld_base_paths(reference: Path, directory: Path, keys: list[str], settings: CompareSettings) -> dict[str, Path]:
+    """Where the reference's base file of each text lives: named by the reference's hash, text and chunks, so
+    a later run reuses it only for the same reference (the tokens and chunk count are checked on reuse)."""
+    tag = f"{sha256_file(reference)[:16]}.ctx{settings.n_ctx}x{settings.n_chunks or 'all'}"
+    return {key: directory / f"kld-base.{key}.{tag}.bin" for key in keys}
 
 
 def _row(f: _File, measured: dict, kept: bool) -> dict:
@@ -220,6 +235,7 @@ def _row(f: _File, measured: dict, kept: bool) -> dict:
         "tensor_types": tensor_types(f.path),
         "fallbacks": dict(Counter(report.fallbacks.values())) if report else {},
         "perplexity": measured["perplexity"],
+        "kld": measured["kld"],  # per text, None for the reference itself
         **{k: measured[k] for k in ("pp_tokens_per_second", "pp_sd", "tg_tokens_per_second", "tg_sd")},
         "convert_seconds": report.seconds if report else None,
     }
@@ -267,15 +283,20 @@ def _against_frontier(row: dict, envelope: list[dict], key: str) -> dict:
             "beats": best is None or ppl < best["perplexity"][key]["ppl"]}
 
 
-def default_candidate(rows: list[dict], budget: float = DEFAULT_BUDGET) -> str | None:
+def default_candidate(rows: list[dict], budget: float = DEFAULT_BUDGET, by: str = "kld") -> str | None:
     """The NKAT row a default convert should write: at most `budget` over its base type's size, beating the
-    frontier on every text, and of those the one with the best gap share on its worse text (None: no such row)."""
+    frontier on every text, and of those the one with the lowest mean KLD on its worse text (`by="kld"`) or
+    the best gap share on its worse text (`by="gap"`, the criterion before KLD). None: no such row."""
     by_name = {r["name"]: r for r in rows}
     fits = [r for r in rows if r["kind"] == "nkat" and all(v["beats"] for v in r["frontier"].values())
             and r["file_bytes"] <= (1 + budget) * by_name[r["base"]]["file_bytes"]]
+    if not fits:
+        return None
+    if by == "kld":
+        return min(fits, key=lambda r: max(v["kld"] for v in r["kld"].values()))["name"]
     worst = {r["name"]: min((g for g in r["gap_recovered"].values() if g is not None), default=float("-inf"))
              for r in fits}
-    return max(fits, key=lambda r: worst[r["name"]])["name"] if fits else None
+    return max(fits, key=lambda r: worst[r["name"]])["name"]
 
 
 def plot_frontier(result: dict, path: Path) -> None:
@@ -325,20 +346,29 @@ def plot_frontier(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _no_kld(row: dict) -> str:
+    return "reference" if row["kind"] == "reference" else "n/a"
+
+
 def format_frontier(result: dict) -> str:
-    """One line per file: size, perplexity and gap share on each text, speed; then the envelope."""
-    mib = 1 << 20
+    """One line per file: size, perplexity, gap share, mean KLD and same-top share on each text, speed;
+    then the envelope."""
     keys = list(result["texts"])
+    mib = 1 << 20
     lines = [f"model {result['model']}; reference {result['reference']}; calibration "
              f"{result['calibration']['source']} ({result['calibration']['tokens']} tokens); "
              f"{result['chunks']} chunks of {result['n_ctx']} per text; {result['repetitions']} interleaved "
              f"speed rounds on {result['device']}"]
-    header = f"{'file':34}{'MiB':>8}" + "".join(f"{key[:10] + ' ppl':>16}{'gap':>8}" for key in keys)
+    header = f"{'file':34}{'MiB':>8}" + "".join(f"{key[:10] + ' ppl':>16}{'gap':>8}{'KLD':>9}{'top %':>7}"
+                                               for key in keys)
     lines.append(header + f"{'pp tok/s':>10}{'tg tok/s':>10}{'tg θ/off':>10}  beats frontier")
     for r in result["rows"]:
+        kld = r.get("kld") or {}
         cells = "".join(f"{r['perplexity'][k]['ppl']:>16.4f}"
                         + (f"{100 * r['gap_recovered'][k]:>7.1f}%" if r["gap_recovered"][k] is not None
-                           else f"{'n/a':>8}") for k in keys)
+                           else f"{'n/a':>8}")
+                        + (f"{kld[k]['kld']:>9.4f}" if kld.get(k) else f"{_no_kld(r)[:3]:>9}")
+                        + (f"{100 * kld[k]['same_top']:>7.1f}" if kld.get(k) else f"{'':>7}") for k in keys)
         ratio = f"{r['speed_vs_base']['tg']:>10.3f}" if r["speed_vs_base"] else f"{'':>10}"
         beats = ("  " + ", ".join(f"{k}: {'yes' if r['frontier'][k]['beats'] else 'no'}" for k in keys)
                  if "frontier" in r else "")
@@ -347,7 +377,8 @@ def format_frontier(result: dict) -> str:
     for key in keys:
         lines.append(f"frontier on {key}: " + " < ".join(result["frontier"][key]))
     lines.append(f"default candidate (<= +{100 * DEFAULT_BUDGET:g} % over its base, beats the frontier on every text, "
-                 f"best worse-text gap share): {result['default_candidate'] or 'none'}")
+                 f"lowest worse-text mean KLD): {result['default_candidate'] or 'none'}; by the worse-text gap share: "
+                 f"{result.get('default_candidate_by_gap') or 'none'}")
     fallbacks = {r["name"]: r["fallbacks"] for r in result["rows"] if r["fallbacks"]}
     for name, counts in fallbacks.items():
         lines.append(f"llama.cpp fallbacks in {name}: " + ", ".join(f"{n}× {k}" for k, n in counts.items()))
@@ -358,14 +389,19 @@ def format_markdown(result: dict) -> str:
     """The table README and BENCHMARKS.md quote, from a `frontier --json` result (tools/frontier_table.py)."""
     mib = 1 << 20
     keys = list(result["texts"])
-    head = ["file", "MiB", *(f"{k} ppl (gap)" for k in keys), "pp tok/s", "tg tok/s", "tg θ/off", "pp θ/off",
-            "beats the frontier"]
+    head = ["file", "MiB", *(f"{k} ppl (gap)" for k in keys), *(f"{k} KLD [95 % CI] (99 %, same top)" for k in keys),
+            "pp tok/s", "tg tok/s", "tg θ/off", "pp θ/off", "beats the frontier"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in sorted(result["rows"], key=lambda r: (r["kind"] == "nkat", r["file_bytes"])):
         cells = [r["name"], f"{r['file_bytes'] / mib:.2f}"]
         for k in keys:
             gap = r["gap_recovered"][k]
             cells.append(f"{r['perplexity'][k]['ppl']:.4f} ({'n/a' if gap is None else f'{100 * gap:.1f} %'})")
+        for k in keys:
+            kld = (r.get("kld") or {}).get(k)
+            cells.append(_no_kld(r) if kld is None else
+                         f"{kld['kld']:.4f} [{kld['kld_ci95'][0]:.4f}, {kld['kld_ci95'][1]:.4f}] "
+                         f"({kld['kld_percentiles']['99.0']:.3f}, {100 * kld['same_top']:.1f} %)")
         ratio = r["speed_vs_base"]
         cells += [f"{r['pp_tokens_per_second']:.0f}", f"{r['tg_tokens_per_second']:.0f}",
                   f"{ratio['tg']:.3f}" if ratio else "", f"{ratio['pp']:.3f}" if ratio else ""]
@@ -374,5 +410,6 @@ def format_markdown(result: dict) -> str:
         cells.append(", ".join(verdicts))
         lines.append("| " + " | ".join(cells) + " |")
     lines.append(f"\nDefault candidate (at most +{100 * DEFAULT_BUDGET:g} % over its base type, beats the frontier on "
-                 f"every text, best gap share on its worse text): {default_candidate(result['rows']) or 'none'}")
+                 f"every text, lowest mean KLD on its worse text): {result.get('default_candidate') or 'none'}; "
+                 f"by the best gap share on its worse text: {result.get('default_candidate_by_gap') or 'none'}")
     return "\n".join(lines)

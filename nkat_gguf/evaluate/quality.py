@@ -16,13 +16,16 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
+import llama_cpp
+
 from nkat_gguf.convert import ConvertOptions, ConvertReport, convert
 from nkat_gguf.convert.calibrate import Calibration, calibrate
 from nkat_gguf.convert.pipeline import reference_weights
 from nkat_gguf.engine.bench import device_name
 from nkat_gguf.engine.compare import CompareSettings
+from nkat_gguf.engine.kld import base_matches, kl_divergence, write_base
 from nkat_gguf.engine.measure import Configuration, interleaved_rates
-from nkat_gguf.engine.perplexity import perplexity, tokenize_text
+from nkat_gguf.engine.perplexity import PerplexityResult, perplexity, tokenize_text
 from nkat_gguf.engine.probe import check_model
 from nkat_gguf.engine.quantize import resolve_outtype
 from nkat_gguf.engine.runtime import NkatRuntime, RuntimeOptions
@@ -77,12 +80,15 @@ def build_variants(model: Path, reference: Path | None, calibration: Calibration
 
 
 def measure_files(files: dict[str, Path], texts: dict[str, Text], runtime_options: RuntimeOptions,
-                  settings: CompareSettings) -> dict[str, dict]:
+                  settings: CompareSettings, kld_bases: dict[str, Path] | None = None,
+                  kld_reference: str | None = None) -> dict[str, dict]:
     """Speed and perplexity of every file, θ on at the file's γ where it has θ, all loaded at once.
 
     Speed goes through the one interleaving primitive (engine/measure.py): file by file each round,
     re-warmed after every switch of model, so drift on a shared machine hits every row alike. Then
-    each file's perplexity on each text.
+    each file's perplexity on each text. With `kld_bases` (text key -> llama-perplexity base file) the
+    file named `kld_reference` is measured first and writes them (unless they already hold this text's
+    tokens: a cache), and every other file's pass also gives its KL divergence from it (`kld` per text).
     """
     with ExitStack() as stack:
         runtimes = {name: stack.enter_context(NkatRuntime(path, runtime_options)) for name, path in files.items()}
@@ -91,17 +97,33 @@ def measure_files(files: dict[str, Path], texts: dict[str, Text], runtime_option
                                    for name, rt in runtimes.items()}, settings)
         tokenizer = next(iter(runtimes.values())).llm  # one model, one tokenizer
         tokens = {key: tokenize_text(tokenizer, text.content) for key, text in texts.items()}
+        order = sorted(runtimes, key=lambda name: name != kld_reference)  # the reference first: it writes the bases
         rows = {}
-        for name, rt in runtimes.items():
+        for name in order:
+            rt = runtimes[name]
             rt.set_gamma(gammas[name])
-            ppl = {key: perplexity(rt.llm, tokens[key], settings.n_ctx, settings.n_chunks, settings.progress)
-                   for key in texts}
+            ppl, kld = {}, {}
+            for key in texts:
+                ppl[key], kld[key] = _measure_text(rt.llm, tokens[key], settings, name == kld_reference,
+                                                   kld_bases[key] if kld_bases else None)
             rows[name] = {"file": files[name].name, "file_bytes": files[name].stat().st_size,
                           "theta": gammas[name] is not None, "gamma": gammas[name],
                           "perplexity": {key: {"ppl": r.ppl, "ppl_stderr": r.ppl_stderr, "chunks": r.n_chunks}
                                          for key, r in ppl.items()},
+                          **({"kld": kld} if kld_bases else {}),
                           **{k: v for k, v in speed[name].items() if k != "avg_latency_ms"}}
-    return rows
+    return {name: rows[name] for name in files}
+
+
+def _measure_text(llm: llama_cpp.Llama, tokens: list[int], settings: CompareSettings, is_reference: bool,
+                  base: Path | None) -> tuple[PerplexityResult, dict | None]:
+    """One file's perplexity on one text and, against a base file, its KLD (None for the reference itself)."""
+    if base is None or (is_reference and base_matches(base, llm, tokens, settings.n_ctx, settings.n_chunks)):
+        return perplexity(llm, tokens, settings.n_ctx, settings.n_chunks, settings.progress), None
+    if is_reference:
+        return write_base(llm, tokens, base, settings.n_ctx, settings.n_chunks, settings.progress), None
+    result = kl_divergence(llm, base, settings.progress, tokens)
+    return result.perplexity, result.kld.as_dict()
 
 
 def measure(files: dict[str, Path], text: Text, runtime_options: RuntimeOptions,
