@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 from pathlib import Path
 
 import llama_cpp
@@ -33,3 +34,19 @@ def tokens_and_bos(model_path: Path, text: str) -> tuple[list[int], int | None]:
         return tokens, (vocab.token_bos() if add_bos else None)
     finally:
         vocab.close()
+
+
+def longest_piece_bytes(llm: llama_cpp.Llama) -> int:
+    """The most bytes of text any one token of a loaded model stands for (special tokens as no text).
+
+    llama.cpp's tokenizers cover the text with token pieces, so a text of B bytes needs at least
+    B / longest_piece_bytes tokens: a bound that refuses a prompt far over the context without first
+    tokenizing it, which takes time in proportion to the text while it holds the server's generation slot.
+    """
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    buffer = ctypes.create_string_buffer(256)
+    longest = 0
+    for token in range(llama_cpp.llama_vocab_n_tokens(vocab)):
+        # no lstrip, no special rendering; a negative result is the size the piece would need
+        longest = max(longest, abs(llama_cpp.llama_token_to_piece(vocab, token, buffer, len(buffer), 0, False)))
+    return longest

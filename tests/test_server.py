@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from nkat_gguf.engine.runtime import NkatRuntime, RuntimeOptions
-from nkat_gguf.engine.server import DEFAULT_HOST, ChatServer, is_loopback
+from nkat_gguf.engine.server import (DEFAULT_HOST, DEFAULT_MAX_QUEUE, DEFAULT_QUEUE_TIMEOUT_S, ChatServer,
+                                     is_loopback)
 
 TIMEOUT_S = 60
 CHAT = {"messages": [{"role": "user", "content": "Say hello"}], "max_tokens": 12, "temperature": 0}
@@ -130,7 +131,7 @@ def test_unknown_path(server: ChatServer) -> None:
 def test_cli_serve(tiny_nkat: Path) -> None:
     """`nkat-gguf serve` on a free port: one chat completion through the real command, then Ctrl-C stops it."""
     process = subprocess.Popen([sys.executable, "-m", "nkat_gguf.cli", "serve", str(tiny_nkat), "--port", "0",
-                                "--ctx", "512", "--threads", "2"], stderr=subprocess.PIPE, text=True)
+                                "--ctx", "512", "--threads", "2", "--max-queue", "4"], stderr=subprocess.PIPE, text=True)
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in process.stderr], daemon=True).start()  # drains
     try:
@@ -144,9 +145,17 @@ def test_cli_serve(tiny_nkat: Path) -> None:
         assert url, "the server printed no address"
         status, raw = request(url + "/chat/completions", json.dumps(CHAT).encode())
         assert status == 200 and json.loads(raw)["choices"][0]["message"]["role"] == "assistant"
+        assert json.loads(request(url.removesuffix("/v1") + "/health")[1])["max_queue"] == 4
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=TIMEOUT_S) == 0
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_cli_serve_queue_defaults_are_the_servers() -> None:
+    from nkat_gguf.cli.deploy import serve
+
+    defaults = {param.name: param.default for param in serve.params}
+    assert defaults["max_queue"] == DEFAULT_MAX_QUEUE and defaults["queue_timeout"] == DEFAULT_QUEUE_TIMEOUT_S

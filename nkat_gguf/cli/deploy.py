@@ -120,10 +120,14 @@ def backends(model: str | None, gamma: float | None, launch: str | None, as_json
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
 @options.ctx(type=click.IntRange(min=16), default=None, show_default=False,
              help="Context size in tokens (default: 4096, or the model's trained context if smaller).")
+@click.option("--max-queue", type=click.IntRange(min=0), default=16, show_default=True,
+              help="Requests that may wait while one generates; more get 503 with Retry-After.")
+@click.option("--queue-timeout", type=click.FloatRange(min=0, min_open=True), default=120.0, show_default=True,
+              help="Seconds a request may wait for its turn before a 503.")
 @options.engine_options
 @fail_cleanly
-def serve(model: str, gamma: float | None, host: str, port: int, ctx: int | None, gpu_layers: int, no_cuda: bool,
-          threads: int | None) -> None:
+def serve(model: str, gamma: float | None, host: str, port: int, ctx: int | None, max_queue: int,
+          queue_timeout: float, gpu_layers: int, no_cuda: bool, threads: int | None) -> None:
     """OpenAI-compatible server (/v1/chat/completions, /v1/models) with theta applied at gamma.
 
     A request may set "nkat_gamma" (a number, or null for theta off) to use another gamma without reloading.
@@ -138,7 +142,7 @@ def serve(model: str, gamma: float | None, host: str, port: int, ctx: int | None
     path = resolve_model(model)
     ctx = ctx or min(4096, n_ctx_train(read_layout(path)))
     with NkatRuntime(path, options.runtime_options(gpu_layers, no_cuda, threads, n_ctx=ctx), gamma=gamma) as runtime, \
-            ChatServer(runtime, host, port) as server:
+            ChatServer(runtime, host, port, max_queue=max_queue, queue_timeout_s=queue_timeout) as server:
         theta = f"theta at gamma {runtime.gamma:g}" if runtime.gamma is not None else "no theta"
         temperature = (f"default temperature {server.default_temperature:.4g} from {nkat.TEMPERATURE}"
                        if server.default_temperature is not None else "default temperature: llama-cpp-python's")
