@@ -44,8 +44,11 @@ TEXTS: tuple[Split, ...] = ("evaluation", "licenses")  # pydoc topics (not the c
 DEFAULT_BUDGET = 0.03  # the default convert may add this share of its base type's file size
 PLAIN_TYPE = "Q4_0"  # plain Q4_0, no importance matrix: the zero point of the gap
 # llama.cpp per-tensor mixes (`llama-quantize --tensor-type`): upgrades people make by hand on an IQ4_NL base, and
-# the project's allocator with θ disabled (types only under a byte budget), all with the importance matrix
-DEFAULT_MIXES = ("IQ4_NL:blk.*.attn_v=Q5_0,blk.*.ffn_down=Q5_0", "IQ4_NL:blk.*.attn_v=Q8_0,blk.*.ffn_down=Q6_K",
+# the project's allocator with θ disabled (types only under a byte budget), all with the importance matrix.
+# 32-wide blocks only, so that every model's rows hold them (K-quants need rows a multiple of 256: pass
+# `--mix IQ4_NL:blk.*.ffn_down.weight=Q6_K` where they do).
+DEFAULT_MIXES = ("IQ4_NL:blk.*.attn_v.weight=Q5_0,blk.*.ffn_down.weight=Q5_0",
+                 "IQ4_NL:blk.*.attn_v.weight=Q8_0,blk.*.ffn_down.weight=Q5_1",
                  "IQ4_NL:byte_budget=3%")
 FRONTIER_KINDS = ("imatrix", "mix")  # what an NKAT file must beat: llama.cpp's presets and per-tensor mixes
 WEIGHT_SETS = {"all": None, "ffn": ["blk.*.ffn_*"], "attn": ["blk.*.attn_*"]}
@@ -115,7 +118,7 @@ class MixSpec:
     @property
     def name(self) -> str:
         if self.tensor_types:
-            return f"{self.base}+imatrix+tensor-type " + ",".join(f"{p.removeprefix('blk.*.')}={t}"
+            return f"{self.base}+imatrix+tensor-type " + ",".join(f"{p.removeprefix('blk.*.').removesuffix('.weight')}={t}"
                                                                   for p, t in self.tensor_types)
         return f"{self.base}+imatrix+allocator" + "".join(f" {k}={v}" for k, v in self.options)
 
@@ -164,10 +167,10 @@ def check_settings(model: Path, settings: FrontierSettings) -> None:
     layout = read_layout(model)
     for outtype in {*settings.types, PLAIN_TYPE, *(t.base for t in (*settings.thetas, *settings.mixes))}:
         resolve_outtype(outtype, layout)
-    for mix in settings.mixes:
-        resolve_tensor_types(layout, mix.tensor_types)  # an unknown type or one the rows cannot hold
     if settings.measure.n_chunks is not None and settings.measure.n_chunks < 1:
         raise InputError(f"--chunks must be at least 1, got {settings.measure.n_chunks}")
+    for mix in settings.mixes:
+        resolve_tensor_types(layout, mix.tensor_types)  # an unknown type or one the rows cannot hold
     for spec in settings.thetas:
         select_tensors(layout, spec.patterns)  # a pattern that matches no weight is refused here
 
