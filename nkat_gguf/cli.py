@@ -142,6 +142,16 @@ def main() -> None:
 @click.option("--theta-max-weights", type=int, default=None, metavar="N",
               help="With --theta-budget: at most N weights carry theta. Each adds 4 llama.cpp graph operations "
                    "whatever its rank, so this caps the run-time cost.")
+@click.option("--byte-budget", default=None, metavar="SIZE",
+              help="Allocate each weight's type (the steps llama.cpp writes for its row width) and theta rank "
+                   "together within SIZE over the base type's file (MiB or %, e.g. 3%), by benefit per byte. "
+                   "With --theta-rank 0: types only, a llama.cpp per-tensor mix.")
+@click.option("--op-budget", type=int, default=None, metavar="N",
+              help="With --byte-budget: at most N weights carry theta (4 llama.cpp graph operations each); "
+                   "0 for types only.")
+@click.option("--tensor-type", "tensor_types", multiple=True, metavar="PATTERN=TYPE",
+              help="Write the weights PATTERN names (as --selective-layers) at TYPE, as llama-quantize "
+                   "--tensor-type; a type their rows cannot hold is refused. Repeatable.")
 @click.option("--selective-layers", multiple=True, metavar="NAME",
               help="Only these weights: GGUF names, globs (blk.*.ffn_*; blk.* for all) or Meta/HF names. "
                    "Repeatable (default: see 'Defaults' below).")
@@ -188,7 +198,8 @@ def main() -> None:
 @_fail_cleanly
 def convert(input_: str, output: Path, outtype: str | None, reference: Path | None, theta_rank: int | None,
             theta_gamma: float,
-            theta_budget: str | None, theta_max_weights: int | None, selective_layers: tuple[str, ...],
+            theta_budget: str | None, theta_max_weights: int | None, byte_budget: str | None,
+            op_budget: int | None, tensor_types: tuple[str, ...], selective_layers: tuple[str, ...],
             calib_text: Path | None, calib_tokens: int | None,
             save_imatrix: Path | None, theta_calib: str, theta_fit: str, theta_damping: float | None,
             theta_rounds: int, imatrix: str, threads: int, so8t: str,
@@ -209,7 +220,8 @@ def convert(input_: str, output: Path, outtype: str | None, reference: Path | No
     given = {"outtype": outtype, "theta_rank": theta_rank, "selective_layers": list(selective_layers) or None}
     options = ConvertOptions(
         input=resolve_model(input_), output=output, reference=reference, theta_gamma=theta_gamma,
-        theta_budget=theta_budget, theta_max_weights=theta_max_weights,
+        theta_budget=theta_budget, theta_max_weights=theta_max_weights, byte_budget=byte_budget,
+        op_budget=op_budget, tensor_types=_tensor_types(tensor_types),
         calib_text=calib_text, calib_tokens=calib_tokens, save_imatrix=save_imatrix, theta_calib=theta_calib,
         theta_fit=theta_fit, theta_damping=theta_damping, theta_rounds=theta_rounds, imatrix=imatrix, threads=threads,
         so8t=So8tOptions(mode=so8t, seed=so8t_seed, heads=so8t_heads, force=force, report_dir=report_dir),
@@ -651,6 +663,9 @@ def _names(values: tuple[str, ...]) -> tuple[str, ...]:
               help="An NKAT variant: theta of RANK on the importance-matrix BASE type, on WEIGHTS (all, ffn, attn "
                    "or --selective-layers patterns joined by ','); key=value sets another convert option. "
                    "Repeatable; 'none' for no NKAT variant.")
+@click.option("--mix", "mixes", multiple=True, metavar="BASE:PATTERN=TYPE[,...]|BASE:key=value",
+              help="A llama.cpp per-tensor mix without theta: tensor types by hand (IQ4_NL:blk.*.attn_v.weight=Q8_0) "
+                   "or the allocator's types (IQ4_NL:byte_budget=3%). Repeatable; 'none' for no mix.")
 @click.option("--calib-text", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="UTF-8 calibration text (default: the calibration split of Python's pydoc topics).")
 @click.option("--ctx", type=int, default=512, show_default=True, help="Tokens per perplexity chunk.")
@@ -665,7 +680,7 @@ def _names(values: tuple[str, ...]) -> tuple[str, ...]:
 @engine_options
 @_fail_cleanly
 def frontier(input_: str, reference: Path | None, types: tuple[str, ...], thetas: tuple[str, ...],
-             calib_text: Path | None, ctx: int, chunks: int, repetitions: int, out_dir: Path | None,
+             mixes: tuple[str, ...], calib_text: Path | None, ctx: int, chunks: int, repetitions: int, out_dir: Path | None,
              plot: Path | None, as_json: bool, gpu_layers: int, no_cuda: bool, threads: int | None) -> None:
     """Every llama.cpp type with the importance matrix, plain Q4_0, the reference and NKAT variants: one
     calibration, perplexity on two texts (pydoc topics, licence texts), interleaved speed, the frontier.
@@ -674,22 +689,37 @@ def frontier(input_: str, reference: Path | None, types: tuple[str, ...], thetas
     Default types: Q2_K Q3_K_S Q3_K_M Q3_K_L IQ3_XXS IQ3_S IQ4_XS IQ4_NL Q4_0 Q4_K_S Q4_K_M Q5_0
     Default theta: Q4_0:4 Q4_0:8 Q4_0:8:ffn IQ4_NL:4 IQ4_NL:8 IQ4_NL:8:attn IQ4_NL:8:ffn IQ4_NL:12:ffn
                    IQ4_NL:16:ffn Q3_K_S:16
+    Default mixes: IQ4_NL:blk.*.attn_v.weight=Q5_0,blk.*.ffn_down.weight=Q5_0
+                   IQ4_NL:blk.*.attn_v.weight=Q8_0,blk.*.ffn_down.weight=Q5_1  IQ4_NL:byte_budget=3%
     """
     from nkat_gguf.default_model import resolve_model
     from nkat_gguf.engine.compare import CompareSettings
-    from nkat_gguf.evaluate.frontier import FrontierSettings, format_frontier, parse_theta_spec
+    from nkat_gguf.evaluate.frontier import FrontierSettings, format_frontier, parse_mix_spec, parse_theta_spec
     from nkat_gguf.evaluate.frontier import frontier as run_frontier
 
     defaults = FrontierSettings()
     specs = () if thetas == ("none",) else tuple(parse_theta_spec(t) for t in thetas) if thetas else defaults.thetas
+    mix_specs = () if mixes == ("none",) else tuple(parse_mix_spec(m) for m in mixes) if mixes else defaults.mixes
     settings = FrontierSettings(
-        types=_names(types) or defaults.types, thetas=specs,
+        types=_names(types) or defaults.types, thetas=specs, mixes=mix_specs,
         measure=CompareSettings(n_ctx=ctx, n_chunks=chunks, repetitions=repetitions), threads=threads or 0)
     result = run_frontier(resolve_model(input_),
                           _runtime_options(gpu_layers, no_cuda, threads, n_ctx=max(ctx, settings.measure.n_prompt)),
                           settings, reference, calib_text, out_dir, plot)
     result["command"] = "nkat-gguf " + " ".join(sys.argv[1:])
     _emit(result, as_json, format_frontier)
+
+
+def _tensor_types(items: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    """--tensor-type PATTERN=TYPE, repeatable."""
+    pairs = []
+    for item in items:
+        pattern, sep, type_name = item.rpartition("=")
+        if not sep or not pattern or not type_name:
+            raise click.BadParameter(f"{item!r}: expected PATTERN=TYPE, e.g. blk.*.attn_v.weight=Q8_0",
+                                     param_hint="--tensor-type")
+        pairs.append((pattern, type_name))
+    return tuple(pairs)
 
 
 @main.group()
