@@ -12,10 +12,11 @@ from pathlib import Path
 
 import llama_cpp
 import numpy as np
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from nkat_gguf.engine.native_log import captured_llama_log
 from nkat_gguf.errors import InputError, NkatError
-from nkat_gguf.format.gguf_file import GGUFLayout
+from nkat_gguf.format.gguf_file import GGUFLayout, read_layout
 
 _FTYPE_PREFIX = "LLAMA_FTYPE_MOSTLY_"
 # llama-quant.cpp's tensor_type_fallback: "warning: NAME - ncols N not divisible by B (required for type T) -> falling back to U"
@@ -62,12 +63,34 @@ def _imatrix_array(imatrix: dict[str, np.ndarray]) -> tuple[ctypes.Array, list]:
     return entries, keep
 
 
+def tensor_pattern(name: str) -> str:
+    """The `--tensor-type` pattern that matches exactly one tensor: llama-quant.cpp compiles each pattern as a
+    std::regex (ECMAScript) and takes the first that `regex_search` finds anywhere in the name, so an
+    unanchored `blk.1.attn_v.weight` would also match `blk.11.attn_v.weight`."""
+    return "^" + re.escape(name) + "$"
+
+
+def _override_array(overrides: dict[str, GGMLQuantizationType]) -> tuple[ctypes.Array, list]:
+    """`llama_model_tensor_override[]` ending in a NULL pattern (how llama-quant.cpp finds its end)."""
+    keep: list = []
+    entries = (llama_cpp.llama_model_tensor_override * (len(overrides) + 1))()
+    for i, (name, ggml_type) in enumerate(sorted(overrides.items())):
+        pattern = tensor_pattern(name).encode()
+        keep.append(pattern)
+        entries[i].pattern = pattern
+        entries[i].type = int(ggml_type)
+    return entries, keep
+
+
 def quantize_model(
-    src: Path, dst: Path, ftype: int, imatrix: dict[str, np.ndarray] | None = None, threads: int = 0
+    src: Path, dst: Path, ftype: int, imatrix: dict[str, np.ndarray] | None = None, threads: int = 0,
+    overrides: dict[str, GGMLQuantizationType] | None = None,
 ) -> str:
     """Quantize `src` to `dst` (llama ftype); returns llama.cpp's log. Raises NkatError on failure.
 
     `imatrix` maps weight names to the mean of x^2 per input column (llama.cpp's importance matrix).
+    `overrides` gives single tensors their own type (`llama-quantize --tensor-type`); llama.cpp still applies
+    its row-width fallbacks to them, so give only `accepted_types` and check the result with `check_types`.
     """
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
@@ -75,14 +98,38 @@ def quantize_model(
     params.allow_requantize = True  # the input may already be quantized (the default model is Q4_1)
     keep: list = []
     if imatrix:
-        entries, keep = _imatrix_array(imatrix)
+        entries, kept = _imatrix_array(imatrix)
+        keep += [entries, kept]
         params.imatrix = ctypes.cast(entries, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
+    if overrides:
+        table, kept = _override_array(overrides)
+        keep += [table, kept]
+        params.tt_overrides = ctypes.cast(table, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
     with captured_llama_log() as log:
         status = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     del keep
     if status != 0:
         raise NkatError(f"llama.cpp could not quantize {src.name}: {log.reason(f'status {status}')}")
     return log.text
+
+
+def accepted_types(row_width: int, candidates: tuple[GGMLQuantizationType, ...]) -> list[GGMLQuantizationType]:
+    """The candidates llama.cpp's quantizer writes as asked for rows of `row_width` values.
+
+    `tensor_type_fallback` (llama-quant.cpp) replaces any type whose block does not divide the row length
+    (K-quants: 256, so SmolLM2's 576-wide rows lose them); every other type is written as asked.
+    """
+    return [t for t in candidates if row_width % GGML_QUANT_SIZES[t][0] == 0]
+
+
+def check_types(path: Path, expected: dict[str, GGMLQuantizationType]) -> None:
+    """Raise NkatError unless every named tensor of the written file has the type it was given."""
+    written = {t.name: t.type for t in read_layout(path).tensors}
+    wrong = {n: (t.name, written.get(n)) for n, t in expected.items() if written.get(n) != t}
+    if wrong:
+        name, (asked, got) = next(iter(sorted(wrong.items())))
+        raise NkatError(f"llama.cpp wrote {len(wrong)} tensors of {path.name} at another type than asked, "
+                        f"e.g. {name}: {asked} -> {getattr(got, 'name', got)}")
 
 
 def fallbacks(log: str) -> dict[str, str]:

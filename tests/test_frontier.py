@@ -26,6 +26,7 @@ from nkat_gguf.evaluate.frontier import (
     format_markdown,
     frontier,
     lower_envelope,
+    parse_mix_spec,
     parse_theta_spec,
 )
 from nkat_gguf.format.gguf_file import read_layout
@@ -35,8 +36,11 @@ from nkat_gguf.format.kld_base import BaseFile
 MEASURE = CompareSettings(n_ctx=64, n_chunks=1, repetitions=1, n_prompt=64, n_gen=8, progress=False)
 SETTINGS = FrontierSettings(types=("Q4_0", "Q3_K_M"),
                             thetas=(parse_theta_spec("Q4_0:4"), parse_theta_spec("Q4_0:4:ffn")),
+                            mixes=(parse_mix_spec("Q4_0:blk.*.attn_v.weight=Q8_0"),
+                                   parse_mix_spec("Q4_0:byte_budget=5%")),
                             measure=MEASURE, threads=2, progress=False)
-NAMES = ["reference", "Q4_0 plain", "Q4_0+imatrix", "Q3_K_M+imatrix", "Q4_0+imatrix+θ r4", "Q4_0+imatrix+θ r4 ffn"]
+NAMES = ["reference", "Q4_0 plain", "Q4_0+imatrix", "Q3_K_M+imatrix", "Q4_0+imatrix+tensor-type attn_v=Q8_0",
+         "Q4_0+imatrix+allocator byte_budget=5%", "Q4_0+imatrix+θ r4", "Q4_0+imatrix+θ r4 ffn"]
 
 
 @pytest.fixture(scope="module")
@@ -64,11 +68,20 @@ def test_rows_are_the_files_they_claim(run: tuple[dict, Path], tiny_f32: Path) -
         assert row["sha256"] == sha256_file(path), name
         assert row["tensor_types"] == dict(Counter(t.type.name for t in read_layout(path).tensors)), name
     assert len({r["sha256"] for r in rows.values()}) == len(rows)  # no row measured another row's file
-    assert [rows[n]["imatrix"] for n in NAMES] == [None, "none", "calibration", "calibration", "calibration",
-                                                     "calibration"]
+    assert [rows[n]["imatrix"] for n in NAMES] == [None, "none"] + ["calibration"] * 6
     for name in NAMES[1:]:
         rank = read_layout(out_dir / rows[name]["file"]).get("nkat.theta.rank")
         assert rank == (4 if rows[name]["kind"] == "nkat" else 0), name
+
+
+def test_per_tensor_mixes_are_the_types_they_name(run: tuple[dict, Path]) -> None:
+    rows = {r["name"]: r for r in run[0]["rows"]}
+    hand, allocator = rows[NAMES[4]], rows[NAMES[5]]
+    assert hand["kind"] == allocator["kind"] == "mix" and hand["base"] == "Q4_0+imatrix"
+    types = {t.name: t.type.name for t in read_layout(Path(hand["path"])).tensors}
+    assert {t for n, t in types.items() if ".attn_v." in n} == {"Q8_0"}
+    assert hand["tensor_types"]["Q8_0"] > rows["Q4_0+imatrix"]["tensor_types"].get("Q8_0", 0)
+    assert rows["Q4_0+imatrix"]["file_bytes"] < allocator["file_bytes"] <= 1.05 * rows["Q4_0+imatrix"]["file_bytes"]
 
 
 def test_fallbacks_are_reported_from_the_quantizer_and_visible_in_the_file(run: tuple[dict, Path]) -> None:
@@ -99,7 +112,7 @@ def test_gaps_envelope_and_outputs(run: tuple[dict, Path]) -> None:
         assert result["frontier"][key] == [r["name"] for r in lower_envelope(result["rows"], key)]
         for row in rows.values():
             assert row["perplexity"][key]["chunks"] == 1
-        for name in NAMES[4:]:
+        for name in NAMES[6:]:
             verdict = rows[name]["frontier"][key]
             assert verdict["beats"] == (verdict["best_ppl"] is None
                                         or rows[name]["perplexity"][key]["ppl"] < verdict["best_ppl"])

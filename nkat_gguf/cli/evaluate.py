@@ -60,6 +60,9 @@ def names(values: tuple[str, ...]) -> tuple[str, ...]:
               help="An NKAT variant: theta of RANK on the importance-matrix BASE type, on WEIGHTS (all, ffn, attn "
                    "or --selective-layers patterns joined by ','); key=value sets another convert option. "
                    "Repeatable; 'none' for no NKAT variant.")
+@click.option("--mix", "mixes", multiple=True, metavar="BASE:PATTERN=TYPE[,...]|BASE:key=value",
+              help="A llama.cpp per-tensor mix without theta: tensor types by hand (IQ4_NL:blk.*.attn_v.weight=Q8_0) "
+                   "or the allocator's types (IQ4_NL:byte_budget=3%). Repeatable; 'none' for no mix.")
 @options.calib_text()
 @options.ctx(help=PPL_CHUNK_HELP)
 @options.chunks(type=int, default=8, help="Chunks scored per file and text.")
@@ -71,7 +74,7 @@ def names(values: tuple[str, ...]) -> tuple[str, ...]:
 @options.engine_options
 @fail_cleanly
 def frontier(input_: str, reference: Path | None, types: tuple[str, ...], thetas: tuple[str, ...],
-             calib_text: Path | None, ctx: int, chunks: int, repetitions: int, out_dir: Path | None,
+             mixes: tuple[str, ...], calib_text: Path | None, ctx: int, chunks: int, repetitions: int, out_dir: Path | None,
              plot: Path | None, as_json: bool, gpu_layers: int, no_cuda: bool, threads: int | None) -> None:
     """Every llama.cpp type with the importance matrix, plain Q4_0, the reference and NKAT variants: one
     calibration, perplexity on two texts (pydoc topics, licence texts), interleaved speed, the frontier.
@@ -80,16 +83,19 @@ def frontier(input_: str, reference: Path | None, types: tuple[str, ...], thetas
     Default types: Q2_K Q3_K_S Q3_K_M Q3_K_L IQ3_XXS IQ3_S IQ4_XS IQ4_NL Q4_0 Q4_K_S Q4_K_M Q5_0
     Default theta: Q4_0:4 Q4_0:8 Q4_0:8:ffn IQ4_NL:4 IQ4_NL:8 IQ4_NL:8:attn IQ4_NL:8:ffn IQ4_NL:12:ffn
                    IQ4_NL:16:ffn Q3_K_S:16
+    Default mixes: IQ4_NL:blk.*.attn_v.weight=Q5_0,blk.*.ffn_down.weight=Q5_0
+                   IQ4_NL:blk.*.attn_v.weight=Q8_0,blk.*.ffn_down.weight=Q5_1  IQ4_NL:byte_budget=3%
     """
     from nkat_gguf.default_model import resolve_model
     from nkat_gguf.engine.compare import CompareSettings
-    from nkat_gguf.evaluate.frontier import FrontierSettings, format_frontier, parse_theta_spec
+    from nkat_gguf.evaluate.frontier import FrontierSettings, format_frontier, parse_mix_spec, parse_theta_spec
     from nkat_gguf.evaluate.frontier import frontier as run_frontier
 
     defaults = FrontierSettings()
     specs = () if thetas == ("none",) else tuple(parse_theta_spec(t) for t in thetas) if thetas else defaults.thetas
+    mix_specs = () if mixes == ("none",) else tuple(parse_mix_spec(m) for m in mixes) if mixes else defaults.mixes
     settings = FrontierSettings(
-        types=names(types) or defaults.types, thetas=specs,
+        types=names(types) or defaults.types, thetas=specs, mixes=mix_specs,
         measure=CompareSettings(n_ctx=ctx, n_chunks=chunks, repetitions=repetitions), threads=threads or 0)
     runtime = options.runtime_options(gpu_layers, no_cuda, threads, n_ctx=max(ctx, settings.measure.n_prompt))
     result = run_frontier(resolve_model(input_), runtime, settings, reference, calib_text, out_dir, plot)

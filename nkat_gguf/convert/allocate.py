@@ -8,19 +8,34 @@ as a uniform rank (`theta_fit.ThetaFitter`: whitened or diagonal), and the energ
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from tqdm import tqdm
 
 from nkat_gguf.convert.calibrate import Calibration
 from nkat_gguf.convert.sensitivity import kind_sensitivity
 from nkat_gguf.convert.theta_fit import FitSettings, ThetaFitter, WeightFit
-from nkat_gguf.format.nkat import NkatTheta, component_bytes, listing_bytes
+from nkat_gguf.engine.quantize import accepted_types, check_types, quantize_model
+from nkat_gguf.format.nkat import NkatTheta, component_bytes, listing_bytes, type_listing_bytes
 from nkat_gguf.format.tensors import TensorSource
-from nkat_gguf.math.allocation import KINDS, ThetaBudget, WeightCosts, allocate, allocation_bytes, weight_kind
+from nkat_gguf.math.allocation import (
+    KINDS,
+    Choice,
+    ThetaBudget,
+    TypeStep,
+    WeightCosts,
+    WeightSteps,
+    allocate,
+    allocation_bytes,
+    mix_bytes,
+    weight_kind,
+)
+from nkat_gguf.math.allocation import allocate_mix as allocate_mix_math
 from nkat_gguf.math.theta import LowRank
 from nkat_gguf.texts import Text
 
@@ -119,3 +134,134 @@ def reallocate(theta: NkatTheta, sensitivity: dict[str, float], budget_bytes: in
     """
     ranks = allocate(stored_costs(theta, rank_cap), sensitivity, budget_bytes, max_weights)
     return NkatTheta(gamma, {n: theta.tensors[n].truncate(r) for n, r in ranks.items()}, theta.provenance)
+
+
+# ---- one allocation of types and θ ranks (`--byte-budget`, `--op-budget`) ----
+
+# The types a weight may be upgraded to, each only above its base type's bits per weight and only where the
+# quantizer writes it as asked for that row width (engine.quantize.accepted_types).
+TYPE_LADDER = (GGMLQuantizationType.IQ4_NL, GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q4_1,
+               GGMLQuantizationType.Q5_0, GGMLQuantizationType.Q5_K, GGMLQuantizationType.Q5_1,
+               GGMLQuantizationType.Q6_K, GGMLQuantizationType.Q8_0)
+
+
+def bits_per_weight(ggml_type: GGMLQuantizationType) -> float:
+    block, size = GGML_QUANT_SIZES[ggml_type]
+    return 8.0 * size / block
+
+
+def type_steps(base: GGMLQuantizationType, row_width: int) -> list[GGMLQuantizationType]:
+    """The ladder types above `base` that the quantizer accepts for rows of `row_width` values."""
+    return accepted_types(row_width, tuple(t for t in TYPE_LADDER if bits_per_weight(t) > bits_per_weight(base)))
+
+
+@dataclass(frozen=True)
+class MixAllocation:
+    path: Path  # the quantized file with every weight at its allocated type
+    choices: dict[str, Choice]
+    fits: dict[str, WeightFit]  # weights with rank > 0: θ fitted to the residual of their allocated type
+    base_types: dict[str, str]
+    budget_bytes: int
+    spent_bytes: int
+    max_weights: int | None
+    sensitivity: dict[str, dict[str, float]]
+
+    @property
+    def upgrades(self) -> dict[str, str]:
+        return {n: c.type for n, c in self.choices.items() if c.type != self.base_types[n]}
+
+    def summary(self) -> dict:
+        by_type = Counter(f"{self.base_types[n]} -> {t}" for n, t in self.upgrades.items())
+        ranks = [c.rank for c in self.choices.values() if c.rank > 0]
+        return {"method": "mix", "budget_bytes": self.budget_bytes, "spent_bytes": self.spent_bytes,
+                "max_weights": self.max_weights, "weights": len(ranks), "total_rank": sum(ranks),
+                "upgrades": dict(sorted(by_type.items())), "upgraded_weights": len(self.upgrades),
+                "sensitivity": self.sensitivity}
+
+
+class _Residuals:
+    """A weight's weighted residual at a type: its total ‖E·S‖² and, with θ, its spectrum (the θ fit's metric)."""
+
+    def __init__(self, weights: Callable[[str], np.ndarray], calibration: Calibration | None, settings: FitSettings,
+                 theta: bool):
+        self.weights, self.calibration, self.theta = weights, calibration, theta
+        self.fitter = ThetaFitter(ALLOCATION_MAX_RANK, calibration, settings)
+
+    def step(self, name: str, ggml_type: str, dequantized: np.ndarray, n_bytes: int) -> TypeStep:
+        residual = self.weights(name) - dequantized
+        if not self.theta:
+            scale = (np.ones(residual.shape[1]) if self.calibration is None
+                     else self.calibration.mean_squares[name].astype(np.float64))
+            return TypeStep(ggml_type, n_bytes, float((residual.astype(np.float64) ** 2 @ scale).sum()), np.zeros(0))
+        factors, captured = self.fitter.fit(name, residual, min(ALLOCATION_MAX_RANK, *residual.shape))
+        energy = (factors.b.astype(np.float64) ** 2).sum(axis=0)
+        return TypeStep(ggml_type, n_bytes, float(energy.sum()) / captured if captured > 0 else 0.0, energy)
+
+
+def allocate_mix(model_path: Path, base_path: Path, ftype: int, imatrix: dict[str, np.ndarray] | None,
+                 weights: Callable[[str], np.ndarray], names: list[str], calibration: Calibration | None,
+                 calib_text: Text, budget: ThetaBudget, max_weights: int | None, gamma: float, settings: FitSettings,
+                 work_dir: Path, threads: int = 0, progress: bool = True) -> MixAllocation:
+    """convert's type-and-θ step: every candidate type quantized once (the whole model, with the importance
+    matrix, by llama.cpp), each weight's residual measured at each, one greedy, the mixed file quantized."""
+    base = TensorSource(base_path)
+    base_types = {n: base.info(n).type for n in names}
+    theta = max_weights != 0
+    residuals = _Residuals(weights, calibration, settings, theta)
+    if theta:  # the base type's spectra and the per-kind sensitivity that converts energy into NLL
+        fitted = fit_pass(base_path, weights, names, calibration, calib_text, gamma, settings, work_dir, threads,
+                          progress)
+        sensitivity = fitted.sensitivity
+        steps = {n: [TypeStep(base_types[n].name, 0, fitted.total_energy[n], fitted.energy[n])] for n in names}
+    else:  # types only: every kind's weighted residual counts alike
+        sensitivity = {k: {"nll_drop": float("nan"), "energy": float("nan"), "sensitivity": 1.0}
+                       for k in sorted({weight_kind(n) for n in names})}
+        steps = {n: [residuals.step(n, base_types[n].name, base.dequantize(n), 0)] for n in names}
+    ladders = {n: type_steps(base_types[n], base.info(n).shape[0]) for n in names}
+    pad = base.layout.alignment
+    for ggml_type in tqdm(sorted({t for ladder in ladders.values() for t in ladder}, key=bits_per_weight),
+                          desc="candidate types", unit="type", disable=not progress, leave=False):
+        chosen = {n: ggml_type for n, ladder in ladders.items() if ggml_type in ladder}
+        path = work_dir / f"candidate-{ggml_type.name}.gguf"
+        quantize_model(model_path, path, ftype, imatrix, threads, chosen)
+        check_types(path, chosen)
+        candidate = TensorSource(path)
+        for n in chosen:
+            extra = (_padded(candidate.info(n).n_bytes, pad) - _padded(base.info(n).n_bytes, pad)
+                     + type_listing_bytes(n, ggml_type.name))
+            steps[n].append(residuals.step(n, ggml_type.name, candidate.dequantize(n), extra))
+        del candidate
+        path.unlink()
+    costs = [WeightSteps(n, tuple(steps[n]), component_bytes(*base.numpy_shape(n)), listing_bytes(n)) for n in names]
+    budget_bytes = budget.bytes_for(base_path.stat().st_size)
+    choices = allocate_mix_math(costs, {k: v["sensitivity"] for k, v in sensitivity.items()}, budget_bytes,
+                                max_weights)
+    pinned = {t.name: t.type for t in base.layout.tensors if _is_quantized(t.type)}
+    pinned |= {n: GGMLQuantizationType[c.type] for n, c in choices.items()}
+    mixed = work_dir / "mixed.gguf"
+    quantize_model(model_path, mixed, ftype, imatrix, threads, pinned)  # every weight named: no mixture rule moves it
+    check_types(mixed, pinned)
+    written = TensorSource(mixed)
+    fits = {}
+    for n, c in choices.items():
+        if c.rank == 0:
+            continue
+        if theta and c.type == base_types[n].name:
+            factors, energy = fitted.full[n].truncate(c.rank), fitted.energy[n]
+            share = float(energy[:c.rank].sum() / max(fitted.total_energy[n], 1e-300))
+        else:  # an upgraded weight's θ is fitted to its new residual
+            factors, share = residuals.fitter.fit(n, weights(n) - written.dequantize(n), c.rank)
+        fits[n] = WeightFit(factors, share, float("nan"), 0)
+    return MixAllocation(mixed, choices, fits, {n: t.name for n, t in base_types.items()}, budget_bytes,
+                         mix_bytes(costs, choices), max_weights, sensitivity)
+
+
+def _padded(n_bytes: int, alignment: int) -> int:
+    """A tensor's bytes in the file: GGUF pads every tensor's data to the file's alignment."""
+    return -(-n_bytes // alignment) * alignment
+
+
+def _is_quantized(ggml_type: GGMLQuantizationType) -> bool:
+    return ggml_type not in (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16,
+                             GGMLQuantizationType.F64, GGMLQuantizationType.I8, GGMLQuantizationType.I16,
+                             GGMLQuantizationType.I32, GGMLQuantizationType.I64)

@@ -41,6 +41,9 @@ class ConvertOptions:
     so8t: So8tOptions = So8tOptions()  # no rotation unless asked for
     theta_budget: str | None = None  # "2MiB" or "3%" of the quantized file: per-weight ranks (theta_rank unused)
     theta_max_weights: int | None = None  # with theta_budget: the most weights that carry theta (graph operations)
+    tensor_types: tuple[tuple[str, str], ...] = ()  # (pattern as selective_layers, type): llama-quantize --tensor-type
+    byte_budget: str | None = None  # "2MiB" or "3%" over the base type's file: per-weight types and θ ranks
+    op_budget: int | None = None  # with byte_budget: the most weights that carry θ (0: types only); None: no cap
     calibrate_temperature: bool = False  # fit T on the calibration text (theta at γ) and store it
 
 
@@ -63,8 +66,9 @@ class ConvertReport:
     tensors: dict[str, dict] = field(default_factory=dict)  # name -> {rank, captured_energy, ...}
     seconds: dict[str, float] = field(default_factory=dict)
     so8t: dict | None = None  # rotation and QC figures when --so8t baked one
-    allocation: dict | None = None  # --theta-budget: budget, bytes spent, sensitivity per kind, ranks per kind
+    allocation: dict | None = None  # --theta-budget / --byte-budget: budget, bytes spent, sensitivity, ranks, types
     temperature: dict | None = None  # --calibrate-temperature: the fitted T and what it was fitted on
+    types: dict[str, str] | None = None  # --byte-budget: weight -> the type it was upgraded to from the base
     fallbacks: dict[str, str] = field(default_factory=dict)  # tensor -> "q3_K -> q4_0", llama.cpp's substitutions
 
     def as_dict(self) -> dict:

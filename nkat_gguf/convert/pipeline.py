@@ -15,13 +15,13 @@ from pathlib import Path
 import numpy as np
 
 from nkat_gguf import __version__
-from nkat_gguf.convert.allocate import allocate_theta
+from nkat_gguf.convert.allocate import allocate_mix, allocate_theta
 from nkat_gguf.convert.calibrate import DEFAULT_CALIB_TOKENS, Calibration, calibrate
 from nkat_gguf.convert.options import ConvertOptions, ConvertReport
-from nkat_gguf.convert.selection import select_tensors
+from nkat_gguf.convert.selection import resolve_tensor_types, select_tensors
 from nkat_gguf.convert.theta_fit import FIT_METHODS, FitSettings, fit_weights, replace_tensors
 from nkat_gguf.engine.confidence import CalibrationSettings, fit_llm_temperature
-from nkat_gguf.engine.quantize import fallbacks, quantize_model, resolve_outtype
+from nkat_gguf.engine.quantize import check_types, fallbacks, quantize_model, resolve_outtype
 from nkat_gguf.engine.runtime import NkatRuntime, RuntimeOptions, check_loadable
 from nkat_gguf.errors import InputError
 from nkat_gguf.format import nkat
@@ -107,9 +107,11 @@ def convert(opts: ConvertOptions, calibration: Calibration | None = None) -> Con
     outtype_name, ftype = resolve_outtype(opts.outtype, layout)
     source = TensorSource(input_path, layout)
     names = select_tensors(layout, opts.selective_layers)
+    tensor_types = resolve_tensor_types(layout, opts.tensor_types)
     check_rank(source, names, opts.theta_rank)
     fit_settings = check_fit(opts)
     budget = check_budget_options(opts, names, input_path.stat().st_size)
+    byte_budget, op_budget = check_mix_options(opts, names, input_path.stat().st_size)
     ref_source, weights = reference_weights(source, opts.reference, names)
     report = ConvertReport(str(input_path), str(output_path), outtype_name, opts.theta_rank, opts.theta_gamma,
                            "none", opts.theta_fit, "none", input_bytes=input_path.stat().st_size)
@@ -144,12 +146,21 @@ def convert(opts: ConvertOptions, calibration: Calibration | None = None) -> Con
 
         quantized_path = Path(tmp) / "quantized.gguf"
         t = time.perf_counter()
-        report.fallbacks = fallbacks(quantize_model(model_path, quantized_path, ftype, imatrix, opts.threads))
+        report.fallbacks = fallbacks(quantize_model(model_path, quantized_path, ftype, imatrix, opts.threads,
+                                                    tensor_types))
+        check_types(quantized_path, tensor_types)
         seconds["quantize"] = time.perf_counter() - t
 
         t = time.perf_counter()
         replaced: dict[str, np.ndarray] = {}
-        if budget is not None:
+        if byte_budget is not None:
+            mix = allocate_mix(model_path, quantized_path, ftype, imatrix, weights, names, calibration_for_theta,
+                               load_text(opts.calib_text, "calibration"), byte_budget, op_budget, opts.theta_gamma,
+                               fit_settings, Path(tmp), opts.threads, opts.progress)
+            quantized_path, fits, report.allocation = mix.path, mix.fits, mix.summary()
+            report.theta_rank = max((f.factors.rank for f in fits.values()), default=0)
+            report.types = mix.upgrades
+        elif budget is not None:
             allocation = allocate_theta(quantized_path, weights, names, calibration_for_theta,
                                         load_text(opts.calib_text, "calibration"), budget, opts.theta_max_weights,
                                         opts.theta_gamma, fit_settings, Path(tmp), opts.threads, opts.progress)
@@ -167,7 +178,7 @@ def convert(opts: ConvertOptions, calibration: Calibration | None = None) -> Con
         seconds["theta"] = time.perf_counter() - t
         theta = NkatTheta(opts.theta_gamma, {n: quantize_int8(f.factors) for n, f in fits.items()},
                           _provenance(input_path, opts, outtype_name, calibration, report.imatrix)
-                          | _allocation_provenance(report.allocation) | (so8t.metadata() if so8t else {}))
+                          | _allocation_provenance(report.allocation, report.types) | (so8t.metadata() if so8t else {}))
         for name, f in fits.items():
             report.tensors[name] = {"rank": f.factors.rank, "captured_energy": round(f.captured_energy, 6),
                                     "expected_output_error": f.error, "round": f.round}
@@ -207,14 +218,37 @@ def check_budget_options(opts: ConvertOptions, names: list[str], model_bytes: in
     return budget
 
 
-def _allocation_provenance(allocation: dict | None) -> dict[str, object]:
+def check_mix_options(opts: ConvertOptions, names: list[str], model_bytes: int) -> tuple[ThetaBudget | None, int | None]:
+    """--byte-budget / --op-budget: (budget, most adapted weights; 0 = types only), refused in one line each."""
+    if opts.byte_budget is None:
+        if opts.op_budget is not None:
+            raise InputError("--op-budget needs --byte-budget (it caps how many weights the budget gives theta)")
+        return None, None
+    if opts.theta_budget is not None:
+        raise InputError("--byte-budget allocates types and theta together; it cannot be combined with --theta-budget")
+    if isinstance(opts.op_budget, bool) or not isinstance(opts.op_budget, (int, type(None))):
+        raise InputError(f"--op-budget must be a whole number of weights, got {opts.op_budget!r}")
+    budget = parse_budget(opts.byte_budget, model_bytes, "--byte-budget")
+    check_max_weights(opts.op_budget, len(names), "--op-budget", lowest=0)
+    if opts.theta_rank == 0:
+        if opts.op_budget:
+            raise InputError(f"--op-budget {opts.op_budget} asks for theta but --theta-rank 0 asks for none")
+        return budget, 0
+    return budget, opts.op_budget
+
+
+def _allocation_provenance(allocation: dict | None, upgrades: dict[str, str] | None = None) -> dict[str, object]:
     if allocation is None:
         return {nkat.ALLOCATION_METHOD: "uniform"}
     sensitivity = {k: round(v["sensitivity"], 9) for k, v in allocation["sensitivity"].items()}
-    out: dict[str, object] = {nkat.ALLOCATION_METHOD: "budget", nkat.ALLOCATION_BUDGET: allocation["budget_bytes"],
+    out: dict[str, object] = {nkat.ALLOCATION_METHOD: allocation["method"],
+                              nkat.ALLOCATION_BUDGET: allocation["budget_bytes"],
                               nkat.ALLOCATION_SENSITIVITY: json.dumps(sensitivity, sort_keys=True)}
     if allocation["max_weights"] is not None:
-        out[nkat.ALLOCATION_MAX_WEIGHTS] = allocation["max_weights"]
+        key = nkat.ALLOCATION_OP_BUDGET if allocation["method"] == "mix" else nkat.ALLOCATION_MAX_WEIGHTS
+        out[key] = allocation["max_weights"]
+    if allocation["method"] == "mix":
+        out[nkat.ALLOCATION_TYPES] = nkat.types_listing(upgrades or {})
     return out
 
 

@@ -6,7 +6,9 @@ import fnmatch
 import re
 
 import gguf
+from gguf.constants import GGMLQuantizationType
 
+from nkat_gguf.engine.quantize import accepted_types
 from nkat_gguf.errors import InputError
 from nkat_gguf.format.gguf_file import GGUFLayout
 
@@ -49,3 +51,22 @@ def select_tensors(layout: GGUFLayout, patterns: list[str] | None) -> list[str]:
             raise InputError(f"--selective-layers {pattern!r} matches no attention/FFN weight of this model")
         chosen += [h for h in hits if h not in chosen]
     return [n for n in candidates if n in chosen]
+
+
+def resolve_tensor_types(layout: GGUFLayout, tensor_types: tuple[tuple[str, str], ...] | list) -> dict[
+        str, GGMLQuantizationType]:
+    """`--tensor-type PATTERN=TYPE` pairs as exact weight -> type; the first pattern naming a weight wins (as in
+    llama.cpp). A type the quantizer would not write as asked for a weight's row width is refused, not replaced."""
+    chosen: dict[str, GGMLQuantizationType] = {}
+    widths = {t.name: t.shape[0] for t in layout.tensors}
+    for pattern, type_name in tensor_types:
+        try:
+            ggml_type = GGMLQuantizationType[type_name.upper()]
+        except KeyError:
+            raise InputError(f"--tensor-type {pattern}={type_name}: unknown type") from None
+        for name in select_tensors(layout, [pattern]):
+            if not accepted_types(widths[name], (ggml_type,)):
+                raise InputError(f"--tensor-type {pattern}={type_name}: {name} has rows of {widths[name]} values, "
+                                 f"which {ggml_type.name} cannot hold (llama.cpp would write another type)")
+            chosen.setdefault(name, ggml_type)
+    return chosen

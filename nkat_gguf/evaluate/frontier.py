@@ -25,12 +25,13 @@ from pathlib import Path
 
 from nkat_gguf.convert import ConvertOptions, ConvertReport, convert
 from nkat_gguf.convert.calibrate import Calibration
-from nkat_gguf.convert.selection import select_tensors
+from nkat_gguf.convert.selection import resolve_tensor_types, select_tensors
 from nkat_gguf.engine.bench import device_name
 from nkat_gguf.engine.compare import CompareSettings
 from nkat_gguf.engine.quantize import resolve_outtype
 from nkat_gguf.engine.runtime import RuntimeOptions
 from nkat_gguf.errors import InputError
+from nkat_gguf.evaluate.plot_labels import place_labels
 from nkat_gguf.evaluate.quality import calibrate_once, measure_files
 from nkat_gguf.format.atomic import atomic_output, check_writable_dir, make_output_dir
 from nkat_gguf.format.gguf_file import read_layout
@@ -46,10 +47,18 @@ DEFAULT_THETA = ("Q4_0:4", "Q4_0:8", "Q4_0:8:ffn", "IQ4_NL:4", "IQ4_NL:8", "IQ4_
 TEXTS: tuple[Split, ...] = ("evaluation", "licenses")  # pydoc topics (not the calibration split); licence texts
 DEFAULT_BUDGET = 0.03  # the default convert may add this share of its base type's file size
 PLAIN_TYPE = "Q4_0"  # plain Q4_0, no importance matrix: the zero point of the gap
+# llama.cpp per-tensor mixes (`llama-quantize --tensor-type`): upgrades people make by hand on an IQ4_NL base, and
+# the project's allocator with θ disabled (types only under a byte budget), all with the importance matrix.
+# 32-wide blocks only, so that every model's rows hold them (K-quants need rows a multiple of 256: pass
+# `--mix IQ4_NL:blk.*.ffn_down.weight=Q6_K` where they do).
+DEFAULT_MIXES = ("IQ4_NL:blk.*.attn_v.weight=Q5_0,blk.*.ffn_down.weight=Q5_0",
+                 "IQ4_NL:blk.*.attn_v.weight=Q8_0,blk.*.ffn_down.weight=Q5_1",
+                 "IQ4_NL:byte_budget=3%")
+FRONTIER_KINDS = ("imatrix", "mix")  # what an NKAT file must beat: llama.cpp's presets and per-tensor mixes
 WEIGHT_SETS = {"all": None, "ffn": ["blk.*.ffn_*"], "attn": ["blk.*.attn_*"]}
 _SETTABLE = {f.name for f in dataclasses.fields(ConvertOptions)} - {"input", "output", "reference", "outtype",
                                                                      "theta_rank", "selective_layers", "imatrix",
-                                                                     "calib_text", "progress", "threads"}
+                                                                     "calib_text", "progress", "threads", "tensor_types"}
 
 
 @dataclass(frozen=True)
@@ -103,9 +112,43 @@ def _literal(value: str) -> object:
 
 
 @dataclass(frozen=True)
+class MixSpec:
+    """A llama.cpp per-tensor mix on a base type with the importance matrix, no θ: hand-chosen tensor types
+    (`tensor_types`, patterns as --selective-layers) or the allocator's types (`options`, e.g. byte_budget)."""
+    base: str
+    tensor_types: tuple[tuple[str, str], ...] = ()
+    options: tuple[tuple[str, object], ...] = ()
+
+    @property
+    def name(self) -> str:
+        if self.tensor_types:
+            return f"{self.base}+imatrix+tensor-type " + ",".join(f"{p.removeprefix('blk.*.').removesuffix('.weight')}={t}"
+                                                                  for p, t in self.tensor_types)
+        return f"{self.base}+imatrix+allocator" + "".join(f" {k}={v}" for k, v in self.options)
+
+
+def parse_mix_spec(spec: str) -> MixSpec:
+    """BASE:PATTERN=TYPE,... or BASE:key=value (a convert option), e.g. "IQ4_NL:blk.*.attn_v=Q6_K",
+    "IQ4_NL:byte_budget=3%"."""
+    base, _, rest = spec.partition(":")
+    items = [i for i in re.split(r"[,:]", rest) if i]
+    if not base or not items or any("=" not in i for i in items):
+        raise InputError(f"--mix {spec!r}: expected BASE:PATTERN=TYPE[,PATTERN=TYPE...] or BASE:key=value")
+    types, options = [], []
+    for item in items:
+        key, value = item.split("=", 1)
+        if key.replace("-", "_") in _SETTABLE:
+            options.append((key.replace("-", "_"), _literal(value)))
+        else:
+            types.append((key, value.upper()))
+    return MixSpec(base.upper(), tuple(types), tuple(options))
+
+
+@dataclass(frozen=True)
 class FrontierSettings:
     types: tuple[str, ...] = DEFAULT_TYPES
     thetas: tuple[ThetaSpec, ...] = tuple(parse_theta_spec(s) for s in DEFAULT_THETA)
+    mixes: tuple[MixSpec, ...] = tuple(parse_mix_spec(s) for s in DEFAULT_MIXES)
     measure: CompareSettings = CompareSettings(n_chunks=8)
     threads: int = 0  # quantization threads (0: all cores)
     progress: bool = True
@@ -115,7 +158,7 @@ class FrontierSettings:
 class _File:
     """One file of the run, as written, before it is measured."""
     name: str
-    kind: str  # "reference", "plain", "imatrix" (a llama.cpp type + importance matrix) or "nkat"
+    kind: str  # "reference", "plain", "imatrix" (a llama.cpp type + importance matrix), "mix" (per-tensor) or "nkat"
     outtype: str
     path: Path
     report: ConvertReport | None = None
@@ -126,10 +169,12 @@ class _File:
 def check_settings(model: Path, settings: FrontierSettings) -> None:
     """Every option checked before the calibration, so a typo costs a second, not the whole run."""
     layout = read_layout(model)
-    for outtype in {*settings.types, PLAIN_TYPE, *(t.base for t in settings.thetas)}:
+    for outtype in {*settings.types, PLAIN_TYPE, *(t.base for t in (*settings.thetas, *settings.mixes))}:
         resolve_outtype(outtype, layout)
     if settings.measure.n_chunks is not None and settings.measure.n_chunks < 1:
         raise InputError(f"--chunks must be at least 1, got {settings.measure.n_chunks}")
+    for mix in settings.mixes:
+        resolve_tensor_types(layout, mix.tensor_types)  # an unknown type or one the rows cannot hold
     for spec in settings.thetas:
         select_tensors(layout, spec.patterns)  # a pattern that matches no weight is refused here
 
@@ -138,7 +183,7 @@ def build_files(model: Path, reference: Path | None, calibration: Calibration, w
                 settings: FrontierSettings) -> list[_File]:
     """Write every file of the run; only the variants that use the calibration are given it."""
     stem = model.stem
-    types = list(dict.fromkeys([*settings.types, *(t.base for t in settings.thetas)]))
+    types = list(dict.fromkeys([*settings.types, *(t.base for t in (*settings.thetas, *settings.mixes))]))
     files = [_File("reference", "reference", "reference", Path(reference or model))]
 
     def write(name: str, kind: str, outtype: str, label: str, theta: ThetaSpec | None = None, **options) -> _File:
@@ -147,12 +192,17 @@ def build_files(model: Path, reference: Path | None, calibration: Calibration, w
         uses_calibration = opts.imatrix == "auto" or opts.theta_rank > 0
         report = convert(opts, calibration if uses_calibration else None)
         return _File(name, kind, report.outtype, Path(report.output), report, theta,
-                     f"{outtype}+imatrix" if theta else None)
+                     f"{outtype}+imatrix" if kind in ("nkat", "mix") else None)
 
     files.append(write(f"{PLAIN_TYPE} plain", "plain", PLAIN_TYPE, f"{PLAIN_TYPE}.plain", imatrix="none",
                        theta_rank=0))
     for outtype in types:
         files.append(write(f"{outtype}+imatrix", "imatrix", outtype, f"{outtype}.imatrix", theta_rank=0))
+    for mix in settings.mixes:
+        label = re.sub(r"[^A-Za-z0-9_.=-]+", "-", f"{mix.base}.imatrix.mix-" + "-".join(
+            f"{k}={v}" for k, v in (*mix.tensor_types, *mix.options)))
+        files.append(write(mix.name, "mix", mix.base, label, theta_rank=0, tensor_types=mix.tensor_types,
+                           **dict(mix.options)))
     for spec in settings.thetas:
         label = re.sub(r"[^A-Za-z0-9_.=-]+", "-", f"{spec.base}.imatrix.theta-r{spec.rank}-{spec.weights}"
                        + "".join(f"-{k}={v}" for k, v in spec.options))
@@ -263,8 +313,9 @@ def _add_speed_ratios(rows: list[dict]) -> None:
 
 
 def lower_envelope(rows: list[dict], key: str) -> list[dict]:
-    """The llama.cpp types (with the importance matrix) that no smaller-or-equal type beats on `key`, by size."""
-    candidates = sorted((r for r in rows if r["kind"] == "imatrix"),
+    """The llama.cpp files (types and per-tensor mixes, with the importance matrix) that no smaller-or-equal one
+    beats on `key`, by size: the lower-left Pareto frontier of size against perplexity."""
+    candidates = sorted((r for r in rows if r["kind"] in FRONTIER_KINDS),
                         key=lambda r: (r["file_bytes"], r["perplexity"][key]["ppl"]))
     envelope: list[dict] = []
     for row in candidates:
@@ -299,6 +350,20 @@ def default_candidate(rows: list[dict], budget: float = DEFAULT_BUDGET, by: str 
     return max(fits, key=lambda r: worst[r["name"]])["name"]
 
 
+def envelope_steps(envelope: list[dict], key: str, right_bytes: int) -> tuple[list[int], list[float]]:
+    """The envelope as a staircase through its points in size order: flat until the next smaller perplexity,
+    then straight down, on to `right_bytes` (x never decreases, y never increases)."""
+    xs, ys = [], []
+    for row in envelope:
+        x, y = row["file_bytes"], row["perplexity"][key]["ppl"]
+        if xs:
+            xs.append(x)
+            ys.append(ys[-1])
+        xs.append(x)
+        ys.append(y)
+    return xs + [max(right_bytes, xs[-1])], ys + [ys[-1]]
+
+
 def plot_frontier(result: dict, path: Path) -> None:
     """Perplexity against file size, one panel per text: llama.cpp's envelope as a line, the NKAT points over it."""
     import matplotlib
@@ -310,37 +375,42 @@ def plot_frontier(result: dict, path: Path) -> None:
     rows = result["rows"]
     keys = list(result["texts"])
     fig, axes = plt.subplots(1, len(keys), figsize=(7 * len(keys), 5.5), squeeze=False)
+    label_sets = []
     for ax, key in zip(axes[0], keys):
         def xy(kind: str) -> tuple[list[float], list[float], list[str]]:
             chosen = [r for r in rows if r["kind"] == kind]
             return ([r["file_bytes"] / mib for r in chosen], [r["perplexity"][key]["ppl"] for r in chosen],
                     [r["name"] for r in chosen])
 
-        env = [r for r in rows if r["name"] in result["frontier"][key]]
-        if env:  # staircase: at each size, the best type of that size or smaller
-            xs = [r["file_bytes"] / mib for r in env]
-            ys = [r["perplexity"][key]["ppl"] for r in env]
-            right = max(r["file_bytes"] for r in rows) / mib
-            ax.step(xs + [right], ys + [ys[-1]], where="post", color="tab:blue", lw=1.5,
-                    label="llama.cpp frontier (type + importance matrix)")
+        by_name = {r["name"]: r for r in rows}
+        env = [by_name[n] for n in result["frontier"][key]]  # in the envelope's order: by size
+        if env:
+            xs, ys = envelope_steps(env, key, max(r["file_bytes"] for r in rows))
+            ax.plot([x / mib for x in xs], ys, color="tab:blue", lw=1.5,
+                    label="llama.cpp frontier (types and per-tensor mixes + importance matrix)")
+        labels = []
         for kind, style in (("imatrix", dict(color="tab:blue", marker="o", s=28)),
+                            ("mix", dict(color="tab:green", marker="^", s=36)),
                             ("plain", dict(color="grey", marker="s", s=36)),
                             ("reference", dict(color="black", marker="D", s=36)),
                             ("nkat", dict(color="tab:red", marker="*", s=110, zorder=5))):
             x, y, names = xy(kind)
-            label = {"imatrix": None, "plain": "plain Q4_0 (no importance matrix)", "reference": "reference",
-                     "nkat": "NKAT (θ)"}[kind]
+            label = {"imatrix": None, "mix": "llama.cpp per-tensor mix", "plain": "plain Q4_0 (no importance matrix)",
+                     "reference": "reference", "nkat": "NKAT (θ)"}[kind]
             ax.scatter(x, y, label=label, **style)
-            for xi, yi, name in zip(x, y, names):
-                ax.annotate(name.replace("+imatrix", ""), (xi, yi), textcoords="offset points", xytext=(4, 3),
-                            fontsize=7, color=style["color"])
+            labels += [ax.annotate(name.replace("+imatrix", ""), (xi, yi), textcoords="offset points",
+                                   xytext=(4, 3), fontsize=7, color=style["color"])
+                       for xi, yi, name in zip(x, y, names)]
         ax.set_title(f"{result['texts'][key]['source']} ({result['chunks']} chunks of {result['n_ctx']})", fontsize=9)
         ax.set_xlabel("file size (MiB)")
         ax.set_ylabel("perplexity")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+        label_sets.append((ax, labels))
     fig.suptitle(f"{Path(result['model']).name}: perplexity against file size", fontsize=11)
     fig.tight_layout()
+    for ax, labels in label_sets:  # after the layout: placement works on the final pixel positions
+        place_labels(ax, labels)
     with atomic_output(path, suffix=".png") as tmp:
         fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)

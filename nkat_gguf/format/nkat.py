@@ -10,6 +10,7 @@ through the constants below, so the format is described in one place.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,10 +50,12 @@ CALIBRATION_TOKENS = "nkat.calibration.tokens"
 CALIBRATION_SOURCE = "nkat.calibration.source"
 IMATRIX = "nkat.imatrix"
 TOOL_VERSION = "nkat.tool.version"
-ALLOCATION_METHOD = "nkat.allocation.method"  # "uniform" or "budget"
+ALLOCATION_METHOD = "nkat.allocation.method"  # "uniform", "budget" (θ ranks) or "mix" (types and θ ranks)
 ALLOCATION_BUDGET = "nkat.allocation.budget_bytes"
 ALLOCATION_MAX_WEIGHTS = "nkat.allocation.max_weights"
 ALLOCATION_SENSITIVITY = "nkat.allocation.sensitivity"  # JSON: weight kind -> benefit per unit of energy
+ALLOCATION_OP_BUDGET = "nkat.allocation.op_budget"  # mix: the most weights allowed θ (4 graph operations each)
+ALLOCATION_TYPES = "nkat.allocation.types"  # mix: JSON {weight: ggml type} of the weights written above their base
 # SO8T bake (docs/SO8T.md): the rotation, then its QC figures under SO8T_QC_PREFIX + field name
 SO8T_PREFIX = "nkat.so8t."
 SO8T_MODE = "nkat.so8t.mode"
@@ -137,6 +140,16 @@ def listing_bytes(name: str) -> int:
     array_header = 4 + 4 + 8  # value type, element type, element count
     keys = sum(8 + len(factor_key(name, part).encode()) + array_header for part in PARTS)
     return keys + 8 + len(name.encode()) + 4
+
+
+def type_listing_bytes(name: str, ggml_type: str) -> int:
+    """Bytes one upgraded weight adds to ALLOCATION_TYPES (`"name":"TYPE",` in `types_listing`)."""
+    return len(f'"{name}":"{ggml_type}",'.encode())
+
+
+def types_listing(upgrades: dict[str, str]) -> str:
+    """The ALLOCATION_TYPES value: compact sorted JSON, so its size is what `type_listing_bytes` counts."""
+    return json.dumps(dict(sorted(upgrades.items())), separators=(",", ":"))
 
 
 def factor_key(name: str, part: str) -> str:

@@ -55,27 +55,34 @@ class ThetaBudget:
         return f"{self.value:g}{self.unit}"
 
 
-def parse_budget(text: str, model_bytes: int) -> ThetaBudget:
-    """`2MiB`, `1.5 MiB` or `3%`; refuses negative, zero (theta asked for, nothing allowed) and more than the model."""
+_ZERO_BUDGET = {"--theta-budget": "allows no theta although theta was asked for; use --theta-rank 0 for a file "
+                                   "without theta",
+                "--byte-budget": "allows nothing over the base type; leave --byte-budget out for the base type alone"}
+
+
+def parse_budget(text: str, model_bytes: int, option: str = "--theta-budget") -> ThetaBudget:
+    """`2MiB`, `1.5 MiB` or `3%`; refuses negative, zero (nothing allowed), over 100 % and more than the model."""
     stripped = text.strip()
     if stripped.startswith("-"):
-        raise InputError(f"--theta-budget {text!r} is negative; give a size such as 2MiB or 3%")
+        raise InputError(f"{option} {text!r} is negative; give a size such as 2MiB or 3%")
     match = _BUDGET.match(stripped)
     if not match:
-        raise InputError(f"--theta-budget {text!r} is not a size: write it as MiB or % of the file, e.g. 2MiB or 3%")
+        raise InputError(f"{option} {text!r} is not a size: write it as MiB or % of the file, e.g. 2MiB or 3%")
     value, unit = float(match.group(1)), "MiB" if match.group(2).lower() == "mib" else "%"
     if value == 0:
-        raise InputError("--theta-budget 0 allows no theta although theta was asked for; use --theta-rank 0 "
-                         "for a file without theta")
-    if (unit == "%" and value > 100) or (unit == "MiB" and value * MIB > model_bytes):
-        raise InputError(f"--theta-budget {text} is larger than the model itself ({model_bytes / MIB:.1f} MiB)")
+        raise InputError(f"{option} 0 {_ZERO_BUDGET[option]}")
+    if unit == "%" and value > 100:
+        raise InputError(f"{option} {text} is over 100 %: larger than the model itself")
+    if unit == "MiB" and value * MIB > model_bytes:
+        raise InputError(f"{option} {text} is larger than the model itself ({model_bytes / MIB:.1f} MiB)")
     return ThetaBudget(value, unit)
 
 
-def check_max_weights(max_weights: int | None, n_weights: int) -> None:
-    if max_weights is not None and not 1 <= max_weights <= n_weights:
-        raise InputError(f"--theta-max-weights {max_weights} is out of range: this model has {n_weights} weights "
-                         f"that can carry theta (give 1 to {n_weights})")
+def check_max_weights(max_weights: int | None, n_weights: int, option: str = "--theta-max-weights",
+                      lowest: int = 1) -> None:
+    if max_weights is not None and not lowest <= max_weights <= n_weights:
+        raise InputError(f"{option} {max_weights} is out of range: this model has {n_weights} weights "
+                         f"that can carry theta (give {lowest} to {n_weights})")
 
 
 def _greedy(weights: list[WeightCosts], gains: dict[str, float], budget: int, allowed: set[str] | None,
@@ -130,3 +137,129 @@ def allocation_bytes(weights: list[WeightCosts], ranks: dict[str, int]) -> int:
     """Bytes an allocation spends, by the same costs the greedy used."""
     by_name = {w.name: w for w in weights}
     return sum(by_name[n].open_bytes + r * by_name[n].component_bytes for n, r in ranks.items() if r > 0)
+
+
+# ---- one allocation of types and θ ranks (convert --byte-budget / --op-budget) ----
+
+
+@dataclass(frozen=True)
+class TypeStep:
+    """One type a weight may be written at: the bytes that costs in the file and its weighted residual there.
+
+    `error` = ‖(W_ref − deq(W_q))·S‖², `energy[k]` = σ_k² of that same weighted residual (descending): θ of
+    rank r at this type leaves error − Σ_{k<r} σ_k².
+    """
+
+    type: str
+    bytes: int
+    error: float
+    energy: np.ndarray
+
+
+@dataclass(frozen=True)
+class WeightSteps:
+    """A weight's types (steps[0] its base type, the rest larger, all accepted for its row width) and θ costs."""
+
+    name: str
+    steps: tuple[TypeStep, ...]
+    component_bytes: int
+    open_bytes: int
+
+
+@dataclass(frozen=True)
+class Choice:
+    type: str
+    rank: int
+
+
+def _left_error(step: TypeStep, rank: int) -> float:
+    return step.error - float(step.energy[:rank].sum())
+
+
+def _best_move(w: WeightSteps, at: int, rank: int, gain: float, left: int, may_open: bool,
+               theta: bool) -> tuple[float, int, int, int] | None:
+    """The affordable move of best benefit per byte: (ratio, cost, new step, new rank), or None.
+
+    A type upgrade keeps the rank, its θ refitted to the new residual, and costs no graph operation; a θ
+    component costs its bytes, and the weight's first one also its keys and four graph operations.
+    """
+    best = None
+    step = w.steps[at]
+    if theta and rank < step.energy.size and (rank > 0 or may_open):
+        cost = w.component_bytes + (w.open_bytes if rank == 0 else 0)
+        benefit = gain * float(step.energy[rank])
+        if cost <= left and benefit > 0:
+            best = (benefit / cost, cost, at, rank + 1)
+    for j in range(at + 1, len(w.steps)):
+        cost = w.steps[j].bytes - step.bytes
+        benefit = gain * (_left_error(step, rank) - _left_error(w.steps[j], min(rank, w.steps[j].energy.size)))
+        if 0 < cost <= left and benefit > 0 and (best is None or benefit / cost > best[0]):
+            best = (benefit / cost, cost, j, min(rank, w.steps[j].energy.size))
+    return best
+
+
+def _mix_greedy(weights: list[WeightSteps], gains: dict[str, float], budget: int, theta_allowed: set[str],
+                max_weights: int) -> dict[str, tuple[int, int]]:
+    """Best benefit per byte first over every weight's next move; re-evaluated lazily as the budget shrinks."""
+    state = {w.name: (0, 0) for w in weights}
+    by_name = {w.name: w for w in weights}
+    left, opened = budget, 0
+    heap: list[tuple[float, str, tuple[int, int]]] = []
+
+    def push(name: str) -> None:
+        at, rank = state[name]
+        move = _best_move(by_name[name], at, rank, gains[name], left, opened < max_weights, name in theta_allowed)
+        if move is not None:
+            heapq.heappush(heap, (-move[0], name, (move[2], move[3])))
+
+    for w in weights:
+        push(w.name)
+    while heap:
+        _, name, target = heapq.heappop(heap)
+        at, rank = state[name]
+        move = _best_move(by_name[name], at, rank, gains[name], left, opened < max_weights, name in theta_allowed)
+        if move is None:
+            continue
+        if (move[2], move[3]) != target:  # the budget left or the operations changed its best move
+            heapq.heappush(heap, (-move[0], name, (move[2], move[3])))
+            continue
+        left -= move[1]
+        opened += rank == 0 and move[3] > 0
+        state[name] = target
+        push(name)
+    return state
+
+
+def allocate_mix(weights: list[WeightSteps], sensitivity: dict[str, float], budget_bytes: int,
+                 max_weights: int | None = None) -> dict[str, Choice]:
+    """Every weight's type and θ rank, within `budget_bytes` over the base types and at most `max_weights`
+    adapted weights (0: types only, a llama.cpp per-tensor mix; None: no operation budget).
+
+    With the operation budget binding, the weights the byte budget alone would adapt are ranked by the
+    benefit their θ got, the best `max_weights` keep θ, and the bytes are spent again with θ on those only.
+    """
+    if budget_bytes < 0:
+        raise ValueError("budget_bytes must be >= 0")
+    gains = {w.name: float(sensitivity.get(weight_kind(w.name), 0.0)) for w in weights}
+    limit = len(weights) if max_weights is None else max_weights
+    everyone = {w.name for w in weights} if limit > 0 else set()
+    state = _mix_greedy(weights, gains, budget_bytes, everyone, len(weights))
+    adapted = {n: s for n, s in state.items() if s[1] > 0}
+    if len(adapted) > limit:
+        by_name = {w.name: w for w in weights}
+        benefit = {n: gains[n] * float(by_name[n].steps[at].energy[:r].sum()) for n, (at, r) in adapted.items()}
+        keep = set(sorted(benefit, key=lambda n: (-benefit[n], n))[:limit])
+        state = _mix_greedy(weights, gains, budget_bytes, keep, limit)
+    by_name = {w.name: w for w in weights}
+    return {n: Choice(by_name[n].steps[at].type, r) for n, (at, r) in state.items()}
+
+
+def mix_bytes(weights: list[WeightSteps], choices: dict[str, Choice]) -> int:
+    """Bytes an allocation adds over the base types, by the same costs the greedy used."""
+    total = 0
+    for w in weights:
+        choice = choices[w.name]
+        step = next(s for s in w.steps if s.type == choice.type)
+        total += step.bytes - w.steps[0].bytes
+        total += (w.open_bytes + choice.rank * w.component_bytes) if choice.rank > 0 else 0
+    return total

@@ -1,0 +1,177 @@
+"""One allocation of types and θ ranks: both budgets hold, every type is one the quantizer writes as asked,
+the file records what was allocated, loads in stock llama.cpp, and exports still carry γ·B·A."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import llama_cpp
+import numpy as np
+import pytest
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from nkat_gguf.convert import ConvertOptions, convert
+from nkat_gguf.convert.allocate import TYPE_LADDER, type_steps
+from nkat_gguf.convert.selection import default_theta_tensors
+from nkat_gguf.engine.quantize import accepted_types, outtypes, quantize_model
+from nkat_gguf.errors import InputError
+from nkat_gguf.export.exports import export_kobold, export_ollama
+from nkat_gguf.format import nkat
+from nkat_gguf.format.gguf_file import read_layout
+from nkat_gguf.format.nkat import read_theta, type_listing_bytes
+from nkat_gguf.format.tensors import TensorSource
+from nkat_gguf.math.allocation import Choice, TypeStep, WeightSteps, allocate_mix, mix_bytes
+
+RNG = np.random.default_rng(11)
+
+
+def steps_problem(n: int = 12) -> list[WeightSteps]:
+    """Weights with 1–3 type steps (error falling, bytes rising) and θ spectra at each step."""
+    out = []
+    for i in range(n):
+        error, size, steps = RNG.uniform(1, 10), 0, []
+        for j in range(RNG.integers(1, 4)):
+            energy = np.sort(RNG.uniform(0, error / 8, 6))[::-1]
+            steps.append(TypeStep(f"T{j}", size, error, energy))
+            error, size = error * RNG.uniform(0.2, 0.6), size + int(RNG.integers(200, 2_000))
+        out.append(WeightSteps(f"blk.{i}.ffn_{'up' if i % 2 else 'down'}.weight", tuple(steps), 90, 150))
+    return out
+
+
+SENSITIVITY = {"ffn_up": 1.0, "ffn_down": 2.5}
+
+
+@pytest.mark.parametrize("budget", [0, 700, 4_000, 15_000, 10**7])
+@pytest.mark.parametrize("max_weights", [None, 0, 1, 4])
+def test_mix_respects_both_budgets_and_leaves_nothing_affordable(budget: int, max_weights: int | None) -> None:
+    weights = steps_problem()
+    choices = allocate_mix(weights, SENSITIVITY, budget, max_weights)
+    assert set(choices) == {w.name for w in weights}
+    spent = mix_bytes(weights, choices)
+    adapted = [n for n, c in choices.items() if c.rank > 0]
+    assert spent <= budget and len(adapted) <= (len(weights) if max_weights is None else max_weights)
+    left = budget - spent
+    for w in weights:  # greedy is maximal: no upgrade and no θ component with a benefit still fits
+        c = choices[w.name]
+        at = [s.type for s in w.steps].index(c.type)
+        for step in w.steps[at + 1:]:
+            assert step.bytes - w.steps[at].bytes > left, (w.name, c)
+        theta_blocked = max_weights == 0 or (c.rank == 0 and len(adapted) == max_weights)
+        if c.rank < w.steps[at].energy.size and not theta_blocked and max_weights is None:
+            assert w.component_bytes + (w.open_bytes if c.rank == 0 else 0) > left, (w.name, c)
+
+
+def test_types_only_and_upgrades_keep_the_rank_fitted_to_the_new_residual() -> None:
+    weights = steps_problem()
+    assert all(c.rank == 0 for c in allocate_mix(weights, SENSITIVITY, 10**7, 0).values())
+    unlimited = allocate_mix(weights, SENSITIVITY, 10**9)
+    for w in weights:  # everything affordable: the top type and every θ component of it
+        assert unlimited[w.name] == Choice(w.steps[-1].type, w.steps[-1].energy.size)
+
+
+def test_the_quantizer_writes_exactly_the_types_accepted_for_each_row_width(tiny_f32: Path, tmp_path: Path) -> None:
+    """Every ladder type asked for every weight of the tiny model (rows 64 and 128 wide): the file holds the
+    type asked where accepted_types allows it, and something else (llama.cpp's fallback) everywhere else."""
+    layout = read_layout(tiny_f32)
+    names = default_theta_tensors(layout)
+    widths = {t.name: t.shape[0] for t in layout.tensors}
+    for ggml_type in TYPE_LADDER:
+        out = tmp_path / f"{ggml_type.name}.gguf"
+        quantize_model(tiny_f32, out, outtypes()["IQ4_NL"], None, 2, {n: ggml_type for n in names})
+        written = {t.name: t.type for t in read_layout(out).tensors}
+        for n in names:
+            assert (written[n] == ggml_type) == bool(accepted_types(widths[n], (ggml_type,))), (ggml_type, n)
+    assert GGMLQuantizationType.Q6_K not in type_steps(GGMLQuantizationType.IQ4_NL, 576)  # SmolLM2's rows
+    assert GGMLQuantizationType.Q6_K in type_steps(GGMLQuantizationType.IQ4_NL, 1536)
+    assert type_steps(GGMLQuantizationType.Q8_0, 1536) == []
+
+
+@pytest.fixture(scope="module")
+def mixed(tiny_f32: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    d = tmp_path_factory.mktemp("mix")
+    common = dict(input=tiny_f32, outtype="IQ4_NL", threads=2, progress=False)
+    base = d / "base.gguf"
+    convert(ConvertOptions(output=base, theta_rank=0, **common))
+    files = {"base": (base, None)}
+    for label, options in (("types", dict(theta_rank=0, byte_budget="6%")),
+                           ("theta", dict(byte_budget="6%", op_budget=3))):
+        out = d / f"{label}.gguf"
+        files[label] = (out, convert(ConvertOptions(output=out, **options, **common)))
+    return files
+
+
+@pytest.mark.parametrize("label", ["types", "theta"])
+def test_mixed_file_records_its_allocation_within_both_budgets(mixed: dict, label: str) -> None:
+    base_path, _ = mixed["base"]
+    path, report = mixed[label]
+    allocation, base, layout = report.allocation, read_layout(base_path), read_layout(path)
+    # 6 % of the base type's file as llama.cpp wrote it: the base output less its nkat provenance (< 4 KiB)
+    assert 0.06 * (base_path.stat().st_size - 4096) <= allocation["budget_bytes"] <= 0.06 * base_path.stat().st_size
+    base_types = {t.name: t.type.name for t in base.tensors}
+    types = {t.name: t.type.name for t in layout.tensors}
+    upgrades = json.loads(layout.get(nkat.ALLOCATION_TYPES))
+    assert upgrades == report.types == {n: t for n, t in types.items() if t != base_types[n]}
+    assert upgrades and all(GGML_QUANT_SIZES[GGMLQuantizationType[t]][0] <= 32 for t in upgrades.values())
+    # the tensor data grew by exactly the padded bytes the allocator counted for the types
+    data_growth = (layout.file_size - layout.data_offset) - (base.file_size - base.data_offset)
+    theta = read_theta(path)
+    theta_bytes = sum(nkat.listing_bytes(n) + t.rank * nkat.component_bytes(t.b.shape[0], t.a.shape[1])
+                      for n, t in theta.tensors.items())
+    listing = sum(type_listing_bytes(n, t) for n, t in upgrades.items())
+    assert data_growth + listing + theta_bytes == allocation["spent_bytes"] <= allocation["budget_bytes"]
+    assert layout.get(nkat.ALLOCATION_METHOD) == "mix"
+    assert layout.get(nkat.ALLOCATION_OP_BUDGET) == (0 if label == "types" else 3)
+    assert len(theta.tensors) == allocation["weights"] <= (0 if label == "types" else 3)
+    assert theta.ranks == {n: t["rank"] for n, t in report.tensors.items()}
+    llm = llama_cpp.Llama(str(path), n_ctx=64, verbose=False)  # stock llama.cpp loads the mixed file
+    assert llm.n_vocab() > 0
+    llm.close()
+
+
+def test_upgraded_weights_with_theta_are_fitted_to_their_new_residual(mixed: dict) -> None:
+    path, report = mixed["theta"]
+    theta, source = read_theta(path), TensorSource(path)
+    assert theta.tensors, "the tiny model's allocation adapted no weight"
+    for name, t in theta.tensors.items():
+        assert t.b.shape[0] == source.numpy_shape(name)[0] and t.a.shape[1] == source.numpy_shape(name)[1]
+    assert report.allocation["sensitivity"].keys() >= {"attn_q", "ffn_down"}
+
+
+def test_exports_of_a_mixed_file_apply_gamma_b_a(mixed: dict, tmp_path: Path) -> None:
+    path, _ = mixed["theta"]
+    theta = read_theta(path)
+    ollama = export_ollama(path, tmp_path / "ollama", gamma=0.5, name="mixed")
+    kobold = export_kobold(path, tmp_path / "kobold", gamma=0.5, threads=2)
+    model = TensorSource(Path(ollama.files["model"]))
+    assert {t.name: t.type for t in model.layout.tensors} == {t.name: t.type for t in read_layout(path).tensors}
+    for adapter in (Path(ollama.files["adapter"]), Path(json.loads(Path(kobold.files["kcpps"]).read_text())["lora"][0])):
+        lora = TensorSource(adapter)
+        assert lora.layout.get("adapter.lora.alpha") == 0.0
+        for name, t in theta.tensors.items():
+            f = t.dequantize()
+            np.testing.assert_array_equal(lora.dequantize(name + ".lora_b"), (0.5 * f.b).astype(np.float16))
+            np.testing.assert_array_equal(lora.dequantize(name + ".lora_a"), f.a.astype(np.float16))
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (dict(byte_budget="-3%"), "--byte-budget '-3%' is negative"),
+    (dict(byte_budget="lots"), "--byte-budget 'lots' is not a size"),
+    (dict(byte_budget="3"), "is not a size"),
+    (dict(byte_budget="150%"), "over 100 %"),
+    (dict(byte_budget="9000MiB"), "larger than the model"),
+    (dict(byte_budget="0%"), "allows nothing"),
+    (dict(byte_budget="3%", op_budget=-1), "--op-budget -1 is out of range"),
+    (dict(byte_budget="3%", op_budget=10_000), "--op-budget 10000 is out of range"),
+    (dict(byte_budget="3%", op_budget="many"), "--op-budget must be a whole number"),
+    (dict(op_budget=3), "--op-budget needs --byte-budget"),
+    (dict(byte_budget="3%", theta_budget="1%"), "cannot be combined with --theta-budget"),
+    (dict(byte_budget="3%", theta_rank=0, op_budget=2), "--theta-rank 0 asks for none"),
+    (dict(tensor_types=(("blk.*.attn_v.weight", "Q6_K"),)), "cannot hold"),
+    (dict(tensor_types=(("blk.*.attn_v.weight", "Q9_9"),)), "unknown type"),
+])
+def test_bad_budgets_are_one_clear_line(tiny_f32: Path, tmp_path: Path, options: dict, message: str) -> None:
+    with pytest.raises(InputError, match=message.replace("(", r"\(")) as caught:
+        convert(ConvertOptions(input=tiny_f32, output=tmp_path / "x.gguf", progress=False, **options))
+    assert "\n" not in str(caught.value)
+    assert not (tmp_path / "x.gguf").exists()
