@@ -25,6 +25,7 @@ from pathlib import Path
 
 import llama_cpp
 import numpy as np
+from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from nkat_gguf.engine.native_log import captured_llama_log
@@ -45,7 +46,7 @@ from .ggml_tensor import (
 
 WINDOW = 512
 MAX_SECOND_MOMENT_WIDTH = 8192
-CACHE_VERSION = 1  # bump when what is collected changes, so old cache entries are not read
+CACHE_VERSION = 2  # bump when what is collected changes, so old cache entries are not read (2: float32 Σxxᵀ)
 
 
 @dataclass
@@ -54,7 +55,7 @@ class GraphStatistics:
 
     sums: dict[str, np.ndarray] = field(default_factory=dict)  # weight -> Σx² (n_mat, in) float64
     counts: dict[str, np.ndarray] = field(default_factory=dict)  # weight -> rows seen per matrix (n_mat,)
-    outer_sums: dict[str, np.ndarray] = field(default_factory=dict)  # owner weight -> Σxxᵀ (in, in) float64
+    outer_sums: dict[str, np.ndarray] = field(default_factory=dict)  # owner weight -> Σxxᵀ (in, in) float32
     input_owner: dict[str, str] = field(default_factory=dict)  # weight -> the weight whose Σxxᵀ it shares
     tokens: int = 0
 
@@ -69,57 +70,94 @@ class GraphStatistics:
             means[name] = np.where(c > 0, s / np.where(c > 0, c, 1), np.float32(1)).astype(np.float32).reshape(-1)
         return means
 
-    def second_moments(self) -> dict[str, np.ndarray]:
-        """E[xxᵀ] (in, in) float64 per weight; weights that share an input share the same array object."""
-        shared = {owner: total / self.counts[owner][0] for owner, total in self.outer_sums.items()}
+    def take_second_moments(self) -> dict[str, np.ndarray]:
+        """E[xxᵀ] (in, in) float32 per weight; weights that share an input share the same array object.
+
+        The sums are divided in place and handed over (the statistics keep none): a second copy of every
+        Σxxᵀ is what would make memory grow with the model.
+        """
+        shared = {}
+        for owner, total in self.outer_sums.items():
+            total /= np.float32(self.counts[owner][0])
+            shared[owner] = total
+        self.outer_sums = {}
         return {name: shared[owner] for name, owner in self.input_owner.items() if owner in shared}
 
 
 class _Collector:
-    """The eval callback's state. Exceptions cannot cross the C boundary: kept, and raised after decode."""
+    """The eval callback's state. Exceptions cannot cross the C boundary: kept, and raised after decode.
 
-    def __init__(self, weights: set[str], second_moments: bool):
+    Speed: the callback runs for every graph node, and every node it asks for splits llama.cpp's graph
+    (one more threadpool dispatch and barrier). So the ask answers from a dict keyed by the weight's
+    address (weights never move while the model is loaded), and a weight whose input was already read
+    in this graph (k and v after q, up after gate) is not asked for: its sums are copied from the first.
+    """
+
+    def __init__(self, weights: set[str], outer: set[str]):
         self.weights = weights
-        self.want_outer = second_moments
+        self.outer = outer  # weights whose input also gets Σxxᵀ (at most MAX_SECOND_MOMENT_WIDTH wide)
         self.stats = GraphStatistics()
         self.error: BaseException | None = None
-        self._inputs: dict[int, tuple[str, np.ndarray]] = {}  # src1 address -> (first weight, Σx²) this graph
-        self._collected = 0  # wanted nodes collected in this graph
-        self._per_graph: int | None = None  # wanted nodes in the first graph; every window's graph is the same
+        self._names: dict[int, str | None] = {}  # src0 address -> recorded weight name, or None
+        self._inputs: dict[int, tuple[str, np.ndarray, int]] = {}  # src1 address -> (first weight, Σx², rows)
+        self._observed = self._shared = 0  # nodes read / nodes served from an earlier read, in this graph
+        self._per_graph: tuple[int, int] | None = None  # the first graph's counts; every window's graph is the same
         self._staging = np.empty(0, dtype=np.uint8)  # device-to-host copies
+        self._products: dict[int, np.ndarray] = {}  # width -> float32 (in, in) buffer for one window's xᵀx
         self.callback = llama_cpp.ggml_backend_sched_eval_callback(self._call)  # kept alive with the collector
 
     def new_graph(self) -> None:
-        """Tensor addresses identify shared inputs only within one graph."""
+        """Tensor addresses of graph nodes identify shared inputs only within one graph."""
         self._inputs.clear()
-        self._collected = 0
+        self._observed = self._shared = 0
 
     def end_graph(self) -> None:
+        counts = (self._observed, self._shared)
         if self._per_graph is None:
-            self._per_graph = self._collected
-        elif self._collected != self._per_graph:
-            raise NkatError(f"llama.cpp's graph multiplied {self._collected} recorded weights in one window and "
-                            f"{self._per_graph} in the first; the windows were not evaluated alike")
+            self._per_graph = counts
+        elif counts != self._per_graph:
+            raise NkatError(f"llama.cpp's graph multiplied {sum(counts)} recorded weights in one window and "
+                            f"{sum(self._per_graph)} in the first; the windows were not evaluated alike")
 
     def _call(self, address: int, ask: bool, _user_data: int) -> bool:
         try:
-            t = GgmlTensor.from_address(address)
             if ask:
-                return self._wanted(t)
-            self._collect(t)
-            self._collected += 1
+                return self._wanted(address)
+            self._collect(GgmlTensor.from_address(address))
+            self._observed += 1
             # After the graph's last wanted node nothing more is needed: returning false stops the graph
             # there, which skips the head of a tied model (a vocabulary-wide matmul) in every window but the first.
-            return self._collected != self._per_graph
+            return self._per_graph is None or self._observed != self._per_graph[0]
         except BaseException as exc:  # noqa: BLE001 - re-raised by the driver
             self.error = exc
             return False  # stops this graph's computation
 
-    def _wanted(self, t: GgmlTensor) -> bool:
-        if t.op not in (GGML_OP_MUL_MAT, GGML_OP_MUL_MAT_ID) or not t.src[0] or not t.src[1]:
+    def _wanted(self, address: int) -> bool:
+        t = GgmlTensor.from_address(address)
+        if t.op != GGML_OP_MUL_MAT and t.op != GGML_OP_MUL_MAT_ID:
             return False
-        src1 = GgmlTensor.from_address(t.src[1])
-        return src1.type == GGML_TYPE_F32 and tensor_name(GgmlTensor.from_address(t.src[0])) in self.weights
+        src0, src1 = t.src[0], t.src[1]
+        if not src0 or not src1:
+            return False
+        name = self._names.get(src0, "")
+        if name == "":
+            found = tensor_name(GgmlTensor.from_address(src0))
+            name = self._names[src0] = found if found in self.weights else None
+        if name is None or ctypes.c_int.from_address(src1).value != GGML_TYPE_F32:  # type: the struct's first field
+            return False
+        if t.op == GGML_OP_MUL_MAT and src1 in self._inputs and _is_matrix(GgmlTensor.from_address(src0)):
+            self._share(name, src1)  # the input was read at an earlier node of this graph, and is unchanged
+            self._shared += 1
+            return False
+        return True
+
+    def _share(self, name: str, input_address: int) -> None:
+        owner, squares, rows = self._inputs[input_address]
+        if name in self.outer and owner in self.stats.outer_sums \
+                and self.stats.input_owner.setdefault(name, owner) != owner:
+            raise NkatError(f"{name} shared its input with {self.stats.input_owner[name]} in one graph and "
+                            f"with {owner} in another; llama.cpp's graph changed between windows")
+        self._add(name, squares, np.array([rows]))
 
     def _collect(self, t: GgmlTensor) -> None:
         src0, src1 = GgmlTensor.from_address(t.src[0]), GgmlTensor.from_address(t.src[1])
@@ -127,26 +165,33 @@ class _Collector:
         x = self._array(src1, np.float32)  # (ne3, ne2, ne1, ne0)
         if t.op == GGML_OP_MUL_MAT_ID:
             self._collect_experts(name, src0, x, self._array(GgmlTensor.from_address(t.src[2]), np.int32))
-        elif src0.ne[2] * src0.ne[3] == 1:
+        elif _is_matrix(src0):
             self._collect_dense(name, t.src[1], x.reshape(-1, x.shape[-1]))
         else:
             self._collect_batched(name, src0, x)
 
     def _collect_dense(self, name: str, input_address: int, x: np.ndarray) -> None:
-        """x (rows, in): one 2-D weight. A second weight on the same input reuses the first one's sums."""
-        if input_address in self._inputs:
-            owner, squares = self._inputs[input_address]
+        """x (rows, in): one 2-D weight, the first of this graph to read this input."""
+        squares = np.einsum("ij,ij->j", x, x, dtype=np.float64)[None, :]  # (1, in)
+        self._inputs[input_address] = name, squares, x.shape[0]
+        if name in self.outer and x.shape[1] <= MAX_SECOND_MOMENT_WIDTH:
+            self.stats.input_owner.setdefault(name, name)
+            self._accumulate_outer(name, x)
+        self._add(name, squares, np.array([x.shape[0]]))
+
+    def _accumulate_outer(self, owner: str, x: np.ndarray) -> None:
+        """Σxxᵀ += xᵀx in float32 (numpy's matmul runs BLAS syrk for xᵀx), into preallocated buffers: no
+        fresh 10 MB page-faulted array per node. float32 sums of a few hundred windows stay within ~1e-6."""
+        width = x.shape[1]
+        product = self._products.get(width)
+        if product is None:
+            product = self._products[width] = np.empty((width, width), dtype=np.float32)
+        np.matmul(x.T, x, out=product)
+        total = self.stats.outer_sums.get(owner)
+        if total is None:
+            self.stats.outer_sums[owner] = product.copy()
         else:
-            owner, squares = name, np.einsum("ij,ij->j", x, x, dtype=np.float64)  # (in,)
-            self._inputs[input_address] = owner, squares
-            if self.want_outer and x.shape[1] <= MAX_SECOND_MOMENT_WIDTH:
-                total = self.stats.outer_sums.setdefault(owner, np.zeros((x.shape[1], x.shape[1])))
-                total += x.T @ x  # (in, in) float32 over one window; the float64 total keeps many windows exact
-        outer = self.want_outer and x.shape[1] <= MAX_SECOND_MOMENT_WIDTH
-        if outer and self.stats.input_owner.setdefault(name, owner) != owner:
-            raise NkatError(f"{name} shared its input with {self.stats.input_owner[name]} in one graph and "
-                            f"with {owner} in another; llama.cpp's graph changed between windows")
-        self._add(name, squares[None, :], np.array([x.shape[0]]))
+            total += product
 
     def _collect_batched(self, name: str, src0: GgmlTensor, x: np.ndarray) -> None:
         """A 3-D/4-D weight in MUL_MAT: broadcast over its matrices as llama-imatrix does."""
@@ -195,17 +240,24 @@ class _Collector:
         return np.ndarray(shape, dtype=dtype, buffer=buffer, strides=strides)
 
 
+def _is_matrix(t: GgmlTensor) -> bool:
+    return t.ne[2] * t.ne[3] == 1
+
+
 def collect_statistics(model_path: Path, windows: list[list[int]], weights: set[str] | None = None,
-                       second_moments: bool = False, threads: int = 0, progress: bool = True) -> GraphStatistics:
+                       second_moments: bool | set[str] = False, threads: int = 0,
+                       progress: bool = True) -> GraphStatistics:
     """Evaluate `windows` (token lists of equal length) in llama.cpp and return the input statistics.
 
     `weights`: the names to record (default: every tensor of the file); nodes of other tensors are
     declined at ask time, so the callback costs one Python call per node and nothing more.
+    `second_moments`: Σxxᵀ for every recorded weight (True), none (False), or those named (a layer group's).
     """
     check_layout()
     if weights is None:
         weights = {t.name for t in read_layout(model_path).tensors}
-    collector = _Collector(weights, second_moments)
+    outer = set(weights) if second_moments is True else set(second_moments or ())
+    collector = _Collector(weights, outer)
     _evaluate(model_path, windows, threads, progress, collector)
     if not collector.stats.sums:
         raise NkatError(f"llama.cpp evaluated {model_path.name} but multiplied none of its weights in a way the "
@@ -233,7 +285,9 @@ def _evaluate(model_path: Path, windows: list[list[int]], threads: int, progress
         memory = llama_cpp.llama_get_memory(ctx)
         bar = tqdm(total=n * len(windows), desc="calibrating in llama.cpp", unit="tok", unit_scale=True,
                    disable=not progress, leave=False)
-        with bar:
+        # numpy's BLAS on one thread: llama.cpp's idle workers spin while the callback runs, and a second
+        # BLAS thread fighting them (then spinning itself while llama.cpp computes) doubled the callback's CPU time.
+        with bar, threadpool_limits(limits=1, user_api="blas"):
             for window in windows:
                 llama_cpp.llama_memory_clear(memory, True)
                 tokens[:] = window

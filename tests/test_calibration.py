@@ -23,6 +23,7 @@ from nkat_gguf.convert.selection import select_tensors
 from nkat_gguf.default_model import default_model_path
 from nkat_gguf.engine.ggml_tensor import GgmlTensor, check_layout, layout_problems
 from nkat_gguf.engine.quantize import quantize_model, resolve_outtype
+from nkat_gguf.engine.reference import LlamaReference
 from nkat_gguf.engine.vocab import tokenize
 from nkat_gguf.errors import InputError
 from nkat_gguf.format.gguf_file import read_layout, write_with_metadata
@@ -65,7 +66,7 @@ def test_every_adapted_weight_gets_statistics(model: str, request: pytest.Fixtur
     widths = input_widths(read_layout(path))
     adapted = select_tensors(read_layout(path), None)
     assert set(adapted) <= set(stats.sums) and stats.tokens == 1024
-    means, seconds = stats.mean_squares(), stats.second_moments()
+    means, seconds = stats.mean_squares(), stats.take_second_moments()
     for name in adapted:
         assert stats.counts[name].tolist() == [1024], name
         assert means[name].shape == (widths[name],) and means[name].dtype == np.float32
@@ -88,6 +89,19 @@ def test_llama_cpp_statistics_match_the_pytorch_reference_on_an_f32_model(tiny_f
     assert ours.tokens == theirs.tokens == 1024
     for name, expected in theirs.mean_squares.items():
         rel = np.linalg.norm(ours.mean_squares[name] - expected) / np.linalg.norm(expected)
+        assert rel < 2e-3, (name, rel)
+
+
+def test_llama_cpp_second_moments_match_the_pytorch_reference_on_an_f32_model(tiny_f32: Path) -> None:
+    """Σxxᵀ summed in float32 per window, with shared inputs read once, against the reference's float64 xᵀx."""
+    windows = calibration_windows(tiny_f32, CALIBRATION, 1024)
+    ours = graph.collect_statistics(tiny_f32, windows, recorded_weights(tiny_f32), second_moments=True, threads=1,
+                                    progress=False).take_second_moments()
+    _, theirs = LlamaReference(TensorSource(tiny_f32)).input_statistics(windows)
+    assert ours.keys() == theirs.keys()
+    for name, expected in theirs.items():
+        assert ours[name].dtype == np.float32
+        rel = np.linalg.norm(ours[name] - expected) / np.linalg.norm(expected)
         assert rel < 2e-3, (name, rel)
 
 
@@ -137,7 +151,7 @@ def test_convert_gives_a_non_llama_model_the_importance_matrix_and_activation_th
     report = convert(ConvertOptions(input=tiny_qwen2, output=tmp_path / "q.nkat.gguf", outtype="Q4_0",
                                     theta_rank=2, calib_tokens=1024, progress=False))
     assert report.imatrix == "calibration" and report.calibration == "activation"
-    assert len(report.tensors) == 14 and not report.notes
+    assert len(report.tensors) == 14 and not report.notes and report.peak_resident_bytes > 0
     assert read_layout(tmp_path / "q.nkat.gguf").get("nkat.calibration.tokens") == 1024
 
 

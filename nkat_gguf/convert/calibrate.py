@@ -104,7 +104,7 @@ def calibrate(model_path: Path, text: Text, calib_tokens: int | None = None, sec
 
 def _calibration(stats: GraphStatistics, text: Text, second_moments: bool) -> Calibration:
     return Calibration(stats.mean_squares(), stats.tokens, text.sha256, text.source,
-                       stats.second_moments() if second_moments else {})
+                       stats.take_second_moments() if second_moments else {})
 
 
 def calibrate_with_reference(source: TensorSource, weights: Callable[[str], np.ndarray], model_path: Path,

@@ -65,6 +65,9 @@ class ConvertReport:
     theta_metadata_bytes: int = 0
     tensors: dict[str, dict] = field(default_factory=dict)  # name -> {rank, captured_energy, ...}
     seconds: dict[str, float] = field(default_factory=dict)
+    # the process's peak resident memory (getrusage ru_maxrss) when convert returned: convert's own peak when
+    # the process did nothing heavier before it (the CLI), else an upper bound
+    peak_resident_bytes: int = 0
     so8t: dict | None = None  # rotation and QC figures when --so8t baked one
     allocation: dict | None = None  # --theta-budget / --byte-budget: budget, bytes spent, sensitivity, ranks, types
     temperature: dict | None = None  # --calibrate-temperature: the fitted T and what it was fitted on

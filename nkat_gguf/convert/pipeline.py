@@ -7,6 +7,7 @@ The output is llama.cpp's own quantization of the input, byte for byte, plus the
 from __future__ import annotations
 
 import json
+import resource
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -198,6 +199,7 @@ def convert(opts: ConvertOptions, calibration: Calibration | None = None) -> Con
     report.theta_metadata_bytes = sum(v.nbytes for v in metadata.values() if isinstance(v, np.ndarray))
     seconds["total"] = time.perf_counter() - t_start
     report.seconds = {k: round(v, 3) for k, v in seconds.items()}
+    report.peak_resident_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     if so8t is not None:
         report.so8t = so8t.summary()
         if opts.so8t.report_dir is not None:

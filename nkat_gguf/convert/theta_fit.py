@@ -51,11 +51,13 @@ class WeightFit:
 
 
 class ThetaFitter:
-    """Fits one weight at a time; Cholesky factors are computed once per shared input (q/k/v, gate/up)."""
+    """Fits one weight at a time; the Cholesky factor of a shared input (q/k/v, gate/up) is computed once
+    for consecutive weights and only the latest is kept: one float64 (in, in) factor per input of the
+    whole model would outgrow the second moments themselves (8 bytes per entry against their 4)."""
 
     def __init__(self, rank: int, calibration: Calibration | None, settings: FitSettings):
         self.rank, self.calibration, self.settings = rank, calibration, settings
-        self._cholesky: dict[int, np.ndarray] = {}
+        self._cholesky: tuple[int, np.ndarray] | None = None  # (id of the second moment, its factor)
 
     def fit(self, name: str, residual: np.ndarray, rank: int | None = None) -> tuple[LowRank, float]:
         """Factors at `rank` (default: the fitter's) and the share of the weighted residual they capture."""
@@ -79,12 +81,13 @@ class ThetaFitter:
 
     def _factor(self, name: str) -> np.ndarray:
         moment = self.calibration.second_moments[name]
-        if id(moment) not in self._cholesky:
+        if self._cholesky is None or self._cholesky[0] != id(moment):
+            self._cholesky = None  # freed before the next is computed
             try:
-                self._cholesky[id(moment)] = damped_cholesky(moment, self.settings.resolved_damping)
+                self._cholesky = id(moment), damped_cholesky(moment, self.settings.resolved_damping)
             except ValueError as exc:
                 raise ValueError(f"{name}: {exc}") from None
-        return self._cholesky[id(moment)]
+        return self._cholesky[1]
 
 
 def fit_weights(quantized: TensorSource, weights: Callable[[str], np.ndarray], names: list[str], rank: int,
