@@ -348,8 +348,9 @@ def calibration_cache_dir() -> Path:
     return cache_root() / "calibrations"
 
 
-def cache_key(model_sha256: str, text_sha256: str, n_windows: int, window: int) -> str:
-    raw = f"v{CACHE_VERSION}|{model_sha256}|{text_sha256}|{n_windows}x{window}"
+def cache_key(model_sha256: str, text_sha256: str, n_windows: int, window: int, group: str = "") -> str:
+    """`group`: what names one pass of several (a layer group's second moments); empty for the whole model."""
+    raw = f"v{CACHE_VERSION}|{model_sha256}|{text_sha256}|{n_windows}x{window}" + (f"|{group}" if group else "")
     return hashlib.sha256(raw.encode()).hexdigest()[:32]
 
 

@@ -62,6 +62,9 @@ def _fit_methods() -> Sequence[str]:
 @click.option("--calib-tokens", type=int, default=None,
               help="Calibration tokens, in whole windows of 512, evaluated in llama.cpp (default: 16384, or all "
                    "whole windows of a shorter text). Cached per model, text and count.")
+@click.option("--calib-memory", default=None, metavar="SIZE",
+              help="Most bytes of second moments E[x xT] held at once (KiB, MiB, GiB); above it they are collected "
+                   "and fitted per group of layers, one llama.cpp pass over the calibration windows per group (default: 4GiB).")
 @click.option("--save-imatrix", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the calibration as a llama.cpp imatrix GGUF (llama-quantize --imatrix reads it).")
 @click.option("--theta-calib", type=options.LazyChoice(_theta_calib_methods), default="activation", show_default=True,
@@ -101,7 +104,7 @@ def _fit_methods() -> Sequence[str]:
 def convert(input_: str, output: Path, outtype: str | None, reference: Path | None, theta_rank: int | None,
             gamma: float, theta_budget: str | None, theta_max_weights: int | None, byte_budget: str | None,
             op_budget: int | None, tensor_types: tuple[str, ...], selective_layers: tuple[str, ...],
-            calib_text: Path | None, calib_tokens: int | None, save_imatrix: Path | None, theta_calib: str,
+            calib_text: Path | None, calib_tokens: int | None, calib_memory: str | None, save_imatrix: Path | None, theta_calib: str,
             theta_fit: str, theta_damping: float | None, theta_rounds: int, imatrix: str, threads: int, so8t: str,
             so8t_seed: int | None, so8t_heads: bool, force: bool, report_dir: Path | None,
             optimize_rank: bool, calibrate_temperature: bool, as_json: bool) -> None:
@@ -120,7 +123,8 @@ def convert(input_: str, output: Path, outtype: str | None, reference: Path | No
     if optimize_rank and calibrate_temperature:
         raise click.UsageError("--calibrate-temperature does not combine with --optimize-rank: run "
                                "'nkat-gguf qc confidence BEST.gguf --write-temperature OUT' on the result")
-    given = {"outtype": outtype, "theta_rank": theta_rank, "selective_layers": list(selective_layers) or None}
+    given = {"outtype": outtype, "theta_rank": theta_rank, "selective_layers": list(selective_layers) or None,
+             "calib_memory": calib_memory}
     opts = ConvertOptions(
         input=resolve_model(input_), output=output, reference=reference, theta_gamma=gamma,
         theta_budget=theta_budget, theta_max_weights=theta_max_weights, byte_budget=byte_budget,

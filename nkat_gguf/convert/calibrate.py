@@ -8,7 +8,7 @@ llama.cpp's importance matrix for quantization. convert collects them inside lla
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +23,7 @@ from nkat_gguf.engine.calibration import (
     load_cached,
     store_cached,
 )
+from nkat_gguf.convert.moment_groups import GroupedMoments, layer_groups, moment_bytes
 from nkat_gguf.engine.reference import LlamaReference
 from nkat_gguf.engine.vocab import tokens_and_bos
 from nkat_gguf.errors import InputError
@@ -42,9 +43,11 @@ class Calibration:
     tokens: int
     text_sha256: str
     text_source: str
-    # weight name -> E[x xᵀ] (in, in) float64 of its input; one shared array per distinct input (q/k/v,
-    # gate/up), only for inputs at most engine.calibration.MAX_SECOND_MOMENT_WIDTH wide; empty unless asked for
-    second_moments: dict[str, np.ndarray] = field(default_factory=dict)
+    # weight name -> E[x xᵀ] (in, in) float32 of its input; one shared array per distinct input (q/k/v,
+    # gate/up), only for inputs at most engine.calibration.MAX_SECOND_MOMENT_WIDTH wide; empty unless asked for.
+    # Several groups of layers (a memory budget): a GroupedMoments that holds one group at a time.
+    second_moments: Mapping[str, np.ndarray] = field(default_factory=dict)
+    moment_groups: int = 1
 
 
 def calibration_windows(model_path: Path, text: Text, calib_tokens: int | None = None,
@@ -83,28 +86,44 @@ def recorded_weights(model_path: Path) -> set[str]:
 
 def calibrate(model_path: Path, text: Text, calib_tokens: int | None = None, second_moments: bool = False,
               threads: int = 0, progress: bool = True, save_imatrix: Path | None = None,
-              cache: bool = True) -> Calibration:
+              cache: bool = True, memory: int | None = None) -> Calibration:
     """Evaluate the calibration windows in llama.cpp on `model_path` (the weights theta aims at).
 
-    The statistics are cached by (model sha256, text sha256, tokens): the optimizer and repeated
-    converts of one model do not recompute them.
+    `memory`: bytes of Σxxᵀ held at once (None: no bound); above it the second moments come in groups of
+    layers, one pass each (nkat_gguf.convert.moment_groups). The statistics are cached by (model sha256,
+    text sha256, tokens, group): the optimizer and repeated converts of one model do not recompute them.
     """
     windows = calibration_windows(model_path, text, calib_tokens)
-    key = cache_key(sha256_file(model_path), text.sha256, len(windows), WINDOW)
-    stats = load_cached(key, second_moments) if cache else None
-    if stats is None:
-        stats = collect_statistics(model_path, windows, recorded_weights(model_path), second_moments, threads,
-                                   progress)
-        if cache:
-            store_cached(key, stats, second_moments)
+    names = recorded_weights(model_path)
+    layout = read_layout(model_path)
+    groups = layer_groups(layout, names, memory) if second_moments and memory is not None else [names]
+    model_sha = sha256_file(model_path)
+
+    def run(weights: set[str], outer: bool | set[str], group: str) -> GraphStatistics:
+        key = cache_key(model_sha, text.sha256, len(windows), WINDOW, group)
+        stats = load_cached(key, bool(outer)) if cache else None
+        if stats is None:
+            stats = collect_statistics(model_path, windows, weights, outer, threads, progress)
+            if cache:
+                store_cached(key, stats, bool(outer))
+        return stats
+
+    grouped = len(groups) > 1
+    stats = run(names, groups[0] if grouped else second_moments, _group_tag(groups[0]) if grouped else "")
     if save_imatrix is not None:
         write_imatrix_file(save_imatrix, stats.sums, stats.counts, [text.source], len(windows), WINDOW)
-    return _calibration(stats, text, second_moments)
+    first = stats.take_second_moments() if second_moments else {}
+    moments: Mapping[str, np.ndarray] = first
+    if grouped:
+        expected = {n for n, size in moment_bytes(layout, set(stats.sums)).items() if size}
+        moments = GroupedMoments(groups, expected, first,
+                                 lambda group: run(group, group, _group_tag(group)).take_second_moments())
+    return Calibration(stats.mean_squares(), stats.tokens, text.sha256, text.source, moments, len(groups))
 
 
-def _calibration(stats: GraphStatistics, text: Text, second_moments: bool) -> Calibration:
-    return Calibration(stats.mean_squares(), stats.tokens, text.sha256, text.source,
-                       stats.take_second_moments() if second_moments else {})
+def _group_tag(group: set[str]) -> str:
+    """What a group's cache entry is keyed on: the weights whose second moments it holds."""
+    return ",".join(sorted(group))
 
 
 def calibrate_with_reference(source: TensorSource, weights: Callable[[str], np.ndarray], model_path: Path,

@@ -8,6 +8,8 @@ from typing import Literal
 
 from nkat_gguf.so8t.bake_step import So8tOptions
 
+DEFAULT_CALIB_MEMORY = "4GiB"  # the second moments of a whole 7B llama (6.4 GB) take two passes, the default model one
+
 ThetaCalib = Literal["activation", "none"]
 
 # The default convert (issue 9): the base type and θ that `nkat-gguf frontier` measured best on the default
@@ -29,6 +31,7 @@ class ConvertOptions:
     theta_gamma: float = 0.97
     selective_layers: list[str] | tuple[str, ...] | None = DEFAULT_THETA_WEIGHTS  # None: every attention/FFN weight
     calib_text: Path | None = None
+    calib_memory: str = DEFAULT_CALIB_MEMORY  # Σxxᵀ held at once; above it, passes per group of layers
     calib_tokens: int | None = None  # None: DEFAULT_CALIB_TOKENS, or all whole windows of a shorter text
     save_imatrix: Path | None = None  # also write the calibration as a llama.cpp imatrix GGUF
     theta_calib: ThetaCalib = "activation"

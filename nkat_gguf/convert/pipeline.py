@@ -18,6 +18,7 @@ import numpy as np
 from nkat_gguf import __version__
 from nkat_gguf.convert.allocate import allocate_mix, allocate_theta
 from nkat_gguf.convert.calibrate import DEFAULT_CALIB_TOKENS, Calibration, calibrate
+from nkat_gguf.convert.moment_groups import parse_memory
 from nkat_gguf.convert.options import ConvertOptions, ConvertReport
 from nkat_gguf.convert.selection import resolve_tensor_types, select_tensors
 from nkat_gguf.convert.theta_fit import FIT_METHODS, FitSettings, fit_weights, replace_tensors
@@ -111,6 +112,7 @@ def convert(opts: ConvertOptions, calibration: Calibration | None = None) -> Con
     tensor_types = resolve_tensor_types(layout, opts.tensor_types)
     check_rank(source, names, opts.theta_rank)
     fit_settings = check_fit(opts)
+    calib_memory = parse_memory(opts.calib_memory)
     budget = check_budget_options(opts, names, input_path.stat().st_size)
     byte_budget, op_budget = check_mix_options(opts, names, input_path.stat().st_size)
     ref_source, weights = reference_weights(source, opts.reference, names)
@@ -132,8 +134,11 @@ def convert(opts: ConvertOptions, calibration: Calibration | None = None) -> Con
             t = time.perf_counter()
             calibration = calibrate(ref_source.path, load_text(opts.calib_text, "calibration"), opts.calib_tokens,
                                     threads=opts.threads, progress=opts.progress, save_imatrix=opts.save_imatrix,
-                                    second_moments=opts.theta_fit == "whiten")
+                                    second_moments=opts.theta_fit == "whiten", memory=calib_memory)
             seconds["calibrate"] = time.perf_counter() - t
+            if calibration.moment_groups > 1:
+                report.notes.append(f"second moments in {calibration.moment_groups} groups of layers within "
+                                    f"--calib-memory {opts.calib_memory}: one calibration pass per group")
             if opts.calib_tokens is None and calibration.tokens < DEFAULT_CALIB_TOKENS:
                 report.notes.append(f"the calibration text holds {calibration.tokens} tokens in whole windows, "
                                     f"fewer than the default {DEFAULT_CALIB_TOKENS}; calibrated on those")

@@ -20,6 +20,7 @@ import llama_cpp
 
 from nkat_gguf.convert import ConvertOptions, ConvertReport, convert
 from nkat_gguf.convert.calibrate import Calibration, calibrate
+from nkat_gguf.convert.moment_groups import parse_memory
 from nkat_gguf.convert.pipeline import reference_weights
 from nkat_gguf.engine.bench import device_name
 from nkat_gguf.engine.compare import CompareSettings
@@ -62,7 +63,8 @@ def calibrate_once(model: Path, reference: Path | None, calib_text: Path | None,
     if reference is not None:
         reference_weights(TensorSource(model), reference, [])  # same checks as convert
     return calibrate(reference or model, load_text(calib_text, "calibration"), progress=progress,
-                     second_moments=ConvertOptions.theta_fit == "whiten")
+                     second_moments=ConvertOptions.theta_fit == "whiten",
+                     memory=parse_memory(ConvertOptions.calib_memory))
 
 
 def build_variants(model: Path, reference: Path | None, calibration: Calibration, workdir: Path,
