@@ -22,6 +22,7 @@ from optuna.trial import TrialState
 from tqdm import tqdm
 
 from nkat_gguf.convert import ConvertOptions
+from nkat_gguf.convert.calib_text import calibration_text
 from nkat_gguf.convert.pipeline import check_rank
 from nkat_gguf.convert.selection import select_tensors
 from nkat_gguf.convert.sensitivity import SENSITIVITY_RANK, held_out_tokens, sensitivity_on
@@ -135,7 +136,7 @@ def open_search(opts: OptimizeOptions) -> Search:
         raise InputError(f"no such file: {model}")
     if opts.best_model is not None and opts.best_model.is_dir():
         raise InputError(f"--output {opts.best_model} is a directory; give a file name")
-    calibration = load_text(opts.convert.calib_text, "calibration")
+    calibration = calibration_text(opts.convert.calib_text, Path(opts.convert.reference or model))
     evaluation = load_text(opts.eval_text, "evaluation")
     for budget in opts.budgets:  # each refused in one line before any work
         parse_budget(budget, model.stat().st_size)

@@ -6,6 +6,7 @@ The output is llama.cpp's own quantization of the input, byte for byte, plus the
 
 from __future__ import annotations
 
+import functools
 import json
 import resource
 import time
@@ -17,6 +18,7 @@ import numpy as np
 
 from nkat_gguf import __version__
 from nkat_gguf.convert.allocate import allocate_mix, allocate_theta
+from nkat_gguf.convert.calib_text import calibration_text
 from nkat_gguf.convert.calibrate import DEFAULT_CALIB_TOKENS, Calibration, calibrate
 from nkat_gguf.convert.moment_groups import parse_memory
 from nkat_gguf.convert.options import ConvertOptions, ConvertReport
@@ -37,7 +39,7 @@ from nkat_gguf.math.allocation import ThetaBudget, check_max_weights, parse_budg
 from nkat_gguf.math.theta import quantize_int8
 from nkat_gguf.so8t.bake_step import bake_step, check_so8t_options
 from nkat_gguf.so8t.qc import write_report
-from nkat_gguf.texts import load_text
+from nkat_gguf.texts import Text
 
 
 def reference_weights(input_source: TensorSource, reference: Path | None, names: list[str]) -> tuple[
@@ -127,12 +129,16 @@ def convert(opts: ConvertOptions, calibration: Calibration | None = None) -> Con
             model_path, layout, ref_source = so8t.model.path, so8t.model.layout, so8t.reference
             weights = ref_source.dequantize
 
+        @functools.cache
+        def calib_text() -> Text:  # `self` samples the reference: only when a step reads the text
+            return calibration_text(opts.calib_text, ref_source.path, opts.threads, opts.progress)
+
         wants_theta = opts.theta_rank > 0 or budget is not None
         needs_calibration = ((opts.theta_calib == "activation" and wants_theta) or opts.imatrix == "auto"
                              or opts.save_imatrix is not None)
         if needs_calibration and calibration is None:  # llama.cpp evaluates the weights theta aims at
             t = time.perf_counter()
-            calibration = calibrate(ref_source.path, load_text(opts.calib_text, "calibration"), opts.calib_tokens,
+            calibration = calibrate(ref_source.path, calib_text(), opts.calib_tokens,
                                     threads=opts.threads, progress=opts.progress, save_imatrix=opts.save_imatrix,
                                     second_moments=opts.theta_fit == "whiten", memory=calib_memory)
             seconds["calibrate"] = time.perf_counter() - t
@@ -161,14 +167,14 @@ def convert(opts: ConvertOptions, calibration: Calibration | None = None) -> Con
         replaced: dict[str, np.ndarray] = {}
         if byte_budget is not None:
             mix = allocate_mix(model_path, quantized_path, ftype, imatrix, weights, names, calibration_for_theta,
-                               load_text(opts.calib_text, "calibration"), byte_budget, op_budget, opts.theta_gamma,
+                               calib_text(), byte_budget, op_budget, opts.theta_gamma,
                                fit_settings, Path(tmp), opts.threads, opts.progress)
             quantized_path, fits, report.allocation = mix.path, mix.fits, mix.summary()
             report.theta_rank = max((f.factors.rank for f in fits.values()), default=0)
             report.types = mix.upgrades
         elif budget is not None:
             allocation = allocate_theta(quantized_path, weights, names, calibration_for_theta,
-                                        load_text(opts.calib_text, "calibration"), budget, opts.theta_max_weights,
+                                        calib_text(), budget, opts.theta_max_weights,
                                         opts.theta_gamma, fit_settings, Path(tmp), opts.threads, opts.progress)
             fits, report.allocation = allocation.fits, allocation.summary()
             report.theta_rank = max((f.factors.rank for f in fits.values()), default=0)
@@ -196,7 +202,7 @@ def convert(opts: ConvertOptions, calibration: Calibration | None = None) -> Con
         seconds["write"] = time.perf_counter() - t
         if opts.calibrate_temperature:
             t = time.perf_counter()
-            fitted = _fit_temperature(written, opts)
+            fitted = _fit_temperature(written, opts, calib_text())
             write_with_metadata(written, output_path, fitted.metadata())
             report.temperature = asdict(fitted)
             seconds["temperature"] = time.perf_counter() - t
@@ -262,12 +268,12 @@ def _allocation_provenance(allocation: dict | None, upgrades: dict[str, str] | N
 TEMPERATURE_CHUNKS = 4  # convert fits on twice qc confidence's default: the result stays in the file
 
 
-def _fit_temperature(model: Path, opts: ConvertOptions) -> CalibratedTemperature:
+def _fit_temperature(model: Path, opts: ConvertOptions, text: Text) -> CalibratedTemperature:
     """T minimising NLL of the written model (theta at its γ) on the calibration text (engine.confidence)."""
     settings = CalibrationSettings(calib_chunks=TEMPERATURE_CHUNKS, progress=opts.progress)
     options = RuntimeOptions(n_ctx=settings.n_ctx, n_batch=settings.n_ctx, n_threads=opts.threads or None)
     with NkatRuntime(model, options) as runtime:
-        return fit_llm_temperature(runtime.llm, load_text(opts.calib_text, "calibration"), settings, runtime.gamma)
+        return fit_llm_temperature(runtime.llm, text, settings, runtime.gamma)
 
 
 def _check_paths(input_path: Path, output_path: Path, reference: Path | None) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 import llama_cpp
 
 from nkat_gguf.convert import ConvertOptions, ConvertReport, convert
+from nkat_gguf.convert.calib_text import calibration_text
 from nkat_gguf.convert.calibrate import Calibration, calibrate
 from nkat_gguf.convert.moment_groups import parse_memory
 from nkat_gguf.convert.pipeline import reference_weights
@@ -34,7 +35,7 @@ from nkat_gguf.format import nkat
 from nkat_gguf.format.atomic import check_writable_dir
 from nkat_gguf.format.gguf_file import read_layout
 from nkat_gguf.format.tensors import TensorSource
-from nkat_gguf.texts import Text, load_text
+from nkat_gguf.texts import Text
 
 # variant -> (--imatrix, carries θ); the reference row is the input (or --reference) itself
 VARIANTS: dict[str, tuple[str, bool]] = {
@@ -62,7 +63,8 @@ def calibrate_once(model: Path, reference: Path | None, calib_text: Path | None,
     """The one calibration pass every variant shares, on the weights θ aims at (as convert does it)."""
     if reference is not None:
         reference_weights(TensorSource(model), reference, [])  # same checks as convert
-    return calibrate(reference or model, load_text(calib_text, "calibration"), progress=progress,
+    target = reference or model
+    return calibrate(target, calibration_text(calib_text, target, progress=progress), progress=progress,
                      second_moments=ConvertOptions.theta_fit == "whiten",
                      memory=parse_memory(ConvertOptions.calib_memory))
 
