@@ -20,7 +20,7 @@ from nkat_gguf.convert.calibrate import DEFAULT_CALIB_TOKENS, Calibration, calib
 from nkat_gguf.convert.options import ConvertOptions, ConvertReport
 from nkat_gguf.convert.selection import select_tensors
 from nkat_gguf.convert.theta_fit import FIT_METHODS, FitSettings, fit_weights, replace_tensors
-from nkat_gguf.engine.confidence import CalibrationSettings, fit_llm_temperature
+from nkat_gguf.engine.temperature import CalibrationSettings, fit_llm_temperature
 from nkat_gguf.engine.quantize import fallbacks, quantize_model, resolve_outtype
 from nkat_gguf.engine.runtime import NkatRuntime, RuntimeOptions, check_loadable
 from nkat_gguf.errors import InputError
@@ -222,7 +222,7 @@ TEMPERATURE_CHUNKS = 4  # convert fits on twice qc calibration's default: the re
 
 
 def _fit_temperature(model: Path, opts: ConvertOptions) -> CalibratedTemperature:
-    """T minimising NLL of the written model (theta at its γ) on the calibration text (engine.confidence)."""
+    """T minimising NLL of the written model (theta at its γ) on the calibration text (engine.temperature)."""
     settings = CalibrationSettings(calib_chunks=TEMPERATURE_CHUNKS, progress=opts.progress)
     options = RuntimeOptions(n_ctx=settings.n_ctx, n_batch=settings.n_ctx, n_threads=opts.threads or None)
     with NkatRuntime(model, options) as runtime:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import llama_cpp
 
-from nkat_gguf.engine.compare import default_reference_for
+from nkat_gguf.evaluate.compare import default_reference_for
 from nkat_gguf.engine.runtime import NkatRuntime, RuntimeOptions
 
 # measure(llm, gamma) -> that row's figures; gamma None is theta off, the plain model or the reference

@@ -23,7 +23,7 @@ from nkat_gguf.convert import ConvertOptions, ConvertReport, convert
 from nkat_gguf.convert.calibrate import Calibration
 from nkat_gguf.convert.selection import select_tensors
 from nkat_gguf.engine.bench import device_name
-from nkat_gguf.engine.compare import CompareSettings
+from nkat_gguf.evaluate.compare import CompareSettings
 from nkat_gguf.engine.quantize import resolve_outtype
 from nkat_gguf.engine.runtime import RuntimeOptions
 from nkat_gguf.errors import InputError

@@ -16,7 +16,7 @@ import llama_cpp
 import numpy as np
 from tqdm import tqdm
 
-from nkat_gguf.engine.configurations import measure_rows
+from nkat_gguf.evaluate.configurations import measure_rows
 from nkat_gguf.engine.perplexity import tokenize_text
 from nkat_gguf.engine.runtime import RuntimeOptions
 from nkat_gguf.errors import InputError

@@ -20,7 +20,7 @@ from nkat_gguf.convert import ConvertOptions, ConvertReport, convert
 from nkat_gguf.convert.calibrate import Calibration, calibrate
 from nkat_gguf.convert.pipeline import reference_weights
 from nkat_gguf.engine.bench import device_name
-from nkat_gguf.engine.compare import CompareSettings
+from nkat_gguf.evaluate.compare import CompareSettings
 from nkat_gguf.engine.measure import Configuration, interleaved_rates
 from nkat_gguf.engine.perplexity import perplexity, tokenize_text
 from nkat_gguf.engine.probe import check_model
