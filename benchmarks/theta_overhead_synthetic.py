@@ -28,9 +28,9 @@ from gguf.constants import GGMLQuantizationType
 from nkat_gguf.convert.selection import default_theta_tensors
 from nkat_gguf.engine.adapter import adapter_cache_dir
 from nkat_gguf.engine.bench import device_name
-from nkat_gguf.evaluate.compare import CompareSettings
 from nkat_gguf.engine.measure import interleaved_speed
 from nkat_gguf.engine.runtime import NkatRuntime, RuntimeOptions
+from nkat_gguf.evaluate.compare import CompareSettings
 from nkat_gguf.format.gguf_file import read_layout, write_with_metadata
 from nkat_gguf.format.nkat import NkatTheta, theta_metadata
 from nkat_gguf.math.theta import LowRank, quantize_int8

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import llama_cpp
 
-from nkat_gguf.evaluate.compare import default_reference_for
 from nkat_gguf.engine.runtime import NkatRuntime, RuntimeOptions
+from nkat_gguf.evaluate.compare import default_reference_for
 
 # measure(llm, gamma) -> that row's figures; gamma None is theta off, the plain model or the reference
 Measure = Callable[[llama_cpp.Llama, float | None], dict]
