@@ -13,7 +13,7 @@ from pathlib import Path
 
 import llama_cpp
 import numpy as np
-from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, Keys
 from llama_cpp._ggml import libggml
 
 from nkat_gguf.engine.native_log import captured_llama_log
@@ -37,7 +37,7 @@ def resolve_outtype(outtype: str, layout: GGUFLayout) -> tuple[str, int]:
     """(name, llama_ftype) for `--outtype`; "same" means the input's general.file_type."""
     table = outtypes()
     if outtype.lower() == "same":
-        ftype = layout.get("general.file_type")
+        ftype = layout.get(Keys.General.FILE_TYPE)
         if ftype is None:
             raise InputError(f"{layout.path.name} has no general.file_type; pass --outtype explicitly")
         by_value = {v: k for k, v in table.items()}

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from gguf.constants import Keys
 
 from nkat_gguf.errors import InputError, UnsupportedModelError
 from nkat_gguf.format.gguf_file import GGUFLayout
@@ -37,6 +38,7 @@ Hook = Callable[[torch.Tensor], torch.Tensor]
 Layer = dict[str, torch.Tensor]  # one block's weights by part name ("attn_q", ...)
 SECOND_MOMENT_MAX_WIDTH = 8192  # E[x xᵀ] is (in, in) float64: 512 MiB at this width, so no wider
 _GRAM_CHUNK = 4096  # tokens per float32 Gram product; the sums over chunks are float64
+LEGACY_ROPE_SCALE = "llama.rope.scale_linear"  # the older name of the linear factor; gguf.constants 0.19 has none
 
 
 class InputStatistics:
@@ -104,34 +106,34 @@ class LlamaConfig:
         """Read the hyperparameters the way llama.cpp does; raise UnsupportedModelError if this
         forward would not compute what llama.cpp computes for the file."""
         name = layout.path.name
-        arch = layout.get("general.architecture")
+        arch = layout.get(Keys.General.ARCHITECTURE)
         if arch != "llama":
             raise UnsupportedModelError(f"{name}: architecture {arch!r}; the reference forward supports only 'llama'")
-        n_embd, n_head = _int(layout, "llama.embedding_length"), _int(layout, "llama.attention.head_count")
-        head_dim = _int(layout, "llama.attention.key_length", n_embd // n_head)
-        if _int(layout, "llama.attention.value_length", head_dim) != head_dim:
+        n_embd, n_head = _int(layout, _llama(Keys.LLM.EMBEDDING_LENGTH)), _int(layout, _llama(Keys.Attention.HEAD_COUNT))
+        head_dim = _int(layout, _llama(Keys.Attention.KEY_LENGTH), n_embd // n_head)
+        if _int(layout, _llama(Keys.Attention.VALUE_LENGTH), head_dim) != head_dim:
             raise UnsupportedModelError(f"{name}: key and value head sizes differ")
-        rope_dim = _int(layout, "llama.rope.dimension_count", head_dim)
+        rope_dim = _int(layout, _llama(Keys.Rope.DIMENSION_COUNT), head_dim)
         if rope_dim != head_dim:
             raise UnsupportedModelError(f"{name}: rope dimension {rope_dim} differs from head size {head_dim}")
-        scaling = layout.get("llama.rope.scaling.type", "linear")
+        scaling = layout.get(_llama(Keys.Rope.SCALING_TYPE), "linear")
         if scaling not in ("linear", "none"):
             raise UnsupportedModelError(f"{name}: rope scaling {scaling!r} is not supported (only linear)")
-        factor = _float(layout, "llama.rope.scaling.factor", _float(layout, "llama.rope.scale_linear", 0.0))
+        factor = _float(layout, _llama(Keys.Rope.SCALING_FACTOR), _float(layout, LEGACY_ROPE_SCALE, 0.0))
         tensors = {t.name: t for t in layout.tensors}
         if "token_embd.weight" not in tensors:
             raise UnsupportedModelError(f"{name}: no token_embd.weight tensor")
         config = cls(
-            n_layer=_int(layout, "llama.block_count"),
+            n_layer=_int(layout, _llama(Keys.LLM.BLOCK_COUNT)),
             n_embd=n_embd,
-            n_ff=_int(layout, "llama.feed_forward_length"),
+            n_ff=_int(layout, _llama(Keys.LLM.FEED_FORWARD_LENGTH)),
             n_head=n_head,
-            n_head_kv=_int(layout, "llama.attention.head_count_kv", n_head),
+            n_head_kv=_int(layout, _llama(Keys.Attention.HEAD_COUNT_KV), n_head),
             head_dim=head_dim,
             rope_dim=rope_dim,
-            rope_base=_float(layout, "llama.rope.freq_base", 10000.0),
+            rope_base=_float(layout, _llama(Keys.Rope.FREQ_BASE), 10000.0),
             rope_freq_scale=1.0 if scaling == "none" or factor == 0.0 else 1.0 / factor,
-            norm_eps=_float(layout, "llama.attention.layer_norm_rms_epsilon"),
+            norm_eps=_float(layout, _llama(Keys.Attention.LAYERNORM_RMS_EPS)),
             vocab_size=tensors["token_embd.weight"].shape[1],
             tied_embeddings="output.weight" not in tensors,
             rope_freq_factors="rope_freqs.weight" in tensors,
@@ -171,6 +173,11 @@ class LlamaConfig:
     def head_weight(self) -> str:
         """The head's weight: output.weight, or token_embd.weight in a tied model."""
         return "token_embd.weight" if self.tied_embeddings else "output.weight"
+
+
+def _llama(template: str) -> str:
+    """A gguf.constants key template ("{arch}.block_count") for the llama architecture."""
+    return template.format(arch="llama")
 
 
 def _int(layout: GGUFLayout, key: str, default: int | None = None) -> int:
