@@ -21,7 +21,7 @@ from nkat_gguf.convert.theta_fit import FitSettings, ThetaFitter, WeightFit
 from nkat_gguf.format.nkat import NkatTheta, component_bytes, listing_bytes
 from nkat_gguf.format.tensors import TensorSource
 from nkat_gguf.math.allocation import KINDS, ThetaBudget, WeightCosts, allocate, allocation_bytes, weight_kind
-from nkat_gguf.math.theta import LowRank
+from nkat_gguf.math.theta import LowRank, quantize_int8
 from nkat_gguf.texts import Text
 
 ALLOCATION_MAX_RANK = 64  # the most components one weight can get under a budget
@@ -36,7 +36,7 @@ class Allocation:
     sensitivity: dict[str, dict[str, float]]  # kind -> nll_drop, energy, sensitivity
 
     def summary(self) -> dict:
-        ranks = {n: f.factors.rank for n, f in self.fits.items()}
+        ranks = {n: f.theta.rank for n, f in self.fits.items()}
         by_kind = {k: sorted(r for n, r in ranks.items() if weight_kind(n) == k) for k in KINDS}
         return {"method": "budget", "budget_bytes": self.budget_bytes, "spent_bytes": self.spent_bytes,
                 "max_weights": self.max_weights, "weights": len(ranks), "sensitivity": self.sensitivity,
@@ -63,7 +63,7 @@ class FitPass:
     def fits(self, ranks: dict[str, int]) -> dict[str, WeightFit]:
         """Factors cut to `ranks` (exact for an SVD) with the share of each weight's energy they capture
         (the expected output error is not recomputed per budget: NaN)."""
-        return {n: WeightFit(self.full[n].truncate(r),
+        return {n: WeightFit(quantize_int8(self.full[n].truncate(r)),
                              float(self.energy[n][:r].sum() / max(self.total_energy[n], 1e-300)), float("nan"), 0)
                 for n, r in ranks.items() if r > 0}
 

@@ -25,7 +25,6 @@ from nkat_gguf.format.gguf_file import GGUFLayout
 from nkat_gguf.format.imatrix import input_widths, missing_note, read_imatrix_file
 from nkat_gguf.format.nkat import NkatTheta
 from nkat_gguf.format.tensors import TensorSource
-from nkat_gguf.math.theta import quantize_int8
 from nkat_gguf.so8t.bake_step import BakeStep, bake_step
 from nkat_gguf.so8t.qc import write_report
 from nkat_gguf.timing import StepTimes
@@ -80,7 +79,7 @@ def convert(opts: ConvertOptions, calibration: Calibration | None = None) -> Con
                 quantized = quantize(inputs, model, imatrix, imatrix_source, Path(tmp))
             with times.step("theta"):
                 theta = fit_theta(inputs, model, quantized, for_theta, Path(tmp))
-                record = NkatTheta(opts.theta_gamma, {n: quantize_int8(f.factors) for n, f in theta.fits.items()},
+                record = NkatTheta(opts.theta_gamma, {n: f.theta for n, f in theta.fits.items()},
                                    provenance(inputs, calibration, quantized.imatrix_source, theta.allocation, so8t))
             written = Path(tmp) / "with-theta.gguf" if opts.calibrate_temperature else Path(opts.output)
             with times.step("write"):
@@ -182,9 +181,9 @@ def _fill_report(report: ConvertReport, quantized: Quantized, theta: Theta, meta
     report.fallbacks = quantized.fallbacks
     report.allocation = theta.allocation
     if theta.allocation is not None:
-        report.theta_rank = max((f.factors.rank for f in theta.fits.values()), default=0)
+        report.theta_rank = max((f.theta.rank for f in theta.fits.values()), default=0)
     for name, f in theta.fits.items():
-        report.tensors[name] = {"rank": f.factors.rank, "captured_energy": round(f.captured_energy, 6),
+        report.tensors[name] = {"rank": f.theta.rank, "captured_energy": round(f.captured_energy, 6),
                                 "expected_output_error": f.error, "round": f.round}
     report.output_bytes = Path(report.output).stat().st_size
     report.theta_metadata_bytes = sum(v.nbytes for v in metadata.values() if isinstance(v, np.ndarray))
