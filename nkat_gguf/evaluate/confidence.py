@@ -17,7 +17,7 @@ from nkat_gguf.engine.perplexity import perplexity, tokenize_text
 from nkat_gguf.engine.runtime import RuntimeOptions
 from nkat_gguf.engine.temperature import CalibrationSettings, fit_llm_temperature, long_enough
 from nkat_gguf.errors import InputError
-from nkat_gguf.evaluate.configurations import measure_rows
+from nkat_gguf.evaluate.configurations import measure_rows, report_head
 from nkat_gguf.format.gguf_file import write_with_metadata
 from nkat_gguf.format.nkat import CalibratedTemperature, read_temperature
 from nkat_gguf.math.confidence import ECE_BINS, TEMPERATURE_RANGE, CalibrationAccumulator
@@ -57,10 +57,7 @@ def calibration_report(model: Path, text: Text, calib_text: Text, runtime_option
     configurations, reference = measure_rows(model, runtime_options, measure, gamma, reference, with_reference)
     main = next(iter(configurations))
     return {
-        "model": str(model),
-        "reference": str(reference) if reference else None,
-        "text": text.source,
-        "text_sha256": text.sha256,
+        **report_head(model, reference, text),
         "calibration_text": calib_text.source,
         "calibration_text_sha256": calib_text.sha256,
         "n_ctx": settings.n_ctx,

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from nkat_gguf.engine.perplexity import tokenize_text
 from nkat_gguf.engine.runtime import RuntimeOptions
 from nkat_gguf.errors import InputError
-from nkat_gguf.evaluate.configurations import measure_rows
+from nkat_gguf.evaluate.configurations import measure_rows, report_head
 from nkat_gguf.format.gguf_file import read_layout
 from nkat_gguf.math.confidence import entropy_and_max_logit, repetition_share, series_indices
 from nkat_gguf.texts import LONG_PROMPTS, Text
@@ -177,10 +177,7 @@ def longtext_report(model: Path, text: Text, runtime_options: RuntimeOptions, se
 
     configurations, reference = measure_rows(model, options, measure, gamma, reference, with_reference)
     return {
-        "model": str(model),
-        "reference": str(reference) if reference else None,
-        "text": text.source,
-        "text_sha256": text.sha256,
+        **report_head(model, reference, text),
         "tokens_requested": settings.tokens,
         "window_tokens": window_size,
         "n_ctx": n_ctx,
