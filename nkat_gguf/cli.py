@@ -327,8 +327,8 @@ def qc_calibration(model: str, reference: Path | None, no_reference: bool, gamma
     calibration text in [0.5, 3.0]; the metrics are measured on the evaluation text at T = 1 and at T.
     """
     from nkat_gguf.default_model import resolve_model
-    from nkat_gguf.engine.confidence import CalibrationSettings, calibration_report, fitted_temperature
-    from nkat_gguf.engine.confidence import write_temperature as write_t
+    from nkat_gguf.evaluate.confidence import CalibrationSettings, calibration_report, fitted_temperature
+    from nkat_gguf.evaluate.confidence import write_temperature as write_t
     from nkat_gguf.evaluate.qc_reports import format_calibration, write_calibration_report
     from nkat_gguf.format.atomic import check_writable_dir
     from nkat_gguf.texts import load_text
@@ -366,7 +366,7 @@ def qc_longtext(model: str, reference: Path | None, no_reference: bool, gamma: f
     prompts (a scientific explanation, a mathematical proof, a technical implementation).
     """
     from nkat_gguf.default_model import resolve_model
-    from nkat_gguf.engine.longtext import LongtextSettings, longtext_report, without_series
+    from nkat_gguf.evaluate.longtext import LongtextSettings, longtext_report, without_series
     from nkat_gguf.evaluate.qc_reports import format_longtext, write_longtext_report
     from nkat_gguf.texts import load_text
 
@@ -576,9 +576,9 @@ def compare(model: str, reference: Path | None, gamma: float | None, text: Path 
             repetitions: int, as_json: bool, gpu_layers: int, no_cuda: bool, threads: int | None) -> None:
     """theta off vs on in one run: tok/s, overhead, perplexity, and the share of the reference gap recovered."""
     from nkat_gguf.default_model import resolve_model
-    from nkat_gguf.engine.compare import CompareSettings, format_compare
-    from nkat_gguf.engine.compare import compare as run_compare
     from nkat_gguf.engine.probe import check_model
+    from nkat_gguf.evaluate.compare import CompareSettings, format_compare
+    from nkat_gguf.evaluate.compare import compare as run_compare
     from nkat_gguf.format.gguf_file import read_layout
     from nkat_gguf.format.hparams import check_context
     from nkat_gguf.texts import load_text
@@ -676,7 +676,7 @@ def frontier(input_: str, reference: Path | None, types: tuple[str, ...], thetas
                    IQ4_NL:16:ffn Q3_K_S:16
     """
     from nkat_gguf.default_model import resolve_model
-    from nkat_gguf.engine.compare import CompareSettings
+    from nkat_gguf.evaluate.compare import CompareSettings
     from nkat_gguf.evaluate.frontier import FrontierSettings, format_frontier, parse_theta_spec
     from nkat_gguf.evaluate.frontier import frontier as run_frontier
 
