@@ -83,14 +83,14 @@ def recorded_weights(model_path: Path) -> set[str]:
 
 def calibrate(model_path: Path, text: Text, calib_tokens: int | None = None, second_moments: bool = False,
               threads: int = 0, progress: bool = True, save_imatrix: Path | None = None,
-              cache: bool = True) -> Calibration:
+              cache: bool = True, model_sha256: str | None = None) -> Calibration:
     """Evaluate the calibration windows in llama.cpp on `model_path` (the weights theta aims at).
 
     The statistics are cached by (model sha256, text sha256, tokens): the optimizer and repeated
-    converts of one model do not recompute them.
+    converts of one model do not recompute them. `model_sha256`: the model's hash when the caller has it.
     """
     windows = calibration_windows(model_path, text, calib_tokens)
-    key = cache_key(sha256_file(model_path), text.sha256, len(windows), WINDOW)
+    key = cache_key(model_sha256 or sha256_file(model_path), text.sha256, len(windows), WINDOW)
     stats = load_cached(key, second_moments) if cache else None
     if stats is None:
         stats = collect_statistics(model_path, windows, recorded_weights(model_path), second_moments, threads,
