@@ -2,7 +2,7 @@
 
 In-process, interleaved (perplexity, calibration, perplexity, ...) on one loaded model with theta at its
 γ, so machine drift hits both alike:
-  per_configuration_ratio = seconds of engine.confidence.measure_llm (the temperature fit on
+  per_configuration_ratio = seconds of evaluate.confidence.measure_llm (the temperature fit on
   --calib-chunks calibration chunks + the evaluation chunks scored at T = 1 and at T) over seconds of
   engine.perplexity.perplexity on the same evaluation chunks. Target (issue 11): <= 1.5.
 Whole commands, as subprocesses in alternation: `nkat-gguf qc confidence` (every configuration: theta on,
@@ -22,9 +22,9 @@ import subprocess
 import sys
 import time
 
-from nkat_gguf.engine.confidence import CalibrationSettings, measure_llm
 from nkat_gguf.engine.perplexity import perplexity, tokenize_text
 from nkat_gguf.engine.runtime import NkatRuntime, RuntimeOptions
+from nkat_gguf.evaluate.confidence import CalibrationSettings, measure_llm
 from nkat_gguf.texts import load_text
 
 

@@ -34,7 +34,6 @@ from nkat_gguf.format.gguf_file import write_with_metadata
 from nkat_gguf.format.nkat import PREFIX, NkatTheta, component_bytes, listing_bytes, read_theta, theta_metadata
 from nkat_gguf.format.tensors import TensorSource
 from nkat_gguf.math.allocation import KINDS, MIB, weight_kind
-from nkat_gguf.math.theta import quantize_int8
 from nkat_gguf.texts import load_text
 
 TEXTS = ("evaluation", "licenses")
@@ -125,7 +124,7 @@ def main() -> None:
 
     def write_variant(base: Path, name: str, fits: dict) -> Path:
         out = args.work / f"{name}.gguf"
-        theta = NkatTheta(gamma, {n: quantize_int8(f.factors) for n, f in fits.items()}, read_theta(base).provenance)
+        theta = NkatTheta(gamma, {n: f.theta for n, f in fits.items()}, read_theta(base).provenance)
         write_with_metadata(base, out, theta_metadata(theta), drop_prefixes=(PREFIX,))
         return out
 

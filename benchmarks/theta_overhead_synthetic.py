@@ -4,7 +4,7 @@ Users run 7B-class models while the default model is 135M parameters, where llam
 per adapted weight (a few extra graph operations each) weighs most. This builds a llama with random
 weights at the chosen size (no weights are downloaded; the tokenizer is the default model's), gives
 it a random rank-r θ on the weights `convert` adapts by default (the content of θ does not matter
-for speed), and measures the plain model and θ interleaved in one process (engine.compare). The
+for speed), and measures the plain model and θ interleaved in one process (evaluate.compare). The
 model is cached, so only the first run pays for building it.
 
     .venv/bin/python benchmarks/theta_overhead_synthetic.py --size 1.1b --type q4_0 --rank 8
@@ -28,9 +28,9 @@ from gguf.constants import GGMLQuantizationType
 from nkat_gguf.convert.selection import default_theta_tensors
 from nkat_gguf.engine.adapter import adapter_cache_dir
 from nkat_gguf.engine.bench import device_name
-from nkat_gguf.engine.compare import CompareSettings
 from nkat_gguf.engine.measure import interleaved_speed
 from nkat_gguf.engine.runtime import NkatRuntime, RuntimeOptions
+from nkat_gguf.evaluate.compare import CompareSettings
 from nkat_gguf.format.gguf_file import read_layout, write_with_metadata
 from nkat_gguf.format.nkat import NkatTheta, theta_metadata
 from nkat_gguf.math.theta import LowRank, quantize_int8

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 import numpy as np
-from gguf.constants import GGMLQuantizationType, GGUFValueType
+from gguf.constants import GGMLQuantizationType, GGUFValueType, Keys
 
 from nkat_gguf.errors import InputError
 from nkat_gguf.format.gguf_file import TensorSpec, Value, write_gguf
@@ -43,12 +43,12 @@ def write_lora_adapter(
         arrays[n + ".lora_b"] = f.b * np.float32(scale_folded_into_b)
         specs += [TensorSpec(n + ".lora_a", f.a.shape, ggml_type), TensorSpec(n + ".lora_b", f.b.shape, ggml_type)]
     metadata = {
-        "general.architecture": architecture,
-        "general.type": "adapter",
-        "general.name": name,
-        "adapter.type": "lora",
+        Keys.General.ARCHITECTURE: architecture,
+        Keys.General.TYPE: "adapter",
+        Keys.General.NAME: name,
+        Keys.Adapter.TYPE: "lora",
         # FLOAT32 is required: any other type aborts llama.cpp (see shared facts). 0: unit scale per tensor
-        "adapter.lora.alpha": Value(GGUFValueType.FLOAT32, UNIT_SCALE_ALPHA),
+        Keys.Adapter.LORA_ALPHA: Value(GGUFValueType.FLOAT32, UNIT_SCALE_ALPHA),
     }
     write_gguf(dst, metadata, specs, lambda s: arrays[s.name].astype(numpy_type))
     return Path(dst)

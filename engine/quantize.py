@@ -1,4 +1,5 @@
-"""Quantization with llama.cpp's own quantizer (`llama_model_quantize`), optionally with an importance matrix.
+"""Quantization with llama.cpp's own quantizer, optionally with an importance matrix: whole files
+(`llama_model_quantize`) and single weights (ggml's `ggml_quantize_chunk`, for θ's joint rounds and merges).
 
 Using llama.cpp itself makes the output exactly what `llama-quantize` would write, for every type
 (gguf-py can only quantize a few types in numpy).
@@ -12,10 +13,11 @@ from pathlib import Path
 
 import llama_cpp
 import numpy as np
-from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, Keys
+from llama_cpp._ggml import libggml
 
 from nkat_gguf.engine.native_log import captured_llama_log
-from nkat_gguf.errors import InputError, NkatError
+from nkat_gguf.errors import InputError, NkatError, UnsupportedModelError
 from nkat_gguf.format.gguf_file import GGUFLayout, read_layout
 
 _FTYPE_PREFIX = "LLAMA_FTYPE_MOSTLY_"
@@ -35,7 +37,7 @@ def resolve_outtype(outtype: str, layout: GGUFLayout) -> tuple[str, int]:
     """(name, llama_ftype) for `--outtype`; "same" means the input's general.file_type."""
     table = outtypes()
     if outtype.lower() == "same":
-        ftype = layout.get("general.file_type")
+        ftype = layout.get(Keys.General.FILE_TYPE)
         if ftype is None:
             raise InputError(f"{layout.path.name} has no general.file_type; pass --outtype explicitly")
         by_value = {v: k for k, v in table.items()}
@@ -138,3 +140,37 @@ def fallbacks(log: str) -> dict[str, str]:
     K-quants need rows that are a multiple of 256 wide: on a model of width 576 most weights fall back.
     """
     return {name: f"{wanted} -> {used}" for name, wanted, used in _FALLBACK.findall(log)}
+
+
+def _ggml() -> ctypes.CDLL:
+    """llama-cpp-python's own libggml (its private `_ggml` module loads it for every platform)."""
+    libggml.ggml_quantize_chunk.restype = ctypes.c_size_t
+    libggml.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                            ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    libggml.ggml_quantize_requires_imatrix.restype = ctypes.c_bool
+    libggml.ggml_quantize_requires_imatrix.argtypes = [ctypes.c_int]
+    return libggml
+
+
+def quantize_rows(name: str, values: np.ndarray, ggml_type: GGMLQuantizationType,
+                  imatrix: np.ndarray | None = None) -> np.ndarray:
+    """A float32 (rows, n) weight in `ggml_type`, exactly as llama.cpp quantizes it (with `imatrix`, E[x²] per
+    column, as `llama_model_quantize` passes it to ggml for that weight)."""
+    if ggml_type == GGMLQuantizationType.F32:
+        return values
+    lib = _ggml()
+    if imatrix is None and lib.ggml_quantize_requires_imatrix(int(ggml_type)):
+        raise UnsupportedModelError(f"{name} is {ggml_type.name}, which llama.cpp quantizes only with an importance "
+                                    "matrix; choose a merged type with --outtype (e.g. Q4_K_M)")
+    rows, n_per_row = values.shape
+    block, size = GGML_QUANT_SIZES[ggml_type]
+    out = np.empty(rows * (n_per_row // block) * size, dtype=np.uint8)
+    src = np.ascontiguousarray(values, dtype=np.float32)
+    weights = None if imatrix is None else np.ascontiguousarray(imatrix, dtype=np.float32)
+    if weights is not None and weights.shape != (n_per_row,):
+        raise ValueError(f"importance matrix for {name} has shape {weights.shape}, expected ({n_per_row},)")
+    written = lib.ggml_quantize_chunk(int(ggml_type), src.ctypes.data, out.ctypes.data, 0, rows, n_per_row,
+                                      None if weights is None else weights.ctypes.data)
+    if written != out.size:
+        raise RuntimeError(f"ggml_quantize_chunk wrote {written} bytes for {name}, expected {out.size}")
+    return out

@@ -1,7 +1,8 @@
 """PyTorch reference forward of the llama architecture, computed from the weights of a GGUF.
 
 Read top to bottom like nanoGPT's model.py: the config, then one function per box of the
-architecture diagram (RMSNorm, RoPE, attention, MLP), then `LlamaReference`, which runs them.
+architecture diagram (RMSNorm, RoPE, attention, and the block with its MLP), then `LlamaReference`,
+which runs them. `llama_block` is the one block forward of the project: so8t's trainer runs it too.
 It gives float32 logits and activations independent of llama.cpp: to check llama.cpp's numbers,
 to collect the per-column input statistics that drive the activation-weighted SVD and llama.cpp's
 quantizer importance matrix, and to run a model whose weight inputs are transformed online
@@ -27,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from gguf.constants import Keys
 
 from nkat_gguf.errors import InputError, UnsupportedModelError
 from nkat_gguf.format.gguf_file import GGUFLayout
@@ -36,6 +38,7 @@ Hook = Callable[[torch.Tensor], torch.Tensor]
 Layer = dict[str, torch.Tensor]  # one block's weights by part name ("attn_q", ...)
 SECOND_MOMENT_MAX_WIDTH = 8192  # E[x xᵀ] is (in, in) float64: 512 MiB at this width, so no wider
 _GRAM_CHUNK = 4096  # tokens per float32 Gram product; the sums over chunks are float64
+LEGACY_ROPE_SCALE = "llama.rope.scale_linear"  # the older name of the linear factor; gguf.constants 0.19 has none
 
 
 class InputStatistics:
@@ -103,34 +106,34 @@ class LlamaConfig:
         """Read the hyperparameters the way llama.cpp does; raise UnsupportedModelError if this
         forward would not compute what llama.cpp computes for the file."""
         name = layout.path.name
-        arch = layout.get("general.architecture")
+        arch = layout.get(Keys.General.ARCHITECTURE)
         if arch != "llama":
             raise UnsupportedModelError(f"{name}: architecture {arch!r}; the reference forward supports only 'llama'")
-        n_embd, n_head = _int(layout, "llama.embedding_length"), _int(layout, "llama.attention.head_count")
-        head_dim = _int(layout, "llama.attention.key_length", n_embd // n_head)
-        if _int(layout, "llama.attention.value_length", head_dim) != head_dim:
+        n_embd, n_head = _int(layout, _llama(Keys.LLM.EMBEDDING_LENGTH)), _int(layout, _llama(Keys.Attention.HEAD_COUNT))
+        head_dim = _int(layout, _llama(Keys.Attention.KEY_LENGTH), n_embd // n_head)
+        if _int(layout, _llama(Keys.Attention.VALUE_LENGTH), head_dim) != head_dim:
             raise UnsupportedModelError(f"{name}: key and value head sizes differ")
-        rope_dim = _int(layout, "llama.rope.dimension_count", head_dim)
+        rope_dim = _int(layout, _llama(Keys.Rope.DIMENSION_COUNT), head_dim)
         if rope_dim != head_dim:
             raise UnsupportedModelError(f"{name}: rope dimension {rope_dim} differs from head size {head_dim}")
-        scaling = layout.get("llama.rope.scaling.type", "linear")
+        scaling = layout.get(_llama(Keys.Rope.SCALING_TYPE), "linear")
         if scaling not in ("linear", "none"):
             raise UnsupportedModelError(f"{name}: rope scaling {scaling!r} is not supported (only linear)")
-        factor = _float(layout, "llama.rope.scaling.factor", _float(layout, "llama.rope.scale_linear", 0.0))
+        factor = _float(layout, _llama(Keys.Rope.SCALING_FACTOR), _float(layout, LEGACY_ROPE_SCALE, 0.0))
         tensors = {t.name: t for t in layout.tensors}
         if "token_embd.weight" not in tensors:
             raise UnsupportedModelError(f"{name}: no token_embd.weight tensor")
         config = cls(
-            n_layer=_int(layout, "llama.block_count"),
+            n_layer=_int(layout, _llama(Keys.LLM.BLOCK_COUNT)),
             n_embd=n_embd,
-            n_ff=_int(layout, "llama.feed_forward_length"),
+            n_ff=_int(layout, _llama(Keys.LLM.FEED_FORWARD_LENGTH)),
             n_head=n_head,
-            n_head_kv=_int(layout, "llama.attention.head_count_kv", n_head),
+            n_head_kv=_int(layout, _llama(Keys.Attention.HEAD_COUNT_KV), n_head),
             head_dim=head_dim,
             rope_dim=rope_dim,
-            rope_base=_float(layout, "llama.rope.freq_base", 10000.0),
+            rope_base=_float(layout, _llama(Keys.Rope.FREQ_BASE), 10000.0),
             rope_freq_scale=1.0 if scaling == "none" or factor == 0.0 else 1.0 / factor,
-            norm_eps=_float(layout, "llama.attention.layer_norm_rms_epsilon"),
+            norm_eps=_float(layout, _llama(Keys.Attention.LAYERNORM_RMS_EPS)),
             vocab_size=tensors["token_embd.weight"].shape[1],
             tied_embeddings="output.weight" not in tensors,
             rope_freq_factors="rope_freqs.weight" in tensors,
@@ -170,6 +173,11 @@ class LlamaConfig:
     def head_weight(self) -> str:
         """The head's weight: output.weight, or token_embd.weight in a tied model."""
         return "token_embd.weight" if self.tied_embeddings else "output.weight"
+
+
+def _llama(template: str) -> str:
+    """A gguf.constants key template ("{arch}.block_count") for the llama architecture."""
+    return template.format(arch="llama")
 
 
 def _int(layout: GGUFLayout, key: str, default: int | None = None) -> int:
@@ -240,6 +248,39 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=1.0 / math.sqrt(q.shape[-1])
     )  # (B, nh, T, hd)
     return y.transpose(1, 2)  # (B, T, nh, hd)
+
+
+# (part, x) -> y: the block's 2-D weight `part` ("attn_q", ...) applied to x (N, in), giving (N, out)
+Linear = Callable[[str, torch.Tensor], torch.Tensor]
+
+
+def llama_block(config: LlamaConfig, h: torch.Tensor, attn_norm: torch.Tensor, ffn_norm: torch.Tensor,
+                linear: Linear, rotations: torch.Tensor, groups: Sequence[torch.Tensor]) -> torch.Tensor:
+    """One transformer block: h + attention(norm(h)), then + MLP(norm(·)); (N, d) -> (N, d).
+
+    `linear` applies the weights, so a caller can hook inputs, collect statistics or train through them;
+    attn_q/k/v (and ffn_gate/up) are handed the same x object. `groups` holds the (B, T) token indices
+    of each set of equal-length sequences (one attention call each). RoPE runs in the precision of
+    `rotations` (float32 for a bfloat16 model), then returns to h's dtype.
+    """
+    cfg, n = config, h.shape[0]
+    x = rms_norm(h, attn_norm, cfg.norm_eps)  # (N, d)
+    q = linear("attn_q", x).view(n, cfg.n_head, cfg.head_dim)  # (N, nh, hd)
+    k = linear("attn_k", x).view(n, cfg.n_head_kv, cfg.head_dim)  # (N, nkv, hd)
+    v = linear("attn_v", x).view(n, cfg.n_head_kv, cfg.head_dim)  # (N, nkv, hd)
+    rope_dtype = rotations.real.dtype
+    q = apply_rope(q.to(rope_dtype), rotations).to(h.dtype)
+    k = apply_rope(k.to(rope_dtype), rotations).to(h.dtype)
+    # GQA: query head h reads kv head h // (nh / nkv), i.e. each kv head serves a run of adjacent query heads
+    k = k.repeat_interleave(cfg.n_head // cfg.n_head_kv, dim=1)  # (N, nh, hd)
+    v = v.repeat_interleave(cfg.n_head // cfg.n_head_kv, dim=1)  # (N, nh, hd)
+    heads = torch.empty_like(q)  # (N, nh, hd)
+    for index in groups:  # (B, T)
+        heads[index] = causal_attention(q[index], k[index], v[index])  # (B, T, nh, hd)
+    heads = heads.view(n, cfg.n_head * cfg.head_dim)  # (N, nh*hd): head h in columns h*hd .. (h+1)*hd
+    h = h + linear("attn_output", heads)  # (N, d)
+    x = rms_norm(h, ffn_norm, cfg.norm_eps)  # (N, d)
+    return h + linear("ffn_down", F.silu(linear("ffn_gate", x)) * linear("ffn_up", x))  # (N, ff) -> (N, d)
 
 
 # ---- the model ----------------------------------------------------------------------------------
@@ -329,30 +370,14 @@ class LlamaReference:
         h = self._weight("token_embd.weight")[batch.tokens]  # (N, d); llama does not scale embeddings
         for i in range(cfg.n_layer):
             w = {part: self._weight(f"blk.{i}.{part}.weight") for part in ("attn_norm", "ffn_norm", *BLOCK_MATRICES)}
-            h = h + self._attention(i, rms_norm(h, w["attn_norm"], cfg.norm_eps), w, batch, sums)  # (N, d)
-            h = h + self._mlp(i, rms_norm(h, w["ffn_norm"], cfg.norm_eps), w, sums)  # (N, d)
-            del w  # this layer's weights go before the next layer's are read
+            linear = self._layer_linear(i, w, sums)
+            h = llama_block(cfg, h, w["attn_norm"], w["ffn_norm"], linear, batch.rotations, batch.groups)  # (N, d)
+            del w, linear  # this layer's weights go before the next layer's are read
         return rms_norm(h, self._weight("output_norm.weight"), cfg.norm_eps)
 
-    def _attention(self, i: int, x: torch.Tensor, w: Layer, batch: _Batch, sums: Sums) -> torch.Tensor:
-        cfg, n, p = self.config, x.shape[0], f"blk.{i}."
-        q = self._linear(p + "attn_q.weight", x, w["attn_q"], sums).view(n, cfg.n_head, cfg.head_dim)  # (N, nh, hd)
-        k = self._linear(p + "attn_k.weight", x, w["attn_k"], sums).view(n, cfg.n_head_kv, cfg.head_dim)  # (N, nkv, hd)
-        v = self._linear(p + "attn_v.weight", x, w["attn_v"], sums).view(n, cfg.n_head_kv, cfg.head_dim)  # (N, nkv, hd)
-        q, k = apply_rope(q, batch.rotations), apply_rope(k, batch.rotations)
-        # GQA: query head h reads kv head h // (nh / nkv), i.e. each kv head serves a run of adjacent query heads
-        k = k.repeat_interleave(cfg.n_head // cfg.n_head_kv, dim=1)  # (N, nh, hd)
-        v = v.repeat_interleave(cfg.n_head // cfg.n_head_kv, dim=1)  # (N, nh, hd)
-        heads = torch.empty_like(q)  # (N, nh, hd)
-        for index in batch.groups:  # (B, T)
-            heads[index] = causal_attention(q[index], k[index], v[index])  # (B, T, nh, hd)
-        heads = heads.view(n, cfg.n_head * cfg.head_dim)  # (N, nh*hd): head h in columns h*hd .. (h+1)*hd
-        return self._linear(p + "attn_output.weight", heads, w["attn_output"], sums)  # (N, d)
-
-    def _mlp(self, i: int, x: torch.Tensor, w: Layer, sums: Sums) -> torch.Tensor:
-        gate = self._linear(f"blk.{i}.ffn_gate.weight", x, w["ffn_gate"], sums)  # (N, ff)
-        up = self._linear(f"blk.{i}.ffn_up.weight", x, w["ffn_up"], sums)  # (N, ff)
-        return self._linear(f"blk.{i}.ffn_down.weight", F.silu(gate) * up, w["ffn_down"], sums)  # (N, d)
+    def _layer_linear(self, i: int, w: Layer, sums: Sums) -> Linear:
+        """Layer i's weights `w` as the block's `linear`, through the input hooks and statistics."""
+        return lambda part, x: self._linear(f"blk.{i}.{part}.weight", x, w[part], sums)
 
     def _linear(self, name: str, x: torch.Tensor, weight: torch.Tensor, sums: Sums) -> torch.Tensor:
         """y = W · hook(x): (N, in) -> (N, out)."""

@@ -14,10 +14,10 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from nkat_gguf.engine.compare import CompareSettings, compare
 from nkat_gguf.engine.measure import interleaved_speed
 from nkat_gguf.engine.perplexity import perplexity, tokenize_text
 from nkat_gguf.engine.runtime import NkatRuntime
+from nkat_gguf.evaluate.compare import CompareSettings, compare
 from nkat_gguf.format.atomic import atomic_output
 from nkat_gguf.format.nkat import read_theta
 from nkat_gguf.optimizer.base_model import SENSITIVITY_ATTR, write_model

@@ -21,7 +21,7 @@ from click.testing import CliRunner
 from gguf import GGMLQuantizationType
 
 from nkat_gguf.cli import main
-from nkat_gguf.engine.compare import CompareSettings
+from nkat_gguf.evaluate.compare import CompareSettings
 from nkat_gguf.engine.kld import kl_divergence, measure_model, write_base
 from nkat_gguf.engine.perplexity import tokenize_text
 from nkat_gguf.engine.runtime import RuntimeOptions

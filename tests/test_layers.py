@@ -1,7 +1,7 @@
 """The layout's rules, checked from the source so they stay true (README, "Layout").
 
 Layers, lowest first; a module may import its own layer and the layers below it, never above:
-  base      nkat_gguf (version), errors, texts, default_model, format/, math/
+  base      nkat_gguf (version), errors, texts, timing, default_model, format/, math/
   engine    engine/ (installed as nkat_gguf.engine): the llama.cpp runtime, measurement, the PyTorch reference
   steps     so8t/, export/: pipelines' building blocks on top of the engine
   convert   convert/: the convert pipeline
@@ -22,8 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SOURCES = {"nkat_gguf": ROOT / "nkat_gguf", "nkat_gguf.engine": ROOT / "engine",
            "nkat_gguf.optimizer": ROOT / "optimizer"}
 LAYERS = [
-    ("base", ("nkat_gguf", "nkat_gguf.errors", "nkat_gguf.texts", "nkat_gguf.default_model", "nkat_gguf.format",
-              "nkat_gguf.math")),
+    ("base", ("nkat_gguf", "nkat_gguf.errors", "nkat_gguf.texts", "nkat_gguf.timing", "nkat_gguf.default_model",
+              "nkat_gguf.format", "nkat_gguf.math")),
     ("engine", ("nkat_gguf.engine",)),
     ("steps", ("nkat_gguf.so8t", "nkat_gguf.export")),
     ("convert", ("nkat_gguf.convert",)),

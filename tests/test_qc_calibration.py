@@ -17,12 +17,12 @@ import pytest
 
 from nkat_gguf.convert import ConvertOptions, convert
 from nkat_gguf.default_model import default_model_path
-from nkat_gguf.engine.confidence import CalibrationSettings, calibration_report, fitted_temperature, write_temperature
-from nkat_gguf.engine.longtext import LongtextSettings, longtext_report, without_series
 from nkat_gguf.engine.perplexity import perplexity, tokenize_text
 from nkat_gguf.engine.runtime import NkatRuntime, RuntimeOptions
 from nkat_gguf.engine.server import ChatServer
 from nkat_gguf.errors import InputError
+from nkat_gguf.evaluate.confidence import CalibrationSettings, calibration_report, fitted_temperature, write_temperature
+from nkat_gguf.evaluate.longtext import LongtextSettings, longtext_report, without_series
 from nkat_gguf.evaluate.qc_reports import write_calibration_report, write_longtext_report
 from nkat_gguf.export.exports import export_kobold, export_ollama
 from nkat_gguf.format import nkat

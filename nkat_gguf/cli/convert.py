@@ -27,6 +27,17 @@ def _fit_methods() -> Sequence[str]:
     return FIT_METHODS
 
 
+def _tensor_types(_ctx: click.Context, _param: click.Parameter, items: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    """--tensor-type PATTERN=TYPE, repeatable (a click callback, so the error names the option)."""
+    pairs = []
+    for item in items:
+        pattern, sep, type_name = item.rpartition("=")
+        if not sep or not pattern or not type_name:
+            raise click.BadParameter(f"{item!r}: expected PATTERN=TYPE, e.g. blk.*.attn_v.weight=Q8_0")
+        pairs.append((pattern, type_name))
+    return tuple(pairs)
+
+
 @click.command()
 @options.input_model()
 @options.output(type=click.Path(dir_okay=False, path_type=Path),
@@ -52,7 +63,7 @@ def _fit_methods() -> Sequence[str]:
 @click.option("--op-budget", type=int, default=None, metavar="N",
               help="With --byte-budget: at most N weights carry theta (4 llama.cpp graph operations each); "
                    "0 for types only.")
-@click.option("--tensor-type", "tensor_types", multiple=True, metavar="PATTERN=TYPE",
+@click.option("--tensor-type", "tensor_types", multiple=True, metavar="PATTERN=TYPE", callback=_tensor_types,
               help="Write the weights PATTERN names (as --selective-layers) at TYPE, as llama-quantize "
                    "--tensor-type; a type their rows cannot hold is refused. Repeatable.")
 @click.option("--selective-layers", multiple=True, metavar="NAME",
@@ -64,7 +75,8 @@ def _fit_methods() -> Sequence[str]:
                    "whole windows of a shorter text). Cached per model, text and count.")
 @click.option("--calib-memory", default=None, metavar="SIZE",
               help="Most bytes of second moments E[x xT] held at once (KiB, MiB, GiB); above it they are collected "
-                   "and fitted per group of layers, one llama.cpp pass over the calibration windows per group (default: 4GiB).")
+                   "and fitted per group of layers, one llama.cpp pass over the calibration windows per group "
+                   "(default: 4GiB).")
 @click.option("--save-imatrix", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the calibration as a llama.cpp imatrix GGUF (llama-quantize --imatrix reads it).")
 @click.option("--theta-calib", type=options.LazyChoice(_theta_calib_methods), default="activation", show_default=True,
@@ -103,8 +115,9 @@ def _fit_methods() -> Sequence[str]:
 @fail_cleanly
 def convert(input_: str, output: Path, outtype: str | None, reference: Path | None, theta_rank: int | None,
             gamma: float, theta_budget: str | None, theta_max_weights: int | None, byte_budget: str | None,
-            op_budget: int | None, tensor_types: tuple[str, ...], selective_layers: tuple[str, ...],
-            calib_text: Path | None, calib_tokens: int | None, calib_memory: str | None, save_imatrix: Path | None, theta_calib: str,
+            op_budget: int | None, tensor_types: tuple[tuple[str, str], ...], selective_layers: tuple[str, ...],
+            calib_text: Path | None, calib_tokens: int | None, calib_memory: str | None,
+            save_imatrix: Path | None, theta_calib: str,
             theta_fit: str, theta_damping: float | None, theta_rounds: int, imatrix: str, threads: int, so8t: str,
             so8t_seed: int | None, so8t_heads: bool, force: bool, report_dir: Path | None,
             optimize_rank: bool, calibrate_temperature: bool, as_json: bool) -> None:
@@ -128,7 +141,7 @@ def convert(input_: str, output: Path, outtype: str | None, reference: Path | No
     opts = ConvertOptions(
         input=resolve_model(input_), output=output, reference=reference, theta_gamma=gamma,
         theta_budget=theta_budget, theta_max_weights=theta_max_weights, byte_budget=byte_budget,
-        op_budget=op_budget, tensor_types=_tensor_types(tensor_types),
+        op_budget=op_budget, tensor_types=tensor_types,
         calib_text=calib_text, calib_tokens=calib_tokens, save_imatrix=save_imatrix, theta_calib=theta_calib,
         theta_fit=theta_fit, theta_damping=theta_damping, theta_rounds=theta_rounds, imatrix=imatrix, threads=threads,
         so8t=So8tOptions(mode=so8t, seed=so8t_seed, heads=so8t_heads, force=force, report_dir=report_dir),
@@ -141,18 +154,6 @@ def convert(input_: str, output: Path, outtype: str | None, reference: Path | No
         emit(optimize_convert(opts), as_json, format_summary)
         return
     emit(run_convert(opts).as_dict(), as_json, format_convert)
-
-
-def _tensor_types(items: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
-    """--tensor-type PATTERN=TYPE, repeatable."""
-    pairs = []
-    for item in items:
-        pattern, sep, type_name = item.rpartition("=")
-        if not sep or not pattern or not type_name:
-            raise click.BadParameter(f"{item!r}: expected PATTERN=TYPE, e.g. blk.*.attn_v.weight=Q8_0",
-                                     param_hint="--tensor-type")
-        pairs.append((pattern, type_name))
-    return tuple(pairs)
 
 
 def format_convert(r: dict) -> str:

@@ -87,7 +87,7 @@ def frontier(input_: str, reference: Path | None, types: tuple[str, ...], thetas
                    IQ4_NL:blk.*.attn_v.weight=Q8_0,blk.*.ffn_down.weight=Q5_1  IQ4_NL:byte_budget=3%
     """
     from nkat_gguf.default_model import resolve_model
-    from nkat_gguf.engine.compare import CompareSettings
+    from nkat_gguf.evaluate.compare import CompareSettings
     from nkat_gguf.evaluate.frontier import FrontierSettings, format_frontier, parse_mix_spec, parse_theta_spec
     from nkat_gguf.evaluate.frontier import frontier as run_frontier
 

@@ -130,8 +130,8 @@ def compare(model: str, reference: Path | None, gamma: float | None, text: Path 
             repetitions: int, as_json: bool, gpu_layers: int, no_cuda: bool, threads: int | None) -> None:
     """theta off vs on in one run: tok/s, overhead, perplexity, and the share of the reference gap recovered."""
     from nkat_gguf.default_model import resolve_model
-    from nkat_gguf.engine.compare import CompareSettings, format_compare
-    from nkat_gguf.engine.compare import compare as run_compare
+    from nkat_gguf.evaluate.compare import CompareSettings, format_compare
+    from nkat_gguf.evaluate.compare import compare as run_compare
     from nkat_gguf.engine.probe import check_model
     from nkat_gguf.format.gguf_file import read_layout
     from nkat_gguf.format.hparams import check_context

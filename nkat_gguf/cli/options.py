@@ -91,7 +91,9 @@ theta_rank = _shared("--theta-rank", type=int, default=None)
 text = _shared("--text", type=TEXT_FILE, default=None,
                help="UTF-8 text (default: the evaluation split of Python's pydoc topics).")
 calib_text = _shared("--calib-text", type=TEXT_FILE, default=None,
-                     help="UTF-8 calibration text (default: the calibration split of Python's pydoc topics).")
+                     help="Calibration text: a UTF-8 file; 'self' (text sampled from the reference model, seed 0); "
+                          "'mix' (pydoc, stdlib docstrings, man pages; disjoint from both evaluation texts); "
+                          "default: the calibration split of Python's pydoc topics.")
 ctx = _shared("--ctx", type=int, default=512, show_default=True, help="Tokens per chunk, as llama-perplexity -c.")
 chunks = _shared("--chunks", type=click.IntRange(min=1), default=16, show_default=True)
 repetitions = _shared("--repetitions", "-r", type=click.IntRange(min=1), default=3, show_default=True)

@@ -96,8 +96,8 @@ def qc_confidence(model: str, reference: Path | None, no_reference: bool, gamma:
     calibration text in [0.5, 3.0]; the metrics are measured on the evaluation text at T = 1 and at T.
     """
     from nkat_gguf.default_model import resolve_model
-    from nkat_gguf.engine.confidence import CalibrationSettings, calibration_report, fitted_temperature
-    from nkat_gguf.engine.confidence import write_temperature as write_t
+    from nkat_gguf.evaluate.confidence import CalibrationSettings, calibration_report, fitted_temperature
+    from nkat_gguf.evaluate.confidence import write_temperature as write_t
     from nkat_gguf.evaluate.qc_reports import format_calibration, write_calibration_report
     from nkat_gguf.format.atomic import check_writable_dir
     from nkat_gguf.texts import load_text
@@ -134,7 +134,7 @@ def qc_longtext(model: str, reference: Path | None, no_reference: bool, gamma: f
     prompts (a scientific explanation, a mathematical proof, a technical implementation).
     """
     from nkat_gguf.default_model import resolve_model
-    from nkat_gguf.engine.longtext import LongtextSettings, longtext_report, without_series
+    from nkat_gguf.evaluate.longtext import LongtextSettings, longtext_report, without_series
     from nkat_gguf.evaluate.qc_reports import format_longtext, write_longtext_report
     from nkat_gguf.texts import load_text
 

@@ -36,7 +36,7 @@ from nkat_gguf.math.allocation import (
     weight_kind,
 )
 from nkat_gguf.math.allocation import allocate_mix as allocate_mix_math
-from nkat_gguf.math.theta import LowRank
+from nkat_gguf.math.theta import LowRank, quantize_int8
 from nkat_gguf.texts import Text
 
 ALLOCATION_MAX_RANK = 64  # the most components one weight can get under a budget
@@ -51,7 +51,7 @@ class Allocation:
     sensitivity: dict[str, dict[str, float]]  # kind -> nll_drop, energy, sensitivity
 
     def summary(self) -> dict:
-        ranks = {n: f.factors.rank for n, f in self.fits.items()}
+        ranks = {n: f.theta.rank for n, f in self.fits.items()}
         by_kind = {k: sorted(r for n, r in ranks.items() if weight_kind(n) == k) for k in KINDS}
         return {"method": "budget", "budget_bytes": self.budget_bytes, "spent_bytes": self.spent_bytes,
                 "max_weights": self.max_weights, "weights": len(ranks), "sensitivity": self.sensitivity,
@@ -78,7 +78,7 @@ class FitPass:
     def fits(self, ranks: dict[str, int]) -> dict[str, WeightFit]:
         """Factors cut to `ranks` (exact for an SVD) with the share of each weight's energy they capture
         (the expected output error is not recomputed per budget: NaN)."""
-        return {n: WeightFit(self.full[n].truncate(r),
+        return {n: WeightFit(quantize_int8(self.full[n].truncate(r)),
                              float(self.energy[n][:r].sum() / max(self.total_energy[n], 1e-300)), float("nan"), 0)
                 for n, r in ranks.items() if r > 0}
 
@@ -251,7 +251,7 @@ def allocate_mix(model_path: Path, base_path: Path, ftype: int, imatrix: dict[st
             share = float(energy[:c.rank].sum() / max(fitted.total_energy[n], 1e-300))
         else:  # an upgraded weight's θ is fitted to its new residual
             factors, share = residuals.fitter.fit(n, weights(n) - written.dequantize(n), c.rank)
-        fits[n] = WeightFit(factors, share, float("nan"), 0)
+        fits[n] = WeightFit(quantize_int8(factors), share, float("nan"), 0)
     return MixAllocation(mixed, choices, fits, {n: t.name for n, t in base_types.items()}, budget_bytes,
                          mix_bytes(costs, choices), max_weights, sensitivity)
 

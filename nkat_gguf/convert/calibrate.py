@@ -86,18 +86,19 @@ def recorded_weights(model_path: Path) -> set[str]:
 
 def calibrate(model_path: Path, text: Text, calib_tokens: int | None = None, second_moments: bool = False,
               threads: int = 0, progress: bool = True, save_imatrix: Path | None = None,
-              cache: bool = True, memory: int | None = None) -> Calibration:
+              cache: bool = True, model_sha256: str | None = None, memory: int | None = None) -> Calibration:
     """Evaluate the calibration windows in llama.cpp on `model_path` (the weights theta aims at).
 
     `memory`: bytes of Σxxᵀ held at once (None: no bound); above it the second moments come in groups of
     layers, one pass each (nkat_gguf.convert.moment_groups). The statistics are cached by (model sha256,
     text sha256, tokens, group): the optimizer and repeated converts of one model do not recompute them.
+    `model_sha256`: the model's hash when the caller has it.
     """
     windows = calibration_windows(model_path, text, calib_tokens)
     names = recorded_weights(model_path)
     layout = read_layout(model_path)
     groups = layer_groups(layout, names, memory) if second_moments and memory is not None else [names]
-    model_sha = sha256_file(model_path)
+    model_sha = model_sha256 or sha256_file(model_path)
 
     def run(weights: set[str], outer: bool | set[str], group: str) -> GraphStatistics:
         key = cache_key(model_sha, text.sha256, len(windows), WINDOW, group)

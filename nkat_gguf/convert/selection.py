@@ -30,7 +30,7 @@ def _name_map(layout: GGUFLayout) -> gguf.TensorNameMap | None:
     arch_id = next((k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch), None)
     if arch_id is None:
         return None
-    return gguf.get_tensor_name_map(arch_id, int(layout.get(f"{arch}.block_count", 0)))
+    return gguf.get_tensor_name_map(arch_id, int(layout.get(gguf.Keys.LLM.BLOCK_COUNT.format(arch=arch), 0)))
 
 
 def select_tensors(layout: GGUFLayout, patterns: list[str] | None) -> list[str]:

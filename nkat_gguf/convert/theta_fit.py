@@ -20,11 +20,18 @@ from gguf import quants
 from tqdm import tqdm
 
 from nkat_gguf.convert.calibrate import Calibration
-from nkat_gguf.export.merge import quantize_rows
+from nkat_gguf.engine.quantize import quantize_rows
 from nkat_gguf.format.gguf_file import TensorSpec, copy_metadata, read_layout, write_gguf
 from nkat_gguf.format.tensors import TensorSource
 from nkat_gguf.math.lowrank import theta_from_residual, theta_whitened
-from nkat_gguf.math.theta import LowRank, activation_scale, damped_cholesky, expected_output_error, quantize_int8
+from nkat_gguf.math.theta import (
+    LowRank,
+    ThetaInt8,
+    activation_scale,
+    damped_cholesky,
+    expected_output_error,
+    quantize_int8,
+)
 
 FitMethod = Literal["diag", "whiten"]
 FIT_METHODS: tuple[FitMethod, ...] = ("diag", "whiten")
@@ -44,7 +51,7 @@ class FitSettings:
 
 @dataclass(frozen=True)
 class WeightFit:
-    factors: LowRank
+    theta: ThetaInt8  # the factors as stored: INT8 with per-component scales, quantized once here
     captured_energy: float
     error: float  # expected output error of quantized weight + INT8 θ (diagonal E[x²] when no E[x xᵀ])
     round: int  # 0: θ on llama.cpp's own quantization
@@ -70,9 +77,9 @@ class ThetaFitter:
             fit = theta_from_residual(residual, rank, activation_scale(cal.mean_squares[name], damping=damping))
         return fit.factors, fit.captured_energy
 
-    def error(self, name: str, residual: np.ndarray, factors: LowRank) -> float:
-        """E‖(E − B·A)x‖² with B·A as stored (INT8), on the true (undamped) calibration statistics."""
-        stored = quantize_int8(factors).dequantize().dense()
+    def error(self, name: str, residual: np.ndarray, stored: np.ndarray) -> float:
+        """E‖(E − B·A)x‖² with B·A as stored (the dense INT8 product), on the true (undamped) calibration
+        statistics."""
         cal = self.calibration
         if cal is not None and name in cal.second_moments:
             return expected_output_error(residual, stored, cal.second_moments[name])
@@ -103,16 +110,19 @@ def fit_weights(quantized: TensorSource, weights: Callable[[str], np.ndarray], n
         w_ref = weights(name).astype(np.float32)
         residual = w_ref - quantized.dequantize(name)
         factors, captured = fitter.fit(name, residual)
-        best = WeightFit(factors, captured, fitter.error(name, residual, factors), 0)
+        theta = quantize_int8(factors)
+        stored = theta.dequantize().dense()
+        best = WeightFit(theta, captured, fitter.error(name, residual, stored), 0)
         ggml_type = quantized.info(name).type
         for round_ in range(1, settings.rounds):
-            stored = quantize_int8(factors).dequantize().dense()
             raw = quantize_rows(name, w_ref - stored, ggml_type, None if imatrix is None else imatrix.get(name))
             residual = w_ref - quants.dequantize(raw, ggml_type).reshape(w_ref.shape)
             factors, captured = fitter.fit(name, residual)
-            error = fitter.error(name, residual, factors)
+            theta = quantize_int8(factors)
+            stored = theta.dequantize().dense()
+            error = fitter.error(name, residual, stored)
             if error < best.error:
-                best = WeightFit(factors, captured, error, round_)
+                best = WeightFit(theta, captured, error, round_)
                 replaced[name] = raw.reshape(quantized.raw(name).shape)
         fits[name] = best
     return fits, replaced

@@ -27,10 +27,10 @@ from nkat_gguf.convert import ConvertOptions, ConvertReport, convert
 from nkat_gguf.convert.calibrate import Calibration
 from nkat_gguf.convert.selection import resolve_tensor_types, select_tensors
 from nkat_gguf.engine.bench import device_name
-from nkat_gguf.engine.compare import CompareSettings
 from nkat_gguf.engine.quantize import resolve_outtype
 from nkat_gguf.engine.runtime import RuntimeOptions
 from nkat_gguf.errors import InputError
+from nkat_gguf.evaluate.compare import CompareSettings
 from nkat_gguf.evaluate.plot_labels import place_labels
 from nkat_gguf.evaluate.quality import calibrate_once, measure_files
 from nkat_gguf.format.atomic import atomic_output, check_writable_dir, make_output_dir

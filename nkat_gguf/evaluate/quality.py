@@ -22,15 +22,15 @@ from nkat_gguf.convert import ConvertOptions, ConvertReport, convert
 from nkat_gguf.convert.calib_text import calibration_text
 from nkat_gguf.convert.calibrate import Calibration, calibrate
 from nkat_gguf.convert.moment_groups import parse_memory
-from nkat_gguf.convert.pipeline import reference_weights
+from nkat_gguf.convert.read import reference_source
 from nkat_gguf.engine.bench import device_name
-from nkat_gguf.engine.compare import CompareSettings
 from nkat_gguf.engine.kld import base_matches, kl_divergence, write_base
 from nkat_gguf.engine.measure import Configuration, interleaved_rates
 from nkat_gguf.engine.perplexity import PerplexityResult, perplexity, tokenize_text
 from nkat_gguf.engine.probe import check_model
 from nkat_gguf.engine.quantize import resolve_outtype
 from nkat_gguf.engine.runtime import NkatRuntime, RuntimeOptions
+from nkat_gguf.evaluate.compare import CompareSettings
 from nkat_gguf.format import nkat
 from nkat_gguf.format.atomic import check_writable_dir
 from nkat_gguf.format.gguf_file import read_layout
@@ -62,7 +62,7 @@ class QualitySettings:
 def calibrate_once(model: Path, reference: Path | None, calib_text: Path | None, progress: bool) -> Calibration:
     """The one calibration pass every variant shares, on the weights θ aims at (as convert does it)."""
     if reference is not None:
-        reference_weights(TensorSource(model), reference, [])  # same checks as convert
+        reference_source(TensorSource(model), reference)  # same checks as convert
     target = reference or model
     return calibrate(target, calibration_text(calib_text, target, progress=progress), progress=progress,
                      second_moments=ConvertOptions.theta_fit == "whiten",

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from gguf.constants import GGUFValueType
+from gguf.constants import GGUFValueType, Keys
 
 from nkat_gguf.engine.adapter import write_lora_adapter
 from nkat_gguf.engine.perplexity import perplexity, tokenize_text
@@ -155,22 +155,22 @@ def export_adapter(model: Path, output: Path, gamma: float | None = None, tensor
 
 def context_length(layout: GGUFLayout) -> int:
     """The model's training context, capped at MAX_EXPORT_CTX (a bigger KV cache rarely fits on a laptop)."""
-    trained = typed_int(layout, f"{layout.architecture}.context_length", 1, 1 << 31)
+    trained = typed_int(layout, Keys.LLM.CONTEXT_LENGTH.format(arch=layout.architecture), 1, 1 << 31)
     return min(trained, MAX_EXPORT_CTX) if trained else MAX_EXPORT_CTX
 
 
 def stop_tokens(layout: GGUFLayout) -> list[str]:
     """End-of-turn strings: the EOS/EOT tokens, and control tokens in the chat template named end/eot/eos."""
-    tokens = typed_value(layout, "tokenizer.ggml.tokens", (GGUFValueType.ARRAY,)) or []
+    tokens = typed_value(layout, Keys.Tokenizer.LIST, (GGUFValueType.ARRAY,)) or []
     if not isinstance(tokens, list):
-        raise InputError(f"{layout.path}: tokenizer.ggml.tokens must be an array of strings")
+        raise InputError(f"{layout.path}: {Keys.Tokenizer.LIST} must be an array of strings")
     found: list[str] = []
-    for key in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eos_token_id"):
+    for key in (Keys.Tokenizer.EOT_ID, Keys.Tokenizer.EOS_ID):
         token_id = typed_int(layout, key, 0, 1 << 31)
         if token_id is not None and token_id < len(tokens):
             found.append(tokens[token_id])
-    template = typed_value(layout, "tokenizer.chat_template", (GGUFValueType.STRING,))
-    types = typed_value(layout, "tokenizer.ggml.token_type", (GGUFValueType.ARRAY,))
+    template = typed_value(layout, Keys.Tokenizer.CHAT_TEMPLATE, (GGUFValueType.STRING,))
+    types = typed_value(layout, Keys.Tokenizer.TOKEN_TYPE, (GGUFValueType.ARRAY,))
     if isinstance(template, str) and isinstance(types, np.ndarray):
         found += [t for t, kind in zip(tokens, types) if kind == _CONTROL_TOKEN and t in template and _STOP_NAME.search(t)]
     return list(dict.fromkeys(t for t in found if t))

@@ -11,16 +11,13 @@ Either way the correction is rounded by the quantizer again, which can lose much
 
 from __future__ import annotations
 
-import ctypes
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
-from llama_cpp._ggml import libggml
+from gguf.constants import GGMLQuantizationType
 
-from nkat_gguf.engine.quantize import quantize_model, resolve_outtype
-from nkat_gguf.errors import UnsupportedModelError
+from nkat_gguf.engine.quantize import quantize_model, quantize_rows, resolve_outtype
 from nkat_gguf.format import nkat
 from nkat_gguf.format.atomic import atomic_output, work_dir
 from nkat_gguf.format.gguf_file import TensorSpec, copy_metadata, read_layout, write_gguf
@@ -28,40 +25,6 @@ from nkat_gguf.format.nkat import NkatTheta
 from nkat_gguf.format.tensors import TensorSource
 
 DROPPED_PREFIXES = ("GGUF.", nkat.PREFIX)  # the merged file carries no theta: applying it again would double it
-
-
-def _ggml() -> ctypes.CDLL:
-    """llama-cpp-python's own libggml (its private `_ggml` module loads it for every platform)."""
-    libggml.ggml_quantize_chunk.restype = ctypes.c_size_t
-    libggml.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                                            ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
-    libggml.ggml_quantize_requires_imatrix.restype = ctypes.c_bool
-    libggml.ggml_quantize_requires_imatrix.argtypes = [ctypes.c_int]
-    return libggml
-
-
-def quantize_rows(name: str, values: np.ndarray, ggml_type: GGMLQuantizationType,
-                  imatrix: np.ndarray | None = None) -> np.ndarray:
-    """A float32 (rows, n) weight in `ggml_type`, exactly as llama.cpp quantizes it (with `imatrix`, E[x²] per
-    column, as `llama_model_quantize` passes it to ggml for that weight)."""
-    if ggml_type == GGMLQuantizationType.F32:
-        return values
-    lib = _ggml()
-    if imatrix is None and lib.ggml_quantize_requires_imatrix(int(ggml_type)):
-        raise UnsupportedModelError(f"{name} is {ggml_type.name}, which llama.cpp quantizes only with an importance "
-                                    "matrix; choose a merged type with --outtype (e.g. Q4_K_M)")
-    rows, n_per_row = values.shape
-    block, size = GGML_QUANT_SIZES[ggml_type]
-    out = np.empty(rows * (n_per_row // block) * size, dtype=np.uint8)
-    src = np.ascontiguousarray(values, dtype=np.float32)
-    weights = None if imatrix is None else np.ascontiguousarray(imatrix, dtype=np.float32)
-    if weights is not None and weights.shape != (n_per_row,):
-        raise ValueError(f"importance matrix for {name} has shape {weights.shape}, expected ({n_per_row},)")
-    written = lib.ggml_quantize_chunk(int(ggml_type), src.ctypes.data, out.ctypes.data, 0, rows, n_per_row,
-                                      None if weights is None else weights.ctypes.data)
-    if written != out.size:
-        raise RuntimeError(f"ggml_quantize_chunk wrote {written} bytes for {name}, expected {out.size}")
-    return out
 
 
 def write_merged(model: Path, dst: Path, theta: NkatTheta, gamma: float, outtype: str | None = None,

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, Keys
 
 from nkat_gguf.errors import InputError
 from nkat_gguf.format.atomic import atomic_output
@@ -99,7 +99,7 @@ class GGUFLayout:
 
     @property
     def architecture(self) -> str:
-        arch = self.get("general.architecture")
+        arch = self.get(Keys.General.ARCHITECTURE)
         if not isinstance(arch, str):
             raise InputError(f"{self.path}: GGUF has no general.architecture")
         return arch
@@ -226,7 +226,7 @@ def _parse(cur: _Cursor, path: Path, size: int) -> GGUFLayout:
 
 def _alignment(metadata: dict[str, Value], path: Path) -> int:
     """general.alignment as llama.cpp's gguf reader accepts it: a UINT32 power of two (default 32)."""
-    value = metadata.get("general.alignment")
+    value = metadata.get(Keys.General.ALIGNMENT)
     if value is None:
         return DEFAULT_ALIGNMENT
     if value.type != GGUFValueType.UINT32:
@@ -385,7 +385,7 @@ def write_gguf(
     for spec in tensors:
         offsets.append(offset)
         offset += -(-spec.n_bytes // alignment) * alignment
-    if "general.alignment" in metadata and int(value_from_python(metadata["general.alignment"]).data) != alignment:
+    if Keys.General.ALIGNMENT in metadata and int(value_from_python(metadata[Keys.General.ALIGNMENT]).data) != alignment:
         raise ValueError("metadata general.alignment differs from the alignment used for writing")
     with atomic_output(Path(dst)) as tmp, open(tmp, "wb") as out:
         out.write(GGUF_MAGIC + struct.pack("<IQQ", 3, len(tensors), len(metadata)))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 
-from gguf.constants import MODEL_ARCH_NAMES, GGUFValueType
+from gguf.constants import MODEL_ARCH_NAMES, GGUFValueType, Keys
 
 from nkat_gguf.errors import InputError
 from nkat_gguf.format.gguf_file import GGUFLayout, typed_value
@@ -65,7 +65,7 @@ def _positive_float(layout: GGUFLayout, key: str) -> None:
 
 def n_ctx_train(layout: GGUFLayout) -> int:
     """The context length the model was trained with (`<arch>.context_length`), checked."""
-    return _uint(layout, f"{layout.architecture}.context_length", 1, MAX_CONTEXT, required=True)
+    return _uint(layout, Keys.LLM.CONTEXT_LENGTH.format(arch=layout.architecture), 1, MAX_CONTEXT, required=True)
 
 
 def check_context(layout: GGUFLayout, n_ctx: int, option: str = "--ctx") -> None:
@@ -77,59 +77,66 @@ def check_context(layout: GGUFLayout, n_ctx: int, option: str = "--ctx") -> None
 
 def check_hparams(layout: GGUFLayout) -> None:
     """Refuse, in one line, a model whose hyperparameters would make llama.cpp abort or divide by zero."""
-    if layout.get("general.type", "model") != "model":
+    if layout.get(Keys.General.TYPE, "model") != "model":
         return  # adapters and imatrix files carry no hyperparameters
     arch = layout.architecture
     if arch not in KNOWN_ARCHITECTURES:
         return  # llama.cpp refuses an unknown architecture itself, in a catchable way
     name = layout.path.name
-    n_layer = _uint(layout, f"{arch}.block_count", 1, LLAMA_MAX_LAYERS, required=True)
+
+    def key(template: str) -> str:
+        return template.format(arch=arch)
+
+    n_layer = _uint(layout, key(Keys.LLM.BLOCK_COUNT), 1, LLAMA_MAX_LAYERS, required=True)
     n_ctx_train(layout)
-    n_embd = _uint(layout, f"{arch}.embedding_length", 1, MAX_WIDTH, required=True)
-    _per_layer(layout, f"{arch}.feed_forward_length", n_layer, 0, MAX_WIDTH)
-    n_expert = _uint(layout, f"{arch}.expert_count", 0, LLAMA_MAX_EXPERTS) or 0
-    used = _per_layer(layout, f"{arch}.expert_used_count", n_layer, 0, n_expert) or [0]
-    groups = _uint(layout, f"{arch}.expert_group_count", 0, LLAMA_MAX_EXPERTS) or 0
+    embd_key = key(Keys.LLM.EMBEDDING_LENGTH)
+    n_embd = _uint(layout, embd_key, 1, MAX_WIDTH, required=True)
+    _per_layer(layout, key(Keys.LLM.FEED_FORWARD_LENGTH), n_layer, 0, MAX_WIDTH)
+    n_expert = _uint(layout, key(Keys.LLM.EXPERT_COUNT), 0, LLAMA_MAX_EXPERTS) or 0
+    used = _per_layer(layout, key(Keys.LLM.EXPERT_USED_COUNT), n_layer, 0, n_expert) or [0]
+    groups = _uint(layout, key(Keys.LLM.EXPERT_GROUP_COUNT), 0, LLAMA_MAX_EXPERTS) or 0
     if n_expert > 0 and (max(used) == 0 or groups >= n_expert):
-        raise InputError(f"{name}: {n_expert} experts need {arch}.expert_used_count >= 1 and fewer expert groups")
+        raise InputError(f"{name}: {n_expert} experts need {key(Keys.LLM.EXPERT_USED_COUNT)} >= 1 and fewer "
+                         "expert groups")
     if n_expert == 0 and groups:
-        raise InputError(f"{name}: {arch}.expert_group_count {groups} without experts")
-    _uint(layout, f"{arch}.nextn_predict_layers", 0, n_layer)
-    heads = _per_layer(layout, f"{arch}.attention.head_count", n_layer, 0, MAX_WIDTH)
-    heads_kv = _per_layer(layout, f"{arch}.attention.head_count_kv", n_layer, 0, MAX_WIDTH) or heads
+        raise InputError(f"{name}: {key(Keys.LLM.EXPERT_GROUP_COUNT)} {groups} without experts")
+    _uint(layout, key(Keys.LLM.NEXTN_PREDICT_LAYERS), 0, n_layer)
+    heads_key, kv_key = key(Keys.Attention.HEAD_COUNT), key(Keys.Attention.HEAD_COUNT_KV)
+    heads = _per_layer(layout, heads_key, n_layer, 0, MAX_WIDTH)
+    heads_kv = _per_layer(layout, kv_key, n_layer, 0, MAX_WIDTH) or heads
     if heads:
-        if heads[0] > 0 and typed_value(layout, f"{arch}.attention.key_length", _UINT32) is None \
+        if heads[0] > 0 and typed_value(layout, key(Keys.Attention.KEY_LENGTH), _UINT32) is None \
                 and n_embd % heads[0]:
-            raise InputError(f"{name}: {arch}.embedding_length {n_embd} is not a multiple of "
-                             f"{arch}.attention.head_count {heads[0]}")
+            raise InputError(f"{name}: {embd_key} {n_embd} is not a multiple of {heads_key} {heads[0]}")
         for h, kv in zip(_each_layer(heads, n_layer), _each_layer(heads_kv, n_layer)):
             if h and (kv == 0 or h % kv):
-                raise InputError(f"{name}: {arch}.attention.head_count {h} is not a multiple of "
-                                 f"{arch}.attention.head_count_kv {kv}")
-    _uint(layout, f"{arch}.attention.key_length", 1, MAX_WIDTH)
-    _uint(layout, f"{arch}.attention.value_length", 1, MAX_WIDTH)
-    n_rot = _uint(layout, f"{arch}.rope.dimension_count", 0, MAX_WIDTH)
+                raise InputError(f"{name}: {heads_key} {h} is not a multiple of {kv_key} {kv}")
+    _uint(layout, key(Keys.Attention.KEY_LENGTH), 1, MAX_WIDTH)
+    _uint(layout, key(Keys.Attention.VALUE_LENGTH), 1, MAX_WIDTH)
+    rot_key = key(Keys.Rope.DIMENSION_COUNT)
+    n_rot = _uint(layout, rot_key, 0, MAX_WIDTH)
     if n_rot is not None and n_rot % 2:
-        raise InputError(f"{name}: {arch}.rope.dimension_count {n_rot} must be even (rope rotates pairs)")
-    scaling = typed_value(layout, f"{arch}.rope.scaling.type", (GGUFValueType.STRING,))
+        raise InputError(f"{name}: {rot_key} {n_rot} must be even (rope rotates pairs)")
+    scaling_key = key(Keys.Rope.SCALING_TYPE)
+    scaling = typed_value(layout, scaling_key, (GGUFValueType.STRING,))
     if scaling is not None and scaling not in ROPE_SCALING_TYPES:
-        raise InputError(f"{name}: {arch}.rope.scaling.type {scaling!r} is not one of {', '.join(ROPE_SCALING_TYPES)}")
-    for key in ("rope.freq_base", "attention.layer_norm_rms_epsilon", "attention.layer_norm_epsilon"):
-        _positive_float(layout, f"{arch}.{key}")
+        raise InputError(f"{name}: {scaling_key} {scaling!r} is not one of {', '.join(ROPE_SCALING_TYPES)}")
+    for template in (Keys.Rope.FREQ_BASE, Keys.Attention.LAYERNORM_RMS_EPS, Keys.Attention.LAYERNORM_EPS):
+        _positive_float(layout, key(template))
     _check_vocab(layout)
 
 
 def _check_vocab(layout: GGUFLayout) -> None:
-    tokens = typed_value(layout, "tokenizer.ggml.tokens", (GGUFValueType.ARRAY,))
+    tokens = typed_value(layout, Keys.Tokenizer.LIST, (GGUFValueType.ARRAY,))
     if tokens is None:
         return  # llama.cpp then reports the missing tokenizer itself, without aborting
     if not isinstance(tokens, list) or not tokens:
-        raise InputError(f"{layout.path.name}: tokenizer.ggml.tokens must be a non-empty array of strings")
-    declared = _uint(layout, f"{layout.architecture}.vocab_size", 1, 1 << 31)
+        raise InputError(f"{layout.path.name}: {Keys.Tokenizer.LIST} must be a non-empty array of strings")
+    vocab_key = Keys.LLM.VOCAB_SIZE.format(arch=layout.architecture)
+    declared = _uint(layout, vocab_key, 1, 1 << 31)
     if declared is not None and declared != len(tokens):
-        raise InputError(f"{layout.path.name}: {layout.architecture}.vocab_size {declared} differs from the "
-                         f"tokenizer's {len(tokens)} tokens")
-    for key in ("tokenizer.ggml.scores", "tokenizer.ggml.token_type"):
+        raise InputError(f"{layout.path.name}: {vocab_key} {declared} differs from the tokenizer's {len(tokens)} tokens")
+    for key in (Keys.Tokenizer.SCORES, Keys.Tokenizer.TOKEN_TYPE):
         value = layout.metadata.get(key)
         if value is not None and (value.type != GGUFValueType.ARRAY or len(value.data) != len(tokens)):
             raise InputError(f"{layout.path.name}: {key} must be an array of {len(tokens)} values, one per token")

@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
-from gguf.constants import GGMLQuantizationType, GGUFValueType
+from gguf.constants import GGMLQuantizationType, GGUFValueType, Keys
 
 from nkat_gguf.errors import InputError
 from nkat_gguf.format.gguf_file import GGUF_MAGIC, GGUFLayout, TensorSpec, Value, read_layout, write_gguf
@@ -66,10 +66,10 @@ def write_imatrix_file(path: Path, sums: Mapping[str, np.ndarray], counts: Mappi
         arrays[name + SUMS_SUFFIX], arrays[name + COUNTS_SUFFIX] = total, seen.reshape(-1, 1)
         specs += [TensorSpec(name + SUMS_SUFFIX, total.shape, F32), TensorSpec(name + COUNTS_SUFFIX, (seen.size, 1), F32)]
     metadata = {
-        "general.type": "imatrix",
-        "imatrix.datasets": Value(GGUFValueType.ARRAY, list(datasets), GGUFValueType.STRING),
-        "imatrix.chunk_count": Value(GGUFValueType.UINT32, chunk_count),
-        "imatrix.chunk_size": Value(GGUFValueType.UINT32, chunk_size),
+        Keys.General.TYPE: "imatrix",
+        Keys.IMatrix.DATASETS: Value(GGUFValueType.ARRAY, list(datasets), GGUFValueType.STRING),
+        Keys.IMatrix.CHUNK_COUNT: Value(GGUFValueType.UINT32, chunk_count),
+        Keys.IMatrix.CHUNK_SIZE: Value(GGUFValueType.UINT32, chunk_size),
     }
     write_gguf(path, metadata, specs, lambda spec: arrays[spec.name])
     return Path(path)
@@ -87,7 +87,7 @@ def missing_note(path: Path, means: Mapping[str, np.ndarray], widths: Mapping[st
 
 def _read_gguf(path: Path) -> dict[str, np.ndarray]:
     layout = read_layout(path)
-    kind = layout.get("general.type")
+    kind = layout.get(Keys.General.TYPE)
     if kind != "imatrix":
         raise InputError(f"not an imatrix file: {path.name} is a GGUF with general.type {kind!r}, expected 'imatrix'")
     source = TensorSource(path, layout)

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf.constants import GGMLQuantizationType, GGUFValueType
+from gguf.constants import GGMLQuantizationType, GGUFValueType, Keys
 
 from nkat_gguf.errors import InputError, UnsupportedModelError
 from nkat_gguf.format import nkat
@@ -162,9 +162,9 @@ def bake_rotations(source: TensorSource, plan: BakePlan) -> BakedModel:
     else:
         recipes, specs = _residual_recipes(source, plan)
     max_err, min_det = check_so8(plan.blocks())
-    metadata: dict[str, Any] = copy_metadata(source.layout, drop_prefixes=("GGUF.", nkat.PREFIX, "general.alignment"))
+    metadata: dict[str, Any] = copy_metadata(source.layout, drop_prefixes=("GGUF.", nkat.PREFIX, Keys.General.ALIGNMENT))
     if plan.residual is not None:
-        metadata["general.file_type"] = ALL_F32
+        metadata[Keys.General.FILE_TYPE] = ALL_F32
     metadata[nkat.SO8T_MODE] = plan.mode
     if plan.seed is not None:
         metadata[nkat.SO8T_SEED] = plan.seed
@@ -287,9 +287,9 @@ def _read_llama(source: TensorSource) -> _Llama:
     if arch != "llama":
         raise UnsupportedModelError(f"SO8T residual rotation supports the llama architecture, not {arch}")
     d_model = source.numpy_shape("token_embd.weight")[1]
-    n_layers = int(layout.get("llama.block_count", 0))
-    n_head = layout.get("llama.attention.head_count")
-    n_head_kv = layout.get("llama.attention.head_count_kv", n_head)
+    n_layers = int(layout.get(Keys.LLM.BLOCK_COUNT.format(arch="llama"), 0))
+    n_head = layout.get(Keys.Attention.HEAD_COUNT.format(arch="llama"))
+    n_head_kv = layout.get(Keys.Attention.HEAD_COUNT_KV.format(arch="llama"), n_head)
     if not isinstance(n_head, int) or not isinstance(n_head_kv, int) or n_head_kv <= 0:
         raise UnsupportedModelError("SO8T baking needs one llama.attention.head_count(_kv) for all layers")
     block_count(d_model, "d_model")

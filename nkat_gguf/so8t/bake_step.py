@@ -10,12 +10,12 @@ when it fails, the step raises and convert writes nothing, unless --force.
 from __future__ import annotations
 
 import dataclasses
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from gguf.constants import Keys
 
 from nkat_gguf.errors import InputError
 from nkat_gguf.format import nkat
@@ -33,6 +33,7 @@ from nkat_gguf.so8t.qc import (
     qc_tokens,
     reference_logits,
 )
+from nkat_gguf.timing import StepTimes
 
 
 @dataclass(frozen=True)
@@ -101,24 +102,23 @@ def check_so8t_options(opts: So8tOptions, imatrix: str, reuses_calibration: bool
 
 def bake_step(opts: So8tOptions, source: TensorSource, reference: TensorSource, work_dir: Path) -> BakeStep:
     """Bake `source` (and `reference`, if it is another file) into `work_dir`; QC before returning."""
-    t = time.perf_counter()
-    plan = opts.mode if isinstance(opts.mode, BakePlan) else make_plan(opts.mode, source, opts.seed, opts.heads)
-    baked = bake_rotations(source, plan)
-    model = _write_f32(work_dir / "baked.gguf", source, baked)
-    seconds = {"bake": time.perf_counter() - t}
-    t = time.perf_counter()
-    qc = check_bake(source, plan, model.path, work_dir)
-    seconds["qc"] = time.perf_counter() - t
+    times = StepTimes()
+    with times.step("bake"):
+        plan = opts.mode if isinstance(opts.mode, BakePlan) else make_plan(opts.mode, source, opts.seed, opts.heads)
+        baked = bake_rotations(source, plan)
+        model = _write_f32(work_dir / "baked.gguf", source, baked)
+    with times.step("qc"):
+        qc = check_bake(source, plan, model.path, work_dir)
     if not qc.passed and not opts.force:
         raise QCFailed(f"SO8T QC failed ({describe(plan)}): {qc.summary()}; nothing written "
                        "(--force writes anyway)")
     baked_reference = model
     if reference is not source:
-        t = time.perf_counter()
-        baked_reference = _write_f32(work_dir / "baked-reference.gguf", reference, bake_rotations(reference, plan))
-        seconds["bake_reference"] = time.perf_counter() - t
+        with times.step("bake_reference"):
+            baked_reference = _write_f32(work_dir / "baked-reference.gguf", reference,
+                                         bake_rotations(reference, plan))
     so8t_keys = {k: v for k, v in baked.metadata.items() if k.startswith(nkat.SO8T_PREFIX)}
-    return BakeStep(model, baked_reference, plan, so8t_keys, qc, not qc.passed, seconds)
+    return BakeStep(model, baked_reference, plan, so8t_keys, qc, not qc.passed, times.seconds)
 
 
 def check_bake(source: TensorSource, plan: BakePlan, post: Path, work_dir: Path) -> QCResult:
@@ -137,7 +137,7 @@ def check_bake(source: TensorSource, plan: BakePlan, post: Path, work_dir: Path)
 
 def _unchanged(source: TensorSource) -> BakedModel:
     """The model as it is, in BakedModel form, so the F32 writer serves both sides of QC."""
-    metadata = copy_metadata(source.layout, drop_prefixes=("GGUF.", nkat.PREFIX, "general.alignment"))
+    metadata = copy_metadata(source.layout, drop_prefixes=("GGUF.", nkat.PREFIX, Keys.General.ALIGNMENT))
     specs = [TensorSpec(t.name, source.numpy_shape(t.name), t.type) for t in source.layout.tensors]
     return BakedModel(metadata, specs, {})
 
@@ -150,5 +150,5 @@ def _write_f32(dst: Path, source: TensorSource, baked: BakedModel) -> TensorSour
     def produce(spec: TensorSpec) -> np.ndarray:
         return baked.produce(spec) if spec.name in computed else source.dequantize(spec.name)
 
-    write_gguf(dst, {**baked.metadata, "general.file_type": ALL_F32}, specs, produce)
+    write_gguf(dst, {**baked.metadata, Keys.General.FILE_TYPE: ALL_F32}, specs, produce)
     return TensorSource(dst)

@@ -40,14 +40,7 @@ from safetensors.torch import save_file
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from nkat_gguf.engine.reference import (
-    BLOCK_MATRICES,
-    LlamaConfig,
-    apply_rope,
-    causal_attention,
-    rms_norm,
-    rope_rotations,
-)
+from nkat_gguf.engine.reference import BLOCK_MATRICES, LlamaConfig, llama_block, rms_norm, rope_rotations
 from nkat_gguf.engine.vocab import tokenize
 from nkat_gguf.errors import InputError, UnsupportedModelError
 from nkat_gguf.format.atomic import atomic_output, check_writable_dir
@@ -159,7 +152,7 @@ WeightFn = Callable[[str, torch.Tensor | None], torch.Tensor]  # (name, input x 
 
 
 class FrozenLlama:
-    """The llama forward of `engine/reference.py` with autograd and per-layer checkpointing.
+    """The llama forward of `engine/reference.py` (its `llama_block`) with autograd and per-layer checkpointing.
 
     `fold_norms`: RMSNorm weights are folded into the matrices they feed (W·diag(g)) and the norms
     become ones, as the residual bake writes them; the function is unchanged. A tied model keeps its
@@ -207,32 +200,20 @@ class FrozenLlama:
         positions = torch.arange(t).repeat(b)
         freq = self.weights.get("rope_freqs.weight")
         rope = rope_rotations(cfg, positions, freq, torch.float32).to(self.device)
+        groups = [torch.arange(b * t, device=self.device).view(b, t)]  # (B, T): all sequences are T long
         for i in range(cfg.n_layer):
             if checkpointed:
-                h = checkpoint(self._layer, h, i, b, t, rope, weight, use_reentrant=False)
+                h = checkpoint(self._layer, h, i, rope, groups, weight, use_reentrant=False)
             else:
-                h = self._layer(h, i, b, t, rope, weight)
+                h = self._layer(h, i, rope, groups, weight)
         x = rms_norm(h, self.weights["output_norm.weight"], cfg.norm_eps)
         return F.linear(x, weight("output.weight", x)).float()
 
-    def _layer(self, h: torch.Tensor, i: int, b: int, t: int, rope: torch.Tensor, weight: WeightFn) -> torch.Tensor:
-        cfg, p, n = self.config, f"blk.{i}.", h.shape[0]
-
-        def linear(part: str, x: torch.Tensor) -> torch.Tensor:
-            return F.linear(x, weight(p + part + ".weight", x))
-
-        x = rms_norm(h, self.weights[p + "attn_norm.weight"], cfg.norm_eps)
-        q = linear("attn_q", x).view(n, cfg.n_head, cfg.head_dim)
-        k = linear("attn_k", x).view(n, cfg.n_head_kv, cfg.head_dim)
-        v = linear("attn_v", x).view(n, cfg.n_head_kv, cfg.head_dim)
-        q, k = apply_rope(q.float(), rope).to(h.dtype), apply_rope(k.float(), rope).to(h.dtype)
-        group = cfg.n_head // cfg.n_head_kv
-        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-        heads = causal_attention(q.view(b, t, cfg.n_head, -1), k.view(b, t, cfg.n_head, -1),
-                                 v.view(b, t, cfg.n_head, -1)).reshape(n, cfg.n_head * cfg.head_dim)
-        h = h + linear("attn_output", heads)
-        x = rms_norm(h, self.weights[p + "ffn_norm.weight"], cfg.norm_eps)
-        return h + linear("ffn_down", F.silu(linear("ffn_gate", x)) * linear("ffn_up", x))
+    def _layer(self, h: torch.Tensor, i: int, rope: torch.Tensor, groups: list[torch.Tensor],
+               weight: WeightFn) -> torch.Tensor:
+        p = f"blk.{i}."
+        return llama_block(self.config, h, self.weights[p + "attn_norm.weight"], self.weights[p + "ffn_norm.weight"],
+                           lambda part, x: F.linear(x, weight(p + part + ".weight", x)), rope, groups)
 
 
 def _embedding_rows(model: FrozenLlama, tokens: torch.Tensor) -> torch.Tensor:

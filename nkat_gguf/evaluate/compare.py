@@ -13,15 +13,14 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from nkat_gguf.default_model import default_model_path
 from nkat_gguf.engine.bench import device_name
 from nkat_gguf.engine.kld import kl_divergence, write_base
 from nkat_gguf.engine.measure import SpeedSettings, interleaved_speed
 from nkat_gguf.engine.perplexity import PerplexityResult, perplexity, tokenize_text
 from nkat_gguf.engine.runtime import NkatRuntime, RuntimeOptions
 from nkat_gguf.errors import InputError
+from nkat_gguf.evaluate.configurations import default_reference_for, report_head
 from nkat_gguf.format import nkat
-from nkat_gguf.format.hashing import sha256_file
 from nkat_gguf.texts import Text
 
 
@@ -31,16 +30,6 @@ class CompareSettings(SpeedSettings):
 
     n_ctx: int = 512
     n_chunks: int | None = 16
-
-
-def default_reference_for(runtime: NkatRuntime) -> Path | None:
-    """The embedded default model, when it is the reference this NKAT file was made against."""
-    expected = (runtime.theta.provenance if runtime.theta else {}).get(nkat.REFERENCE_SHA256)
-    try:
-        candidate = default_model_path()
-    except InputError:
-        return None
-    return candidate if expected and sha256_file(candidate) == expected else None
 
 
 def compare(model: Path, text: Text, runtime_options: RuntimeOptions, settings: CompareSettings,
@@ -68,10 +57,7 @@ def compare(model: Path, text: Text, runtime_options: RuntimeOptions, settings: 
         ppl["reference"] = ref_ppl
     base, theta = speed["baseline"], speed["theta"]
     result = {
-        "model": str(model),
-        "reference": str(reference) if reference else None,
-        "text": text.source,
-        "text_sha256": text.sha256,
+        **report_head(model, reference, text),
         "device": device_name(),
         "theta_enabled": True,
         "theta_rank": rank,

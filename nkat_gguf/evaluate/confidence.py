@@ -8,47 +8,20 @@ per-chunk hook, so the scored positions are exactly llama-perplexity's and perpl
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import llama_cpp
 import numpy as np
 
-from nkat_gguf.engine.configurations import measure_rows
 from nkat_gguf.engine.perplexity import perplexity, tokenize_text
 from nkat_gguf.engine.runtime import RuntimeOptions
+from nkat_gguf.engine.temperature import CalibrationSettings, fit_llm_temperature, long_enough
 from nkat_gguf.errors import InputError
+from nkat_gguf.evaluate.configurations import measure_rows, report_head
 from nkat_gguf.format.gguf_file import write_with_metadata
 from nkat_gguf.format.nkat import LEGACY_TEMPERATURE_PREFIX, CalibratedTemperature, read_temperature
-from nkat_gguf.math.confidence import ECE_BINS, TEMPERATURE_RANGE, CalibrationAccumulator, fit_temperature
+from nkat_gguf.math.confidence import ECE_BINS, TEMPERATURE_RANGE, CalibrationAccumulator
 from nkat_gguf.texts import Text
-
-
-@dataclass(frozen=True)
-class CalibrationSettings:
-    n_ctx: int = 512
-    n_chunks: int = 16  # evaluation-split chunks scored
-    calib_chunks: int = 2  # calibration-split chunks T is fitted on (their logits are held: ~50 MB each)
-    progress: bool = True
-
-
-def fit_llm_temperature(llm: llama_cpp.Llama, text: Text, settings: CalibrationSettings,
-                        gamma: float | None) -> CalibratedTemperature:
-    """T minimising NLL over the scored positions of the first `calib_chunks` chunks of `text`."""
-    logits: list[np.ndarray] = []
-    targets: list[np.ndarray] = []
-    result = perplexity(llm, long_enough(tokenize_text(llm, text.content), text, settings.n_ctx), settings.n_ctx,
-                        settings.calib_chunks,
-                        settings.progress, on_chunk=lambda z, y: (logits.append(z.copy()), targets.append(y.copy())))
-    return CalibratedTemperature(fit_temperature(logits, targets), text.sha256, result.tokens_scored, gamma)
-
-
-def long_enough(tokens: list[int], text: Text, n_ctx: int) -> list[int]:
-    """`tokens` when they fill at least one chunk; else one line naming the text."""
-    if len(tokens) < n_ctx:
-        raise InputError(f"text too short: {text.source} has {len(tokens)} tokens, one chunk needs {n_ctx} "
-                         "(pass a longer text or a smaller --ctx)")
-    return tokens
 
 
 def measure_llm(llm: llama_cpp.Llama, eval_tokens: list[int], calib_text: Text, settings: CalibrationSettings,
@@ -84,10 +57,7 @@ def calibration_report(model: Path, text: Text, calib_text: Text, runtime_option
     configurations, reference = measure_rows(model, runtime_options, measure, gamma, reference, with_reference)
     main = next(iter(configurations))
     return {
-        "model": str(model),
-        "reference": str(reference) if reference else None,
-        "text": text.source,
-        "text_sha256": text.sha256,
+        **report_head(model, reference, text),
         "calibration_text": calib_text.source,
         "calibration_text_sha256": calib_text.sha256,
         "n_ctx": settings.n_ctx,

@@ -14,12 +14,13 @@ from pathlib import Path
 
 import llama_cpp
 import numpy as np
+from gguf.constants import Keys
 from tqdm import tqdm
 
-from nkat_gguf.engine.configurations import measure_rows
 from nkat_gguf.engine.perplexity import tokenize_text
 from nkat_gguf.engine.runtime import RuntimeOptions
 from nkat_gguf.errors import InputError
+from nkat_gguf.evaluate.configurations import measure_rows, report_head
 from nkat_gguf.format.gguf_file import read_layout
 from nkat_gguf.math.confidence import entropy_and_max_logit, repetition_share, series_indices
 from nkat_gguf.texts import LONG_PROMPTS, Text
@@ -38,7 +39,7 @@ class LongtextSettings:
 def trained_context(model: Path) -> int | None:
     """The model's training context from its metadata, or None when the file does not say."""
     layout = read_layout(model)
-    value = layout.get(f"{layout.architecture}.context_length")
+    value = layout.get(Keys.LLM.CONTEXT_LENGTH.format(arch=layout.architecture))
     return int(value) if value else None
 
 
@@ -176,10 +177,7 @@ def longtext_report(model: Path, text: Text, runtime_options: RuntimeOptions, se
 
     configurations, reference = measure_rows(model, options, measure, gamma, reference, with_reference)
     return {
-        "model": str(model),
-        "reference": str(reference) if reference else None,
-        "text": text.source,
-        "text_sha256": text.sha256,
+        **report_head(model, reference, text),
         "tokens_requested": settings.tokens,
         "window_tokens": window_size,
         "n_ctx": n_ctx,

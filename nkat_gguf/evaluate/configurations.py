@@ -10,11 +10,31 @@ from pathlib import Path
 
 import llama_cpp
 
-from nkat_gguf.engine.compare import default_reference_for
+from nkat_gguf.default_model import default_model_path
 from nkat_gguf.engine.runtime import NkatRuntime, RuntimeOptions
+from nkat_gguf.errors import InputError
+from nkat_gguf.format import nkat
+from nkat_gguf.format.hashing import sha256_file
+from nkat_gguf.texts import Text
 
 # measure(llm, gamma) -> that row's figures; gamma None is theta off, the plain model or the reference
 Measure = Callable[[llama_cpp.Llama, float | None], dict]
+
+
+def default_reference_for(runtime: NkatRuntime) -> Path | None:
+    """The embedded default model, when it is the reference this NKAT file was made against."""
+    expected = (runtime.theta.provenance if runtime.theta else {}).get(nkat.REFERENCE_SHA256)
+    try:
+        candidate = default_model_path()
+    except InputError:
+        return None
+    return candidate if expected and sha256_file(candidate) == expected else None
+
+
+def report_head(model: Path, reference: Path | None, text: Text) -> dict:
+    """The first keys of every measurement report: what was measured, against what, on which text."""
+    return {"model": str(model), "reference": str(reference) if reference else None, "text": text.source,
+            "text_sha256": text.sha256}
 
 
 def measure_rows(model: Path, options: RuntimeOptions, measure: Measure, gamma: float | None = None,

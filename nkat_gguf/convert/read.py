@@ -1,0 +1,183 @@
+"""convert's read step: open the input, check every option against it, and say what the run will need.
+
+Every refusal happens here, in one line, before any long work (calibration, quantization, the fit).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from gguf.constants import Keys
+
+from nkat_gguf.convert.calib_text import calibration_text
+from nkat_gguf.convert.calibrate import Calibration
+from nkat_gguf.convert.moment_groups import parse_memory
+from nkat_gguf.convert.options import ConvertOptions
+from nkat_gguf.convert.selection import resolve_tensor_types, select_tensors
+from nkat_gguf.convert.theta_fit import FIT_METHODS, FitSettings
+from nkat_gguf.engine.quantize import resolve_outtype
+from nkat_gguf.engine.runtime import check_loadable
+from nkat_gguf.errors import InputError
+from nkat_gguf.format.atomic import check_writable_dir
+from nkat_gguf.format.gguf_file import GGUFLayout, read_layout
+from nkat_gguf.format.hashing import sha256_file
+from nkat_gguf.format.imatrix import input_widths, read_imatrix_file
+from nkat_gguf.format.nkat import check_gamma
+from nkat_gguf.format.tensors import TensorSource
+from nkat_gguf.math.allocation import ThetaBudget, check_max_weights, parse_budget
+from nkat_gguf.so8t.bake_step import check_so8t_options
+from nkat_gguf.texts import Text
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """The checked input: the model, its weights to fit θ on, and what the run asks of later steps."""
+
+    opts: ConvertOptions
+    layout: GGUFLayout
+    source: TensorSource  # the input model
+    reference: TensorSource  # W_ref: the input itself, or the --reference GGUF
+    names: list[str]  # the weights that may carry θ
+    outtype: str  # llama-quantize's name of the output type
+    ftype: int  # its llama_ftype
+    fit: FitSettings
+    budget: ThetaBudget | None  # --theta-budget: θ ranks only
+    tensor_types: dict[str, object]  # --tensor-type: weight name -> GGML type, by hand
+    byte_budget: ThetaBudget | None  # --byte-budget: types and θ ranks allocated together
+    op_budget: int | None  # --op-budget: the most weights that carry θ under --byte-budget (0: types only)
+    needs_calibration: bool  # convert calibrates (unless a calibration is passed in)
+    calib_text: Text | None  # loaded once, when a step reads it
+    input_sha256: str
+    reference_sha256: str
+
+    def known_sha256(self, path: Path) -> str | None:
+        """The sha256 already taken of `path` (the input or the reference), so no file is hashed twice."""
+        known = {Path(self.opts.input).resolve(): self.input_sha256}
+        if self.opts.reference is not None:
+            known[Path(self.opts.reference).resolve()] = self.reference_sha256
+        return known.get(Path(path).resolve())
+
+
+def read_input(opts: ConvertOptions, calibration: Calibration | None) -> Inputs:
+    """The input opened and every option checked (`calibration`: one passed in to reuse)."""
+    input_path, output_path = Path(opts.input), Path(opts.output)
+    layout = read_layout(input_path)
+    _check_paths(input_path, output_path, opts.reference)
+    if opts.save_imatrix is not None:
+        _check_imatrix_path(Path(opts.save_imatrix), input_path, output_path, calibration)
+    check_gamma(opts.theta_gamma)
+    check_loadable(input_path)
+    check_so8t_options(opts.so8t, opts.imatrix, reuses_calibration=calibration is not None)
+    if opts.imatrix not in ("auto", "none"):  # a bad file fails now, not after the calibration
+        read_imatrix_file(Path(opts.imatrix), input_widths(layout))
+    outtype, ftype = resolve_outtype(opts.outtype, layout)
+    source = TensorSource(input_path, layout)
+    names = select_tensors(layout, opts.selective_layers)
+    check_rank(source, names, opts.theta_rank)
+    fit = check_fit(opts)
+    parse_memory(opts.calib_memory)
+    budget = check_budget_options(opts, names, input_path.stat().st_size)
+    tensor_types = resolve_tensor_types(layout, opts.tensor_types)
+    byte_budget, op_budget = check_mix_options(opts, names, input_path.stat().st_size)
+    reference = reference_source(source, opts.reference)
+    wants_theta = opts.theta_rank > 0 or budget is not None
+    needs_calibration = ((opts.theta_calib == "activation" and wants_theta) or opts.imatrix == "auto"
+                         or opts.save_imatrix is not None)
+    reads_text = ((needs_calibration and calibration is None) or budget is not None or byte_budget is not None
+                  or opts.calibrate_temperature)
+    input_sha256 = sha256_file(input_path)
+    return Inputs(opts, layout, source, reference, names, outtype, ftype, fit, budget, tensor_types, byte_budget,
+                  op_budget, needs_calibration,
+                  calibration_text(opts.calib_text, reference.path, opts.threads, opts.progress) if reads_text else None,
+                  input_sha256,
+                  sha256_file(opts.reference) if opts.reference else input_sha256)
+
+
+def reference_source(input_source: TensorSource, reference: Path | None) -> TensorSource:
+    """Where W_ref is read: the input itself, or a higher-precision GGUF of the same model (checked here)."""
+    if reference is None:
+        return input_source
+    ref = TensorSource(reference)
+    if ref.layout.get(Keys.General.ARCHITECTURE) != input_source.layout.get(Keys.General.ARCHITECTURE):
+        raise InputError(f"--reference {reference.name} is a different architecture from the input")
+    for name in [t.name for t in input_source.layout.tensors]:
+        if name not in ref:
+            raise InputError(f"--reference {reference.name} has no tensor {name}; it must be the same model")
+        if ref.numpy_shape(name) != input_source.numpy_shape(name):
+            raise InputError(f"--reference {reference.name}: {name} is {ref.numpy_shape(name)}, "
+                             f"input has {input_source.numpy_shape(name)}")
+    return ref
+
+
+def check_rank(source: TensorSource, names: list[str], rank: int) -> None:
+    if rank < 0:
+        raise InputError(f"--theta-rank must be >= 0, got {rank}")
+    for name in names:
+        smallest = min(source.numpy_shape(name))
+        if rank > smallest:
+            raise InputError(f"--theta-rank {rank} is larger than {name}'s smaller dimension {smallest}")
+
+
+def check_fit(opts: ConvertOptions) -> FitSettings:
+    if opts.theta_fit not in FIT_METHODS:
+        raise InputError(f"--theta-fit must be one of {', '.join(FIT_METHODS)}, got {opts.theta_fit!r}")
+    if opts.theta_damping is not None and not 0 <= opts.theta_damping <= 10:
+        raise InputError(f"--theta-damping must lie in [0, 10], got {opts.theta_damping}")
+    if not 1 <= opts.theta_rounds <= 10:
+        raise InputError(f"--theta-rounds must lie in [1, 10], got {opts.theta_rounds}")
+    return FitSettings(opts.theta_fit, opts.theta_damping, opts.theta_rounds)
+
+
+def check_budget_options(opts: ConvertOptions, names: list[str], model_bytes: int) -> ThetaBudget | None:
+    """--theta-budget / --theta-max-weights, refused in one line each before any work is done."""
+    if opts.theta_budget is None:
+        if opts.theta_max_weights is not None:
+            raise InputError("--theta-max-weights needs --theta-budget (it caps how many weights the budget spreads over)")
+        return None
+    if opts.theta_rank == 0:
+        raise InputError("--theta-budget asks for theta but --theta-rank 0 asks for none; give one of them")
+    budget = parse_budget(opts.theta_budget, model_bytes)
+    check_max_weights(opts.theta_max_weights, len(names))
+    return budget
+
+
+def check_mix_options(opts: ConvertOptions, names: list[str], model_bytes: int) -> tuple[ThetaBudget | None, int | None]:
+    """--byte-budget / --op-budget: (budget, most adapted weights; 0 = types only), refused in one line each."""
+    if opts.byte_budget is None:
+        if opts.op_budget is not None:
+            raise InputError("--op-budget needs --byte-budget (it caps how many weights the budget gives theta)")
+        return None, None
+    if opts.theta_budget is not None:
+        raise InputError("--byte-budget allocates types and theta together; it cannot be combined with --theta-budget")
+    if isinstance(opts.op_budget, bool) or not isinstance(opts.op_budget, (int, type(None))):
+        raise InputError(f"--op-budget must be a whole number of weights, got {opts.op_budget!r}")
+    budget = parse_budget(opts.byte_budget, model_bytes, "--byte-budget")
+    check_max_weights(opts.op_budget, len(names), "--op-budget", lowest=0)
+    if opts.theta_rank == 0:
+        if opts.op_budget:
+            raise InputError(f"--op-budget {opts.op_budget} asks for theta but --theta-rank 0 asks for none")
+        return budget, 0
+    return budget, opts.op_budget
+
+
+def _check_paths(input_path: Path, output_path: Path, reference: Path | None) -> None:
+    if output_path.exists() and output_path.is_dir():
+        raise InputError(f"--output {output_path} is a directory; give a file name")
+    check_writable_dir(output_path.parent.resolve())
+    for other in (input_path, reference):
+        if other is not None and output_path.exists() and output_path.resolve() == Path(other).resolve():
+            raise InputError(f"--output would overwrite the input {other}; choose another file")
+    if reference is not None and not Path(reference).is_file():
+        raise InputError(f"no such file: {reference}")
+
+
+def _check_imatrix_path(path: Path, input_path: Path, output_path: Path, calibration: Calibration | None) -> None:
+    if calibration is not None:
+        raise InputError("--save-imatrix writes convert's own calibration; it cannot be combined with a passed-in one")
+    if path.exists() and path.is_dir():
+        raise InputError(f"--save-imatrix {path} is a directory; give a file name")
+    check_writable_dir(path.parent.resolve())
+    for other, what in ((input_path, "the input"), (output_path, "--output")):
+        if path.resolve() == Path(other).resolve():
+            raise InputError(f"--save-imatrix would overwrite {what} {other}; choose another file")
