@@ -32,6 +32,7 @@ MAN_DIR = Path("/usr/share/man/man1")
 _WORD = re.compile(r"\w+")
 _ROFF_ESCAPE = re.compile(r"\\(f(\[[^]]*\]|\(..|.)|\(..|\[[^]]*\]|\*(\(..|\[[^]]*\]|.)|s[-+]?\d|[&|^%:ec])")
 _ROFF_TEXT_MACROS = {"B", "I", "BI", "BR", "IB", "IR", "RB", "RI", "SB", "SM", "SH", "SS", "TP", "IP"}
+_ROFF_BREAKS = {"PP", "LP", "P", "SH", "SS", "TP", "IP", "sp", "br"}
 
 
 def mixed_text(characters: int = MIX_CHARACTERS) -> Text:
@@ -122,10 +123,10 @@ def strip_roff(roff: str) -> str:
     for line in roff.splitlines():
         if line.startswith((".", "'")):
             macro, _, rest = line[1:].strip().partition(" ")
+            if macro in _ROFF_BREAKS:
+                lines.append("")
             if macro in _ROFF_TEXT_MACROS and rest:
                 lines.append(rest.replace('"', ""))
-            elif macro in ("PP", "LP", "P", "SH", "SS", "TP", "IP", "sp", "br"):
-                lines.append("")
             continue
         lines.append(line)
     text = _ROFF_ESCAPE.sub("", "\n".join(lines)).replace("\\-", "-").replace("\\ ", " ")
