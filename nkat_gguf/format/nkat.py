@@ -192,8 +192,7 @@ def check_theta_parts(layout: GGUFLayout) -> None:
                                  f"got {value.type.name} {value.data!r}")
         elif key == THETA_RANKS:
             if value.type != GGUFValueType.ARRAY or value.sub_type not in _INTEGER_TYPES:
-                raise InputError(f"{path}: {key} must be an array of whole numbers, got "
-                                 f"{(value.sub_type or value.type).name}")
+                raise InputError(f"{path}: {key} must be an array of whole numbers, got {_type_name(value)}")
             if value.data.size and not 0 <= int(value.data.min()) <= int(value.data.max()) <= MAX_THETA_RANK:
                 raise InputError(f"{path}: {key} holds ranks outside 0 to {MAX_THETA_RANK}")
         elif key == THETA_GAMMA:
@@ -205,18 +204,24 @@ def check_theta_parts(layout: GGUFLayout) -> None:
                 raise InputError(f"{path}: {key}: {exc}") from None
         elif key == THETA_TENSORS:
             if value.type != GGUFValueType.ARRAY or value.sub_type != GGUFValueType.STRING:
-                raise InputError(f"{path}: {key} must be an array of tensor names (strings), got {value.type.name}")
+                raise InputError(f"{path}: {key} must be an array of tensor names (strings), got {_type_name(value)}")
         elif part in _THETA_PART_TYPES and key != f"{THETA_PREFIX}{part}":
             expected = _THETA_PART_TYPES[part]
             if value.type != GGUFValueType.ARRAY or value.sub_type != expected:
-                got = value.sub_type.name if value.type == GGUFValueType.ARRAY and value.sub_type else value.type.name
-                raise InputError(f"{path}: {key} must be an array of {expected.name}, got {got}")
+                raise InputError(f"{path}: {key} must be an array of {expected.name}, got {_type_name(value)}")
             if part.endswith("_scale"):
                 _check_scales(path, key, value.data)
         else:
             raise InputError(f"{path}: {key} is not a key of the NKAT format (nkat.theta.* holds only "
                              f"{THETA_RANK}, {THETA_RANKS}, {THETA_GAMMA}, {THETA_TENSORS} and "
                              f"{THETA_PREFIX}<weight>.{{{', '.join(PARTS)}}})")
+
+
+def _type_name(value: Value) -> str:
+    """`an array of INT16`, `a single FLOAT32`: what a message says was found."""
+    if value.type == GGUFValueType.ARRAY and value.sub_type is not None:
+        return f"an array of {value.sub_type.name}"
+    return f"a single {value.type.name}"
 
 
 def _check_scales(path: Path, key: str, scales: np.ndarray) -> None:
@@ -319,13 +324,14 @@ def read_theta(source: str | Path | GGUFLayout) -> NkatTheta | None:
     check_theta_parts(layout)
     names = list(layout.get(THETA_TENSORS, []))
     ranks = _listed_ranks(layout, version, names)
-    _check_unlisted(layout, names)
-    rank_source = THETA_RANK if version == 1 else THETA_RANKS
     shapes = {t.name: tuple(reversed(t.shape)) for t in layout.tensors}
-    tensors = {}
-    for name, rank in zip(names, ranks):
+    for name in names:
         if name not in shapes or len(shapes[name]) != 2:
             raise InputError(f"{path}: {THETA_TENSORS} lists {name}, which is not a 2-D tensor of the model")
+    _check_unlisted(layout, names)
+    rank_source = THETA_RANK if version == 1 else THETA_RANKS
+    tensors = {}
+    for name, rank in zip(names, ranks):
         out_dim, in_dim = shapes[name]
         parts = {p: layout.get(factor_key(name, p)) for p in PARTS}
         _factor_shapes(path, name, rank, rank_source, (out_dim, in_dim), parts)
