@@ -23,11 +23,12 @@ from gguf.constants import GGMLQuantizationType
 from nkat_gguf.engine.perplexity import perplexity, tokenize_text
 from nkat_gguf.engine.runtime import NkatRuntime, RuntimeOptions
 from nkat_gguf.errors import InputError
-from nkat_gguf.export.exports import export_adapter, export_kobold, export_ollama
+from nkat_gguf.export.exports import export_adapter, export_kobold, export_ollama, modelfile_text
 from nkat_gguf.format.gguf_file import read_layout, write_with_metadata
 from nkat_gguf.format.nkat import read_theta, theta_metadata
 from nkat_gguf.format.tensors import TensorSource
 from nkat_gguf.texts import builtin_text
+from tests import runtime_formats
 
 TEXT = builtin_text("evaluation").content[:20_000]
 N_TOKENS = 64
@@ -100,11 +101,34 @@ def test_adapter_file_is_a_standard_llama_cpp_lora(tiny_nkat: Path, tmp_path: Pa
 
 
 def parse_modelfile(path: Path) -> list[tuple[str, str]]:
-    """Ollama's syntax: one `INSTRUCTION arguments` per line; '#' starts a comment line."""
-    lines = [line for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
-    parsed = [tuple(line.split(" ", 1)) for line in lines]
-    assert all(len(p) == 2 and p[0] in {"FROM", "ADAPTER", "PARAMETER", "TEMPLATE", "SYSTEM"} for p in parsed), lines
-    return parsed
+    """The Modelfile as Ollama's own parser reads it (tests/runtime_formats.py, from parser/parser.go), with
+    every PARAMETER typed as `ollama create` types it; (COMMAND, argument) pairs, FROM/ADAPTER/PARAMETER NAME."""
+    commands = runtime_formats.parse_modelfile(path.read_text(encoding="utf-8"))
+    request = runtime_formats.modelfile_request(commands)
+    assert len(request["from"]) == 1 and len(request["adapters"]) <= 1, request  # Ollama keeps one adapter
+    return [("FROM" if c == "model" else "ADAPTER" if c == "adapter" else f"PARAMETER {c}", a) for c, a in commands]
+
+
+def assert_ollama_reads(path: Path) -> None:
+    assert runtime_formats.ollama_gguf_problems(read_layout(path)) == [], path
+
+
+@pytest.mark.parametrize("stop", ["<|im_end|>", "</s>", "<｜end▁of▁sentence｜>", 'say "end"', " lead", "a\nb", '"""'])
+def test_modelfile_stop_strings_reach_ollama_unchanged(stop: str) -> None:
+    text = modelfile_text("m.gguf", None, 2048, [stop], temperature=0.8125)
+    request = runtime_formats.modelfile_request(runtime_formats.parse_modelfile(text))
+    assert request["parameters"] == {"num_ctx": 2048, "temperature": pytest.approx(0.8125), "stop": [stop]}
+
+
+def test_modelfile_parser_port_refuses_what_ollama_refuses() -> None:
+    """The port is only worth its checks if it fails where Ollama fails (messages of parser.go)."""
+    bad = {"PARAMETER stop \"open\n": "open quote", "FRM ./m.gguf\n": "command must be one of",
+           "ADAPTER ./a.gguf\n": "no FROM line", "FROM ./m.gguf\nPARAMETER num_ctx 2k\n": "invalid int",
+           "FROM ./m.gguf\nPARAMETER context 4\n": "unknown parameter", "FROM m\nMESSAGE bot hi\n": "message role"}
+    for text, message in bad.items():
+        with pytest.raises(runtime_formats.ModelfileError, match=message):
+            runtime_formats.modelfile_request(runtime_formats.parse_modelfile(text))
+    assert runtime_formats.parse_modelfile("# c\nfrom  m\nSYSTEM \"\"\"a\nb\"\"\"\n") == [("model", "m"), ("system", "a\nb")]
 
 
 def test_ollama_directory(tiny_nkat: Path, tmp_path: Path) -> None:
@@ -116,9 +140,8 @@ def test_ollama_directory(tiny_nkat: Path, tmp_path: Path) -> None:
     files = {kind: (directory / arg).resolve() for kind, arg in instructions if kind in ("FROM", "ADAPTER")}
     assert all(arg.startswith("./") for kind, arg in instructions if kind in ("FROM", "ADAPTER"))
     assert set(files) == {"FROM", "ADAPTER"} and all(p.is_file() for p in files.values())
-    params = [arg.split(" ", 1) for kind, arg in instructions if kind == "PARAMETER"]
-    assert ["num_ctx", "2048"] in params  # the tiny model's context_length
-    assert [json.loads(v) for k, v in params if k == "stop"] == ["<|im_end|>"]  # eos and the template's end token
+    params = runtime_formats.modelfile_request(runtime_formats.parse_modelfile(modelfile.read_text()))["parameters"]
+    assert params == {"num_ctx": 2048, "stop": ["<|im_end|>"]}  # context_length; eos and the template's end token
     assert report.commands == [f"ollama create tiny-nkat -f {modelfile.resolve()}", "ollama run tiny-nkat"]
 
     # the model file is the plain quantized model: same tensors byte for byte, no theta metadata
@@ -126,6 +149,8 @@ def test_ollama_directory(tiny_nkat: Path, tmp_path: Path) -> None:
     assert not any(k.startswith("nkat.") for k in base.layout.metadata)
     assert all(np.array_equal(base.raw(t.name), source.raw(t.name)) for t in source.layout.tensors)
     assert read_layout(files["ADAPTER"]).get("general.type") == "adapter"
+    for path in files.values():
+        assert_ollama_reads(path)
 
 
 def test_ollama_merged_keeps_tensor_types_and_reports_perplexity(tiny_nkat: Path, tmp_path: Path) -> None:
@@ -134,6 +159,7 @@ def test_ollama_merged_keeps_tensor_types_and_reports_perplexity(tiny_nkat: Path
     instructions = parse_modelfile(directory / "Modelfile")
     assert [k for k, _ in instructions].count("ADAPTER") == 0 and instructions[0][0] == "FROM"
     merged = TensorSource(directory / instructions[0][1])
+    assert_ollama_reads(directory / instructions[0][1])
     source = TensorSource(tiny_nkat)
     theta = read_theta(tiny_nkat)
     assert [(t.name, t.type) for t in merged.layout.tensors] == [(t.name, t.type) for t in source.layout.tensors]
@@ -172,6 +198,16 @@ def test_kobold_config(tiny_nkat: Path, tmp_path: Path) -> None:
     assert config["loramult"] == 1.0 and config["contextsize"] == 2048 and config["threads"] == 3
     assert config["host"] == "127.0.0.1"
     assert report.commands == [f"koboldcpp --config {kcpps}"]
+    for version in ("1.76", "1.102"):  # the releases whose koboldcpp.py argparse was read
+        assert runtime_formats.kcpps_problems(config, version) == [], version
+
+
+def test_kcpps_rules_fail_where_koboldcpp_would() -> None:
+    good = {"model_param": "/m.gguf", "lora": ["/a.gguf"], "contextsize": 2048, "threads": 2, "launch": False}
+    assert runtime_formats.kcpps_problems(good, "1.76") == []
+    bad = {"lora": "/a.gguf", "contextsize": 128, "threads": "2", "launch": 0, "lora_path": "/a.gguf"}
+    problems = runtime_formats.kcpps_problems(bad, "1.102")
+    assert [p.split(":")[0] for p in problems] == ["lora", "contextsize", "threads", "launch", "lora_path"], problems
 
 
 def test_model_without_theta_still_exports(tiny_f32: Path, tmp_path: Path) -> None:
@@ -182,10 +218,12 @@ def test_model_without_theta_still_exports(tiny_f32: Path, tmp_path: Path) -> No
 
     ollama = export_ollama(tiny_f32, tmp_path / "ollama")
     assert "adapter" not in ollama.files and any("no correction to carry" in n for n in ollama.notes)
-    assert [k for k, _ in parse_modelfile(Path(ollama.files["modelfile"]))] == ["FROM", "PARAMETER", "PARAMETER"]
+    assert [k for k, _ in parse_modelfile(Path(ollama.files["modelfile"]))] == ["FROM", "PARAMETER num_ctx",
+                                                                                 "PARAMETER stop"]
 
     kobold = export_kobold(tiny_f32, tmp_path / "kobold")
-    assert json.loads(Path(kobold.files["kcpps"]).read_text())["lora"] is None
+    config = json.loads(Path(kobold.files["kcpps"]).read_text())
+    assert config["lora"] is None and runtime_formats.kcpps_problems(config, "1.76") == []
     assert any("no correction to carry" in n for n in kobold.notes)
 
 

@@ -99,6 +99,9 @@ def test_theta_variants_carry_theta_where_asked(run: tuple[dict, Path]) -> None:
     assert every["base"] == ffn["base"] == "Q4_0+imatrix"
     assert every["file_bytes"] > ffn["file_bytes"] > rows["Q4_0+imatrix"]["file_bytes"]
     assert every["speed_vs_base"]["tg"] > 0 and rows["Q4_0+imatrix"]["speed_vs_base"] is None
+    off = every["speed_theta_vs_off"]["tg"]  # the same file with θ off, timed beside it every round
+    assert off["ci95"][0] <= off["ratio"] <= off["ci95"][1] and off["rounds"] >= 2
+    assert rows["Q4_0+imatrix"]["speed_theta_vs_off"] is None
 
 
 def test_gaps_envelope_and_outputs(run: tuple[dict, Path]) -> None:

@@ -177,13 +177,16 @@ def test_reader_checks_shapes_against_the_model(gguf_py_file: Path, tmp_path: Pa
 
 
 @pytest.mark.parametrize(("ranks", "message"), [
-    (np.array([2], np.uint32), "expected one rank per name"),
-    (np.array([0, 2], np.uint32), "rank below 1"),
-    (np.array([1, 3], np.uint32), "expected"),  # u's arrays hold rank 2, not 1
+    (np.array([2], np.uint32), "nkat.theta.ranks has 1 elements but nkat.theta.tensors lists 2 weights"),
+    (np.array([0, 2], np.uint32), r"nkat.theta.ranks\[0\] = 0 for u, below 1"),
+    # u's arrays hold rank 2, not 1
+    (np.array([1, 3], np.uint32), r"nkat.theta.u.a_scale has 2 elements \(rank 2\) but nkat.theta.ranks gives u rank 1"),
+    (np.array([2, 2], np.uint32), "nkat.theta.rank = 3 but the largest of nkat.theta.ranks is 2"),
 ])
 def test_reader_checks_the_ranks(gguf_py_file: Path, tmp_path: Path, ranks: np.ndarray, message: str) -> None:
     metadata = theta_metadata(make_theta({"w": (3, 64), "u": (8, 32)}, rank=2))
     metadata[fmt.THETA_RANKS] = ranks
+    metadata[fmt.THETA_RANK] = 3  # the largest the ranks above state (the rank-2 factors say otherwise)
     out = tmp_path / "ranks.gguf"
     write_with_metadata(gguf_py_file, out, metadata)
     with pytest.raises(InputError, match=message):
@@ -193,5 +196,31 @@ def test_reader_checks_the_ranks(gguf_py_file: Path, tmp_path: Path, ranks: np.n
 def test_unknown_version_is_refused(gguf_py_file: Path, tmp_path: Path) -> None:
     out = tmp_path / "v9.gguf"
     write_with_metadata(gguf_py_file, out, theta_metadata(make_theta({"w": (3, 64)}, 1)) | {fmt.VERSION: 9})
-    with pytest.raises(InputError, match="version 9 is not supported"):
+    with pytest.raises(InputError, match="nkat.version = 9: this NKAT format version is not supported"):
+        read_theta(out)
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({fmt.THETA_RANK: 0}, "nkat.theta.rank = 0 \\(no theta\\) but nkat.theta.tensors lists 2 weights"),
+    ({fmt.THETA_TENSORS: ["u"], fmt.THETA_RANKS: np.array([2], np.uint32)},
+     "nkat.theta.w.a holds factors for w, which nkat.theta.tensors does not list"),
+    ({fmt.THETA_TENSORS: ["u", "u"]}, "nkat.theta.tensors lists u twice"),
+    ({fmt.VERSION: 1}, "nkat.theta.ranks is a version 2 key, but nkat.version = 1"),
+    ({"nkat.theta.w.rank": 2}, "nkat.theta.w.rank is not a key of the NKAT format"),
+])
+def test_reader_refuses_a_file_that_says_two_things(gguf_py_file: Path, tmp_path: Path, changes: dict,
+                                                     message: str) -> None:
+    """docs/NKAT_FORMAT.md, "Consistency": each contradiction named by both of its keys."""
+    out = tmp_path / "two.gguf"
+    write_with_metadata(gguf_py_file, out, theta_metadata(make_theta({"w": (3, 64), "u": (8, 32)}, rank=2)) | changes)
+    with pytest.raises(InputError, match=message):
+        read_theta(out)
+
+
+def test_v1_file_without_its_rank_is_refused(gguf_py_file: Path, tmp_path: Path) -> None:
+    src = tmp_path / "v1.gguf"
+    write_v1(gguf_py_file, src, make_theta({"w": (3, 64)}, rank=2))
+    out = tmp_path / "v1-no-rank.gguf"
+    write_with_metadata(src, out, {}, drop_prefixes=(fmt.THETA_RANK,))
+    with pytest.raises(InputError, match="nkat.theta.rank missing: NKAT version 1 requires"):
         read_theta(out)

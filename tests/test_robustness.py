@@ -95,7 +95,7 @@ def test_theta_element_types_and_scales_are_exact(tiny_nkat: Path, tmp_path: Pat
     layout = read_layout(tiny_nkat)
     as_float = np.full(layout.get(key_a).shape, 300.0, dtype=np.float32)
     write_with_metadata(tiny_nkat, tmp_path / "f.gguf", {key_a: as_float})
-    with pytest.raises(InputError, match="must be an array of INT8, got FLOAT32"):
+    with pytest.raises(InputError, match="must be an array of INT8, got an array of FLOAT32"):
         read_theta(tmp_path / "f.gguf")
     for bad in (np.nan, np.inf, 1e6, -1.0):
         scales = layout.get(key_scale).copy()

@@ -124,8 +124,8 @@ def convert(input_: str, output: Path, outtype: str | None, reference: Path | No
     """Quantize a GGUF with llama.cpp and store theta (what quantization lost, low rank) in its metadata.
 
     \b
-    Defaults: the base type and theta that 'nkat-gguf frontier' measured best on the default model
-    within +3 % of the base type's size, on both evaluation texts (BENCHMARKS.md, "Frontier (issue 9)"):
+    Defaults, chosen from the frontier measurement in BENCHMARKS.md ("Frontier (issue 9)", with its
+    command; partial, and no file there beat llama.cpp's own types on both texts: to be re-measured):
       --outtype IQ4_NL --theta-rank 8, theta on every attention/FFN weight
     """
     from nkat_gguf.convert import ConvertOptions

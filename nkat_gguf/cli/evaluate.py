@@ -66,7 +66,12 @@ def names(values: tuple[str, ...]) -> tuple[str, ...]:
 @options.calib_text()
 @options.ctx(help=PPL_CHUNK_HELP)
 @options.chunks(type=int, default=8, help="Chunks scored per file and text.")
-@options.repetitions(help="Interleaved speed rounds over all files.")
+@options.repetitions(help="Interleaved speed rounds over all files, at least.")
+@click.option("--ratio-halfwidth", type=click.FloatRange(min=0, min_open=True), default=0.03, show_default=True,
+              help="More rounds, up to --max-repetitions, until every θ file's speed ratio to itself with θ off "
+                   "has a 95 % interval at most this wide on each side.")
+@click.option("--max-repetitions", type=click.IntRange(min=1), default=12, show_default=True,
+              help="The most interleaved speed rounds.")
 @options.out_dir()
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write a PNG of perplexity against file size, one panel per text.")
@@ -74,7 +79,8 @@ def names(values: tuple[str, ...]) -> tuple[str, ...]:
 @options.engine_options
 @fail_cleanly
 def frontier(input_: str, reference: Path | None, types: tuple[str, ...], thetas: tuple[str, ...],
-             mixes: tuple[str, ...], calib_text: Path | None, ctx: int, chunks: int, repetitions: int, out_dir: Path | None,
+             mixes: tuple[str, ...], calib_text: Path | None, ctx: int, chunks: int, repetitions: int,
+             ratio_halfwidth: float, max_repetitions: int, out_dir: Path | None,
              plot: Path | None, as_json: bool, gpu_layers: int, no_cuda: bool, threads: int | None) -> None:
     """Every llama.cpp type with the importance matrix, plain Q4_0, the reference and NKAT variants: one
     calibration, perplexity on two texts (pydoc topics, licence texts), interleaved speed, the frontier.
@@ -96,7 +102,8 @@ def frontier(input_: str, reference: Path | None, types: tuple[str, ...], thetas
     mix_specs = () if mixes == ("none",) else tuple(parse_mix_spec(m) for m in mixes) if mixes else defaults.mixes
     settings = FrontierSettings(
         types=names(types) or defaults.types, thetas=specs, mixes=mix_specs,
-        measure=CompareSettings(n_ctx=ctx, n_chunks=chunks, repetitions=repetitions), threads=threads or 0)
+        measure=CompareSettings(n_ctx=ctx, n_chunks=chunks, repetitions=repetitions, ratio_halfwidth=ratio_halfwidth,
+                                max_repetitions=max(repetitions, max_repetitions)), threads=threads or 0)
     runtime = options.runtime_options(gpu_layers, no_cuda, threads, n_ctx=max(ctx, settings.measure.n_prompt))
     result = run_frontier(resolve_model(input_), runtime, settings, reference, calib_text, out_dir, plot)
     result["command"] = command_line()

@@ -12,8 +12,10 @@ DEFAULT_CALIB_MEMORY = "4GiB"  # the second moments of a whole 7B llama (6.4 GB)
 
 ThetaCalib = Literal["activation", "none"]
 
-# The default convert (issue 9): the base type and θ that `nkat-gguf frontier` measured best on the default
-# model within +3 % of the base type's file size, on both evaluation texts (BENCHMARKS.md, "Frontier (issue 9)").
+# The default convert (issue 9): the base type and θ chosen from the frontier measurement in BENCHMARKS.md,
+# "Frontier (issue 9)", where its command, conditions and code version stand. That measurement is partial and
+# was made on files fitted before the current θ fit became the default, and it found no file that beats
+# llama.cpp's own types on both evaluation texts: this default is a choice to re-measure, not a measured best.
 DEFAULT_OUTTYPE = "IQ4_NL"
 DEFAULT_THETA_RANK = 8
 DEFAULT_THETA_WEIGHTS: tuple[str, ...] | None = None  # --selective-layers patterns; None: every attention/FFN weight

@@ -10,12 +10,12 @@ alike; the ratios are what carries over to another machine, not the absolute tok
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from nkat_gguf.engine.bench import device_name
 from nkat_gguf.engine.kld import kl_divergence, write_base
-from nkat_gguf.engine.measure import SpeedSettings, interleaved_speed
+from nkat_gguf.engine.measure import SpeedSettings, interleaved_speed, paired_ratio
 from nkat_gguf.engine.perplexity import PerplexityResult, perplexity, tokenize_text
 from nkat_gguf.engine.runtime import NkatRuntime, RuntimeOptions
 from nkat_gguf.errors import InputError
@@ -41,7 +41,8 @@ def compare(model: Path, text: Text, runtime_options: RuntimeOptions, settings: 
         gamma = runtime.default_gamma if gamma is None else gamma
         reference = reference or default_reference_for(runtime)
         tokens = tokenize_text(runtime.llm, text.content)
-        speed = interleaved_speed(runtime, {"baseline": None, "theta": gamma}, settings)
+        speed = interleaved_speed(runtime, {"baseline": None, "theta": gamma},
+                                  replace(settings, ratio_pairs=(("theta", "baseline"),)))
         if reference is None:
             ppl, kld = _theta_passes(runtime, tokens, settings, gamma)
         provenance = dict(runtime.theta.provenance)
@@ -70,6 +71,8 @@ def compare(model: Path, text: Text, runtime_options: RuntimeOptions, settings: 
         "speed": speed,
         "speed_ratio": {"pp": theta["pp_tokens_per_second"] / base["pp_tokens_per_second"],
                         "tg": theta["tg_tokens_per_second"] / base["tg_tokens_per_second"]},
+        # per-round paired ratios, rounds added until each 95 % interval is within ±settings.ratio_halfwidth
+        "speed_ratio_interval": {part: paired_ratio(theta[f"{part}_runs"], base[f"{part}_runs"]) for part in ("pp", "tg")},
         "overhead_percentage": {
             "pp": 100.0 * (base["pp_tokens_per_second"] / theta["pp_tokens_per_second"] - 1.0),
             "tg": 100.0 * (base["tg_tokens_per_second"] / theta["tg_tokens_per_second"] - 1.0)},
@@ -113,8 +116,10 @@ def format_compare(result: dict) -> str:
     if "reference" in p:
         lines.append(f"{'reference':12}{'':36}{p['reference']['ppl']:>12.4f} ± {p['reference']['ppl_stderr']:.4f}")
     o = result["overhead_percentage"]
-    lines.append(f"theta overhead: pp {o['pp']:+.1f} %, tg {o['tg']:+.1f} %   "
-                 f"(speed ratio pp {result['speed_ratio']['pp']:.3f}, tg {result['speed_ratio']['tg']:.3f})")
+    ci = result["speed_ratio_interval"]
+    lines.append(f"theta overhead: pp {o['pp']:+.1f} %, tg {o['tg']:+.1f} %   (paired speed ratio, 95 % interval, "
+                 + ", ".join(f"{p} {ci[p]['ratio']:.3f} [{ci[p]['ci95'][0]:.3f}, {ci[p]['ci95'][1]:.3f}]"
+                             for p in ("pp", "tg")) + f"; {ci['tg']['rounds']} rounds)")
     for name, k in result.get("kld", {}).items():
         lines.append(f"KLD {name:9}{k['kld']:.6f} [95 % CI {k['kld_ci95'][0]:.6f}, {k['kld_ci95'][1]:.6f}]  "
                      f"median {k['kld_median']:.6f}  99 % {k['kld_percentiles']['99.0']:.6f}  "

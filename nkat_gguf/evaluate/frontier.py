@@ -27,6 +27,7 @@ from nkat_gguf.convert import ConvertOptions, ConvertReport, convert
 from nkat_gguf.convert.calibrate import Calibration
 from nkat_gguf.convert.selection import resolve_tensor_types, select_tensors
 from nkat_gguf.engine.bench import device_name
+from nkat_gguf.engine.measure import paired_ratio
 from nkat_gguf.engine.quantize import resolve_outtype
 from nkat_gguf.engine.runtime import RuntimeOptions
 from nkat_gguf.errors import InputError
@@ -235,7 +236,7 @@ def frontier(model: Path, runtime_options: RuntimeOptions, settings: FrontierSet
         files = build_files(model, reference, calibration, Path(out_dir or tmp), settings)
         bases = kld_base_paths(files[0].path, Path(out_dir or tmp), list(texts), settings.measure)
         measured = measure_files({f.name: f.path for f in files}, texts, runtime_options, settings.measure,
-                                 bases, files[0].name)
+                                 bases, files[0].name, theta_off=True)
         rows = [_row(f, measured[f.name], out_dir is not None) for f in files]
     _add_gaps(rows, list(texts))
     _add_speed_ratios(rows)
@@ -286,7 +287,11 @@ def _row(f: _File, measured: dict, kept: bool) -> dict:
         "fallbacks": dict(Counter(report.fallbacks.values())) if report else {},
         "perplexity": measured["perplexity"],
         "kld": measured["kld"],  # per text, None for the reference itself
-        **{k: measured[k] for k in ("pp_tokens_per_second", "pp_sd", "tg_tokens_per_second", "tg_sd")},
+        **{k: measured[k] for k in ("pp_tokens_per_second", "pp_sd", "tg_tokens_per_second", "tg_sd", "pp_runs",
+                                    "tg_runs")},
+        # the same file with θ off, timed beside it in every round: θ's own run-time cost, with 95 % intervals
+        "theta_off_tokens_per_second": measured.get("theta_off_tokens_per_second"),
+        "speed_theta_vs_off": measured.get("speed_theta_vs_off"),
         "convert_seconds": report.seconds if report else None,
     }
 
@@ -308,8 +313,8 @@ def _add_speed_ratios(rows: list[dict]) -> None:
     for row in rows:
         base = by_name.get(row["base"]) if row["base"] else None
         row["speed_vs_base"] = None if base is None else {
-            "pp": row["pp_tokens_per_second"] / base["pp_tokens_per_second"],
-            "tg": row["tg_tokens_per_second"] / base["tg_tokens_per_second"]}
+            part: row[f"{part}_tokens_per_second"] / base[f"{part}_tokens_per_second"] for part in ("pp", "tg")} | {
+            f"{part}_ci95": paired_ratio(row[f"{part}_runs"], base[f"{part}_runs"])["ci95"] for part in ("pp", "tg")}
 
 
 def lower_envelope(rows: list[dict], key: str) -> list[dict]:
@@ -431,7 +436,7 @@ def format_frontier(result: dict) -> str:
              f"speed rounds on {result['device']}"]
     header = f"{'file':34}{'MiB':>8}" + "".join(f"{key[:10] + ' ppl':>16}{'gap':>8}{'KLD':>9}{'top %':>7}"
                                                for key in keys)
-    lines.append(header + f"{'pp tok/s':>10}{'tg tok/s':>10}{'tg θ/off':>10}  beats frontier")
+    lines.append(header + f"{'pp tok/s':>10}{'tg tok/s':>10}{'tg θ/off (95 %)':>16}  beats frontier")
     for r in result["rows"]:
         kld = r.get("kld") or {}
         cells = "".join(f"{r['perplexity'][k]['ppl']:>16.4f}"
@@ -439,11 +444,12 @@ def format_frontier(result: dict) -> str:
                            else f"{'n/a':>8}")
                         + (f"{kld[k]['kld']:>9.4f}" if kld.get(k) else f"{_no_kld(r)[:3]:>9}")
                         + (f"{100 * kld[k]['same_top']:>7.1f}" if kld.get(k) else f"{'':>7}") for k in keys)
-        ratio = f"{r['speed_vs_base']['tg']:>10.3f}" if r["speed_vs_base"] else f"{'':>10}"
+        off = r.get("speed_theta_vs_off")
+        ratio = f"{off['tg']['ratio']:>6.3f}±{off['tg']['halfwidth']:.3f}" if off else f"{'':>12}"
         beats = ("  " + ", ".join(f"{k}: {'yes' if r['frontier'][k]['beats'] else 'no'}" for k in keys)
                  if "frontier" in r else "")
         lines.append(f"{r['name']:34}{r['file_bytes'] / mib:>8.2f}{cells}{r['pp_tokens_per_second']:>10.1f}"
-                     f"{r['tg_tokens_per_second']:>10.1f}{ratio}{beats}")
+                     f"{r['tg_tokens_per_second']:>10.1f}    {ratio}{beats}")
     for key in keys:
         lines.append(f"frontier on {key}: " + " < ".join(result["frontier"][key]))
     lines.append(f"default candidate (<= +{100 * DEFAULT_BUDGET:g} % over its base, beats the frontier on every text, "
@@ -460,7 +466,7 @@ def format_markdown(result: dict) -> str:
     mib = 1 << 20
     keys = list(result["texts"])
     head = ["file", "MiB", *(f"{k} ppl (gap)" for k in keys), *(f"{k} KLD [95 % CI] (99 %, same top)" for k in keys),
-            "pp tok/s", "tg tok/s", "tg θ/off", "pp θ/off", "beats the frontier"]
+            "pp tok/s", "tg tok/s", "tg θ/off [95 % CI]", "pp θ/off [95 % CI]", "beats the frontier"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in sorted(result["rows"], key=lambda r: (r["kind"] == "nkat", r["file_bytes"])):
         cells = [r["name"], f"{r['file_bytes'] / mib:.2f}"]
@@ -472,9 +478,10 @@ def format_markdown(result: dict) -> str:
             cells.append(_no_kld(r) if kld is None else
                          f"{kld['kld']:.4f} [{kld['kld_ci95'][0]:.4f}, {kld['kld_ci95'][1]:.4f}] "
                          f"({kld['kld_percentiles']['99.0']:.3f}, {100 * kld['same_top']:.1f} %)")
-        ratio = r["speed_vs_base"]
+        off = r.get("speed_theta_vs_off")
         cells += [f"{r['pp_tokens_per_second']:.0f}", f"{r['tg_tokens_per_second']:.0f}",
-                  f"{ratio['tg']:.3f}" if ratio else "", f"{ratio['pp']:.3f}" if ratio else ""]
+                  *(f"{off[p]['ratio']:.3f} [{off[p]['ci95'][0]:.3f}, {off[p]['ci95'][1]:.3f}]" if off else ""
+                    for p in ("tg", "pp"))]
         verdicts = [f"{k}: {'yes' if v['beats'] else 'no'} (vs {v['best_type']})"
                     for k, v in r.get("frontier", {}).items()]
         cells.append(", ".join(verdicts))

@@ -13,7 +13,7 @@ import functools
 import tempfile
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import llama_cpp
@@ -25,7 +25,7 @@ from nkat_gguf.convert.moment_groups import parse_memory
 from nkat_gguf.convert.read import reference_source
 from nkat_gguf.engine.bench import device_name
 from nkat_gguf.engine.kld import base_matches, kl_divergence, write_base
-from nkat_gguf.engine.measure import Configuration, interleaved_rates
+from nkat_gguf.engine.measure import Configuration, interleaved_rates, paired_ratio
 from nkat_gguf.engine.perplexity import PerplexityResult, perplexity, tokenize_text
 from nkat_gguf.engine.probe import check_model
 from nkat_gguf.engine.quantize import resolve_outtype
@@ -85,7 +85,7 @@ def build_variants(model: Path, reference: Path | None, calibration: Calibration
 
 def measure_files(files: dict[str, Path], texts: dict[str, Text], runtime_options: RuntimeOptions,
                   settings: CompareSettings, kld_bases: dict[str, Path] | None = None,
-                  kld_reference: str | None = None) -> dict[str, dict]:
+                  kld_reference: str | None = None, theta_off: bool = False) -> dict[str, dict]:
     """Speed and perplexity of every file, θ on at the file's γ where it has θ, all loaded at once.
 
     Speed goes through the one interleaving primitive (engine/measure.py): file by file each round,
@@ -93,12 +93,20 @@ def measure_files(files: dict[str, Path], texts: dict[str, Text], runtime_option
     each file's perplexity on each text. With `kld_bases` (text key -> llama-perplexity base file) the
     file named `kld_reference` is measured first and writes them (unless they already hold this text's
     tokens: a cache), and every other file's pass also gives its KL divergence from it (`kld` per text).
+    With `theta_off`, every file with θ is also timed with θ off in each round, right beside θ on, and its
+    row gets `speed_theta_vs_off`: the paired ratios with their 95 % intervals; rounds go on until each interval
+    is within ±settings.ratio_halfwidth (or settings.max_repetitions).
     """
     with ExitStack() as stack:
         runtimes = {name: stack.enter_context(NkatRuntime(path, runtime_options)) for name, path in files.items()}
         gammas = {name: rt.default_gamma for name, rt in runtimes.items()}  # None: no θ in the file
-        speed = interleaved_rates({name: Configuration(rt.llm, functools.partial(rt.set_gamma, gammas[name]))
-                                   for name, rt in runtimes.items()}, settings)
+        configurations, pairs = {}, []
+        for name, rt in runtimes.items():
+            configurations[name] = Configuration(rt.llm, functools.partial(rt.set_gamma, gammas[name]))
+            if theta_off and gammas[name] is not None:
+                configurations[_off(name)] = Configuration(rt.llm, functools.partial(rt.set_gamma, None))
+                pairs.append((name, _off(name)))
+        speed = interleaved_rates(configurations, replace(settings, ratio_pairs=tuple(pairs)))
         tokenizer = next(iter(runtimes.values())).llm  # one model, one tokenizer
         tokens = {key: tokenize_text(tokenizer, text.content) for key, text in texts.items()}
         order = sorted(runtimes, key=lambda name: name != kld_reference)  # the reference first: it writes the bases
@@ -116,7 +124,17 @@ def measure_files(files: dict[str, Path], texts: dict[str, Text], runtime_option
                                          for key, r in ppl.items()},
                           **({"kld": kld} if kld_bases else {}),
                           **{k: v for k, v in speed[name].items() if k != "avg_latency_ms"}}
+            if (name, _off(name)) in pairs:
+                off = speed[_off(name)]
+                rows[name]["theta_off_tokens_per_second"] = {"pp": off["pp_tokens_per_second"],
+                                                             "tg": off["tg_tokens_per_second"]}
+                rows[name]["speed_theta_vs_off"] = {part: paired_ratio(speed[name][f"{part}_runs"], off[f"{part}_runs"])
+                                                    for part in ("pp", "tg")}
     return {name: rows[name] for name in files}
+
+
+def _off(name: str) -> str:
+    return f"{name} (theta off)"
 
 
 def _measure_text(llm: llama_cpp.Llama, tokens: list[int], settings: CompareSettings, is_reference: bool,

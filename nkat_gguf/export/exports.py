@@ -176,16 +176,32 @@ def stop_tokens(layout: GGUFLayout) -> list[str]:
     return list(dict.fromkeys(t for t in found if t))
 
 
+def modelfile_quote(value: str) -> str | None:
+    """`value` as an argument Ollama's Modelfile parser (parser/parser.go) reads back unchanged, or None.
+
+    The parser strips one pair of double quotes (or of triple double quotes) and does no escape processing (a JSON-escaped `\\u00e9` would
+    reach Ollama as six characters); it drops every non-printable character except space, tab and newline,
+    and trims surrounding whitespace outside quotes.
+    """
+    if not value or any(not (c.isprintable() or c in " \t\n\r") for c in value):
+        return None
+    return f'"{value}"' if '"' not in value else f'"""{value}"""'
+
+
 def modelfile_text(model_file: str, adapter_file: str | None, num_ctx: int, stops: list[str],
                    temperature: float | None = None) -> str:
-    """Ollama's Modelfile syntax: one instruction per line, FROM first, paths relative to the Modelfile."""
+    """Ollama's Modelfile syntax: one instruction per line, FROM first, paths relative to the Modelfile.
+
+    A stop string the Modelfile cannot carry unchanged (see modelfile_quote) is left out.
+    """
     lines = [f"FROM ./{model_file}"]
     if adapter_file:
         lines.append(f"ADAPTER ./{adapter_file}")
     lines.append(f"PARAMETER num_ctx {num_ctx}")
     if temperature is not None:
         lines.append(f"PARAMETER temperature {temperature:.4f}")
-    lines += [f"PARAMETER stop {json.dumps(s)}" for s in stops]
+    quoted = (modelfile_quote(s) for s in stops)
+    lines += [f"PARAMETER stop {q}" for q in quoted if q is not None]
     return "\n".join(lines) + "\n"
 
 
@@ -295,8 +311,8 @@ def kcpps_config(model_path: Path, adapter_path: Path | None, contextsize: int, 
                  temperature: float | None = None) -> dict:
     """KoboldCpp's `.kcpps`: the JSON of its command-line arguments, bound to loopback.
 
-    A temperature goes into `gendefaults` (`--gendefaults`, KoboldCpp 1.91+: default generation
-    parameters of API requests, as a JSON string); older releases set unknown keys aside unused.
+    A temperature goes into `gendefaults` as a JSON string: a key of KoboldCpp releases newer than 1.102
+    (1.76 and 1.102, whose argparse was read, do not define it and set it aside unused; docs/INTEGRATIONS.md).
     """
     config = {
         "model_param": str(model_path),
@@ -330,7 +346,7 @@ def export_kobold(model: Path, output_dir: Path, gamma: float | None = None, thr
             check_loadable(model_path)
         config = kcpps_config(model_path, adapter, contextsize, threads or os.cpu_count() or 1,
                               source.temperature.temperature if source.temperature else None)
-        report.notes += _temperature_note(source, "gendefaults in the .kcpps (KoboldCpp 1.91 and later)")
+        report.notes += _temperature_note(source, "gendefaults in the .kcpps (KoboldCpp newer than 1.102; older releases ignore it)")
         kcpps = directory / f"{source.stem}.kcpps"
         _stage(outputs, source, kcpps).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     report.files["kcpps"] = str(kcpps)

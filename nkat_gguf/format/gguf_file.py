@@ -99,9 +99,12 @@ class GGUFLayout:
 
     @property
     def architecture(self) -> str:
-        arch = self.get(Keys.General.ARCHITECTURE)
-        if not isinstance(arch, str):
+        value = self.metadata.get(Keys.General.ARCHITECTURE)
+        if value is None:
             raise InputError(f"{self.path}: GGUF has no general.architecture")
+        arch = value.python()
+        if not isinstance(arch, str):
+            raise InputError(f"{self.path}: general.architecture is {value.type.name} {arch!r}, expected a string")
         return arch
 
 
@@ -112,11 +115,13 @@ class _Cursor:
         self.buf = buf
         self.pos = 0
         self.path = path
+        self.where = "the header"  # the record being read, for messages: "key/value 3 of 27"
 
     def take(self, n: int) -> memoryview:
         end = self.pos + n
         if n < 0 or end > len(self.buf):
-            raise InputError(f"truncated GGUF: {self.path} ends inside its header at byte {len(self.buf)}")
+            raise InputError(f"truncated GGUF: {self.path} ends at byte {len(self.buf)}, inside {self.where}"
+                             f" (reading {n} bytes at byte {self.pos})")
         view = memoryview(self.buf)[self.pos:end]
         self.pos = end
         return view
@@ -142,7 +147,8 @@ class _Cursor:
             if sub == GGUFValueType.STRING:
                 return Value(vtype, [self.string() for _ in range(count)], sub)
             if sub == GGUFValueType.ARRAY:  # gguf.cpp refuses nested arrays too
-                raise InputError(f"corrupt GGUF: {self.path} has a nested array at byte {self.pos - 12}")
+                raise InputError(f"corrupt GGUF: {self.path} has a nested array at byte {self.pos - 12} "
+                                 f"({self.where})")
             dtype = _SCALAR_DTYPES[sub]
             arr = np.frombuffer(self.take(dtype.itemsize * count), dtype=dtype).copy()
             return Value(vtype, arr, sub)
@@ -155,7 +161,8 @@ class _Cursor:
         try:
             return GGUFValueType(raw)
         except ValueError:
-            raise InputError(f"corrupt GGUF: {self.path} has unknown value type {raw} at byte {self.pos - 4}") from None
+            raise InputError(f"corrupt GGUF: {self.path} has unknown value type {raw} at byte {self.pos - 4} "
+                             f"({self.where})") from None
 
 
 def read_layout(path: str | Path) -> GGUFLayout:
@@ -165,7 +172,7 @@ def read_layout(path: str | Path) -> GGUFLayout:
         raise InputError(f"no such file: {path}")
     size = path.stat().st_size
     if size < 24:
-        raise InputError(f"not a GGUF file: {path} ({size} bytes)")
+        raise InputError(f"not a GGUF file: {path} ({size} bytes, less than the 24 of a GGUF header)")
     with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
         if mm[:4] != GGUF_MAGIC:
             raise InputError(f"not a GGUF file: {path} (magic {bytes(mm[:4])!r}, expected b'GGUF')")
@@ -186,7 +193,8 @@ def _parse(cur: _Cursor, path: Path, size: int) -> GGUFLayout:
     n_kv = cur.unpack("<Q")
     metadata: dict[str, Value] = {}
     spans: dict[str, tuple[int, int]] = {}
-    for _ in range(n_kv):
+    for i in range(n_kv):
+        cur.where = f"key/value {i + 1} of the {n_kv} the header announces"
         start = cur.pos
         key = cur.string()
         if key in metadata:
@@ -195,22 +203,25 @@ def _parse(cur: _Cursor, path: Path, size: int) -> GGUFLayout:
         spans[key] = (start, cur.pos)
     infos_start = cur.pos
     tensors = []
-    for _ in range(n_tensors):
+    for i in range(n_tensors):
+        cur.where = f"tensor info {i + 1} of the {n_tensors} the header announces (after {n_kv} key/values)"
         name = cur.string()
         n_dims = cur.unpack("<I")
         if not 1 <= n_dims <= GGML_MAX_DIMS:
-            raise InputError(f"corrupt GGUF: {path}: tensor {name} has {n_dims} dimensions (1 to {GGML_MAX_DIMS})")
+            raise InputError(f"corrupt GGUF: {path}: tensor {name!r} has {n_dims} dimensions (1 to {GGML_MAX_DIMS}), "
+                             f"in {cur.where}")
         shape = tuple(cur.unpack("<Q") for _ in range(n_dims))
         raw_type = cur.unpack("<I")
         try:
             ttype = GGMLQuantizationType(raw_type)
         except ValueError:
-            raise InputError(f"unsupported tensor type {raw_type} for {name} in {path}") from None
+            raise InputError(f"unsupported tensor type {raw_type} for {name!r} in {path}, in {cur.where}") from None
         info = TensorInfo(name, shape, ttype, cur.unpack("<Q"))
         _check_tensor_size(info, path)
         tensors.append(info)
     if len({t.name for t in tensors}) != len(tensors):
-        raise InputError(f"corrupt GGUF: {path} names a tensor twice")
+        twice = next(t.name for i, t in enumerate(tensors) if t.name in {u.name for u in tensors[:i]})
+        raise InputError(f"corrupt GGUF: {path} names the tensor {twice!r} twice")
     infos_end = cur.pos
     alignment = _alignment(metadata, path)
     data_offset = -(-infos_end // alignment) * alignment

@@ -187,24 +187,11 @@ def theta_metadata(theta: NkatTheta) -> dict[str, Any]:
     return out
 
 
-def _listed_ranks(layout: GGUFLayout, version: int, names: list[str]) -> list[int]:
-    """Each listed weight's rank: v1 has one for all, v2 one per name."""
-    path = layout.path
-    if version == 1:
-        return [int(layout.get(THETA_RANK))] * len(names)
-    ranks = layout.get(THETA_RANKS)
-    if not isinstance(ranks, np.ndarray) or ranks.size != len(names):
-        got = "missing" if not isinstance(ranks, np.ndarray) else f"{ranks.size} elements"
-        raise InputError(f"{path}: {THETA_RANKS} is {got}, expected one rank per name of {THETA_TENSORS} ({len(names)})")
-    if ranks.size and int(ranks.min()) < 1:
-        raise InputError(f"{path}: {THETA_RANKS} holds a rank below 1 (a weight without theta is not listed)")
-    return [int(r) for r in ranks]
-
-
 _THETA_PART_TYPES = {"a": GGUFValueType.INT8, "b": GGUFValueType.INT8,
                      "a_scale": GGUFValueType.FLOAT32, "b_scale": GGUFValueType.FLOAT32}
 _INTEGER_TYPES = (GGUFValueType.UINT8, GGUFValueType.UINT16, GGUFValueType.UINT32, GGUFValueType.UINT64,
                   GGUFValueType.INT8, GGUFValueType.INT16, GGUFValueType.INT32, GGUFValueType.INT64)
+_REQUIRED = {1: (THETA_RANK, THETA_GAMMA, THETA_TENSORS), 2: (THETA_RANK, THETA_GAMMA, THETA_TENSORS, THETA_RANKS)}
 
 
 def check_theta_parts(layout: GGUFLayout) -> None:
@@ -212,21 +199,22 @@ def check_theta_parts(layout: GGUFLayout) -> None:
 
     Nothing is cast: a FLOAT32 300.0 where INT8 belongs would wrap silently. Scales must be finite
     and in [0, MAX_THETA_SCALE], so that no dequantized factor, even with γ = MAX_GAMMA folded in,
-    overflows the F16 an exported adapter holds (and NaN never reaches a result).
+    overflows the F16 an exported adapter holds (and NaN never reaches a result). A key of the
+    nkat.theta namespace that the format does not define is refused: it would be a second statement
+    no reader knows how to weigh.
     """
     path = layout.path
     for key, value in layout.metadata.items():
         if not key.startswith(THETA_PREFIX):
             continue
         part = key.rsplit(".", 1)[-1]
-        if key == THETA_RANK or part == "rank":
+        if key == THETA_RANK:
             if value.type not in _INTEGER_TYPES or not 0 <= int(value.data) <= MAX_THETA_RANK:
                 raise InputError(f"{path}: {key} must be a whole number from 0 to {MAX_THETA_RANK}, "
                                  f"got {value.type.name} {value.data!r}")
         elif key == THETA_RANKS:
             if value.type != GGUFValueType.ARRAY or value.sub_type not in _INTEGER_TYPES:
-                raise InputError(f"{path}: {key} must be an array of whole numbers, got "
-                                 f"{(value.sub_type or value.type).name}")
+                raise InputError(f"{path}: {key} must be an array of whole numbers, got {_type_name(value)}")
             if value.data.size and not 0 <= int(value.data.min()) <= int(value.data.max()) <= MAX_THETA_RANK:
                 raise InputError(f"{path}: {key} holds ranks outside 0 to {MAX_THETA_RANK}")
         elif key == THETA_GAMMA:
@@ -238,14 +226,24 @@ def check_theta_parts(layout: GGUFLayout) -> None:
                 raise InputError(f"{path}: {key}: {exc}") from None
         elif key == THETA_TENSORS:
             if value.type != GGUFValueType.ARRAY or value.sub_type != GGUFValueType.STRING:
-                raise InputError(f"{path}: {key} must be an array of tensor names (strings), got {value.type.name}")
-        elif part in _THETA_PART_TYPES:
+                raise InputError(f"{path}: {key} must be an array of tensor names (strings), got {_type_name(value)}")
+        elif part in _THETA_PART_TYPES and key != f"{THETA_PREFIX}{part}":
             expected = _THETA_PART_TYPES[part]
             if value.type != GGUFValueType.ARRAY or value.sub_type != expected:
-                got = value.sub_type.name if value.type == GGUFValueType.ARRAY and value.sub_type else value.type.name
-                raise InputError(f"{path}: {key} must be an array of {expected.name}, got {got}")
+                raise InputError(f"{path}: {key} must be an array of {expected.name}, got {_type_name(value)}")
             if part.endswith("_scale"):
                 _check_scales(path, key, value.data)
+        else:
+            raise InputError(f"{path}: {key} is not a key of the NKAT format (nkat.theta.* holds only "
+                             f"{THETA_RANK}, {THETA_RANKS}, {THETA_GAMMA}, {THETA_TENSORS} and "
+                             f"{THETA_PREFIX}<weight>.{{{', '.join(PARTS)}}})")
+
+
+def _type_name(value: Value) -> str:
+    """`an array of INT16`, `a single FLOAT32`: what a message says was found."""
+    if value.type == GGUFValueType.ARRAY and value.sub_type is not None:
+        return f"an array of {value.sub_type.name}"
+    return f"a single {value.type.name}"
 
 
 def _check_scales(path: Path, key: str, scales: np.ndarray) -> None:
@@ -255,35 +253,110 @@ def _check_scales(path: Path, key: str, scales: np.ndarray) -> None:
                          f"[0, {MAX_THETA_SCALE:g}]")
 
 
+def _check_version(layout: GGUFLayout) -> int:
+    value = layout.metadata[VERSION]
+    if value.type not in _INTEGER_TYPES:
+        raise InputError(f"{layout.path}: {VERSION} must be a whole number, got {value.type.name} {value.data!r}")
+    if value.data not in READABLE_VERSIONS:
+        raise InputError(f"{layout.path}: {VERSION} = {value.data}: this NKAT format version is not supported "
+                         f"(this tool reads {', '.join(map(str, READABLE_VERSIONS))})")
+    return int(value.data)
+
+
+def _listed_ranks(layout: GGUFLayout, version: int, names: list[str]) -> list[int]:
+    """Each listed weight's rank, checked against every other key that states it.
+
+    v1 states one rank for all (`nkat.theta.rank`); v2 one per name (`nkat.theta.ranks`), with
+    `nkat.theta.rank` their largest. `nkat.theta.rank = 0` means "no theta", so it cannot stand
+    beside listed weights, nor a positive rank beside none.
+    """
+    path = layout.path
+    missing = [k for k in _REQUIRED[version] if k not in layout.metadata]
+    if missing:
+        raise InputError(f"{path}: {', '.join(missing)} missing: NKAT version {version} requires "
+                         f"{', '.join(_REQUIRED[version])}")
+    if version == 1 and THETA_RANKS in layout.metadata:
+        raise InputError(f"{path}: {THETA_RANKS} is a version 2 key, but {VERSION} = 1 (one rank for all weights)")
+    rank = int(layout.get(THETA_RANK))
+    if len(set(names)) != len(names):
+        twice = next(n for n in names if names.count(n) > 1)
+        raise InputError(f"{path}: {THETA_TENSORS} lists {twice} twice")
+    if rank == 0 and names:
+        raise InputError(f"{path}: {THETA_RANK} = 0 (no theta) but {THETA_TENSORS} lists {len(names)} weights "
+                         f"(first {names[0]})")
+    if rank > 0 and not names:
+        raise InputError(f"{path}: {THETA_RANK} = {rank} but {THETA_TENSORS} lists no weight (rank 0 means no theta)")
+    if version == 1:
+        return [rank] * len(names)
+    ranks = [int(r) for r in layout.get(THETA_RANKS)]
+    if len(ranks) != len(names):
+        raise InputError(f"{path}: {THETA_RANKS} has {len(ranks)} elements but {THETA_TENSORS} lists "
+                         f"{len(names)} weights: one rank per name")
+    if ranks and min(ranks) < 1:
+        at = ranks.index(min(ranks))
+        raise InputError(f"{path}: {THETA_RANKS}[{at}] = {ranks[at]} for {names[at]}, below 1 "
+                         "(a weight without theta is not listed)")
+    if rank != max(ranks, default=0):
+        raise InputError(f"{path}: {THETA_RANK} = {rank} but the largest of {THETA_RANKS} is {max(ranks)} "
+                         f"({THETA_RANK} must equal it)")
+    return ranks
+
+
+def _check_unlisted(layout: GGUFLayout, names: list[str]) -> None:
+    """Factor keys of a weight that is not listed: the file states theta for more weights than it lists."""
+    listed = {factor_key(n, p) for n in names for p in PARTS}
+    for key in layout.metadata:
+        if key.startswith(THETA_PREFIX) and key.rsplit(".", 1)[-1] in PARTS and key not in listed:
+            name = key[len(THETA_PREFIX):].rsplit(".", 1)[0]
+            raise InputError(f"{layout.path}: {key} holds factors for {name}, which {THETA_TENSORS} does not list "
+                             f"({len(names)} listed)")
+
+
+def _factor_shapes(path: Path, name: str, rank: int, rank_source: str, shape: tuple[int, int],
+                   parts: dict[str, np.ndarray | None]) -> None:
+    """Each factor array has the size its weight's rank and shape give; the message names both sides."""
+    out_dim, in_dim = shape
+    for part in ("a_scale", "b_scale"):
+        arr = parts[part]
+        if arr is None:
+            raise InputError(f"{path}: {factor_key(name, part)} is missing ({name} is listed in {THETA_TENSORS})")
+        if arr.size != rank:
+            raise InputError(f"{path}: {factor_key(name, part)} has {arr.size} elements (rank {arr.size}) but "
+                             f"{rank_source} gives {name} rank {rank}")
+    for part, dim, label in (("a", in_dim, "in"), ("b", out_dim, "out")):
+        arr = parts[part]
+        if arr is None:
+            raise InputError(f"{path}: {factor_key(name, part)} is missing ({name} is listed in {THETA_TENSORS})")
+        if arr.size != rank * dim:
+            raise InputError(f"{path}: {factor_key(name, part)} has {arr.size} elements, expected rank × {label} = "
+                             f"{rank} × {dim} = {rank * dim} (rank from {rank_source}, {label} from the shape of {name})")
+
+
 def read_theta(source: str | Path | GGUFLayout) -> NkatTheta | None:
-    """theta stored in a GGUF (v1 or v2), or None for a file without NKAT metadata. Checks every shape."""
+    """theta stored in a GGUF (v1 or v2), or None for a file without NKAT metadata.
+
+    The one reader every command uses: a file whose keys contradict each other (spec:
+    docs/NKAT_FORMAT.md, "Consistency") is refused in one line that names both statements.
+    """
     layout = source if isinstance(source, GGUFLayout) else read_layout(source)
-    version = layout.get(VERSION)
-    if version is None:
+    if VERSION not in layout.metadata:
         return None
     path = layout.path
-    if version not in READABLE_VERSIONS:
-        raise InputError(f"{path}: NKAT format version {version} is not supported (this tool reads "
-                         f"{', '.join(map(str, READABLE_VERSIONS))})")
+    version = _check_version(layout)
     check_theta_parts(layout)
-    try:
-        gamma = float(layout.get(THETA_GAMMA))
-        names = list(layout.get(THETA_TENSORS))
-        ranks = _listed_ranks(layout, version, names)
-    except (TypeError, ValueError):
-        raise InputError(f"{path}: NKAT metadata is incomplete ({THETA_RANK}/{THETA_GAMMA}/{THETA_TENSORS})") from None
+    names = list(layout.get(THETA_TENSORS, []))
+    ranks = _listed_ranks(layout, version, names)
     shapes = {t.name: tuple(reversed(t.shape)) for t in layout.tensors}
+    for name in names:
+        if name not in shapes or len(shapes[name]) != 2:
+            raise InputError(f"{path}: {THETA_TENSORS} lists {name}, which is not a 2-D tensor of the model")
+    _check_unlisted(layout, names)
+    rank_source = THETA_RANK if version == 1 else THETA_RANKS
     tensors = {}
     for name, rank in zip(names, ranks):
-        if name not in shapes or len(shapes[name]) != 2:
-            raise InputError(f"{path}: theta names {name}, which is not a 2-D tensor of the model")
         out_dim, in_dim = shapes[name]
         parts = {p: layout.get(factor_key(name, p)) for p in PARTS}
-        expected = {"a": rank * in_dim, "a_scale": rank, "b": out_dim * rank, "b_scale": rank}
-        for part, arr in parts.items():
-            if not isinstance(arr, np.ndarray) or arr.size != expected[part]:
-                got = "missing" if not isinstance(arr, np.ndarray) else f"{arr.size} elements"
-                raise InputError(f"{path}: {factor_key(name, part)} is {got}, expected {expected[part]} elements")
+        _factor_shapes(path, name, rank, rank_source, (out_dim, in_dim), parts)
         tensors[name] = ThetaInt8(
             parts["a"].astype(np.int8, copy=False).reshape(rank, in_dim),
             parts["a_scale"].astype(np.float32, copy=False),
@@ -292,7 +365,7 @@ def read_theta(source: str | Path | GGUFLayout) -> NkatTheta | None:
         )
     provenance = {k: v.python() for k, v in layout.metadata.items()
                   if k.startswith(PREFIX) and not k.startswith(THETA_PREFIX) and k != VERSION}
-    return NkatTheta(gamma, tensors, provenance)
+    return NkatTheta(float(layout.get(THETA_GAMMA)), tensors, provenance)
 
 
 @dataclass(frozen=True)

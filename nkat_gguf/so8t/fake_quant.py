@@ -2,7 +2,7 @@
 
 `dequantized(w, kind, imatrix)` returns, for a weight (rows, n) in float32, exactly the values that
 `llama_model_quantize` followed by dequantization would give (tested bit for bit against ggml's own
-`ggml_quantize_chunk` in tests/test_fake_quant.py). `fake_quantize` wraps it for training: the forward
+`ggml_quantize_chunk` in tests/test_so8t_train.py). `fake_quantize` wraps it for training: the forward
 value is the dequantized weight, the gradient is the straight-through estimator with the block scale
 kept differentiable (x̂ = x + s(x)·e, e the rounding error in units of the scale, held fixed), so a
 rotation that shrinks a block's largest value is rewarded for the smaller steps that follows.

@@ -2,7 +2,8 @@
 and byte edits: nothing binary is committed.
 
 A case is a command line with placeholders, the file it needs (built on demand into a scratch directory)
-and the words its one-line error must contain. Placeholders: {tiny} the F32 tiny model, {nkat} the tiny
+and the words its one-line error must contain once every path of the run is removed from it: the key,
+value or bound that was wrong, never a word the file's own name could supply. Placeholders: {tiny} the F32 tiny model, {nkat} the tiny
 NKAT file, {plain} a tiny Q4_0 model without theta, {file} the case's own malformed file, {out} the
 case's empty output directory.
 """
@@ -37,7 +38,11 @@ class Inputs:
 class Case:
     id: str
     args: tuple[str, ...]
-    expect: str | None  # words of the error (lower case); None: a valid control that must succeed
+    expect: str | tuple[str, ...] | None  # words of the error (lower case), each required; None: a valid control
+
+    @property
+    def words(self) -> tuple[str, ...]:
+        return () if self.expect is None else (self.expect,) if isinstance(self.expect, str) else self.expect
     build: Build | None = None
     suffix: str = ".gguf"
     slow: bool = False
