@@ -133,7 +133,7 @@ def convert(input_: str, output: Path, outtype: str | None, reference: Path | No
                                "'nkat-gguf qc confidence BEST.gguf --write-temperature OUT' on the result")
     given = {"outtype": outtype, "theta_rank": theta_rank, "selective_layers": list(selective_layers) or None}
     opts = ConvertOptions(
-        input=resolve_model(input_), output=output, reference=reference, theta_gamma=gamma,
+        input=resolve_model(input_), output=output, reference=reference, gamma=gamma,
         theta_budget=theta_budget, theta_max_weights=theta_max_weights, byte_budget=byte_budget,
         op_budget=op_budget, tensor_types=tensor_types,
         calib_text=calib_text, calib_tokens=calib_tokens, save_imatrix=save_imatrix, theta_calib=theta_calib,

@@ -28,7 +28,7 @@ class ConvertOptions:
     outtype: str = DEFAULT_OUTTYPE  # "same": the input's type
     reference: Path | None = None
     theta_rank: int = DEFAULT_THETA_RANK
-    theta_gamma: float = 0.97
+    gamma: float = 0.97  # γ, stored in the file as NkatTheta.gamma
     selective_layers: list[str] | tuple[str, ...] | None = DEFAULT_THETA_WEIGHTS  # None: every attention/FFN weight
     calib_text: Path | None = None
     calib_tokens: int | None = None  # None: DEFAULT_CALIB_TOKENS, or all whole windows of a shorter text
@@ -57,7 +57,7 @@ class ConvertReport:
     output: str
     outtype: str
     theta_rank: int
-    theta_gamma: float
+    gamma: float
     calibration: str  # "activation" or "none"
     theta_fit: str
     imatrix: str

@@ -64,7 +64,7 @@ def read_input(opts: ConvertOptions, calibration: Calibration | None) -> Inputs:
     _check_paths(input_path, output_path, opts.reference)
     if opts.save_imatrix is not None:
         _check_imatrix_path(Path(opts.save_imatrix), input_path, output_path, calibration)
-    check_gamma(opts.theta_gamma)
+    check_gamma(opts.gamma)
     check_loadable(input_path)
     check_so8t_options(opts.so8t, opts.imatrix, reuses_calibration=calibration is not None)
     if opts.imatrix not in ("auto", "none"):  # a bad file fails now, not after the calibration
