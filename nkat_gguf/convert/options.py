@@ -4,11 +4,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
 
+from nkat_gguf.math.limits import ThetaCalib
 from nkat_gguf.so8t.bake_step import So8tOptions
-
-ThetaCalib = Literal["activation", "none"]
 
 # The default convert (issue 9): the base type and θ chosen from the frontier measurement in BENCHMARKS.md,
 # "Frontier (issue 9)", where its command, conditions and code version stand. That measurement is partial and
