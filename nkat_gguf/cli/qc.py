@@ -75,7 +75,8 @@ def _rows_options(fn: Callable) -> Callable:
     return options.engine_options(fn)
 
 
-@qc.command("confidence", help=f"""Next-token ECE, Brier, NLL, top-1 and confidence, before and after a fitted temperature.
+@qc.command("confidence", help=f"""
+    Next-token ECE, Brier, NLL, top-1 and confidence, before and after a fitted temperature.
 
     Rows: theta at gamma, theta off (or the plain model) and the reference. T minimises NLL on the
     calibration text in [{TEMPERATURE_RANGE[0]}, {TEMPERATURE_RANGE[1]}]; the metrics are measured on the evaluation
