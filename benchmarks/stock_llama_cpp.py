@@ -126,7 +126,8 @@ def _nkat(*args: str) -> dict:
 def our_bench(model: Path, repetitions: int, threads: int) -> dict[str, float]:
     result = _nkat("bench", "--model", str(model), "--n-prompt", str(N_PROMPT), "--n-gen", str(N_GEN),
                    "--repetitions", str(repetitions), "--threads", str(threads))
-    return result["runs"]["baseline"]
+    runs = result["runs"]
+    return runs["theta_off"] if "theta_off" in runs else runs["baseline"]  # "baseline": before issue 18
 
 
 def our_perplexity(model: Path, text_file: Path, chunks: int, threads: int) -> dict:

@@ -96,11 +96,11 @@ def main() -> None:
 
     def measure(name: str, path: Path, report: dict, base_bytes: int) -> dict:
         with NkatRuntime(path, runtime_options) as rt:
-            ppl = ppl_of(rt, tokens, rt.default_gamma, args.chunks)  # θ off where the file has none
+            ppl = ppl_of(rt, tokens, rt.resolve_gamma(), args.chunks)  # θ off where the file has none
             speed = None
             if rt.has_theta and args.repetitions:
                 settings = SpeedSettings(repetitions=args.repetitions, progress=False)
-                s = interleaved_speed(rt, {"off": None, "on": rt.default_gamma}, settings)
+                s = interleaved_speed(rt, {"off": None, "on": rt.resolve_gamma()}, settings)
                 speed = {"tg_ratio": s["on"]["tg_tokens_per_second"] / s["off"]["tg_tokens_per_second"],
                          "pp_ratio": s["on"]["pp_tokens_per_second"] / s["off"]["pp_tokens_per_second"], "raw": s}
             theta = rt.theta
@@ -120,7 +120,7 @@ def main() -> None:
     kinds = None
     source = TensorSource(model)
     names = select_tensors(source.layout, None)
-    gamma = ConvertOptions(input=model, output=model).theta_gamma
+    gamma = ConvertOptions(input=model, output=model).gamma
 
     def write_variant(base: Path, name: str, fits: dict) -> Path:
         out = args.work / f"{name}.gguf"

@@ -123,7 +123,7 @@ class Bench:
         output, report_path = self.workdir / f"{v.file_key}.gguf", self.workdir / f"{v.file_key}.json"
         if not report_path.exists():
             opts = ConvertOptions(input=self.model, output=output, outtype=v.outtype, theta_rank=v.rank,
-                                  theta_gamma=v.gamma, imatrix=v.imatrix, theta_fit=v.fit, theta_damping=v.damping,
+                                  gamma=v.gamma, imatrix=v.imatrix, theta_fit=v.fit, theta_damping=v.damping,
                                   theta_rounds=v.rounds, threads=self.args.threads, progress=False)
             report = convert(opts, self.calibration(v.tokens)).as_dict()
             report_path.write_text(json.dumps(report))

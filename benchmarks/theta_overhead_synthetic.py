@@ -88,8 +88,8 @@ def main() -> None:
     settings = CompareSettings(repetitions=args.repetitions, n_prompt=args.n_prompt, n_gen=args.n_gen)
     options = RuntimeOptions(n_ctx=max(512, args.n_prompt, args.n_gen), n_batch=512, n_threads=args.threads)
     with NkatRuntime(with_theta, options) as runtime:
-        speed = interleaved_speed(runtime, {"baseline": None, "theta": 1.0}, settings)
-    base, adapted = speed["baseline"], speed["theta"]
+        speed = interleaved_speed(runtime, {"theta_off": None, "theta": 1.0}, settings)
+    base, adapted = speed["theta_off"], speed["theta"]
     result = {
         "size": args.size, "shape": asdict(SIZES[args.size]),
         "weight_type": args.type.upper(), "theta_rank": args.rank, "theta_weights": len(theta.tensors),

@@ -141,7 +141,7 @@ def measure_model(model: Path, options: RuntimeOptions, theta: bool, gamma: floa
             with NkatRuntime(reference, options) as ref:
                 write_base(ref.llm, tokenize_text(ref.llm, text.content), base, n_ctx or 512, n_chunks, progress)
         with NkatRuntime(model, options) as rt:
-            rt.set_gamma((rt.default_gamma if gamma is None else gamma) if theta else None)
+            rt.set_gamma(rt.resolve_gamma(gamma) if theta else None)
             out = {"model": str(model), "theta_enabled": rt.gamma is not None, "gamma": rt.gamma,
                    "text": text.source if text else f"the tokens of {base}", "kl_divergence_base": None, "kld": None}
             tokens = tokenize_text(rt.llm, text.content) if text is not None else None

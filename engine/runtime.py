@@ -89,7 +89,7 @@ class NkatRuntime:
         if self.theta is not None and self.theta.tensors:
             self._adapter = self._load_adapter(self.theta)
         self.gamma: float | None = None
-        self.set_gamma(self.default_gamma if gamma is None else gamma)
+        self.set_gamma(self.resolve_gamma(gamma))
 
     def _load_adapter(self, theta: NkatTheta) -> object:
         key = theta.digest()
@@ -115,8 +115,10 @@ class NkatRuntime:
     def has_theta(self) -> bool:
         return self._adapter is not None
 
-    @property
-    def default_gamma(self) -> float | None:
+    def resolve_gamma(self, gamma: float | None = None) -> float | None:
+        """`gamma` when one is asked for, else the γ stored with θ (NkatTheta.gamma); None: no θ to apply."""
+        if gamma is not None:
+            return gamma
         return self.theta.gamma if self.has_theta else None
 
     def set_gamma(self, gamma: float | None) -> None:

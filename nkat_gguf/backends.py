@@ -20,7 +20,7 @@ from pathlib import Path
 
 from nkat_gguf.engine.adapter import adapter_cache_dir
 from nkat_gguf.errors import InputError
-from nkat_gguf.export.exports import export_stem, ollama_name
+from nkat_gguf.export.targets import ADAPTER, KOBOLD, MODELFILE, OLLAMA, export_stem, kcpps_name, ollama_name
 from nkat_gguf.format.nkat import check_gamma, read_theta
 
 VERSION_TIMEOUT_S = 20
@@ -112,15 +112,15 @@ def commands_for(backend: Backend, target: Target) -> list[list[str]]:
         if target.gamma is None:
             return [[exe, "-m", model] + serve]
         adapter = str(directory / f"{stem}.theta-g{target.gamma:g}.gguf")
-        return [nkat + ["export", "adapter", model, "-o", adapter] + _gamma_args(target),
+        return [nkat + ["export", ADAPTER, model, "-o", adapter] + _gamma_args(target),
                 [exe, "-m", model, "--lora", adapter] + serve]
     if backend.name == "koboldcpp":
-        return [nkat + ["export", "kobold", model, "--output-dir", str(directory)] + _gamma_args(target),
-                [exe, "--config", str(directory / f"{stem}.kcpps")]]
+        return [nkat + ["export", KOBOLD, model, "--output-dir", str(directory)] + _gamma_args(target),
+                [exe, "--config", str(directory / kcpps_name(target.model))]]
     if backend.name == "ollama":
         name = ollama_name(target.model)
-        return [nkat + ["export", "ollama", model, "--output-dir", str(directory), "--name", name] + _gamma_args(target),
-                [exe, "create", name, "-f", str(directory / "Modelfile")], [exe, "run", name]]
+        return [nkat + ["export", OLLAMA, model, "--output-dir", str(directory), "--name", name] + _gamma_args(target),
+                [exe, "create", name, "-f", str(directory / MODELFILE)], [exe, "run", name]]
     raise ValueError(f"unknown backend {backend.name}")
 
 

@@ -32,7 +32,7 @@ SENSITIVITY_ATTR = "kind_sensitivity"  # study attribute: weight kind -> sensiti
 
 # Options that do not change the base, or whose file paths stand in for contents hashed separately
 # (so workers on machines with other paths agree).
-NOT_IN_KEY = ("input", "output", "reference", "calib_text", "imatrix", "theta_rank", "theta_gamma", "threads",
+NOT_IN_KEY = ("input", "output", "reference", "calib_text", "imatrix", "theta_rank", "gamma", "threads",
               "progress")
 
 

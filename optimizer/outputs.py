@@ -79,10 +79,10 @@ def final_comparison(model: Path, rank: int, text: Text, opts: OptimizeOptions) 
     with NkatRuntime(model, opts.runtime) as runtime:  # the best is theta off: nothing to compare it with
         result = perplexity(runtime.llm, tokenize_text(runtime.llm, text.content), opts.n_ctx, opts.eval_chunks,
                             opts.progress)
-        speed = interleaved_speed(runtime, {"baseline": None}, settings)
+        speed = interleaved_speed(runtime, {"theta_off": None}, settings)
     return {"model": str(model), "text": text.source, "text_sha256": text.sha256, "theta_enabled": False,
             "n_ctx": opts.n_ctx, "chunks": result.n_chunks, "speed": speed,
-            "overhead_percentage": {"pp": 0.0, "tg": 0.0}, "perplexity": {"baseline": result.as_dict()}}
+            "overhead_percentage": {"pp": 0.0, "tg": 0.0}, "perplexity": {"theta_off": result.as_dict()}}
 
 
 def write_best(study: optuna.Study, best: FrozenTrial, base: Path, text: Text, opts: OptimizeOptions,

@@ -14,7 +14,7 @@ SCORE_DEFINITION = {
     "ppl": "perplexity by llama-perplexity's method on the CALIBRATION split (never the evaluation split)",
     "tg_baseline": "generation tokens/s of the quantized model with theta off",
     "tg_theta": "generation tokens/s with theta at the trial's rank (measured once per rank, interleaved)",
-    "baseline": "theta off (rank 0): lambda_theta = 0, so TPE = 1 / ppl",
+    "theta_off": "theta off (rank 0): lambda_theta = 0, so TPE = 1 / ppl",
 }
 
 

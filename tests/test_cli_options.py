@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
 import click
+import pytest
 from click.testing import CliRunner
 
 from nkat_gguf.cli import main
@@ -69,3 +72,13 @@ def test_old_spellings_still_parse_but_are_not_shown() -> None:
     qc_help = runner.invoke(main, ["qc", "--help"]).output
     assert "confidence" in qc_help and "calibration  " not in qc_help
     assert runner.invoke(main, ["qc", "calibration", "--help"]).output.startswith("Usage: main qc calibration")
+
+
+@pytest.mark.parametrize("command", [[], ["convert"], ["export", "adapter"]])
+def test_help_does_not_load_llama_cpp(command: list[str]) -> None:
+    """--help (choices and ranges included) is built from light modules: llama.cpp loads only to run a command."""
+    run = subprocess.run([sys.executable, "-X", "importtime", "-m", "nkat_gguf.cli", *command, "--help"],
+                         capture_output=True, text=True, check=True)
+    imported = [line.rsplit("|", 1)[-1].strip() for line in run.stderr.splitlines() if line.startswith("import time:")]
+    assert "nkat_gguf.cli" in imported  # the check sees the imports
+    assert not [name for name in imported if name.split(".")[0] == "llama_cpp"]

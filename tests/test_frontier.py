@@ -187,7 +187,8 @@ def test_default_candidate_fits_the_budget_beats_the_frontier_and_is_best_on_its
 def test_theta_spec_parsing() -> None:
     assert parse_theta_spec("iq4_nl:8") == ThetaSpec("IQ4_NL", 8)
     spec = parse_theta_spec("Q4_0:16:blk.*.ffn_down,blk.*.ffn_up:theta-gamma=1")
-    assert spec.patterns == ["blk.*.ffn_down", "blk.*.ffn_up"] and spec.options == (("theta_gamma", 1),)
+    assert spec.patterns == ["blk.*.ffn_down", "blk.*.ffn_up"] and spec.options == (("gamma", 1),)  # the old key
+    assert parse_theta_spec("Q4_0:16:blk.*.ffn_down,blk.*.ffn_up:gamma=1") == spec
     assert parse_theta_spec("Q4_0:4:ffn").patterns == ["blk.*.ffn_*"]
     for bad in ("Q4_0", "Q4_0:0", "Q4_0:x", "Q4_0:4:ffn:attn", "Q4_0:4:output=x.gguf"):
         with pytest.raises(InputError):

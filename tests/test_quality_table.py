@@ -43,7 +43,7 @@ def test_rows_are_the_files_they_claim_to_be(table: tuple[dict, Path]) -> None:
     assert list(rows) == ROWS
     assert [rows[n]["imatrix"] for n in ROWS] == [None, "none", "calibration", "none", "calibration"]
     assert [rows[n]["theta"] for n in ROWS] == [False, False, False, True, True]
-    assert rows["theta"]["gamma"] == rows["imatrix+theta"]["gamma"] == pytest.approx(SETTINGS.theta_gamma)
+    assert rows["theta"]["gamma"] == rows["imatrix+theta"]["gamma"] == pytest.approx(SETTINGS.gamma)
     for name in ROWS[1:]:
         theta_rank = read_layout(out_dir / rows[name]["file"]).get("nkat.theta.rank")
         assert theta_rank == (SETTINGS.theta_rank if rows[name]["theta"] else 0), name

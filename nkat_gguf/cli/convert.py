@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
 
 import click
 
@@ -11,20 +10,7 @@ from nkat_gguf.cli import options
 from nkat_gguf.cli.errors import fail_cleanly
 from nkat_gguf.cli.output import emit, progress_wanted
 from nkat_gguf.cli.qc import format_qc
-
-
-def _theta_calib_methods() -> Sequence[str]:
-    from typing import get_args
-
-    from nkat_gguf.convert.options import ThetaCalib
-
-    return get_args(ThetaCalib)
-
-
-def _fit_methods() -> Sequence[str]:
-    from nkat_gguf.convert.theta_fit import FIT_METHODS
-
-    return FIT_METHODS
+from nkat_gguf.math.limits import DAMPING_RANGE, FIT_METHODS, ROUNDS_RANGE, THETA_CALIBS
 
 
 def _tensor_types(_ctx: click.Context, _param: click.Parameter, items: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
@@ -79,15 +65,15 @@ def _tensor_types(_ctx: click.Context, _param: click.Parameter, items: tuple[str
                    "(default: 4GiB).")
 @click.option("--save-imatrix", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the calibration as a llama.cpp imatrix GGUF (llama-quantize --imatrix reads it).")
-@click.option("--theta-calib", type=options.LazyChoice(_theta_calib_methods), default="activation", show_default=True,
+@click.option("--theta-calib", type=click.Choice(THETA_CALIBS), default="activation", show_default=True,
               help="activation: SVD weighted by each weight's inputs (see --theta-fit); none: plain SVD.")
-@click.option("--theta-fit", type=options.LazyChoice(_fit_methods), default="whiten", show_default=True,
+@click.option("--theta-fit", type=click.Choice(FIT_METHODS), default="whiten", show_default=True,
               help="whiten: the exact minimiser of the expected output error, from E[x xT] of each weight's input "
                    "(damped Cholesky); diag: columns scaled by sqrt(E[x^2]) only, inputs taken as uncorrelated.")
-@click.option("--theta-damping", type=click.FloatRange(0, 10), default=None,
+@click.option("--theta-damping", type=click.FloatRange(*DAMPING_RANGE), default=None,
               help="Damping added as this fraction of the mean of E[x^2] (GPTQ-style) before the fit "
                    "(default: 0.01 for whiten, 0 for diag).")
-@click.option("--theta-rounds", type=click.IntRange(1, 10), default=1, show_default=True,
+@click.option("--theta-rounds", type=click.IntRange(*ROUNDS_RANGE), default=1, show_default=True,
               help="LoftQ-style joint fit: requantize W - B·A and refit theta this many rounds in all, keeping per "
                    "weight the round with the lowest expected output error (1: theta on llama.cpp's quantization).")
 @click.option("--imatrix", default="auto", show_default=True,
@@ -139,7 +125,7 @@ def convert(input_: str, output: Path, outtype: str | None, reference: Path | No
     given = {"outtype": outtype, "theta_rank": theta_rank, "selective_layers": list(selective_layers) or None,
              "calib_memory": calib_memory}
     opts = ConvertOptions(
-        input=resolve_model(input_), output=output, reference=reference, theta_gamma=gamma,
+        input=resolve_model(input_), output=output, reference=reference, gamma=gamma,
         theta_budget=theta_budget, theta_max_weights=theta_max_weights, byte_budget=byte_budget,
         op_budget=op_budget, tensor_types=tensor_types,
         calib_text=calib_text, calib_tokens=calib_tokens, save_imatrix=save_imatrix, theta_calib=theta_calib,

@@ -11,6 +11,7 @@ import click
 from nkat_gguf.cli import options
 from nkat_gguf.cli.errors import fail_cleanly
 from nkat_gguf.cli.output import emit
+from nkat_gguf.export.targets import ADAPTER, KOBOLD, OLLAMA
 
 FOLDED_GAMMA_HELP = "theta scale folded into B (default: the file's)."
 
@@ -35,7 +36,7 @@ def format_export(r: dict) -> str:
     return "\n".join(lines + ["run:"] + [f"  {c}" for c in r["commands"]])
 
 
-@export.command("adapter")
+@export.command(ADAPTER)
 @options.model_argument()
 @options.output(help="Adapter GGUF to write.")
 @options.gamma(help=FOLDED_GAMMA_HELP)
@@ -51,7 +52,7 @@ def export_adapter_command(model: str, output: Path, gamma: float | None, tensor
     emit(export_adapter(resolve_model(model), output, gamma, tensor_type).as_dict(), as_json, format_export)
 
 
-@export.command("ollama")
+@export.command(OLLAMA)
 @options.model_argument()
 @options.output_dir(help="Directory for the model, the adapter and the Modelfile (created if missing).")
 @options.gamma(help=FOLDED_GAMMA_HELP)
@@ -76,7 +77,7 @@ def export_ollama_command(model: str, output_dir: Path, gamma: float | None, nam
     emit(report.as_dict(), as_json, format_export)
 
 
-@export.command("kobold")
+@export.command(KOBOLD)
 @options.model_argument()
 @options.output_dir(help="Directory for the adapter and the .kcpps (created if missing).")
 @options.gamma(help=FOLDED_GAMMA_HELP)

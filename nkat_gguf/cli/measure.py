@@ -86,18 +86,18 @@ def bench(model: str, gamma: float | None, n_prompt: int, n_gen: int, repetition
     settings = SpeedSettings(repetitions=repetitions, n_prompt=n_prompt, n_gen=n_gen)
     runtime = options.runtime_options(gpu_layers, no_cuda, threads, n_ctx=max(512, n_prompt + n_gen))
     with NkatRuntime(path, runtime) as rt:
-        gammas = {"baseline": None}
+        gammas = {"theta_off": None}
         if rt.has_theta:
-            gammas["theta"] = gamma if gamma is not None else rt.default_gamma
+            gammas["theta"] = rt.resolve_gamma(gamma)
         speed = interleaved_speed(rt, gammas, settings)
         context = {k: v for k, v in rt.options.llama_kwargs().items()
                    if k in ("n_ctx", "n_batch", "n_ubatch", "n_threads", "n_threads_batch", "flash_attn")}
-    main_config = speed.get("theta", speed["baseline"])
+    main_config = speed.get("theta", speed["theta_off"])
     out = {"model": str(path), "tokens_per_second": main_config["tg_tokens_per_second"],
            "prompt_tokens_per_second": main_config["pp_tokens_per_second"],
            "avg_latency_ms": main_config["avg_latency_ms"], "device": device_name(),
            "theta_enabled": "theta" in speed, "gamma": gammas.get("theta"),
-           "overhead_percentage": (100.0 * (speed["baseline"]["tg_tokens_per_second"]
+           "overhead_percentage": (100.0 * (speed["theta_off"]["tg_tokens_per_second"]
                                             / speed["theta"]["tg_tokens_per_second"] - 1.0)) if "theta" in speed else 0.0,
            "repetitions": repetitions, "n_prompt": n_prompt, "n_gen": n_gen, "context": context, "runs": speed}
     emit(out, as_json, format_bench)

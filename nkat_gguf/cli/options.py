@@ -2,7 +2,8 @@
 
 `tests/test_cli_options.py` checks from the source that no option name is declared twice in this package.
 Choice lists are read from the module that owns them (`LazyChoice`), ranges are the owners' too: γ is
-checked by `format.nkat.check_gamma`, the one rule for γ wherever it comes from.
+checked by `format.nkat.check_gamma`, the one rule for γ wherever it comes from; choices and ranges that the
+library checks as well live in `math/limits.py`, light enough to read at start-up.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ import click
 from nkat_gguf.cli import options
 from nkat_gguf.cli.errors import fail_cleanly
 from nkat_gguf.cli.output import command_line, emit
+from nkat_gguf.math.limits import MIN_LONGTEXT_TOKENS, TEMPERATURE_RANGE
 
 
 class AliasedGroup(click.Group):
@@ -74,7 +75,13 @@ def _rows_options(fn: Callable) -> Callable:
     return options.engine_options(fn)
 
 
-@qc.command("confidence")
+@qc.command("confidence", help=f"""
+    Next-token ECE, Brier, NLL, top-1 and confidence, before and after a fitted temperature.
+
+    Rows: theta at gamma, theta off (or the plain model) and the reference. T minimises NLL on the
+    calibration text in [{TEMPERATURE_RANGE[0]}, {TEMPERATURE_RANGE[1]}]; the metrics are measured on the evaluation
+    text at T = 1 and at T.
+    """)
 @_rows_options
 @options.calib_text(help="UTF-8 text the temperature is fitted on (default: the calibration split of pydoc topics).")
 @options.ctx()
@@ -90,11 +97,6 @@ def qc_confidence(model: str, reference: Path | None, no_reference: bool, gamma:
                   report_dir: Path | None, as_json: bool, gpu_layers: int, no_cuda: bool, threads: int | None,
                   calib_text: Path | None, ctx: int, chunks: int, calib_chunks: int,
                   write_temperature: Path | None) -> None:
-    """Next-token ECE, Brier, NLL, top-1 and confidence, before and after a fitted temperature.
-
-    Rows: theta at gamma, theta off (or the plain model) and the reference. T minimises NLL on the
-    calibration text in [0.5, 3.0]; the metrics are measured on the evaluation text at T = 1 and at T.
-    """
     from nkat_gguf.default_model import resolve_model
     from nkat_gguf.evaluate.confidence import CalibrationSettings, calibration_report, fitted_temperature
     from nkat_gguf.evaluate.confidence import write_temperature as write_t
@@ -120,7 +122,7 @@ def qc_confidence(model: str, reference: Path | None, no_reference: bool, gamma:
 
 @qc.command("longtext")
 @_rows_options
-@click.option("--tokens", type=click.IntRange(min=1), default=2048, show_default=True,
+@click.option("--tokens", type=click.IntRange(min=MIN_LONGTEXT_TOKENS), default=2048, show_default=True,
               help="Teacher-forced window in tokens (capped, with a note, at the model's training context).")
 @click.option("--gen-tokens", type=click.IntRange(min=1), default=256, show_default=True,
               help="Greedy new tokens per built-in prompt at most (an end-of-generation token stops earlier).")

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
 
+from nkat_gguf.math.limits import ThetaCalib
 from nkat_gguf.so8t.bake_step import So8tOptions
 
 DEFAULT_CALIB_MEMORY = "4GiB"  # the second moments of a whole 7B llama (6.4 GB) take two passes, the default model one
-
-ThetaCalib = Literal["activation", "none"]
 
 # The default convert (issue 9): the base type and θ chosen from the frontier measurement in BENCHMARKS.md,
 # "Frontier (issue 9)", where its command, conditions and code version stand. That measurement is partial and
@@ -30,7 +28,7 @@ class ConvertOptions:
     outtype: str = DEFAULT_OUTTYPE  # "same": the input's type
     reference: Path | None = None
     theta_rank: int = DEFAULT_THETA_RANK
-    theta_gamma: float = 0.97
+    gamma: float = 0.97  # γ, stored in the file as NkatTheta.gamma
     selective_layers: list[str] | tuple[str, ...] | None = DEFAULT_THETA_WEIGHTS  # None: every attention/FFN weight
     calib_text: Path | None = None
     calib_memory: str = DEFAULT_CALIB_MEMORY  # Σxxᵀ held at once; above it, passes per group of layers
@@ -60,7 +58,7 @@ class ConvertReport:
     output: str
     outtype: str
     theta_rank: int
-    theta_gamma: float
+    gamma: float
     calibration: str  # "activation" or "none"
     theta_fit: str
     imatrix: str

@@ -67,7 +67,7 @@ def convert(opts: ConvertOptions, calibration: Calibration | None = None) -> Con
     times = StepTimes()
     with times.step("total"):
         inputs = read_input(opts, calibration)
-        report = ConvertReport(str(opts.input), str(opts.output), inputs.outtype, opts.theta_rank, opts.theta_gamma,
+        report = ConvertReport(str(opts.input), str(opts.output), inputs.outtype, opts.theta_rank, opts.gamma,
                                "none", opts.theta_fit, "none", input_bytes=Path(opts.input).stat().st_size)
         with work_dir(Path(opts.output).parent, "convert") as tmp:
             model, so8t = bake(inputs, Path(tmp))
@@ -82,7 +82,7 @@ def convert(opts: ConvertOptions, calibration: Calibration | None = None) -> Con
                 quantized = quantize(inputs, model, imatrix, imatrix_source, Path(tmp))
             with times.step("theta"):
                 theta = fit_theta(inputs, model, quantized, for_theta, Path(tmp))
-                record = NkatTheta(opts.theta_gamma, {n: f.theta for n, f in theta.fits.items()},
+                record = NkatTheta(opts.gamma, {n: f.theta for n, f in theta.fits.items()},
                                    provenance(inputs, calibration, quantized.imatrix_source, theta.allocation,
                                               theta.types, so8t))
             written = Path(tmp) / "with-theta.gguf" if opts.calibrate_temperature else Path(opts.output)
@@ -171,12 +171,12 @@ def fit_theta(inputs: Inputs, model: Model, quantized: Quantized, calibration: C
     weights = model.reference.dequantize
     if inputs.byte_budget is not None:
         mix = allocate_mix(model.path, quantized.path, inputs.ftype, quantized.imatrix, weights, inputs.names,
-                           calibration, inputs.calib_text, inputs.byte_budget, inputs.op_budget, opts.theta_gamma,
+                           calibration, inputs.calib_text, inputs.byte_budget, inputs.op_budget, opts.gamma,
                            inputs.fit, tmp, opts.threads, opts.progress)
         return Theta(mix.fits, mix.path, mix.summary(), mix.upgrades)
     if inputs.budget is not None:
         allocation = allocate_theta(quantized.path, weights, inputs.names, calibration, inputs.calib_text,
-                                    inputs.budget, opts.theta_max_weights, opts.theta_gamma, inputs.fit, tmp,
+                                    inputs.budget, opts.theta_max_weights, opts.gamma, inputs.fit, tmp,
                                     opts.threads, opts.progress)
         return Theta(allocation.fits, quantized.path, allocation.summary())
     if opts.theta_rank == 0:

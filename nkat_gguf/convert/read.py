@@ -15,7 +15,7 @@ from nkat_gguf.convert.calibrate import Calibration
 from nkat_gguf.convert.moment_groups import parse_memory
 from nkat_gguf.convert.options import ConvertOptions
 from nkat_gguf.convert.selection import resolve_tensor_types, select_tensors
-from nkat_gguf.convert.theta_fit import FIT_METHODS, FitSettings
+from nkat_gguf.convert.theta_fit import FitSettings
 from nkat_gguf.engine.quantize import resolve_outtype
 from nkat_gguf.engine.runtime import check_loadable
 from nkat_gguf.errors import InputError
@@ -26,6 +26,7 @@ from nkat_gguf.format.imatrix import input_widths, read_imatrix_file
 from nkat_gguf.format.nkat import check_gamma
 from nkat_gguf.format.tensors import TensorSource
 from nkat_gguf.math.allocation import ThetaBudget, check_max_weights, parse_budget
+from nkat_gguf.math.limits import DAMPING_RANGE, FIT_METHODS, ROUNDS_RANGE
 from nkat_gguf.so8t.bake_step import check_so8t_options
 from nkat_gguf.texts import Text
 
@@ -66,7 +67,7 @@ def read_input(opts: ConvertOptions, calibration: Calibration | None) -> Inputs:
     _check_paths(input_path, output_path, opts.reference)
     if opts.save_imatrix is not None:
         _check_imatrix_path(Path(opts.save_imatrix), input_path, output_path, calibration)
-    check_gamma(opts.theta_gamma)
+    check_gamma(opts.gamma)
     check_loadable(input_path)
     check_so8t_options(opts.so8t, opts.imatrix, reuses_calibration=calibration is not None)
     if opts.imatrix not in ("auto", "none"):  # a bad file fails now, not after the calibration
@@ -122,11 +123,16 @@ def check_rank(source: TensorSource, names: list[str], rank: int) -> None:
 def check_fit(opts: ConvertOptions) -> FitSettings:
     if opts.theta_fit not in FIT_METHODS:
         raise InputError(f"--theta-fit must be one of {', '.join(FIT_METHODS)}, got {opts.theta_fit!r}")
-    if opts.theta_damping is not None and not 0 <= opts.theta_damping <= 10:
-        raise InputError(f"--theta-damping must lie in [0, 10], got {opts.theta_damping}")
-    if not 1 <= opts.theta_rounds <= 10:
-        raise InputError(f"--theta-rounds must lie in [1, 10], got {opts.theta_rounds}")
+    if opts.theta_damping is not None:
+        _check_range("--theta-damping", opts.theta_damping, DAMPING_RANGE)
+    _check_range("--theta-rounds", opts.theta_rounds, ROUNDS_RANGE)
     return FitSettings(opts.theta_fit, opts.theta_damping, opts.theta_rounds)
+
+
+def _check_range(option: str, value: float, bounds: tuple[float, float]) -> None:
+    low, high = bounds
+    if not low <= value <= high:
+        raise InputError(f"{option} must lie in [{low:g}, {high:g}], got {value}")
 
 
 def check_budget_options(opts: ConvertOptions, names: list[str], model_bytes: int) -> ThetaBudget | None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable
 
 import numpy as np
 from gguf import quants
@@ -23,6 +23,7 @@ from nkat_gguf.convert.calibrate import Calibration
 from nkat_gguf.engine.quantize import quantize_rows
 from nkat_gguf.format.gguf_file import TensorSpec, copy_metadata, read_layout, write_gguf
 from nkat_gguf.format.tensors import TensorSource
+from nkat_gguf.math.limits import FitMethod
 from nkat_gguf.math.lowrank import theta_from_residual, theta_whitened
 from nkat_gguf.math.theta import (
     LowRank,
@@ -33,8 +34,6 @@ from nkat_gguf.math.theta import (
     quantize_int8,
 )
 
-FitMethod = Literal["diag", "whiten"]
-FIT_METHODS: tuple[FitMethod, ...] = ("diag", "whiten")
 DEFAULT_DAMPING: dict[FitMethod, float] = {"diag": 0.0, "whiten": 0.01}
 
 

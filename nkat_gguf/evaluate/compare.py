@@ -38,11 +38,11 @@ def compare(model: Path, text: Text, runtime_options: RuntimeOptions, settings: 
     with NkatRuntime(model, runtime_options) as runtime:
         if not runtime.has_theta:
             raise InputError(f"{model.name} carries no theta: nothing to compare (convert it with --theta-rank > 0)")
-        gamma = runtime.default_gamma if gamma is None else gamma
+        gamma = runtime.resolve_gamma(gamma)
         reference = reference or default_reference_for(runtime)
         tokens = tokenize_text(runtime.llm, text.content)
-        speed = interleaved_speed(runtime, {"baseline": None, "theta": gamma},
-                                  replace(settings, ratio_pairs=(("theta", "baseline"),)))
+        speed = interleaved_speed(runtime, {"theta_off": None, "theta": gamma},
+                                  replace(settings, ratio_pairs=(("theta", "theta_off"),)))
         if reference is None:
             ppl, kld = _theta_passes(runtime, tokens, settings, gamma)
         provenance = dict(runtime.theta.provenance)
@@ -56,7 +56,7 @@ def compare(model: Path, text: Text, runtime_options: RuntimeOptions, settings: 
             with NkatRuntime(model, runtime_options) as runtime:
                 ppl, kld = _theta_passes(runtime, tokens, settings, gamma, base)
         ppl["reference"] = ref_ppl
-    base, theta = speed["baseline"], speed["theta"]
+    base, theta = speed["theta_off"], speed["theta"]
     result = {
         **report_head(model, reference, text),
         "device": device_name(),
@@ -66,7 +66,7 @@ def compare(model: Path, text: Text, runtime_options: RuntimeOptions, settings: 
         "outtype": provenance.get(nkat.OUTTYPE),
         "imatrix": provenance.get(nkat.IMATRIX),
         "n_ctx": settings.n_ctx,
-        "chunks": ppl["baseline"].n_chunks,
+        "chunks": ppl["theta_off"].n_chunks,
         "repetitions": settings.repetitions,
         "speed": speed,
         "speed_ratio": {"pp": theta["pp_tokens_per_second"] / base["pp_tokens_per_second"],
@@ -81,8 +81,8 @@ def compare(model: Path, text: Text, runtime_options: RuntimeOptions, settings: 
         "gap_recovered": None,
     }
     if "reference" in ppl:
-        gap = ppl["baseline"].ppl - ppl["reference"].ppl
-        result["gap_recovered"] = (ppl["baseline"].ppl - ppl["theta"].ppl) / gap if gap > 0 else None
+        gap = ppl["theta_off"].ppl - ppl["reference"].ppl
+        result["gap_recovered"] = (ppl["theta_off"].ppl - ppl["theta"].ppl) / gap if gap > 0 else None
     return result
 
 
@@ -90,7 +90,7 @@ def _theta_passes(runtime: NkatRuntime, tokens: list[int], settings: CompareSett
                   base: Path | None = None) -> tuple[dict[str, PerplexityResult], dict[str, dict]]:
     """Perplexity with theta off and on; against a reference's base file, each pass's KLD too."""
     ppl, kld = {}, {}
-    for name, g in (("baseline", None), ("theta", gamma)):
+    for name, g in (("theta_off", None), ("theta", gamma)):
         runtime.set_gamma(g)
         if base is None:
             ppl[name] = perplexity(runtime.llm, tokens, settings.n_ctx, settings.n_chunks, settings.progress)
@@ -109,7 +109,7 @@ def format_compare(result: dict) -> str:
         f"text       {result['text']}  ({result['chunks']} chunks of {result['n_ctx']})",
         f"{'':12}{'pp tok/s':>18}{'tg tok/s':>18}{'perplexity':>20}",
     ]
-    for name in ("baseline", "theta"):
+    for name in ("theta_off", "theta"):
         lines.append(f"{name:12}{s[name]['pp_tokens_per_second']:>10.1f} ± {s[name]['pp_sd']:<5.1f}"
                      f"{s[name]['tg_tokens_per_second']:>10.1f} ± {s[name]['tg_sd']:<5.1f}"
                      f"{p[name]['ppl']:>12.4f} ± {p[name]['ppl_stderr']:.4f}")

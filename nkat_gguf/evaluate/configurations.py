@@ -43,7 +43,7 @@ def measure_rows(model: Path, options: RuntimeOptions, measure: Measure, gamma: 
     then "reference" (`reference`, or the default model when the file was made from it), and the reference used."""
     rows: dict[str, dict] = {}
     with NkatRuntime(model, options) as runtime:
-        gammas = {"theta": runtime.default_gamma if gamma is None else gamma, "theta_off": None} \
+        gammas = {"theta": runtime.resolve_gamma(gamma), "theta_off": None} \
             if runtime.has_theta else {"model": None}
         for name, g in gammas.items():
             runtime.set_gamma(g)

@@ -60,6 +60,13 @@ WEIGHT_SETS = {"all": None, "ffn": ["blk.*.ffn_*"], "attn": ["blk.*.attn_*"]}
 _SETTABLE = {f.name for f in dataclasses.fields(ConvertOptions)} - {"input", "output", "reference", "outtype",
                                                                      "theta_rank", "selective_layers", "imatrix",
                                                                      "calib_text", "progress", "threads", "tensor_types"}
+_OLD_KEYS = {"theta_gamma": "gamma"}  # spellings before issue 18's one name per idea, still accepted
+
+
+def _option_key(key: str) -> str:
+    """A spec's `key` as the ConvertOptions field it names: dashes as underscores, old spellings mapped."""
+    key = key.replace("-", "_")
+    return _OLD_KEYS.get(key, key)
 
 
 @dataclass(frozen=True)
@@ -85,7 +92,7 @@ class ThetaSpec:
 
 
 def parse_theta_spec(spec: str) -> ThetaSpec:
-    """BASE:RANK[:WEIGHTS][:key=value...], e.g. "IQ4_NL:8", "Q4_0:4:ffn", "IQ4_NL:8:blk.*.ffn_down:theta_gamma=1"."""
+    """BASE:RANK[:WEIGHTS][:key=value...], e.g. "IQ4_NL:8", "Q4_0:4:ffn", "IQ4_NL:8:blk.*.ffn_down:gamma=1"."""
     parts = spec.split(":")
     if len(parts) < 2 or not parts[1].isdigit() or int(parts[1]) < 1:
         raise InputError(f"--theta {spec!r}: expected BASE:RANK[:WEIGHTS][:key=value], RANK an integer >= 1")
@@ -95,7 +102,7 @@ def parse_theta_spec(spec: str) -> ThetaSpec:
     options = []
     for item in (p for p in parts[2:] if "=" in p):
         key, value = item.split("=", 1)
-        key = key.replace("-", "_")
+        key = _option_key(key)
         if key not in _SETTABLE:
             raise InputError(f"--theta {spec!r}: {key} is not a convert option; "
                              f"choose from {', '.join(sorted(_SETTABLE))}")
@@ -138,8 +145,8 @@ def parse_mix_spec(spec: str) -> MixSpec:
     types, options = [], []
     for item in items:
         key, value = item.split("=", 1)
-        if key.replace("-", "_") in _SETTABLE:
-            options.append((key.replace("-", "_"), _literal(value)))
+        if _option_key(key) in _SETTABLE:
+            options.append((_option_key(key), _literal(value)))
         else:
             types.append((key, value.upper()))
     return MixSpec(base.upper(), tuple(types), tuple(options))

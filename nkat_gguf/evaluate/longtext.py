@@ -23,9 +23,8 @@ from nkat_gguf.errors import InputError
 from nkat_gguf.evaluate.configurations import measure_rows, report_head
 from nkat_gguf.format.gguf_file import read_layout
 from nkat_gguf.math.confidence import entropy_and_max_logit, repetition_share, series_indices
+from nkat_gguf.math.limits import MIN_LONGTEXT_TOKENS
 from nkat_gguf.texts import LONG_PROMPTS, Text
-
-MIN_WINDOW = 64  # below this the drop window (32) and the drift slope say little
 
 
 @dataclass(frozen=True)
@@ -45,8 +44,8 @@ def trained_context(model: Path) -> int | None:
 
 def plan_context(model: Path, settings: LongtextSettings) -> tuple[int, list[str]]:
     """The window actually used and the notes saying why it differs from --tokens."""
-    if settings.tokens < MIN_WINDOW:
-        raise InputError(f"--tokens must be at least {MIN_WINDOW}, got {settings.tokens}")
+    if settings.tokens < MIN_LONGTEXT_TOKENS:
+        raise InputError(f"--tokens must be at least {MIN_LONGTEXT_TOKENS}, got {settings.tokens}")
     trained = trained_context(model)
     if trained is not None and trained < settings.tokens:
         return trained, [f"{model.name} was trained on a context of {trained} tokens, shorter than --tokens "

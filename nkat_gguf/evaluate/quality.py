@@ -50,7 +50,7 @@ VARIANTS: dict[str, tuple[str, bool]] = {
 class QualitySettings:
     outtype: str = "Q4_0"
     theta_rank: int = 8
-    theta_gamma: float = ConvertOptions.theta_gamma
+    gamma: float = ConvertOptions.gamma
     n_ctx: int = 512
     n_chunks: int = 16
     repetitions: int = 3
@@ -76,7 +76,7 @@ def build_variants(model: Path, reference: Path | None, calibration: Calibration
     for name, (imatrix, with_theta) in VARIANTS.items():
         opts = ConvertOptions(input=model, output=workdir / f"{model.stem}.{settings.outtype}.{name}.gguf",
                               outtype=settings.outtype, reference=reference,
-                              theta_rank=settings.theta_rank if with_theta else 0, theta_gamma=settings.theta_gamma,
+                              theta_rank=settings.theta_rank if with_theta else 0, gamma=settings.gamma,
                               imatrix=imatrix, progress=settings.progress)
         uses_calibration = imatrix == "auto" or with_theta
         reports[name] = convert(opts, calibration if uses_calibration else None)
@@ -99,7 +99,7 @@ def measure_files(files: dict[str, Path], texts: dict[str, Text], runtime_option
     """
     with ExitStack() as stack:
         runtimes = {name: stack.enter_context(NkatRuntime(path, runtime_options)) for name, path in files.items()}
-        gammas = {name: rt.default_gamma for name, rt in runtimes.items()}  # None: no θ in the file
+        gammas = {name: rt.resolve_gamma() for name, rt in runtimes.items()}  # None: no θ in the file
         configurations, pairs = {}, []
         for name, rt in runtimes.items():
             configurations[name] = Configuration(rt.llm, functools.partial(rt.set_gamma, gammas[name]))
@@ -186,7 +186,7 @@ def quality_table(model: Path, text: Text, runtime_options: RuntimeOptions,
     return {
         "model": str(model), "reference": str(reference or model), "out_dir": str(out_dir) if out_dir else None,
         "outtype": settings.outtype,
-        "theta_rank": settings.theta_rank, "theta_gamma": settings.theta_gamma,
+        "theta_rank": settings.theta_rank, "gamma": settings.gamma,
         "text": text.source, "text_sha256": text.sha256, "n_ctx": settings.n_ctx,
         "repetitions": settings.repetitions, "n_prompt": settings.n_prompt, "n_gen": settings.n_gen,
         "device": device_name(),
@@ -202,7 +202,7 @@ def format_quality_table(result: dict) -> str:
     mib = 1 << 20
     lines = [
         f"model {result['model']} -> {result['outtype']}, theta rank {result['theta_rank']} "
-        f"(gamma {result['theta_gamma']:g}); reference {result['reference']}",
+        f"(gamma {result['gamma']:g}); reference {result['reference']}",
         f"text {result['text']} ({rows['plain']['chunks']} chunks of {result['n_ctx']}); calibration "
         f"{result['calibration']['source']} ({result['calibration']['tokens']} tokens); "
         f"{result['repetitions']} interleaved speed rounds on {result['device']}",

@@ -27,6 +27,7 @@ from nkat_gguf.engine.perplexity import perplexity, tokenize_text
 from nkat_gguf.engine.runtime import NkatRuntime, RuntimeOptions, check_loadable
 from nkat_gguf.errors import InputError
 from nkat_gguf.export.merge import write_merged
+from nkat_gguf.export.targets import ADAPTER, KOBOLD, MODELFILE, OLLAMA, export_stem, kcpps_name, ollama_name
 from nkat_gguf.format import nkat
 from nkat_gguf.format.atomic import atomic_output, output_directory
 from nkat_gguf.format.gguf_file import GGUFLayout, read_layout, typed_int, typed_value, write_with_metadata
@@ -42,7 +43,7 @@ _CONTROL_TOKEN = 3  # tokenizer.ggml.token_type of control tokens (<|im_end|>, <
 
 @dataclass
 class ExportReport:
-    kind: str  # "adapter", "ollama" or "kobold"
+    kind: str  # ADAPTER, OLLAMA or KOBOLD
     model: str
     gamma: float | None  # None: the model has no theta
     files: dict[str, str] = field(default_factory=dict)  # role -> path
@@ -67,17 +68,6 @@ class _Model:
     @property
     def stem(self) -> str:
         return export_stem(self.path)
-
-
-def export_stem(model: Path) -> str:
-    """File-name-safe base name of every exported file: `foo.nkat.gguf` -> `foo`."""
-    name = model.name.removesuffix(".gguf").removesuffix(".nkat")
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "model"
-
-
-def ollama_name(model: Path) -> str:
-    """The default `--name`: the export stem in lower case."""
-    return export_stem(model).lower()
 
 
 def _open(model: Path, gamma: float | None, report_notes: list[str]) -> _Model:
@@ -133,7 +123,7 @@ def export_adapter(model: Path, output: Path, gamma: float | None = None, tensor
 
     The output's directory is created if missing, as the other exports create theirs.
     """
-    report = ExportReport("adapter", str(model), None)
+    report = ExportReport(ADAPTER, str(model), None)
     source = _open(model, gamma, report.notes)
     report.gamma = source.gamma
     if output.is_dir():
@@ -220,7 +210,7 @@ def export_ollama(model: Path, output_dir: Path, gamma: float | None = None, nam
     """DIR with the model, the γ-folded adapter and a Modelfile; `merged` puts theta into one GGUF instead."""
     if outtype is not None and not merged:
         raise InputError("--outtype applies to --merged only (the adapter form keeps the model as it is)")
-    report = ExportReport("ollama", str(model), None)
+    report = ExportReport(OLLAMA, str(model), None)
     source = _open(model, gamma, report.notes)
     report.gamma = source.gamma
     name = _ollama_name(name, source)
@@ -250,7 +240,7 @@ def export_ollama(model: Path, output_dir: Path, gamma: float | None = None, nam
             else:
                 check_loadable(staged)
         report.files["model"] = str(directory / model_file)
-        modelfile = directory / "Modelfile"
+        modelfile = directory / MODELFILE
         temperature = source.temperature.temperature if source.temperature else None
         _stage(outputs, source, modelfile).write_text(
             modelfile_text(model_file, adapter_file, *modelfile_lines, temperature), encoding="utf-8")
@@ -331,7 +321,7 @@ def kcpps_config(model_path: Path, adapter_path: Path | None, contextsize: int, 
 
 def export_kobold(model: Path, output_dir: Path, gamma: float | None = None, threads: int | None = None) -> ExportReport:
     """DIR with the γ-folded adapter and a `.kcpps` that runs the NKAT model with it."""
-    report = ExportReport("kobold", str(model), None)
+    report = ExportReport(KOBOLD, str(model), None)
     source = _open(model, gamma, report.notes)
     report.gamma = source.gamma
     model_path = source.path.resolve()
@@ -347,7 +337,7 @@ def export_kobold(model: Path, output_dir: Path, gamma: float | None = None, thr
         config = kcpps_config(model_path, adapter, contextsize, threads or os.cpu_count() or 1,
                               source.temperature.temperature if source.temperature else None)
         report.notes += _temperature_note(source, "gendefaults in the .kcpps (KoboldCpp newer than 1.102; older releases ignore it)")
-        kcpps = directory / f"{source.stem}.kcpps"
+        kcpps = directory / kcpps_name(source.path)
         _stage(outputs, source, kcpps).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     report.files["kcpps"] = str(kcpps)
     report.commands.append(f"koboldcpp --config {shlex.quote(str(kcpps))}")

@@ -16,10 +16,10 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from nkat_gguf.math.limits import DROP_WINDOW, TEMPERATURE_RANGE
+
 ECE_BINS = 15  # equal-width bins over confidence [0, 1], as in Guo et al. 2017
-TEMPERATURE_RANGE = (0.5, 3.0)
 TEMPERATURE_TOLERANCE = 1e-4  # the search stops when T is known to within about this
-DROP_WINDOW = 32  # tokens of the trailing mean in an abnormal entropy drop
 DROP_RATIO = 0.5  # a drop: trailing mean below this share of the window's median entropy
 REPEAT_N = 4  # n of the n-grams in the repetition share
 _GOLDEN_STEP = (3.0 - math.sqrt(5.0)) / 2.0  # 0.382: the golden-section share of the larger part

@@ -1,0 +1,25 @@
+"""Choices and numeric ranges that both a command's options and the library check, declared once.
+
+The library's checks (`convert.read.check_fit`, `evaluate.longtext.plan_context`, for Python callers) and
+the CLI's option types read them from here. This module imports nothing, so `nkat-gguf --help` shows the
+choices and ranges without loading the convert pipeline, numpy or llama.cpp.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+# θ fit (convert --theta-calib, --theta-fit, --theta-damping, --theta-rounds)
+ThetaCalib = Literal["activation", "none"]  # activation: SVD weighted by each weight's inputs; none: plain SVD
+THETA_CALIBS: tuple[ThetaCalib, ...] = get_args(ThetaCalib)
+FitMethod = Literal["diag", "whiten"]
+FIT_METHODS: tuple[FitMethod, ...] = get_args(FitMethod)
+DAMPING_RANGE: tuple[float, float] = (0, 10)  # the fit's damping, a fraction of the mean of E[x²]
+ROUNDS_RANGE: tuple[int, int] = (1, 10)  # LoftQ-style joint rounds in all; 1: θ on llama.cpp's own quantization
+
+# confidence (qc confidence, convert --calibrate-temperature): the temperature's search interval
+TEMPERATURE_RANGE: tuple[float, float] = (0.5, 3.0)
+
+# long-text QC (qc longtext --tokens)
+DROP_WINDOW = 32  # tokens of the trailing mean in an abnormal entropy drop
+MIN_LONGTEXT_TOKENS = 2 * DROP_WINDOW  # below this the drop window and the drift slope say little
