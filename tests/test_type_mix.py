@@ -175,3 +175,10 @@ def test_bad_budgets_are_one_clear_line(tiny_f32: Path, tmp_path: Path, options:
         convert(ConvertOptions(input=tiny_f32, output=tmp_path / "x.gguf", progress=False, **options))
     assert "\n" not in str(caught.value)
     assert not (tmp_path / "x.gguf").exists()
+
+
+@pytest.mark.parametrize("label", ["types", "theta"])
+def test_mixed_report_is_json_with_no_unmeasured_figure_as_nan(mixed: dict, label: str) -> None:
+    """`convert --json` refuses non-finite figures: what an allocation does not measure is null, not NaN."""
+    report = mixed[label][1].as_dict()
+    assert json.loads(json.dumps(report, allow_nan=False)) == report

@@ -48,7 +48,7 @@ class Allocation:
     budget_bytes: int
     spent_bytes: int
     max_weights: int | None
-    sensitivity: dict[str, dict[str, float]]  # kind -> nll_drop, energy, sensitivity
+    sensitivity: dict[str, dict[str, float | None]]  # kind -> nll_drop, energy (None: not measured), sensitivity
 
     def summary(self) -> dict:
         ranks = {n: f.theta.rank for n, f in self.fits.items()}
@@ -77,9 +77,9 @@ class FitPass:
 
     def fits(self, ranks: dict[str, int]) -> dict[str, WeightFit]:
         """Factors cut to `ranks` (exact for an SVD) with the share of each weight's energy they capture
-        (the expected output error is not recomputed per budget: NaN)."""
+        (the expected output error is not recomputed per budget: None)."""
         return {n: WeightFit(quantize_int8(self.full[n].truncate(r)),
-                             float(self.energy[n][:r].sum() / max(self.total_energy[n], 1e-300)), float("nan"), 0)
+                             float(self.energy[n][:r].sum() / max(self.total_energy[n], 1e-300)), None, 0)
                 for n, r in ranks.items() if r > 0}
 
 
@@ -99,7 +99,7 @@ def fit_pass(quantized_path: Path, weights: Callable[[str], np.ndarray], names: 
         total_energy[name] = float(energy[name].sum()) / captured if captured > 0 else 0.0
         costs.append(WeightCosts(name, energy[name], component_bytes(*residual.shape), listing_bytes(name)))
     if calibration is None:  # no reference forward: nothing to measure sensitivity with, so every kind counts alike
-        sensitivity = {k: {"nll_drop": float("nan"), "energy": float("nan"), "sensitivity": 1.0}
+        sensitivity = {k: {"nll_drop": None, "energy": None, "sensitivity": 1.0}
                        for k in sorted({weight_kind(n) for n in names})}
     else:
         sensitivity = kind_sensitivity(quantized_path, full, energy, calib_text, gamma, work_dir, threads, progress)
@@ -225,7 +225,7 @@ def allocate_mix(model_path: Path, base_path: Path, ftype: int, imatrix: dict[st
         steps = {n: [TypeStep(base_types[n].name, 0, fitted.total_energy[n], fitted.energy[n])] for n in names}
         residuals.base = {n: (residuals.diagonal_error(n, base.dequantize(n)), steps[n][0]) for n in names}
     else:  # types only: every kind's weighted residual counts alike
-        sensitivity = {k: {"nll_drop": float("nan"), "energy": float("nan"), "sensitivity": 1.0}
+        sensitivity = {k: {"nll_drop": None, "energy": None, "sensitivity": 1.0}
                        for k in sorted({weight_kind(n) for n in names})}
         steps = {n: [residuals.step(n, base_types[n].name, base.dequantize(n), 0)] for n in names}
     ladders = {n: type_steps(base_types[n], base.info(n).shape[0]) for n in names}
@@ -263,7 +263,7 @@ def allocate_mix(model_path: Path, base_path: Path, ftype: int, imatrix: dict[st
             share = float(energy[:c.rank].sum() / max(fitted.total_energy[n], 1e-300))
         else:  # an upgraded weight's θ is fitted to its new residual
             factors, share = fitter.fit(n, weights(n) - written.dequantize(n), c.rank)
-        fits[n] = WeightFit(quantize_int8(factors), share, float("nan"), 0)
+        fits[n] = WeightFit(quantize_int8(factors), share, None, 0)
     return MixAllocation(mixed, choices, fits, {n: t.name for n, t in base_types.items()}, budget_bytes,
                          mix_bytes(costs, choices), max_weights, sensitivity)
 

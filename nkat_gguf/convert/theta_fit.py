@@ -52,7 +52,8 @@ class FitSettings:
 class WeightFit:
     theta: ThetaInt8  # the factors as stored: INT8 with per-component scales, quantized once here
     captured_energy: float
-    error: float  # expected output error of quantized weight + INT8 θ (diagonal E[x²] when no E[x xᵀ])
+    error: float | None  # expected output error of quantized weight + INT8 θ (diagonal E[x²] when no E[x xᵀ]);
+    # None where an allocation cut the factors without recomputing it
     round: int  # 0: θ on llama.cpp's own quantization
 
 
