@@ -28,7 +28,7 @@ from gguf.constants import GGMLQuantizationType
 from nkat_gguf.convert.selection import default_theta_tensors
 from nkat_gguf.engine.adapter import adapter_cache_dir
 from nkat_gguf.engine.bench import device_name
-from nkat_gguf.engine.measure import interleaved_speed
+from nkat_gguf.engine.measure import interleaved_speed, paired_ratio
 from nkat_gguf.engine.runtime import NkatRuntime, RuntimeOptions
 from nkat_gguf.evaluate.compare import CompareSettings
 from nkat_gguf.format.gguf_file import read_layout, write_with_metadata
@@ -55,12 +55,13 @@ def synthetic_model(cache: Path, size: str, weight_type: str) -> tuple[Path, flo
     return path, time.perf_counter() - start
 
 
-def random_theta(model: Path, rank: int, seed: int = 0) -> NkatTheta:
-    """Random rank-r factors, small enough to keep activations finite, on convert's default weights."""
+def random_theta(model: Path, rank: int, weights: int | None = None, seed: int = 0) -> NkatTheta:
+    """Random rank-r factors, small enough to keep activations finite, on convert's default weights (the first
+    `weights` of them: an operation budget; for speed only how many weights carry θ matters, not which)."""
     layout = read_layout(model)
     rng = np.random.default_rng(seed)
     tensors = {}
-    for name in default_theta_tensors(layout):
+    for name in default_theta_tensors(layout)[:weights]:
         n_in, n_out = next(t.shape for t in layout.tensors if t.name == name)[:2]
         a = rng.standard_normal((rank, n_in), dtype=np.float32) / np.float32(np.sqrt(n_in))
         b = rng.standard_normal((n_out, rank), dtype=np.float32) * np.float32(0.01)
@@ -73,6 +74,8 @@ def main() -> None:
     parser.add_argument("--size", choices=SIZES, default="1.1b")
     parser.add_argument("--type", choices=TYPES, default="q4_0", help="weight type of the synthetic model")
     parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--op-budget", type=int, default=None,
+                        help="θ on this many weights only, as convert --op-budget (default: all of convert's)")
     parser.add_argument("--repetitions", "-r", type=int, default=3)
     parser.add_argument("--n-prompt", type=int, default=512)
     parser.add_argument("--n-gen", type=int, default=128)
@@ -82,10 +85,11 @@ def main() -> None:
     args = parser.parse_args()
 
     model, build_seconds = synthetic_model(args.cache_dir, args.size, args.type)
-    with_theta = args.cache_dir / f"{model.stem}.theta-r{args.rank}.gguf"
-    theta = random_theta(model, args.rank)
+    with_theta = args.cache_dir / f"{model.stem}.theta-r{args.rank}-w{args.op_budget or 'all'}.gguf"
+    theta = random_theta(model, args.rank, args.op_budget)
     write_with_metadata(model, with_theta, theta_metadata(theta))
-    settings = CompareSettings(repetitions=args.repetitions, n_prompt=args.n_prompt, n_gen=args.n_gen)
+    settings = CompareSettings(repetitions=args.repetitions, n_prompt=args.n_prompt, n_gen=args.n_gen,
+                               ratio_pairs=(("theta", "theta_off"),))
     options = RuntimeOptions(n_ctx=max(512, args.n_prompt, args.n_gen), n_batch=512, n_threads=args.threads)
     with NkatRuntime(with_theta, options) as runtime:
         speed = interleaved_speed(runtime, {"theta_off": None, "theta": 1.0}, settings)
@@ -99,6 +103,8 @@ def main() -> None:
         "overhead_percentage": {
             "pp": 100.0 * (base["pp_tokens_per_second"] / adapted["pp_tokens_per_second"] - 1.0),
             "tg": 100.0 * (base["tg_tokens_per_second"] / adapted["tg_tokens_per_second"] - 1.0)},
+        "speed_ratio_interval": {part: paired_ratio(adapted[f"{part}_runs"], base[f"{part}_runs"])
+                                 for part in ("pp", "tg")},
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
     }
     print(json.dumps(result, indent=2))
