@@ -16,7 +16,7 @@ from nkat_gguf.cli.output import command_line, emit
 @options.gamma()
 @click.option("--no-theta", is_flag=True, help="Measure the plain quantized model (adapter removed).")
 @options.text()
-@options.ctx(type=click.IntRange(min=1), default=None, show_default=False,
+@options.ctx(default=None, show_default=False,
              help="Tokens per chunk, as llama-perplexity -c (default 512; with --kl-divergence, the base file's).")
 @options.chunks(default=None, show_default=False, help="Chunks to score (default: all).")
 @click.option("--kl-divergence-base", "kld_base", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -42,7 +42,7 @@ def perplexity(model: str, gamma: float | None, no_theta: bool, text: Path | Non
     path = resolve_model(model)
     if kld_compare and kld_base is not None and kld_reference is None:
         ctx = base_context(kld_base, ctx)
-    ctx = ctx or 512
+    ctx = 512 if ctx is None else ctx
     for file in (path, kld_reference) if kld_reference else (path,):
         check_model(file, ctx)
     content = None if kld_compare and text is None else load_text(text, "evaluation")
