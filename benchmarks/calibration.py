@@ -45,6 +45,7 @@ from nkat_gguf.convert.calibrate import (  # noqa: E402
     calibration_windows,
     recorded_weights,
 )
+from nkat_gguf.convert.options import DEFAULT_OUTTYPE  # noqa: E402
 from nkat_gguf.default_model import default_model_path
 from nkat_gguf.engine.calibration import collect_statistics, plain_forward_seconds  # noqa: E402
 from nkat_gguf.engine.perplexity import perplexity, tokenize_text  # noqa: E402
@@ -80,7 +81,7 @@ def part_time(rounds: int, threads: int, n_windows: int | None) -> dict:
     layout = read_layout(MODEL)
     windows = calibration_windows(MODEL, CALIBRATION, None if n_windows is None else n_windows * 512)
     tokens = len(windows) * len(windows[0])
-    ftype = resolve_outtype("same", layout)[1]
+    ftype = resolve_outtype(DEFAULT_OUTTYPE, layout)[1]  # convert's own type: "same" (Q4_1) only copies the data
     weights = recorded_weights(MODEL)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

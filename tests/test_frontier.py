@@ -260,8 +260,7 @@ def test_help_lists_the_defaults_the_run_uses() -> None:
 
 
 def test_convert_help_states_the_defaults_convert_uses() -> None:
-    from nkat_gguf.convert.options import DEFAULT_OUTTYPE, DEFAULT_THETA_RANK, DEFAULT_THETA_WEIGHTS
+    from nkat_gguf.convert.options import DEFAULT_BYTE_BUDGET, DEFAULT_OP_BUDGET, DEFAULT_OUTTYPE
 
     text = " ".join(CliRunner().invoke(main, ["convert", "--help"]).output.split())
-    weights = "every attention/FFN weight" if DEFAULT_THETA_WEIGHTS is None else " ".join(DEFAULT_THETA_WEIGHTS)
-    assert f"--outtype {DEFAULT_OUTTYPE} --theta-rank {DEFAULT_THETA_RANK}, theta on {weights}" in text
+    assert f"--outtype {DEFAULT_OUTTYPE} --byte-budget {DEFAULT_BYTE_BUDGET} --op-budget {DEFAULT_OP_BUDGET}" in text

@@ -182,3 +182,18 @@ def test_mixed_report_is_json_with_no_unmeasured_figure_as_nan(mixed: dict, labe
     """`convert --json` refuses non-finite figures: what an allocation does not measure is null, not NaN."""
     report = mixed[label][1].as_dict()
     assert json.loads(json.dumps(report, allow_nan=False)) == report
+
+
+def test_default_allocation_is_the_measured_budgets_capped_at_the_model(tiny_f32: Path, tmp_path: Path) -> None:
+    """`convert` with no option that chooses weights: DEFAULT_BYTE_BUDGET, θ on at most DEFAULT_OP_BUDGET weights
+    (the tiny model has fewer: all of them may carry θ, not a refusal)."""
+    from nkat_gguf.convert.options import DEFAULT_BYTE_BUDGET, DEFAULT_OP_BUDGET
+
+    n_weights = len(default_theta_tensors(read_layout(tiny_f32)))
+    report = convert(ConvertOptions(input=tiny_f32, output=tmp_path / "d.gguf", outtype="IQ4_NL", threads=2,
+                                    progress=False, default_allocation=True))
+    assert report.allocation["method"] == "mix" and report.allocation["max_weights"] == min(DEFAULT_OP_BUDGET, n_weights)
+    assert DEFAULT_BYTE_BUDGET.endswith("%")
+    assert report.allocation["budget_bytes"] <= float(DEFAULT_BYTE_BUDGET[:-1]) / 100 * (tmp_path / "d.gguf").stat().st_size
+    with pytest.raises(InputError, match="default_allocation"):
+        convert(ConvertOptions(input=tiny_f32, output=tmp_path / "e.gguf", default_allocation=True, byte_budget="1%"))

@@ -110,9 +110,9 @@ def convert(input_: str, output: Path, outtype: str | None, reference: Path | No
     """Quantize a GGUF with llama.cpp and store theta (what quantization lost, low rank) in its metadata.
 
     \b
-    Defaults, chosen from the frontier measurement in BENCHMARKS.md ("Frontier (issue 9)", with its
-    command; partial, and no file there beat llama.cpp's own types on both texts: to be re-measured):
-      --outtype IQ4_NL --theta-rank 8, theta on every attention/FFN weight
+    Defaults, from the frontier run in BENCHMARKS.md ("This session"), used when no option chooses
+    the weights (--theta-rank, --theta-budget, --byte-budget, --op-budget, --selective-layers, --tensor-type):
+      --outtype IQ4_NL --byte-budget 3% --op-budget 15
     """
     from nkat_gguf.convert import ConvertOptions
     from nkat_gguf.convert import convert as run_convert
@@ -124,6 +124,8 @@ def convert(input_: str, output: Path, outtype: str | None, reference: Path | No
                                "'nkat-gguf qc confidence BEST.gguf --write-temperature OUT' on the result")
     given = {"outtype": outtype, "theta_rank": theta_rank, "selective_layers": list(selective_layers) or None,
              "calib_memory": calib_memory}
+    default_allocation = not (theta_rank is not None or theta_budget or byte_budget or op_budget is not None
+                              or selective_layers or tensor_types or optimize_rank)  # nothing chooses the weights
     opts = ConvertOptions(
         input=resolve_model(input_), output=output, reference=reference, gamma=gamma,
         theta_budget=theta_budget, theta_max_weights=theta_max_weights, byte_budget=byte_budget,
@@ -132,7 +134,7 @@ def convert(input_: str, output: Path, outtype: str | None, reference: Path | No
         theta_fit=theta_fit, theta_damping=theta_damping, theta_rounds=theta_rounds, imatrix=imatrix, threads=threads,
         so8t=So8tOptions(mode=so8t, seed=so8t_seed, heads=so8t_heads, force=force, report_dir=report_dir),
         calibrate_temperature=calibrate_temperature, progress=progress_wanted(as_json),
-        **{k: v for k, v in given.items() if v is not None})
+        default_allocation=default_allocation, **{k: v for k, v in given.items() if v is not None})
     if optimize_rank:
         from nkat_gguf.optimizer.outputs import format_summary
         from nkat_gguf.optimizer.study import optimize_convert

@@ -10,13 +10,14 @@ from nkat_gguf.so8t.bake_step import So8tOptions
 
 DEFAULT_CALIB_MEMORY = "4GiB"  # the second moments of a whole 7B llama (6.4 GB) take two passes, the default model one
 
-# The default convert (issue 9): the base type and θ chosen from the frontier measurement in BENCHMARKS.md,
-# "Frontier (issue 9)", where its command, conditions and code version stand. That measurement is partial and
-# was made on files fitted before the current θ fit became the default, and it found no file that beats
-# llama.cpp's own types on both evaluation texts: this default is a choice to re-measure, not a measured best.
+# The default convert (issue 19): the file the frontier run of BENCHMARKS.md "This session" measured best among
+# those that meet θ's speed target, where its command, commit and conditions stand. `convert` with none of the
+# options that choose weights, ranks or types applies the allocation budgets below (nkat_gguf/cli/convert.py).
 DEFAULT_OUTTYPE = "IQ4_NL"
 DEFAULT_THETA_RANK = 8
 DEFAULT_THETA_WEIGHTS: tuple[str, ...] | None = None  # --selective-layers patterns; None: every attention/FFN weight
+DEFAULT_BYTE_BUDGET: str | None = "3%"  # types and θ ranks allocated together within this over the base type's file
+DEFAULT_OP_BUDGET = 15  # the most weights that carry θ (4 llama.cpp graph operations each); capped at the model's
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,9 @@ class ConvertOptions:
     tensor_types: tuple[tuple[str, str], ...] = ()  # (pattern as selective_layers, type): llama-quantize --tensor-type
     byte_budget: str | None = None  # "2MiB" or "3%" over the base type's file: per-weight types and θ ranks
     op_budget: int | None = None  # with byte_budget: the most weights that carry θ (0: types only); None: no cap
+    # the measured default instead of the uniform rank: DEFAULT_BYTE_BUDGET and DEFAULT_OP_BUDGET (capped at the
+    # weights the model has); what `convert` asks for when no option chooses weights, ranks or types
+    default_allocation: bool = False
     calibrate_temperature: bool = False  # fit T on the calibration text (theta at γ) and store it
 
 

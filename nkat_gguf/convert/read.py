@@ -13,7 +13,7 @@ from gguf.constants import Keys
 from nkat_gguf.convert.calib_text import calibration_text
 from nkat_gguf.convert.calibrate import Calibration
 from nkat_gguf.convert.moment_groups import parse_memory
-from nkat_gguf.convert.options import ConvertOptions
+from nkat_gguf.convert.options import DEFAULT_BYTE_BUDGET, DEFAULT_OP_BUDGET, ConvertOptions
 from nkat_gguf.convert.selection import resolve_tensor_types, select_tensors
 from nkat_gguf.convert.theta_fit import FitSettings
 from nkat_gguf.engine.quantize import resolve_outtype
@@ -150,6 +150,12 @@ def check_budget_options(opts: ConvertOptions, names: list[str], model_bytes: in
 
 def check_mix_options(opts: ConvertOptions, names: list[str], model_bytes: int) -> tuple[ThetaBudget | None, int | None]:
     """--byte-budget / --op-budget: (budget, most adapted weights; 0 = types only), refused in one line each."""
+    if opts.default_allocation:
+        if opts.byte_budget is not None or opts.op_budget is not None or opts.theta_budget is not None:
+            raise InputError("default_allocation is the default budgets: give no --byte-budget, --op-budget or "
+                             "--theta-budget with it")
+        return (parse_budget(DEFAULT_BYTE_BUDGET, model_bytes, "--byte-budget"),
+                0 if opts.theta_rank == 0 else min(DEFAULT_OP_BUDGET, len(names)))
     if opts.byte_budget is None:
         if opts.op_budget is not None:
             raise InputError("--op-budget needs --byte-budget (it caps how many weights the budget gives theta)")
