@@ -34,7 +34,9 @@ from nkat_gguf.evaluate.compare import CompareSettings
 from nkat_gguf.format.gguf_file import read_layout, write_with_metadata
 from nkat_gguf.format.nkat import NkatTheta, theta_metadata
 from nkat_gguf.math.theta import LowRank, quantize_int8
-from tools.synthetic_model import TINY, TINYLLAMA_1B, LlamaShape, build_llama_gguf
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tools/ is not installed
+from tools.synthetic_model import TINY, TINYLLAMA_1B, LlamaShape, build_llama_gguf  # noqa: E402
 
 SIZES = {
     "tiny": TINY,
