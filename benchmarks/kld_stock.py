@@ -35,7 +35,7 @@ from nkat_gguf.texts import load_text
 
 # stock's summary lines -> our KldSummary fields
 _STOCK_LINES = {
-    "kld": r"Mean    KLD:\s+(\S+)", "kld_stderr": r"Mean    KLD:\s+\S+ ± (\S+)",
+    "kld": r"Mean    KLD:\s+(\S+)", "kld_stderr": r"Mean    KLD:\s+\S+ ±\s+(\S+)",
     "kld_max": r"Maximum KLD:\s+(\S+)", "kld_median": r"Median  KLD:\s+(\S+)",
     "kld_99": r"99\.0%   KLD:\s+(\S+)", "kld_95": r"95\.0%   KLD:\s+(\S+)", "kld_90": r"90\.0%   KLD:\s+(\S+)",
     "ppl": r"Mean PPL\(Q\)\s+:\s+(\S+)", "ppl_base": r"Mean PPL\(base\)\s+:\s+(\S+)",
