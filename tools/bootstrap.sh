@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Creates .venv and installs the project into it; quick when nothing changed.
 # torch==2.13.0 goes first: the CPU build on disk satisfies the pin, so nothing pulls CUDA wheels.
-# llama-cpp-python compiles from source once per CPU (~12 min on 2 cores), kept in a folder keyed by the CPU.
+# llama-cpp-python compiles from source once per CPU (minutes on 2 cores), kept in a folder keyed by the CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
