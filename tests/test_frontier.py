@@ -236,7 +236,7 @@ def test_cli_is_a_thin_shell(run: tuple[dict, Path], tiny_f32: Path, monkeypatch
 @pytest.mark.slow
 def test_default_model_rows_match_their_files(tmp_path: Path) -> None:
     settings = FrontierSettings(types=("Q4_0", "IQ4_NL"),
-                                thetas=(parse_theta_spec("IQ4_NL:2:blk.*.ffn_down.weight"),),
+                                thetas=(parse_theta_spec("IQ4_NL:2:blk.*.ffn_down.weight"),), mixes=(),
                                 measure=CompareSettings(n_chunks=1, repetitions=1, n_prompt=64, n_gen=8,
                                                         progress=False), threads=2, progress=False)
     result = frontier(default_model_path(), RuntimeOptions(n_threads=2), settings, out_dir=tmp_path)
