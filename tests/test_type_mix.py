@@ -197,3 +197,13 @@ def test_default_allocation_is_the_measured_budgets_capped_at_the_model(tiny_f32
     assert report.allocation["budget_bytes"] <= float(DEFAULT_BYTE_BUDGET[:-1]) / 100 * (tmp_path / "d.gguf").stat().st_size
     with pytest.raises(InputError, match="default_allocation"):
         convert(ConvertOptions(input=tiny_f32, output=tmp_path / "e.gguf", default_allocation=True, byte_budget="1%"))
+
+
+@pytest.mark.parametrize("label", ["types", "theta"])
+def test_convert_prints_a_mixed_allocation(mixed: dict, label: str) -> None:
+    """The text `convert` prints (the default convert is a mix): the budget, θ's weights and the upgrades."""
+    from nkat_gguf.cli.convert import format_convert
+
+    report = mixed[label][1].as_dict()
+    line = next(x for x in format_convert(report).splitlines() if x.startswith("allocation:"))
+    assert f"theta on {report['allocation']['weights']} weights" in line and "->" in line

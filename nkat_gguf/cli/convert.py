@@ -153,7 +153,12 @@ def format_convert(r: dict) -> str:
              f"calibration: {r['calibration']}, importance matrix: {r['imatrix']}, "
              f"mean residual energy captured: {mean_energy}",
              "time: " + ", ".join(f"{k} {v:.2f} s" for k, v in r["seconds"].items())]
-    if allocation := r.get("allocation"):
+    if (allocation := r.get("allocation")) and allocation["method"] == "mix":
+        upgrades = ", ".join(f"{n}× {k}" for k, n in allocation["upgrades"].items())
+        lines.append(f"allocation: {allocation['spent_bytes'] / mib:.2f} of {allocation['budget_bytes'] / mib:.2f} MiB; "
+                     f"theta on {allocation['weights']} weights (total rank {allocation['total_rank']}), "
+                     f"types: {upgrades or 'none upgraded'}")
+    elif allocation:
         kinds = ", ".join(f"{k} {v['weights']}×Σr{v['total_rank']}" for k, v in allocation["ranks_by_kind"].items())
         lines.append(f"allocation: {allocation['spent_bytes'] / mib:.2f} of {allocation['budget_bytes'] / mib:.2f} MiB "
                      f"on {allocation['weights']} weights ({kinds or 'none'})")
