@@ -121,7 +121,7 @@ def format_compare(result: dict) -> str:
                  + ", ".join(f"{p} {ci[p]['ratio']:.3f} [{ci[p]['ci95'][0]:.3f}, {ci[p]['ci95'][1]:.3f}]"
                              for p in ("pp", "tg")) + f"; {ci['tg']['rounds']} rounds)")
     for name, k in result.get("kld", {}).items():
-        lines.append(f"KLD {name:9}{k['kld']:.6f} [95 % CI {k['kld_ci95'][0]:.6f}, {k['kld_ci95'][1]:.6f}]  "
+        lines.append(f"KLD {name:10}{k['kld']:.6f} [95 % CI {k['kld_ci95'][0]:.6f}, {k['kld_ci95'][1]:.6f}]  "
                      f"median {k['kld_median']:.6f}  99 % {k['kld_percentiles']['99.0']:.6f}  "
                      f"max {k['kld_max']:.6f}  same top {100 * k['same_top']:.2f} %")
     if result["gap_recovered"] is not None:
