@@ -1,7 +1,7 @@
 """θ's adapter tensors in F32 or F16: speed (interleaved, one process) and output difference, as JSON.
 
 Both adapters of the same θ are loaded on one llama.cpp context over the model; θ off, F32 and F16 are
-timed in alternation (nkat_gguf.engine.measure.interleaved_rates), so the F16/F32 ratio is what to trust on a
+timed in alternation (nkat_gguf.engine.measure.speed.interleaved_rates), so the F16/F32 ratio is what to trust on a
 shared machine. Quality: max |Δlogit| between F16 and F32 on the evaluation text with an F32 KV cache,
 against θ's own effect, and perplexity with each.
 
@@ -21,12 +21,12 @@ from pathlib import Path
 import llama_cpp
 import numpy as np
 
-from nkat_gguf.engine.adapter import write_lora_adapter
-from nkat_gguf.engine.bench import device_name
-from nkat_gguf.engine.measure import Configuration, SpeedSettings, interleaved_rates
-from nkat_gguf.engine.native_log import captured_llama_log
-from nkat_gguf.engine.perplexity import perplexity, tokenize_text
-from nkat_gguf.engine.runtime import NkatRuntime, RuntimeOptions
+from nkat_gguf.engine.llama.adapter import write_lora_adapter
+from nkat_gguf.engine.measure.bench import device_name
+from nkat_gguf.engine.measure.speed import Configuration, SpeedSettings, interleaved_rates
+from nkat_gguf.engine.llama.native_log import captured_llama_log
+from nkat_gguf.engine.measure.perplexity import perplexity, tokenize_text
+from nkat_gguf.engine.llama.runtime import NkatRuntime, RuntimeOptions
 from nkat_gguf.format.gguf_file import read_layout
 from nkat_gguf.texts import load_text
 

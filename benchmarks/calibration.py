@@ -47,12 +47,12 @@ from nkat_gguf.convert.calibrate import (  # noqa: E402
 )
 from nkat_gguf.convert.options import DEFAULT_OUTTYPE  # noqa: E402
 from nkat_gguf.default_model import default_model_path
-from nkat_gguf.engine.calibration import collect_statistics, plain_forward_seconds  # noqa: E402
-from nkat_gguf.engine.perplexity import perplexity, tokenize_text  # noqa: E402
-from nkat_gguf.engine.quantize import quantize_model, resolve_outtype  # noqa: E402
-from nkat_gguf.engine.reference import LlamaReference  # noqa: E402
-from nkat_gguf.engine.runtime import NkatRuntime, RuntimeOptions  # noqa: E402
-from nkat_gguf.engine.vocab import tokenize  # noqa: E402
+from nkat_gguf.engine.calibrate.calibration import collect_statistics, plain_forward_seconds  # noqa: E402
+from nkat_gguf.engine.measure.perplexity import perplexity, tokenize_text  # noqa: E402
+from nkat_gguf.engine.llama.quantize import quantize_model, resolve_outtype  # noqa: E402
+from nkat_gguf.engine.forward.llama import LlamaReference  # noqa: E402
+from nkat_gguf.engine.llama.runtime import NkatRuntime, RuntimeOptions  # noqa: E402
+from nkat_gguf.engine.llama.vocab import tokenize  # noqa: E402
 from nkat_gguf.format.gguf_file import read_layout  # noqa: E402
 from nkat_gguf.format.tensors import TensorSource  # noqa: E402
 from nkat_gguf.texts import load_text  # noqa: E402
@@ -116,7 +116,7 @@ def part_time(rounds: int, threads: int, n_windows: int | None) -> dict:
 _CHILD = """
 import resource, sys
 sys.path.insert(0, {root!r})
-from nkat_gguf.engine.calibration import collect_statistics
+from nkat_gguf.engine.calibrate.calibration import collect_statistics
 from nkat_gguf.convert.calibrate import calibration_windows, recorded_weights
 from nkat_gguf.default_model import default_model_path
 from nkat_gguf.texts import load_text

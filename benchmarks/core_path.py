@@ -29,8 +29,8 @@ from gguf import GGUFReader
 
 from nkat_gguf.convert import ConvertOptions, convert  # noqa: E402
 from nkat_gguf.default_model import default_model_path  # noqa: E402
-from nkat_gguf.engine.quantize import quantize_model, resolve_outtype  # noqa: E402
-from nkat_gguf.engine.runtime import RuntimeOptions  # noqa: E402
+from nkat_gguf.engine.llama.quantize import quantize_model, resolve_outtype  # noqa: E402
+from nkat_gguf.engine.llama.runtime import RuntimeOptions  # noqa: E402
 from nkat_gguf.evaluate.compare import CompareSettings, compare  # noqa: E402
 from nkat_gguf.format.gguf_file import read_layout  # noqa: E402
 from nkat_gguf.format.nkat import read_theta  # noqa: E402

@@ -1,7 +1,7 @@
 """γ measured, not assumed: mean KLD and perplexity of one NKAT file at several γ, on both evaluation texts.
 
 γ is a run-time scale of θ (the adapter's scale), so one file serves every γ: the reference's log-probabilities
-are written once per text (llama-perplexity's base-file format, engine/kld.py), then the file is compared with
+are written once per text (llama-perplexity's base-file format, engine/measure/kld.py), then the file is compared with
 them at each γ and with θ off. The γ stored by `convert` should be the one with the lowest mean KLD on the
 worse text (DEVELOPERS.md: defaults are chosen on the worse text).
 
@@ -17,8 +17,8 @@ import tempfile
 from pathlib import Path
 
 from nkat_gguf.default_model import default_model_path
-from nkat_gguf.engine.kld import measure_model
-from nkat_gguf.engine.runtime import RuntimeOptions
+from nkat_gguf.engine.measure.kld import measure_model
+from nkat_gguf.engine.llama.runtime import RuntimeOptions
 from nkat_gguf.texts import load_text
 
 TEXTS = ("evaluation", "licenses")

@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from nkat_gguf.default_model import default_model_path
-from nkat_gguf.engine.kld import measure_model
-from nkat_gguf.engine.runtime import RuntimeOptions
+from nkat_gguf.engine.measure.kld import measure_model
+from nkat_gguf.engine.llama.runtime import RuntimeOptions
 from nkat_gguf.format.kld_base import BaseFile
 from nkat_gguf.texts import load_text
 

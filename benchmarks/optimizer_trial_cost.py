@@ -25,8 +25,8 @@ from pathlib import Path
 
 from nkat_gguf.convert import ConvertOptions
 from nkat_gguf.default_model import resolve_model
-from nkat_gguf.engine.perplexity import perplexity
-from nkat_gguf.engine.runtime import RuntimeOptions
+from nkat_gguf.engine.measure.perplexity import perplexity
+from nkat_gguf.engine.llama.runtime import RuntimeOptions
 from nkat_gguf.optimizer.base_model import SearchModel
 from nkat_gguf.optimizer.options import OptimizeOptions
 from nkat_gguf.optimizer.study import make_objective, open_search, quiet_optuna, run_trials

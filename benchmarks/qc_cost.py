@@ -22,8 +22,8 @@ import subprocess
 import sys
 import time
 
-from nkat_gguf.engine.perplexity import perplexity, tokenize_text
-from nkat_gguf.engine.runtime import NkatRuntime, RuntimeOptions
+from nkat_gguf.engine.measure.perplexity import perplexity, tokenize_text
+from nkat_gguf.engine.llama.runtime import NkatRuntime, RuntimeOptions
 from nkat_gguf.evaluate.confidence import CalibrationSettings, measure_llm
 from nkat_gguf.texts import load_text
 

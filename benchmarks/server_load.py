@@ -31,8 +31,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nkat_gguf.default_model import resolve_model  # noqa: E402
-from nkat_gguf.engine.runtime import NkatRuntime, RuntimeOptions  # noqa: E402
-from nkat_gguf.engine.server import ChatServer  # noqa: E402
+from nkat_gguf.engine.llama.runtime import NkatRuntime, RuntimeOptions  # noqa: E402
+from nkat_gguf.engine.serve.server import ChatServer  # noqa: E402
 from tools.http_load import Outcome, Request, chat_body, send, send_all  # noqa: E402
 
 PROMPT = "Write one sentence about the sea."

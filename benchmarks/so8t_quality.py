@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nkat_gguf.convert import ConvertOptions, convert  # noqa: E402
 from nkat_gguf.default_model import default_model_path  # noqa: E402
-from nkat_gguf.engine.perplexity import perplexity, tokenize_text  # noqa: E402
-from nkat_gguf.engine.runtime import NkatRuntime, RuntimeOptions  # noqa: E402
+from nkat_gguf.engine.measure.perplexity import perplexity, tokenize_text  # noqa: E402
+from nkat_gguf.engine.llama.runtime import NkatRuntime, RuntimeOptions  # noqa: E402
 from nkat_gguf.format.gguf_file import read_layout  # noqa: E402
 from nkat_gguf.math.rotations import BLOCK  # noqa: E402
 from nkat_gguf.so8t.bake import BakePlan  # noqa: E402

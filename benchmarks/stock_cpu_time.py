@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 from stock_llama_cpp import DEFAULT_CACHE, default_q4_0, stock_tools  # noqa: E402 (a sibling script)
 
-from nkat_gguf.engine import bench as engine_bench
-from nkat_gguf.engine.runtime import NkatRuntime, RuntimeOptions
+from nkat_gguf.engine.measure.speed import bench as engine_bench
+from nkat_gguf.engine.llama.runtime import NkatRuntime, RuntimeOptions
 
 N_PROMPT, N_GEN = 512, 128
 

@@ -28,8 +28,8 @@ import llama_cpp
 
 from nkat_gguf.convert import ConvertOptions, convert
 from nkat_gguf.default_model import default_model_path, resolve_model
-from nkat_gguf.engine.runtime import physical_cores
-from nkat_gguf.engine.system_info import build_features
+from nkat_gguf.engine.llama.runtime import physical_cores
+from nkat_gguf.engine.llama.system_info import build_features
 from nkat_gguf.texts import builtin_text
 
 VERSION = "0.3.36"

@@ -26,9 +26,9 @@ from nkat_gguf.convert.allocate import FitPass, fit_pass
 from nkat_gguf.convert.selection import select_tensors
 from nkat_gguf.convert.theta_fit import FitSettings  # noqa: E402
 from nkat_gguf.default_model import default_model_path
-from nkat_gguf.engine.measure import SpeedSettings, interleaved_speed
-from nkat_gguf.engine.perplexity import perplexity, tokenize_text
-from nkat_gguf.engine.runtime import NkatRuntime, RuntimeOptions
+from nkat_gguf.engine.measure.speed import SpeedSettings, interleaved_speed
+from nkat_gguf.engine.measure.perplexity import perplexity, tokenize_text
+from nkat_gguf.engine.llama.runtime import NkatRuntime, RuntimeOptions
 from nkat_gguf.evaluate.quality import calibrate_once
 from nkat_gguf.format.gguf_file import write_with_metadata
 from nkat_gguf.format.nkat import PREFIX, NkatTheta, component_bytes, listing_bytes, read_theta, theta_metadata

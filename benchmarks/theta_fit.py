@@ -32,8 +32,8 @@ from nkat_gguf.convert import ConvertOptions, convert  # noqa: E402
 from nkat_gguf.convert.calibrate import Calibration, calibrate  # noqa: E402
 from nkat_gguf.convert.theta_fit import DEFAULT_DAMPING  # noqa: E402
 from nkat_gguf.default_model import default_model_path  # noqa: E402
-from nkat_gguf.engine.perplexity import perplexity, tokenize_text  # noqa: E402
-from nkat_gguf.engine.runtime import NkatRuntime, RuntimeOptions  # noqa: E402
+from nkat_gguf.engine.measure.perplexity import perplexity, tokenize_text  # noqa: E402
+from nkat_gguf.engine.llama.runtime import NkatRuntime, RuntimeOptions  # noqa: E402
 from nkat_gguf.texts import load_text  # noqa: E402
 
 TEXTS = ("evaluation", "licenses")

@@ -26,10 +26,10 @@ import numpy as np
 from gguf.constants import GGMLQuantizationType
 
 from nkat_gguf.convert.selection import default_theta_tensors
-from nkat_gguf.engine.adapter import adapter_cache_dir
-from nkat_gguf.engine.bench import device_name
-from nkat_gguf.engine.measure import interleaved_speed, paired_ratio
-from nkat_gguf.engine.runtime import NkatRuntime, RuntimeOptions
+from nkat_gguf.engine.llama.adapter import adapter_cache_dir
+from nkat_gguf.engine.measure.bench import device_name
+from nkat_gguf.engine.measure.speed import interleaved_speed, paired_ratio
+from nkat_gguf.engine.llama.runtime import NkatRuntime, RuntimeOptions
 from nkat_gguf.evaluate.compare import CompareSettings
 from nkat_gguf.format.gguf_file import read_layout, write_with_metadata
 from nkat_gguf.format.nkat import NkatTheta, theta_metadata

@@ -1,1 +1,2 @@
-"""llama.cpp runtime for NKAT models: theta as a LoRA adapter, perplexity, benchmarks, and the PyTorch reference forward."""
+"""The engine, one room per job: llama/ (the llama.cpp runtime), measure/ (speed, perplexity, KLD), calibrate/,
+serve/ (the HTTP server) and forward/ (the PyTorch forward)."""

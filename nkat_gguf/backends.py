@@ -18,7 +18,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from nkat_gguf.engine.adapter import adapter_cache_dir
+from nkat_gguf.engine.llama.adapter import adapter_cache_dir
 from nkat_gguf.errors import InputError
 from nkat_gguf.export.targets import ADAPTER, KOBOLD, MODELFILE, OLLAMA, export_stem, kcpps_name, ollama_name
 from nkat_gguf.format.nkat import check_gamma, read_theta

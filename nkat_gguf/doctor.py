@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass
 
 from nkat_gguf.backends import detect
 from nkat_gguf.default_model import default_model_path
-from nkat_gguf.engine.adapter import adapter_cache_dir
-from nkat_gguf.engine.system_info import CPU_FLAG_TO_FEATURE, build_features
+from nkat_gguf.engine.llama.adapter import adapter_cache_dir
+from nkat_gguf.engine.llama.system_info import CPU_FLAG_TO_FEATURE, build_features
 from nkat_gguf.errors import InputError
 
 OK, WARN, FAIL = "ok", "warn", "fail"

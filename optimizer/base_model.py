@@ -18,7 +18,7 @@ from pathlib import Path
 from nkat_gguf import __version__
 from nkat_gguf.convert import ConvertOptions, convert
 from nkat_gguf.convert.allocate import reallocate
-from nkat_gguf.engine.runtime import NkatRuntime, RuntimeOptions
+from nkat_gguf.engine.llama.runtime import NkatRuntime, RuntimeOptions
 from nkat_gguf.format.gguf_file import write_with_metadata
 from nkat_gguf.format.hashing import sha256_file
 from nkat_gguf.format.nkat import PREFIX, NkatTheta, component_bytes, listing_bytes, read_theta, theta_metadata

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from nkat_gguf.engine.perplexity import perplexity
+from nkat_gguf.engine.measure.perplexity import perplexity
 from nkat_gguf.optimizer.base_model import SearchModel
 from nkat_gguf.optimizer.options import ALL_WEIGHTS, NO_BUDGET, ThetaConfig, rank_choices
 from nkat_gguf.optimizer.score import slowdown, tpe_score

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nkat_gguf.convert import ConvertOptions
-from nkat_gguf.engine.perplexity import MIN_N_CTX
-from nkat_gguf.engine.runtime import RuntimeOptions
+from nkat_gguf.math.limits import MIN_N_CTX
+from nkat_gguf.engine.llama.runtime import RuntimeOptions
 from nkat_gguf.errors import InputError
 from nkat_gguf.format.nkat import MAX_GAMMA
 

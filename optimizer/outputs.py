@@ -14,9 +14,9 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from nkat_gguf.engine.measure import interleaved_speed
-from nkat_gguf.engine.perplexity import perplexity, tokenize_text
-from nkat_gguf.engine.runtime import NkatRuntime
+from nkat_gguf.engine.measure.speed import interleaved_speed
+from nkat_gguf.engine.measure.perplexity import perplexity, tokenize_text
+from nkat_gguf.engine.llama.runtime import NkatRuntime
 from nkat_gguf.evaluate.compare import CompareSettings, compare
 from nkat_gguf.format.atomic import atomic_output
 from nkat_gguf.format.nkat import read_theta

@@ -13,7 +13,7 @@ import socket
 
 import optuna
 
-from nkat_gguf.engine.measure import Configuration, SpeedSettings, interleaved_rates
+from nkat_gguf.engine.measure.speed import Configuration, SpeedSettings, interleaved_rates
 from nkat_gguf.optimizer.base_model import SearchModel
 from nkat_gguf.optimizer.options import ThetaConfig
 

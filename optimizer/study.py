@@ -26,9 +26,9 @@ from nkat_gguf.convert.calib_text import calibration_text
 from nkat_gguf.convert.read import check_rank
 from nkat_gguf.convert.selection import select_tensors
 from nkat_gguf.convert.sensitivity import SENSITIVITY_RANK, held_out_tokens, sensitivity_on
-from nkat_gguf.engine.perplexity import tokenize_text
-from nkat_gguf.engine.probe import check_model
-from nkat_gguf.engine.vocab import tokenize
+from nkat_gguf.engine.measure.perplexity import tokenize_text
+from nkat_gguf.engine.llama.probe import check_model
+from nkat_gguf.engine.llama.vocab import tokenize
 from nkat_gguf.errors import InputError
 from nkat_gguf.format.atomic import make_output_dir
 from nkat_gguf.format.gguf_file import read_layout

@@ -14,7 +14,7 @@ import pytest
 from gguf.constants import GGMLQuantizationType
 
 from nkat_gguf.convert.selection import default_theta_tensors
-from nkat_gguf.engine.runtime import NkatRuntime, RuntimeOptions
+from nkat_gguf.engine.llama.runtime import NkatRuntime, RuntimeOptions
 from nkat_gguf.export.exports import export_adapter
 from nkat_gguf.format.gguf_file import TensorSpec, copy_metadata, read_layout, write_gguf, write_with_metadata
 from nkat_gguf.format.nkat import PREFIX, NkatTheta, theta_metadata

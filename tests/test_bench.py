@@ -11,9 +11,9 @@ import llama_cpp
 import numpy as np
 import pytest
 
-from nkat_gguf.engine.bench import device_name, summarize, time_generation, time_prompt
-from nkat_gguf.engine.measure import Configuration, SpeedSettings, bench, interleaved_rates
-from nkat_gguf.engine.perplexity import perplexity, tokenize_text
+from nkat_gguf.engine.measure.bench import device_name, summarize, time_generation, time_prompt
+from nkat_gguf.engine.measure.speed import Configuration, SpeedSettings, bench, interleaved_rates
+from nkat_gguf.engine.measure.perplexity import perplexity, tokenize_text
 from nkat_gguf.errors import InputError
 from nkat_gguf.texts import builtin_text
 from tools.synthetic_model import build_llama_gguf

@@ -9,8 +9,8 @@ import pytest
 
 import nkat_gguf.mixed_text as mixed
 from nkat_gguf.convert.calib_text import calibration_text, self_text
-from nkat_gguf.engine.sampling import sample_sequences
-from nkat_gguf.engine.vocab import tokenize
+from nkat_gguf.engine.calibrate.sampling import sample_sequences
+from nkat_gguf.engine.llama.vocab import tokenize
 from nkat_gguf.errors import InputError
 from nkat_gguf.format.gguf_file import read_layout, write_with_metadata
 from nkat_gguf.texts import SHARED_LINE, builtin_text, long_lines

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import nkat_gguf.engine.calibration as graph
+import nkat_gguf.engine.calibrate.calibration as graph
 from nkat_gguf.convert import ConvertOptions, convert
 from nkat_gguf.convert.calibrate import (
     DEFAULT_CALIB_TOKENS,
@@ -21,10 +21,10 @@ from nkat_gguf.convert.calibrate import (
 )
 from nkat_gguf.convert.selection import select_tensors
 from nkat_gguf.default_model import default_model_path
-from nkat_gguf.engine.ggml_tensor import GgmlTensor, check_layout, layout_problems
-from nkat_gguf.engine.quantize import quantize_model, resolve_outtype
-from nkat_gguf.engine.reference import LlamaReference
-from nkat_gguf.engine.vocab import tokenize
+from nkat_gguf.engine.calibrate.ggml_tensor import GgmlTensor, check_layout, layout_problems
+from nkat_gguf.engine.llama.quantize import quantize_model, resolve_outtype
+from nkat_gguf.engine.forward.llama import LlamaReference
+from nkat_gguf.engine.llama.vocab import tokenize
 from nkat_gguf.errors import InputError
 from nkat_gguf.format.gguf_file import read_layout, write_with_metadata
 from nkat_gguf.format.imatrix import input_widths, read_imatrix_file

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import nkat_gguf.engine.calibration as graph
+import nkat_gguf.engine.calibrate.calibration as graph
 from nkat_gguf.convert import ConvertOptions, convert
 from nkat_gguf.convert.calibrate import calibrate, calibration_windows, recorded_weights
 from nkat_gguf.convert.moment_groups import GroupedMoments, layer_groups, parse_memory

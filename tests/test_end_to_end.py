@@ -12,9 +12,9 @@ from gguf.constants import GGMLQuantizationType, GGUFValueType
 from nkat_gguf.convert import ConvertOptions, convert
 from nkat_gguf.convert.calibrate import calibrate
 from nkat_gguf.default_model import default_model_path
-from nkat_gguf.engine.perplexity import perplexity, tokenize_text
-from nkat_gguf.engine.quantize import quantize_model, resolve_outtype
-from nkat_gguf.engine.runtime import NkatRuntime, RuntimeOptions
+from nkat_gguf.engine.measure.perplexity import perplexity, tokenize_text
+from nkat_gguf.engine.llama.quantize import quantize_model, resolve_outtype
+from nkat_gguf.engine.llama.runtime import NkatRuntime, RuntimeOptions
 from nkat_gguf.format.gguf_file import TensorSpec, Value, copy_metadata, read_layout, write_gguf
 from nkat_gguf.format.nkat import read_theta
 from nkat_gguf.format.tensors import TensorSource

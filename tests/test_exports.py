@@ -20,8 +20,8 @@ import pytest
 from gguf import quants
 from gguf.constants import GGMLQuantizationType
 
-from nkat_gguf.engine.perplexity import perplexity, tokenize_text
-from nkat_gguf.engine.runtime import NkatRuntime, RuntimeOptions
+from nkat_gguf.engine.measure.perplexity import perplexity, tokenize_text
+from nkat_gguf.engine.llama.runtime import NkatRuntime, RuntimeOptions
 from nkat_gguf.errors import InputError
 from nkat_gguf.export.exports import export_adapter, export_kobold, export_ollama, modelfile_text
 from nkat_gguf.format.gguf_file import read_layout, write_with_metadata

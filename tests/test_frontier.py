@@ -16,7 +16,7 @@ from click.testing import CliRunner
 import nkat_gguf.evaluate.frontier as engine_frontier
 from nkat_gguf.cli import main
 from nkat_gguf.default_model import default_model_path
-from nkat_gguf.engine.runtime import RuntimeOptions
+from nkat_gguf.engine.llama.runtime import RuntimeOptions
 from nkat_gguf.errors import InputError
 from nkat_gguf.evaluate.compare import CompareSettings
 from nkat_gguf.evaluate.frontier import (

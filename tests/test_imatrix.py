@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from nkat_gguf.convert import ConvertOptions, convert
-from nkat_gguf.engine.quantize import outtypes, quantize_model
+from nkat_gguf.engine.llama.quantize import outtypes, quantize_model
 from nkat_gguf.errors import InputError
 from nkat_gguf.format.gguf_file import read_layout
 from nkat_gguf.format.imatrix import input_widths, missing_note, read_imatrix_file

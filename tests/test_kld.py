@@ -22,9 +22,9 @@ from gguf import GGMLQuantizationType
 
 from nkat_gguf.cli import main
 from nkat_gguf.evaluate.compare import CompareSettings
-from nkat_gguf.engine.kld import kl_divergence, measure_model, write_base
-from nkat_gguf.engine.perplexity import tokenize_text
-from nkat_gguf.engine.runtime import RuntimeOptions
+from nkat_gguf.engine.measure.kld import kl_divergence, measure_model, write_base
+from nkat_gguf.engine.measure.perplexity import tokenize_text
+from nkat_gguf.engine.llama.runtime import RuntimeOptions
 from nkat_gguf.errors import InputError
 from nkat_gguf.evaluate.quality import measure_files
 from nkat_gguf.format.kld_base import BaseFile, BaseWriter, Header, base_writer, decode_rows, encode_rows, row_width

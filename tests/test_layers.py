@@ -2,7 +2,9 @@
 
 Layers, lowest first; a module may import its own layer and the layers below it, never above:
   base      nkat_gguf (version), errors, texts, timing, default_model, format/, math/
-  engine    engine/ (installed as nkat_gguf.engine): the llama.cpp runtime, measurement, the PyTorch reference
+  runtime   engine/llama/ (the llama.cpp runtime), engine/forward/ (the PyTorch forward); engine/ installs as
+            nkat_gguf.engine
+  engine    engine/measure/, engine/calibrate/, engine/serve/: one room per job, each on the runtime, none on another
   steps     so8t/, export/: pipelines' building blocks on top of the engine
   convert   convert/: the convert pipeline
   drivers   evaluate/, optimizer/ (installed as nkat_gguf.optimizer): runs of convert plus measurement
@@ -24,6 +26,7 @@ SOURCES = {"nkat_gguf": ROOT / "nkat_gguf", "nkat_gguf.engine": ROOT / "engine",
 LAYERS = [
     ("base", ("nkat_gguf", "nkat_gguf.errors", "nkat_gguf.texts", "nkat_gguf.timing", "nkat_gguf.default_model",
               "nkat_gguf.format", "nkat_gguf.math")),
+    ("runtime", ("nkat_gguf.engine.llama", "nkat_gguf.engine.forward")),
     ("engine", ("nkat_gguf.engine",)),
     ("steps", ("nkat_gguf.so8t", "nkat_gguf.export")),
     ("convert", ("nkat_gguf.convert",)),
@@ -32,6 +35,7 @@ LAYERS = [
 ]
 LAZY_IMPORTS_ALLOWED = "nkat_gguf.cli"  # the CLI package: each command imports its library when it runs
 KEY_OWNER = "nkat_gguf.format.nkat"
+ENGINE_JOBS = ("nkat_gguf.engine.measure", "nkat_gguf.engine.calibrate", "nkat_gguf.engine.serve")
 
 
 def modules() -> dict[str, Path]:
@@ -87,7 +91,7 @@ def imports(module: str) -> list[tuple[str, bool]]:
 
 
 def test_sources_are_found() -> None:
-    assert {"nkat_gguf.cli", "nkat_gguf.cli.options", "nkat_gguf.cli.convert", "nkat_gguf.engine.runtime", "nkat_gguf.optimizer.study",
+    assert {"nkat_gguf.cli", "nkat_gguf.cli.options", "nkat_gguf.cli.convert", "nkat_gguf.engine.llama.runtime", "nkat_gguf.optimizer.study",
             "nkat_gguf.format.nkat"} <= set(MODULES)
 
 
@@ -96,6 +100,16 @@ def test_no_import_from_a_layer_above(module: str) -> None:
     mine = layer_of(module)
     upward = [(target, LAYERS[layer_of(target)][0]) for target, _ in imports(module) if layer_of(target) > mine]
     assert not upward, f"{module} ({LAYERS[mine][0]}) imports from above: {upward}"
+
+
+def room_of(module: str) -> str | None:
+    return next((room for room in ENGINE_JOBS if module == room or module.startswith(room + ".")), None)
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if room_of(m)))
+def test_engine_rooms_do_not_import_each_other(module: str) -> None:
+    other = [t for t, _ in imports(module) if room_of(t) not in (None, room_of(module))]
+    assert not other, f"{module} imports another engine room: {other}"
 
 
 def test_no_import_cycles() -> None:

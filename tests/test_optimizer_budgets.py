@@ -10,7 +10,7 @@ import pytest
 
 from nkat_gguf.convert import ConvertOptions
 from nkat_gguf.convert.allocate import reallocate, stored_costs
-from nkat_gguf.engine.runtime import RuntimeOptions
+from nkat_gguf.engine.llama.runtime import RuntimeOptions
 from nkat_gguf.errors import InputError
 from nkat_gguf.format.nkat import NkatTheta, read_theta
 from nkat_gguf.math.allocation import allocation_bytes

@@ -16,7 +16,7 @@ import pytest
 from optuna.trial import TrialState
 
 from nkat_gguf.convert import ConvertOptions
-from nkat_gguf.engine.runtime import NkatRuntime
+from nkat_gguf.engine.llama.runtime import NkatRuntime
 from nkat_gguf.optimizer.study import optimize_convert
 
 CLI = [sys.executable, "-m", "nkat_gguf.cli"]

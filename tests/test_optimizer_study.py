@@ -11,8 +11,8 @@ import optuna
 import pytest
 
 from nkat_gguf.convert import ConvertOptions
-from nkat_gguf.engine.perplexity import perplexity, tokenize_text
-from nkat_gguf.engine.runtime import NkatRuntime, RuntimeOptions
+from nkat_gguf.engine.measure.perplexity import perplexity, tokenize_text
+from nkat_gguf.engine.llama.runtime import NkatRuntime, RuntimeOptions
 from nkat_gguf.errors import InputError
 from nkat_gguf.format.gguf_file import read_layout
 from nkat_gguf.optimizer.options import OptimizeOptions

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from nkat_gguf.default_model import default_model_path
-from nkat_gguf.engine.perplexity import perplexity, tokenize_text
+from nkat_gguf.engine.measure.perplexity import perplexity, tokenize_text
 from nkat_gguf.errors import InputError
 from nkat_gguf.format.gguf_file import write_with_metadata
 from nkat_gguf.texts import builtin_text

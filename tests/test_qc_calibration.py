@@ -17,9 +17,9 @@ import pytest
 
 from nkat_gguf.convert import ConvertOptions, convert
 from nkat_gguf.default_model import default_model_path
-from nkat_gguf.engine.perplexity import perplexity, tokenize_text
-from nkat_gguf.engine.runtime import NkatRuntime, RuntimeOptions
-from nkat_gguf.engine.server import ChatServer
+from nkat_gguf.engine.measure.perplexity import perplexity, tokenize_text
+from nkat_gguf.engine.llama.runtime import NkatRuntime, RuntimeOptions
+from nkat_gguf.engine.serve.server import ChatServer
 from nkat_gguf.errors import InputError
 from nkat_gguf.evaluate.confidence import CalibrationSettings, calibration_report, fitted_temperature, write_temperature
 from nkat_gguf.evaluate.longtext import LongtextSettings, longtext_report, without_series

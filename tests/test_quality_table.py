@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 import nkat_gguf.evaluate.quality as quality_module
 from nkat_gguf.cli import main
-from nkat_gguf.engine.runtime import RuntimeOptions
+from nkat_gguf.engine.llama.runtime import RuntimeOptions
 from nkat_gguf.evaluate.quality import QualitySettings, format_quality_table, quality_table
 from nkat_gguf.format.gguf_file import read_layout
 from nkat_gguf.texts import builtin_text

@@ -14,7 +14,7 @@ from gguf.constants import GGMLQuantizationType, GGUFValueType
 from llama_cpp import Llama
 
 from nkat_gguf.default_model import default_model_path
-from nkat_gguf.engine.reference import BLOCK_MATRICES, LlamaConfig, LlamaReference, supports_reference
+from nkat_gguf.engine.forward.llama import BLOCK_MATRICES, LlamaConfig, LlamaReference, supports_reference
 from nkat_gguf.errors import InputError, UnsupportedModelError
 from nkat_gguf.format.gguf_file import (
     TensorSpec,

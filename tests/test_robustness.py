@@ -11,8 +11,8 @@ import pytest
 from gguf.constants import GGUFValueType
 
 from nkat_gguf.cli.output import emit
-from nkat_gguf.engine.probe import check_loadable, probe_load
-from nkat_gguf.engine.server import RequestError, check_request
+from nkat_gguf.engine.llama.probe import check_loadable, probe_load
+from nkat_gguf.engine.serve.server import RequestError, check_request
 from nkat_gguf.errors import InputError, NkatError
 from nkat_gguf.format import nkat
 from nkat_gguf.format.gguf_file import Value, read_layout, write_with_metadata

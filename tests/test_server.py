@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from nkat_gguf.engine.runtime import NkatRuntime, RuntimeOptions
-from nkat_gguf.engine.server import (DEFAULT_HOST, DEFAULT_MAX_QUEUE, DEFAULT_QUEUE_TIMEOUT_S, ChatServer,
+from nkat_gguf.engine.llama.runtime import NkatRuntime, RuntimeOptions
+from nkat_gguf.engine.serve.server import (DEFAULT_HOST, DEFAULT_MAX_QUEUE, DEFAULT_QUEUE_TIMEOUT_S, ChatServer,
                                      is_loopback)
 
 TIMEOUT_S = 60

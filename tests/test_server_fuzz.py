@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from nkat_gguf.engine.runtime import NkatRuntime, RuntimeOptions
-from nkat_gguf.engine.server import MAX_BODY_BYTES, ChatServer
+from nkat_gguf.engine.llama.runtime import NkatRuntime, RuntimeOptions
+from nkat_gguf.engine.serve.server import MAX_BODY_BYTES, ChatServer
 
 TIMEOUT_S = 60
 VALID = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "temperature": 0}

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from nkat_gguf.engine.runtime import NkatRuntime, RuntimeOptions
-from nkat_gguf.engine.server import DEFAULT_MAX_QUEUE, MAX_BODY_BYTES, ChatServer
+from nkat_gguf.engine.llama.runtime import NkatRuntime, RuntimeOptions
+from nkat_gguf.engine.serve.server import DEFAULT_MAX_QUEUE, MAX_BODY_BYTES, ChatServer
 from tools.http_load import Outcome, Request, chat_body, send, send_all
 
 CLIENTS = 32

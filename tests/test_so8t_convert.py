@@ -20,7 +20,7 @@ from gguf.constants import GGMLQuantizationType
 from safetensors.numpy import save_file
 
 from nkat_gguf.convert import ConvertOptions, convert
-from nkat_gguf.engine.reference import LlamaReference
+from nkat_gguf.engine.forward.llama import LlamaReference
 from nkat_gguf.errors import InputError
 from nkat_gguf.format.gguf_file import read_layout, write_gguf
 from nkat_gguf.format.tensors import TensorSource

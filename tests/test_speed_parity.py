@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 
 from nkat_gguf.doctor import OK, WARN, check_build_features, run_checks
-from nkat_gguf.engine.bench import DecodeLoop
-from nkat_gguf.engine.native_log import captured_llama_log
-from nkat_gguf.engine.perplexity import perplexity, tokenize_text
-from nkat_gguf.engine.runtime import N_UBATCH, NkatRuntime, RuntimeOptions, physical_cores
-from nkat_gguf.engine.system_info import build_features, parse_system_info
+from nkat_gguf.engine.measure.bench import DecodeLoop
+from nkat_gguf.engine.llama.native_log import captured_llama_log
+from nkat_gguf.engine.measure.perplexity import perplexity, tokenize_text
+from nkat_gguf.engine.llama.runtime import N_UBATCH, NkatRuntime, RuntimeOptions, physical_cores
+from nkat_gguf.engine.llama.system_info import build_features, parse_system_info
 from nkat_gguf.texts import builtin_text
 
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from nkat_gguf.engine.measure import paired_ratio
+from nkat_gguf.engine.measure.speed import paired_ratio
 
 
 def test_interval_of_the_per_round_ratios():

@@ -11,8 +11,8 @@ from gguf.constants import GGMLQuantizationType
 from nkat_gguf.convert import ConvertOptions, convert
 from nkat_gguf.convert.calibrate import Calibration, calibrate
 from nkat_gguf.convert.selection import default_theta_tensors
-from nkat_gguf.engine.quantize import outtypes, quantize_model, quantize_rows
-from nkat_gguf.engine.runtime import NkatRuntime
+from nkat_gguf.engine.llama.quantize import outtypes, quantize_model, quantize_rows
+from nkat_gguf.engine.llama.runtime import NkatRuntime
 from nkat_gguf.format.gguf_file import read_layout
 from nkat_gguf.format.nkat import read_theta
 from nkat_gguf.format.tensors import TensorSource

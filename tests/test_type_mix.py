@@ -14,7 +14,7 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from nkat_gguf.convert import ConvertOptions, convert
 from nkat_gguf.convert.allocate import TYPE_LADDER, type_steps
 from nkat_gguf.convert.selection import default_theta_tensors
-from nkat_gguf.engine.quantize import accepted_types, outtypes, quantize_model
+from nkat_gguf.engine.llama.quantize import accepted_types, outtypes, quantize_model
 from nkat_gguf.errors import InputError
 from nkat_gguf.export.exports import export_kobold, export_ollama
 from nkat_gguf.format import nkat

@@ -17,7 +17,7 @@ FOLDED_GAMMA_HELP = "theta scale folded into B (default: the file's)."
 
 
 def _adapter_types() -> Sequence[str]:
-    from nkat_gguf.engine.adapter import ADAPTER_TYPES
+    from nkat_gguf.engine.llama.adapter import ADAPTER_TYPES
 
     return sorted(ADAPTER_TYPES)
 
@@ -134,8 +134,8 @@ def serve(model: str, gamma: float | None, host: str, port: int, ctx: int | None
     A request may set "nkat_gamma" (a number, or null for theta off) to use another gamma without reloading.
     """
     from nkat_gguf.default_model import resolve_model
-    from nkat_gguf.engine.runtime import NkatRuntime
-    from nkat_gguf.engine.server import ChatServer, is_loopback
+    from nkat_gguf.engine.llama.runtime import NkatRuntime
+    from nkat_gguf.engine.serve.server import ChatServer, is_loopback
     from nkat_gguf.format import nkat
     from nkat_gguf.format.gguf_file import read_layout
     from nkat_gguf.format.hparams import n_ctx_train

@@ -35,8 +35,8 @@ def perplexity(model: str, gamma: float | None, no_theta: bool, text: Path | Non
                as_json: bool, gpu_layers: int, no_cuda: bool, threads: int | None) -> None:
     """Perplexity exactly as llama.cpp's llama-perplexity computes it, and its KL divergence from a reference."""
     from nkat_gguf.default_model import resolve_model
-    from nkat_gguf.engine.kld import base_context, measure_model
-    from nkat_gguf.engine.probe import check_model
+    from nkat_gguf.engine.measure.kld import base_context, measure_model
+    from nkat_gguf.engine.llama.probe import check_model
     from nkat_gguf.texts import load_text
 
     path = resolve_model(model)
@@ -52,7 +52,7 @@ def perplexity(model: str, gamma: float | None, no_theta: bool, text: Path | Non
 
 
 def format_perplexity(r: dict) -> str:
-    from nkat_gguf.engine.kld import format_kld
+    from nkat_gguf.engine.measure.kld import format_kld
 
     theta = "on, gamma " + format(r["gamma"], "g") if r["theta_enabled"] else "off"
     line = (f"perplexity {r['ppl']:.4f} ± {r['ppl_stderr']:.4f} over {r['n_chunks']} chunks of {r['n_ctx']} "
@@ -75,9 +75,9 @@ def bench(model: str, gamma: float | None, n_prompt: int, n_gen: int, repetition
           gpu_layers: int, no_cuda: bool, threads: int | None) -> None:
     """Prompt (pp) and generation (tg) speed as llama-bench measures it, theta off and on, interleaved."""
     from nkat_gguf.default_model import resolve_model
-    from nkat_gguf.engine.bench import device_name
-    from nkat_gguf.engine.measure import SpeedSettings, interleaved_speed
-    from nkat_gguf.engine.runtime import NkatRuntime
+    from nkat_gguf.engine.measure.bench import device_name
+    from nkat_gguf.engine.measure.speed import SpeedSettings, interleaved_speed
+    from nkat_gguf.engine.llama.runtime import NkatRuntime
     from nkat_gguf.format.gguf_file import read_layout
     from nkat_gguf.format.hparams import check_context
 
@@ -132,7 +132,7 @@ def compare(model: str, reference: Path | None, gamma: float | None, text: Path 
     from nkat_gguf.default_model import resolve_model
     from nkat_gguf.evaluate.compare import CompareSettings, format_compare
     from nkat_gguf.evaluate.compare import compare as run_compare
-    from nkat_gguf.engine.probe import check_model
+    from nkat_gguf.engine.llama.probe import check_model
     from nkat_gguf.format.gguf_file import read_layout
     from nkat_gguf.format.hparams import check_context
     from nkat_gguf.texts import load_text

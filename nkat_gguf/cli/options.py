@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import click
 
 if TYPE_CHECKING:
-    from nkat_gguf.engine.runtime import RuntimeOptions
+    from nkat_gguf.engine.llama.runtime import RuntimeOptions
 
 Decorator = Callable[[Callable], Callable]
 MODEL_HELP = "GGUF file, or 'default' for the embedded SmolLM2-135M-Instruct Q4_1."
@@ -130,7 +130,7 @@ def runtime_options(gpu_layers: int, no_cuda: bool, threads: int | None, n_ctx: 
                     n_batch: int | None = None, **extra: Any) -> RuntimeOptions:
     """The engine options as llama.cpp's. `n_batch`: the most tokens one decode needs (a perplexity chunk
     decodes whole: n_ctx); default 512."""
-    from nkat_gguf.engine.runtime import RuntimeOptions
+    from nkat_gguf.engine.llama.runtime import RuntimeOptions
 
     return RuntimeOptions(n_ctx=n_ctx, n_batch=min(n_ctx, n_batch or 512), n_threads=threads,
                           n_gpu_layers=0 if no_cuda else gpu_layers, **extra)

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from nkat_gguf.convert.calibrate import Calibration
 from nkat_gguf.convert.sensitivity import kind_sensitivity
 from nkat_gguf.convert.theta_fit import FitSettings, ThetaFitter, WeightFit
-from nkat_gguf.engine.quantize import accepted_types, check_types, quantize_model
+from nkat_gguf.engine.llama.quantize import accepted_types, check_types, quantize_model
 from nkat_gguf.format.nkat import NkatTheta, component_bytes, listing_bytes, type_listing_bytes
 from nkat_gguf.format.tensors import TensorSource
 from nkat_gguf.math.allocation import (

@@ -10,8 +10,8 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from nkat_gguf.engine.calibration import WINDOW, calibration_cache_dir
-from nkat_gguf.engine.sampling import detokenize, sample_sequences
+from nkat_gguf.engine.calibrate.calibration import WINDOW, calibration_cache_dir
+from nkat_gguf.engine.calibrate.sampling import detokenize, sample_sequences
 from nkat_gguf.format.atomic import atomic_output
 from nkat_gguf.format.hashing import sha256_file
 from nkat_gguf.mixed_text import mixed_text

@@ -2,7 +2,7 @@
 
 One pass over the calibration windows serves two uses: the activation weighting of theta's SVD and
 llama.cpp's importance matrix for quantization. convert collects them inside llama.cpp's own graph
-(nkat_gguf.engine.calibration), so every architecture llama.cpp runs is calibrated; the PyTorch reference
+(nkat_gguf.engine.calibrate.calibration), so every architecture llama.cpp runs is calibrated; the PyTorch reference
 (`calibrate_with_reference`, llama family only) is the independent check on the same windows.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from nkat_gguf.engine.calibration import (
+from nkat_gguf.engine.calibrate.calibration import (
     WINDOW,
     GraphStatistics,
     cache_key,
@@ -24,8 +24,8 @@ from nkat_gguf.engine.calibration import (
     store_cached,
 )
 from nkat_gguf.convert.moment_groups import GroupedMoments, layer_groups, moment_bytes
-from nkat_gguf.engine.reference import LlamaReference
-from nkat_gguf.engine.vocab import tokens_and_bos
+from nkat_gguf.engine.forward.llama import LlamaReference
+from nkat_gguf.engine.llama.vocab import tokens_and_bos
 from nkat_gguf.errors import InputError
 from nkat_gguf.format.gguf_file import read_layout
 from nkat_gguf.format.hashing import sha256_file

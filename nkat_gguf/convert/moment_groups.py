@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator, Mapping
 
 import numpy as np
 
-from nkat_gguf.engine.calibration import MAX_SECOND_MOMENT_WIDTH
+from nkat_gguf.engine.calibrate.calibration import MAX_SECOND_MOMENT_WIDTH
 from nkat_gguf.errors import InputError, NkatError
 from nkat_gguf.format.gguf_file import GGUFLayout
 

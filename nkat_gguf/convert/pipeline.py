@@ -1,7 +1,7 @@
 """`nkat-gguf convert`: read -> (bake) -> calibrate -> quantize -> θ -> write, one function per step.
 
 The calibration comes before quantization because its statistics are llama.cpp's importance matrix.
-The steps' modules: read.py, so8t/bake_step.py, calibrate.py, engine/quantize.py, theta_fit.py (allocate.py
+The steps' modules: read.py, so8t/bake_step.py, calibrate.py, engine/llama/quantize.py, theta_fit.py (allocate.py
 under a budget), write.py. The output is llama.cpp's own quantization of the input, byte for byte, plus θ
 in metadata (NKAT format v2), so a stock llama.cpp loads it as the plain quantized model.
 """
@@ -21,7 +21,7 @@ from nkat_gguf.convert.options import ConvertOptions, ConvertReport
 from nkat_gguf.convert.read import Inputs, read_input
 from nkat_gguf.convert.theta_fit import WeightFit, fit_weights, replace_tensors
 from nkat_gguf.convert.write import provenance, write_temperature, write_theta
-from nkat_gguf.engine.quantize import check_types, fallbacks, quantize_model
+from nkat_gguf.engine.llama.quantize import check_types, fallbacks, quantize_model
 from nkat_gguf.format.atomic import work_dir
 from nkat_gguf.format.gguf_file import GGUFLayout
 from nkat_gguf.format.imatrix import input_widths, missing_note, read_imatrix_file

@@ -16,8 +16,8 @@ from nkat_gguf.convert.moment_groups import parse_memory
 from nkat_gguf.convert.options import DEFAULT_BYTE_BUDGET, DEFAULT_OP_BUDGET, ConvertOptions
 from nkat_gguf.convert.selection import resolve_tensor_types, select_tensors
 from nkat_gguf.convert.theta_fit import FitSettings
-from nkat_gguf.engine.quantize import resolve_outtype
-from nkat_gguf.engine.runtime import check_loadable
+from nkat_gguf.engine.llama.quantize import resolve_outtype
+from nkat_gguf.engine.llama.runtime import check_loadable
 from nkat_gguf.errors import InputError
 from nkat_gguf.format.atomic import check_writable_dir
 from nkat_gguf.format.gguf_file import GGUFLayout, read_layout

@@ -8,7 +8,7 @@ import re
 import gguf
 from gguf.constants import GGMLQuantizationType
 
-from nkat_gguf.engine.quantize import accepted_types
+from nkat_gguf.engine.llama.quantize import accepted_types
 from nkat_gguf.errors import InputError
 from nkat_gguf.format.gguf_file import GGUFLayout
 

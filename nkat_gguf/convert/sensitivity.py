@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from nkat_gguf.engine.perplexity import perplexity
-from nkat_gguf.engine.runtime import NkatRuntime, RuntimeOptions
-from nkat_gguf.engine.vocab import tokenize
+from nkat_gguf.engine.measure.perplexity import perplexity
+from nkat_gguf.engine.llama.runtime import NkatRuntime, RuntimeOptions
+from nkat_gguf.engine.llama.vocab import tokenize
 from nkat_gguf.errors import InputError
 from nkat_gguf.format.nkat import NkatTheta
 from nkat_gguf.math.allocation import weight_kind

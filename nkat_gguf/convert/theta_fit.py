@@ -20,7 +20,7 @@ from gguf import quants
 from tqdm import tqdm
 
 from nkat_gguf.convert.calibrate import Calibration
-from nkat_gguf.engine.quantize import quantize_rows
+from nkat_gguf.engine.llama.quantize import quantize_rows
 from nkat_gguf.format.gguf_file import TensorSpec, copy_metadata, read_layout, write_gguf
 from nkat_gguf.format.tensors import TensorSource
 from nkat_gguf.math.limits import FitMethod

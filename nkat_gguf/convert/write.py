@@ -12,8 +12,8 @@ from pathlib import Path
 from nkat_gguf import __version__
 from nkat_gguf.convert.calibrate import Calibration
 from nkat_gguf.convert.read import Inputs
-from nkat_gguf.engine.runtime import NkatRuntime, RuntimeOptions
-from nkat_gguf.engine.temperature import CalibrationSettings, fit_llm_temperature
+from nkat_gguf.engine.llama.runtime import NkatRuntime, RuntimeOptions
+from nkat_gguf.engine.measure.temperature import CalibrationSettings, fit_llm_temperature
 from nkat_gguf.format import nkat
 from nkat_gguf.format.gguf_file import write_with_metadata
 from nkat_gguf.format.nkat import CalibratedTemperature, NkatTheta, theta_metadata

@@ -3,7 +3,7 @@
 With a reference, theta off and on are also measured by their KL divergence from it, as
 llama-perplexity --kl-divergence computes it (the reference's pass writes a temporary base file).
 
-Speed repetitions are interleaved (off, on, off, on, ...; engine/measure.py) so machine noise hits both
+Speed repetitions are interleaved (off, on, off, on, ...; engine/measure/speed.py) so machine noise hits both
 alike; the ratios are what carries over to another machine, not the absolute tokens per second.
 """
 
@@ -13,11 +13,11 @@ import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from nkat_gguf.engine.bench import device_name
-from nkat_gguf.engine.kld import kl_divergence, write_base
-from nkat_gguf.engine.measure import SpeedSettings, interleaved_speed, paired_ratio
-from nkat_gguf.engine.perplexity import PerplexityResult, perplexity, tokenize_text
-from nkat_gguf.engine.runtime import NkatRuntime, RuntimeOptions
+from nkat_gguf.engine.measure.bench import device_name
+from nkat_gguf.engine.measure.kld import kl_divergence, write_base
+from nkat_gguf.engine.measure.speed import SpeedSettings, interleaved_speed, paired_ratio
+from nkat_gguf.engine.measure.perplexity import PerplexityResult, perplexity, tokenize_text
+from nkat_gguf.engine.llama.runtime import NkatRuntime, RuntimeOptions
 from nkat_gguf.errors import InputError
 from nkat_gguf.evaluate.configurations import default_reference_for, report_head
 from nkat_gguf.format import nkat

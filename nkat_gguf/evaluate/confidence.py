@@ -13,9 +13,9 @@ from pathlib import Path
 import llama_cpp
 import numpy as np
 
-from nkat_gguf.engine.perplexity import perplexity, tokenize_text
-from nkat_gguf.engine.runtime import RuntimeOptions
-from nkat_gguf.engine.temperature import CalibrationSettings, fit_llm_temperature, long_enough
+from nkat_gguf.engine.measure.perplexity import perplexity, tokenize_text
+from nkat_gguf.engine.llama.runtime import RuntimeOptions
+from nkat_gguf.engine.measure.temperature import CalibrationSettings, fit_llm_temperature, long_enough
 from nkat_gguf.errors import InputError
 from nkat_gguf.evaluate.configurations import measure_rows, report_head
 from nkat_gguf.format.gguf_file import write_with_metadata

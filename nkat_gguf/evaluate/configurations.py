@@ -11,7 +11,7 @@ from pathlib import Path
 import llama_cpp
 
 from nkat_gguf.default_model import default_model_path
-from nkat_gguf.engine.runtime import NkatRuntime, RuntimeOptions
+from nkat_gguf.engine.llama.runtime import NkatRuntime, RuntimeOptions
 from nkat_gguf.errors import InputError
 from nkat_gguf.format import nkat
 from nkat_gguf.format.hashing import sha256_file

@@ -26,10 +26,10 @@ from pathlib import Path
 from nkat_gguf.convert import ConvertOptions, ConvertReport, convert
 from nkat_gguf.convert.calibrate import Calibration
 from nkat_gguf.convert.selection import resolve_tensor_types, select_tensors
-from nkat_gguf.engine.bench import device_name
-from nkat_gguf.engine.measure import paired_ratio
-from nkat_gguf.engine.quantize import resolve_outtype
-from nkat_gguf.engine.runtime import RuntimeOptions
+from nkat_gguf.engine.measure.bench import device_name
+from nkat_gguf.engine.measure.speed import paired_ratio
+from nkat_gguf.engine.llama.quantize import resolve_outtype
+from nkat_gguf.engine.llama.runtime import RuntimeOptions
 from nkat_gguf.errors import InputError
 from nkat_gguf.evaluate.compare import CompareSettings
 from nkat_gguf.evaluate.plot_labels import place_labels

@@ -17,8 +17,8 @@ import numpy as np
 from gguf.constants import Keys
 from tqdm import tqdm
 
-from nkat_gguf.engine.perplexity import tokenize_text
-from nkat_gguf.engine.runtime import RuntimeOptions
+from nkat_gguf.engine.measure.perplexity import tokenize_text
+from nkat_gguf.engine.llama.runtime import RuntimeOptions
 from nkat_gguf.errors import InputError
 from nkat_gguf.evaluate.configurations import measure_rows, report_head
 from nkat_gguf.format.gguf_file import read_layout

@@ -23,13 +23,13 @@ from nkat_gguf.convert.calib_text import calibration_text
 from nkat_gguf.convert.calibrate import Calibration, calibrate
 from nkat_gguf.convert.moment_groups import parse_memory
 from nkat_gguf.convert.read import reference_source
-from nkat_gguf.engine.bench import device_name
-from nkat_gguf.engine.kld import base_matches, kl_divergence, write_base
-from nkat_gguf.engine.measure import Configuration, interleaved_rates, paired_ratio
-from nkat_gguf.engine.perplexity import PerplexityResult, perplexity, tokenize_text
-from nkat_gguf.engine.probe import check_model
-from nkat_gguf.engine.quantize import resolve_outtype
-from nkat_gguf.engine.runtime import NkatRuntime, RuntimeOptions
+from nkat_gguf.engine.measure.bench import device_name
+from nkat_gguf.engine.measure.kld import base_matches, kl_divergence, write_base
+from nkat_gguf.engine.measure.speed import Configuration, interleaved_rates, paired_ratio
+from nkat_gguf.engine.measure.perplexity import PerplexityResult, perplexity, tokenize_text
+from nkat_gguf.engine.llama.probe import check_model
+from nkat_gguf.engine.llama.quantize import resolve_outtype
+from nkat_gguf.engine.llama.runtime import NkatRuntime, RuntimeOptions
 from nkat_gguf.evaluate.compare import CompareSettings
 from nkat_gguf.format import nkat
 from nkat_gguf.format.atomic import check_writable_dir
@@ -88,7 +88,7 @@ def measure_files(files: dict[str, Path], texts: dict[str, Text], runtime_option
                   kld_reference: str | None = None, theta_off: bool = False) -> dict[str, dict]:
     """Speed and perplexity of every file, θ on at the file's γ where it has θ, all loaded at once.
 
-    Speed goes through the one interleaving primitive (engine/measure.py): file by file each round,
+    Speed goes through the one interleaving primitive (engine/measure/speed.py): file by file each round,
     re-warmed after every switch of model, so drift on a shared machine hits every row alike. Then
     each file's perplexity on each text. With `kld_bases` (text key -> llama-perplexity base file) the
     file named `kld_reference` is measured first and writes them (unless they already hold this text's

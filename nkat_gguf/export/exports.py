@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 from gguf.constants import GGUFValueType, Keys
 
-from nkat_gguf.engine.adapter import write_lora_adapter
-from nkat_gguf.engine.perplexity import perplexity, tokenize_text
-from nkat_gguf.engine.runtime import NkatRuntime, RuntimeOptions, check_loadable
+from nkat_gguf.engine.llama.adapter import write_lora_adapter
+from nkat_gguf.engine.measure.perplexity import perplexity, tokenize_text
+from nkat_gguf.engine.llama.runtime import NkatRuntime, RuntimeOptions, check_loadable
 from nkat_gguf.errors import InputError
 from nkat_gguf.export.merge import write_merged
 from nkat_gguf.export.targets import ADAPTER, KOBOLD, MODELFILE, OLLAMA, export_stem, kcpps_name, ollama_name

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from gguf.constants import GGMLQuantizationType
 
-from nkat_gguf.engine.quantize import quantize_model, quantize_rows, resolve_outtype
+from nkat_gguf.engine.llama.quantize import quantize_model, quantize_rows, resolve_outtype
 from nkat_gguf.format import nkat
 from nkat_gguf.format.atomic import atomic_output, work_dir
 from nkat_gguf.format.gguf_file import TensorSpec, copy_metadata, read_layout, write_gguf

@@ -6,7 +6,7 @@ llama.cpp loads a model inside our process, and a failed `GGML_ASSERT` aborts th
 block count in 1..LLAMA_MAX_LAYERS, expert counts, head counts (n_head / n_head_kv is a division),
 the embedding width (divided by n_head), the rope scaling type. Its typed getters also require the
 exact GGUF type (UINT32 for counts, FLOAT32 for rope and norm settings). What this pure check cannot
-foresee is caught by loading the file in a child process first (engine/probe.py).
+foresee is caught by loading the file in a child process first (engine/llama/probe.py).
 """
 
 from __future__ import annotations

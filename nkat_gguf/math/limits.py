@@ -23,3 +23,6 @@ TEMPERATURE_RANGE: tuple[float, float] = (0.5, 3.0)
 # long-text QC (qc longtext --tokens)
 DROP_WINDOW = 32  # tokens of the trailing mean in an abnormal entropy drop
 MIN_LONGTEXT_TOKENS = 2 * DROP_WINDOW  # below this the drop window and the drift slope say little
+
+# perplexity and KLD contexts (--ctx): below this a chunk scores too few tokens for a meaningful mean and error
+MIN_N_CTX = 16

@@ -28,9 +28,9 @@ import numpy as np
 import torch
 from gguf.constants import GGUFValueType
 
-from nkat_gguf.engine.reference import LlamaReference
-from nkat_gguf.engine.runtime import NkatRuntime, RuntimeOptions, check_loadable
-from nkat_gguf.engine.vocab import tokenize
+from nkat_gguf.engine.forward.llama import LlamaReference
+from nkat_gguf.engine.llama.runtime import NkatRuntime, RuntimeOptions, check_loadable
+from nkat_gguf.engine.llama.vocab import tokenize
 from nkat_gguf.errors import InputError, NkatError
 from nkat_gguf.format import nkat
 from nkat_gguf.format.atomic import atomic_output, check_writable_dir

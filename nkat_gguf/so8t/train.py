@@ -40,8 +40,8 @@ from safetensors.torch import save_file
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from nkat_gguf.engine.reference import BLOCK_MATRICES, LlamaConfig, llama_block, rms_norm, rope_rotations
-from nkat_gguf.engine.vocab import tokenize
+from nkat_gguf.engine.forward.llama import BLOCK_MATRICES, LlamaConfig, llama_block, rms_norm, rope_rotations
+from nkat_gguf.engine.llama.vocab import tokenize
 from nkat_gguf.errors import InputError, UnsupportedModelError
 from nkat_gguf.format.atomic import atomic_output, check_writable_dir
 from nkat_gguf.format.so8t_checkpoint import ALPHA, GENERATOR, HEADS, RESIDUAL
@@ -152,7 +152,7 @@ WeightFn = Callable[[str, torch.Tensor | None], torch.Tensor]  # (name, input x 
 
 
 class FrozenLlama:
-    """The llama forward of `engine/reference.py` (its `llama_block`) with autograd and per-layer checkpointing.
+    """The llama forward of `engine/forward/llama.py` (its `llama_block`) with autograd and per-layer checkpointing.
 
     `fold_norms`: RMSNorm weights are folded into the matrices they feed (W·diag(g)) and the norms
     become ones, as the residual bake writes them; the function is unchanged. A tied model keeps its

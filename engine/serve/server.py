@@ -11,7 +11,7 @@ says which in `"nkat_temperature"`.
 Endpoints: GET /v1/models, GET /health, POST /v1/chat/completions (with `"stream": true` as server-sent
 events).
 
-Concurrency policy (one llama.cpp context, so one generation at a time; engine/admission.py):
+Concurrency policy (one llama.cpp context, so one generation at a time; engine/serve/admission.py):
 - each connection has its own thread; parsing and checking a request, `GET /v1/models` and `GET /health`
   never wait for the generation, so they are answered while one runs;
 - a valid chat request runs at once if nothing is generating, else waits in a first-come-first-served
@@ -36,7 +36,7 @@ load of tests/test_server_load.py):
 Two more things the load showed: a 3 MB prompt held the generation slot while llama.cpp tokenized it
 (seconds, with every other client waiting), so messages whose text cannot fit the context are refused
 before the queue (`check_prompt_fits`); and each wave of multi-megabyte bodies grew the process by
-megabytes, kept in glibc's per-thread arenas (engine/heap.py).
+megabytes, kept in glibc's per-thread arenas (engine/serve/heap.py).
 """
 
 from __future__ import annotations
@@ -51,10 +51,10 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from nkat_gguf.engine.admission import Busy, GenerationQueue
-from nkat_gguf.engine.heap import map_large_blocks
-from nkat_gguf.engine.runtime import NkatRuntime
-from nkat_gguf.engine.vocab import longest_piece_bytes
+from nkat_gguf.engine.serve.admission import Busy, GenerationQueue
+from nkat_gguf.engine.serve.heap import map_large_blocks
+from nkat_gguf.engine.llama.runtime import NkatRuntime
+from nkat_gguf.engine.llama.vocab import longest_piece_bytes
 from nkat_gguf.errors import InputError
 from nkat_gguf.format import nkat
 from nkat_gguf.format.nkat import check_gamma
@@ -66,7 +66,7 @@ DEFAULT_MAX_QUEUE = 16  # requests waiting for the generation slot; more get 503
 DEFAULT_QUEUE_TIMEOUT_S = 120.0  # longest wait for the slot before a 503
 SOCKET_TIMEOUT_S = 30.0  # longest wait for one read or write on a client's socket
 LINGER_S = 2.0  # longest time spent draining what a client still sends after its answer
-MAPPED_BLOCK_BYTES = 1 << 20  # heap blocks this large go back to the system when freed (engine/heap.py)
+MAPPED_BLOCK_BYTES = 1 << 20  # heap blocks this large go back to the system when freed (engine/serve/heap.py)
 LISTEN_BACKLOG = 128  # connections the kernel holds before they are accepted (socketserver's default: 5)
 GAMMA_FIELD = "nkat_gamma"
 TEMPERATURE_FIELD = "nkat_temperature"  # in responses: the temperature used (null: llama-cpp-python's default)

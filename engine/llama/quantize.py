@@ -16,7 +16,7 @@ import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, Keys
 from llama_cpp._ggml import libggml
 
-from nkat_gguf.engine.native_log import captured_llama_log
+from nkat_gguf.engine.llama.native_log import captured_llama_log
 from nkat_gguf.errors import InputError, NkatError, UnsupportedModelError
 from nkat_gguf.format.gguf_file import GGUFLayout, read_layout
 

@@ -21,8 +21,8 @@ import numpy as np
 from tqdm import tqdm
 
 from nkat_gguf.errors import InputError, UnsupportedModelError
+from nkat_gguf.math.limits import MIN_N_CTX
 
-MIN_N_CTX = 16  # below this a chunk scores too few tokens for a meaningful mean and error
 # Called once per chunk with the scored logits (n_scored, vocab) -- a view of llama.cpp's buffer, valid only
 # during the call: copy what must outlive it -- and the target token of each row.
 ChunkHook = Callable[[np.ndarray, np.ndarray], None]

@@ -17,7 +17,7 @@ import llama_cpp
 import numpy as np
 from tqdm import tqdm
 
-from nkat_gguf.engine.native_log import captured_llama_log
+from nkat_gguf.engine.llama.native_log import captured_llama_log
 from nkat_gguf.errors import InputError, NkatError
 
 

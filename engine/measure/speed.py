@@ -21,8 +21,8 @@ import llama_cpp
 import numpy as np
 from tqdm import tqdm
 
-from nkat_gguf.engine.bench import BenchResult, DecodeLoop, device_name, summarize
-from nkat_gguf.engine.runtime import NkatRuntime
+from nkat_gguf.engine.measure.bench import BenchResult, DecodeLoop, device_name, summarize
+from nkat_gguf.engine.llama.runtime import NkatRuntime
 from nkat_gguf.errors import InputError
 
 WARMUP_GEN_TOKENS = 8

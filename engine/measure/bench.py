@@ -5,11 +5,11 @@ vocabulary asks for it) in batches of n_batch on an empty cache, logits for the 
 only (llama-bench asks for the last of every batch: the same work when n_prompt <= n_batch);
 tg = n_gen single-token decodes of random tokens from position 0 on an empty cache, logits for each.
 Both have one untimed warm-up; the reported rate is the mean of the per-repetition rates, the ± their
-sample standard deviation. The context itself is llama-bench's too (engine/runtime.py: flash
+sample standard deviation. The context itself is llama-bench's too (engine/llama/runtime.py: flash
 attention on, physical batch 512, one thread per physical core for prompt and generation).
 
 `DecodeLoop` holds the batches; its `time_prompt` and `time_generation` are single repetitions, which
-engine/measure.py repeats and interleaves, so every speed this tool reports is measured the same way.
+engine/measure/speed.py repeats and interleaves, so every speed this tool reports is measured the same way.
 """
 
 from __future__ import annotations

@@ -28,13 +28,13 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
-from nkat_gguf.engine.native_log import captured_llama_log
+from nkat_gguf.engine.llama.native_log import captured_llama_log
 from nkat_gguf.errors import InputError, NkatError
 from nkat_gguf.format.atomic import atomic_output
 from nkat_gguf.format.gguf_file import read_layout
 
-from .adapter import cache_root
-from .ggml_tensor import (
+from nkat_gguf.engine.llama.adapter import cache_root
+from nkat_gguf.engine.calibrate.ggml_tensor import (
     GGML_OP_MUL_MAT,
     GGML_OP_MUL_MAT_ID,
     GGML_TYPE_F32,

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import llama_cpp
 
-from nkat_gguf.engine.native_log import captured_llama_log
-from nkat_gguf.engine.perplexity import MIN_N_CTX
+from nkat_gguf.engine.llama.native_log import captured_llama_log
+from nkat_gguf.math.limits import MIN_N_CTX
 from nkat_gguf.errors import InputError
 from nkat_gguf.format.gguf_file import GGUFLayout, read_layout
 from nkat_gguf.format.hparams import check_context, check_hparams

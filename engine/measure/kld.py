@@ -4,7 +4,7 @@ Two passes, as stock runs them: the reference's perplexity pass also stores its 
 scored token in llama-perplexity's own base file (nkat_gguf/format/kld_base.py); a second model's pass
 over the file's tokens compares its distributions with the stored ones (nkat_gguf/math/kld.py). Either
 side may be stock llama.cpp: our base file is the file stock writes and reads. Both ride on
-engine/perplexity.py's one pass (its `on_chunk` hook), one chunk in memory at a time, the rows split over
+engine/measure/perplexity.py's one pass (its `on_chunk` hook), one chunk in memory at a time, the rows split over
 the context's threads.
 """
 
@@ -18,8 +18,8 @@ from pathlib import Path
 import llama_cpp
 import numpy as np
 
-from nkat_gguf.engine.perplexity import PerplexityResult, RowBlocks, chunk_count, perplexity, tokenize_text
-from nkat_gguf.engine.runtime import NkatRuntime, RuntimeOptions
+from nkat_gguf.engine.measure.perplexity import PerplexityResult, RowBlocks, chunk_count, perplexity, tokenize_text
+from nkat_gguf.engine.llama.runtime import NkatRuntime, RuntimeOptions
 from nkat_gguf.errors import InputError
 from nkat_gguf.format.atomic import work_dir
 from nkat_gguf.format.kld_base import BaseFile, base_writer, decode_rows, encode_rows, scored_rows

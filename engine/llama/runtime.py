@@ -9,9 +9,9 @@ from pathlib import Path
 
 import llama_cpp
 
-from nkat_gguf.engine.adapter import cached_adapter
-from nkat_gguf.engine.native_log import captured_llama_log
-from nkat_gguf.engine.probe import check_loadable  # noqa: F401  (callers import it from here)
+from nkat_gguf.engine.llama.adapter import cached_adapter
+from nkat_gguf.engine.llama.native_log import captured_llama_log
+from nkat_gguf.engine.llama.probe import check_loadable  # noqa: F401  (callers import it from here)
 from nkat_gguf.errors import InputError
 from nkat_gguf.format.gguf_file import read_layout
 from nkat_gguf.format.hparams import check_context

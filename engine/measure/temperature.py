@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import llama_cpp
 import numpy as np
 
-from nkat_gguf.engine.perplexity import perplexity, tokenize_text
+from nkat_gguf.engine.measure.perplexity import perplexity, tokenize_text
 from nkat_gguf.errors import InputError
 from nkat_gguf.format.nkat import CalibratedTemperature
 from nkat_gguf.math.confidence import fit_temperature

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import llama_cpp
 
-from nkat_gguf.engine.native_log import captured_llama_log
+from nkat_gguf.engine.llama.native_log import captured_llama_log
 from nkat_gguf.errors import InputError
 from nkat_gguf.format.gguf_file import read_layout
 
