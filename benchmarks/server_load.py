@@ -77,7 +77,7 @@ def main() -> None:
             ChatServer(runtime, port=0, quiet=True, max_queue=args.max_queue or max(counts),
                        queue_timeout_s=SOCKET_TIMEOUT_S) as server:
         server.start()
-        port = server._httpd.server_address[1]
+        port = server.address[1]
         warm = send(port, Request("chat", body), SOCKET_TIMEOUT_S)
         if warm.status != 200:
             sys.exit(f"warm-up request failed: {warm.status or warm.error}")

@@ -29,7 +29,7 @@ def server(tiny_nkat: Path) -> Iterator[ChatServer]:
 
 def send(server: ChatServer, body: bytes, headers: dict[str, str] | None = None,
          path: str = "/v1/chat/completions") -> tuple[int, bytes]:
-    host, port = server._httpd.server_address[:2]
+    host, port = server.address
     assert host == "127.0.0.1"
     conn = http.client.HTTPConnection(host, port, timeout=TIMEOUT_S)
     try:

@@ -58,7 +58,7 @@ def runtime(tiny_nkat: Path) -> Iterator[NkatRuntime]:
 
 
 def port_of(server: ChatServer) -> int:
-    host, port = server._httpd.server_address[:2]
+    host, port = server.address
     assert host == "127.0.0.1"
     return port
 

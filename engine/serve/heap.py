@@ -3,11 +3,11 @@
 glibc's malloc gives each thread an arena and, once a block it allocated with mmap is freed, raises its
 mmap threshold to that block's size (and its trim threshold to twice that), so later blocks of that size
 come from the arenas and stay there after they are freed; `malloc_trim` does not return the top of a
-thread's arena either. A thread-per-connection server reading multi-megabyte bodies (the bytes, the
-parsed str) then grows with every wave of such requests (tests/test_server_load.py: with this cap its
-resident size stays flat). Fixing the threshold with `mallopt` turns the adjustment off: blocks of at least
-`threshold` bytes are mapped and unmapped, smaller ones are served as before. Elsewhere than glibc this
-does nothing.
+thread's arena either. A server reading multi-megabyte bodies (uvicorn's growing buffer, the bytes, the
+parsed str) then grows with waves of such requests: without this cap, tests/test_server_load.py's second
+wave mostly ends past its tolerance on resident size. Fixing the threshold with `mallopt` turns the
+adjustment off: blocks of at least `threshold` bytes are mapped and unmapped, smaller ones are served as
+before. Elsewhere than glibc this does nothing.
 """
 
 from __future__ import annotations

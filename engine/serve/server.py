@@ -1,42 +1,26 @@
 """An OpenAI-compatible HTTP server over one NkatRuntime: theta applied at γ, γ switchable per request.
 
-Built on the standard library's `http.server`, not llama-cpp-python's FastAPI server: that server
-builds its own `Llama` from settings, where theta could only be a `lora_path` at a fixed scale, and
-it needs five more packages (fastapi, uvicorn, sse-starlette, starlette-context, pydantic-settings).
-A request may carry `"nkat_gamma"` (a number, or null for theta off) to use another γ without
-reloading anything. A request without `"temperature"` samples at the file's fitted temperature
-(`nkat.confidence.temperature`) when it has one, else at llama-cpp-python's default; every response
-says which in `"nkat_temperature"`.
+HTTP is starlette's routing and responses served by uvicorn, the stack llama-cpp-python's own server runs on;
+that server itself is not used, because it builds its own `Llama` from settings, where theta could only be a
+`lora_path` at a fixed scale. A request may carry `"nkat_gamma"` (a number, or null for theta off) to use
+another γ without reloading anything. A request without `"temperature"` samples at the file's fitted
+temperature (`nkat.confidence.temperature`) when it has one, else at llama-cpp-python's default; every
+response says which in `"nkat_temperature"`.
 
 Endpoints: GET /v1/models, GET /health, POST /v1/chat/completions (with `"stream": true` as server-sent
 events).
 
 Concurrency policy (one llama.cpp context, so one generation at a time; engine/serve/admission.py):
-- each connection has its own thread; parsing and checking a request, `GET /v1/models` and `GET /health`
-  never wait for the generation, so they are answered while one runs;
-- a valid chat request runs at once if nothing is generating, else waits in a first-come-first-served
-  queue of at most `max_queue` requests; beyond that it gets 503 at once, with a JSON error and
-  `Retry-After` (the last generation's duration in whole seconds, at least 1);
-- a request that waits `queue_timeout_s` without starting gets the same 503; once started, a generation
-  is bounded by its `max_tokens` (at most the context size), and a streaming one stops when its client
-  goes away;
-- every socket read or write waits at most SOCKET_TIMEOUT_S (a silent client gets 408 or is dropped).
-
-Why some of 32 concurrent clients used to get a connection reset instead of an answer (found with the
-load of tests/test_server_load.py):
-- a request refused before its body was read (over the size limit, a bad Content-Length, a body longer
-  than its Content-Length, chunked encoding) left input unread, and closing a socket with unread input
-  makes the kernel send RST: the client, still sending its body, fails with a broken pipe or a reset and
-  never reads the answer. Now every connection ends with a lingering close: the answer, a shutdown of
-  the sending side, then reading and dropping what the client still sends (for at most LINGER_S);
-  without it, test_a_body_left_unread_still_gets_its_answer fails every time;
-- the listen backlog was socketserver's 5: a burst of 32 connections overflowed it, the kernel logged
-  "Possible SYN flooding ... Sending cookies" and counted ListenOverflows, clients waited a second for a
-  SYN retransmit, and now and then one got a reset. It is LISTEN_BACKLOG now.
-Two more things the load showed: a 3 MB prompt held the generation slot while llama.cpp tokenized it
-(seconds, with every other client waiting), so messages whose text cannot fit the context are refused
-before the queue (`check_prompt_fits`); and each wave of multi-megabyte bodies grew the process by
-megabytes, kept in glibc's per-thread arenas (engine/serve/heap.py).
+- requests are parsed and checked on uvicorn's event loop; `GET /v1/models` and `GET /health` never wait for
+  the generation, so they are answered while one runs;
+- llama.cpp's calls block, so a valid chat request waits for the slot and generates in a worker thread: at
+  once if nothing is generating, else in a first-come-first-served queue of at most `max_queue` requests;
+  beyond that it gets 503 at once, with a JSON error and `Retry-After` (the last generation's duration in
+  whole seconds, at least 1);
+- a request that waits `queue_timeout_s` without starting gets the same 503; once started, a generation is
+  bounded by its `max_tokens` (at most the context size), and a streaming one stops when its client goes away;
+- a request body must arrive within BODY_TIMEOUT_S (else 408); messages whose text cannot fit the context are
+  refused before the queue (`check_prompt_fits`: a 3 MB prompt once held the slot for seconds of tokenizing).
 """
 
 from __future__ import annotations
@@ -47,14 +31,24 @@ import math
 import socket
 import threading
 import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from nkat_gguf.engine.serve.admission import Busy, GenerationQueue
-from nkat_gguf.engine.serve.heap import map_large_blocks
+import anyio
+import uvicorn
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
 from nkat_gguf.engine.llama.runtime import NkatRuntime
 from nkat_gguf.engine.llama.vocab import longest_piece_bytes
+from nkat_gguf.engine.serve.admission import Busy, GenerationQueue
+from nkat_gguf.engine.serve.heap import map_large_blocks
 from nkat_gguf.errors import InputError
 from nkat_gguf.format import nkat
 from nkat_gguf.format.nkat import check_gamma
@@ -64,10 +58,9 @@ DEFAULT_PORT = 8000
 MAX_BODY_BYTES = 4 << 20
 DEFAULT_MAX_QUEUE = 16  # requests waiting for the generation slot; more get 503
 DEFAULT_QUEUE_TIMEOUT_S = 120.0  # longest wait for the slot before a 503
-SOCKET_TIMEOUT_S = 30.0  # longest wait for one read or write on a client's socket
-LINGER_S = 2.0  # longest time spent draining what a client still sends after its answer
+BODY_TIMEOUT_S = 30.0  # longest wait for a request's body once its headers are in
 MAPPED_BLOCK_BYTES = 1 << 20  # heap blocks this large go back to the system when freed (engine/serve/heap.py)
-LISTEN_BACKLOG = 128  # connections the kernel holds before they are accepted (socketserver's default: 5)
+LINGER_S = 2.0  # longest time spent draining what a client still sends after an unparsable request
 GAMMA_FIELD = "nkat_gamma"
 TEMPERATURE_FIELD = "nkat_temperature"  # in responses: the temperature used (null: llama-cpp-python's default)
 # OpenAI request fields passed on to llama-cpp-python's create_chat_completion; others are ignored
@@ -76,12 +69,11 @@ FORWARDED = ("messages", "temperature", "top_p", "top_k", "min_p", "typical_p", 
 _UNSET = object()
 
 
-class RequestError(Exception):
+class RequestError(HTTPException):
     """A request the client must fix: answered with `status` (400 unless said) and OpenAI's error body."""
 
     def __init__(self, message: str, status: HTTPStatus = HTTPStatus.BAD_REQUEST):
-        super().__init__(message)
-        self.status = status
+        super().__init__(status, message)
 
 
 class ChatServer:
@@ -97,49 +89,48 @@ class ChatServer:
         self.model_id = model_id or runtime.path.name
         self.default_gamma = runtime.gamma
         self.default_temperature = runtime.temperature.temperature if runtime.temperature else None
-        self.quiet = quiet
         self.created = int(time.time())
         self.queue = GenerationQueue(max_queue, queue_timeout_s)
+        # worker threads for the slot's holder, its waiters and one request being refused: the queue bounds them
+        self._workers = anyio.CapacityLimiter(max_queue + 2)
         self.longest_piece_bytes = longest_piece_bytes(runtime.llm)
-        map_large_blocks(MAPPED_BLOCK_BYTES)  # else each thread's arena keeps the bodies it read
-        self._serving = False
-        self._thread: threading.Thread | None = None
-        server_class = _HTTPServer6 if ":" in host else _HTTPServer
+        map_large_blocks(MAPPED_BLOCK_BYTES)  # else the heap keeps the request bodies it read
         try:
-            self._httpd = server_class((host, port), _Handler)
+            self._socket = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
         except OSError as exc:
             raise InputError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-        self._httpd.app = self
+        app = Starlette(routes=[Route("/v1/models", self._models), Route("/health", self._health),
+                                Route("/v1/chat/completions", self._chat, methods=["POST"])],
+                        exception_handlers={HTTPException: _http_error, Busy: _busy, Exception: _server_error})
+        self._uvicorn = uvicorn.Server(uvicorn.Config(app, http=_Protocol, lifespan="off", access_log=not quiet,
+                                                      log_level="error" if quiet else "info"))
+        self._thread: threading.Thread | None = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self._socket.getsockname()[:2]
 
     @property
     def url(self) -> str:
-        host, port = self._httpd.server_address[:2]
+        host, port = self.address
         return f"http://[{host}]:{port}/v1" if ":" in host else f"http://{host}:{port}/v1"
 
     def serve_forever(self) -> None:
         """Serve in this thread until close() is called from another one (or KeyboardInterrupt)."""
-        self._serving = True
-        try:
-            self._httpd.serve_forever(poll_interval=0.2)
-        finally:
-            self._serving = False
+        self._uvicorn.run(sockets=[self._socket])
 
     def start(self) -> None:
         """Serve in a background thread; close() stops it."""
-        self._serving = True
-        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.2},
-                                        name="nkat-server", daemon=True)
+        self._thread = threading.Thread(target=self.serve_forever, name="nkat-server", daemon=True)
         self._thread.start()
 
     def close(self) -> None:
-        """Stop serving and release the socket (shutdown() returns once the serving loop has exited)."""
-        if self._serving:
-            self._httpd.shutdown()
-            self._serving = False
+        """Stop serving (after the requests in progress) and release the socket."""
+        self._uvicorn.should_exit = True
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        self._httpd.server_close()
+        self._socket.close()
 
     def __enter__(self) -> "ChatServer":
         return self
@@ -160,11 +151,14 @@ class ChatServer:
     def health(self) -> dict:
         return {"status": "ok", "model": self.model_id, **self.queue.state()}
 
-    def chat(self, body: Any, stream_to: Any = None) -> dict | None:
-        """One chat completion. With `stream_to` (a callable taking each chunk), chunks are passed on.
+    async def _models(self, request: Request) -> Response:
+        return JSONResponse(self.models())
 
-        Raises RequestError for a request the client must fix, Busy when the generation slot cannot be had.
-        """
+    async def _health(self, request: Request) -> Response:
+        return JSONResponse(self.health())
+
+    async def _chat(self, request: Request) -> Response:
+        body = await read_json(request)
         if not isinstance(body, dict):
             raise RequestError("the request body must be a JSON object")
         check_request(body, self.runtime.options.n_ctx)
@@ -175,31 +169,73 @@ class ChatServer:
         if self.default_temperature is not None:
             kwargs.setdefault("temperature", self.default_temperature)
         gamma = body.get(GAMMA_FIELD, _UNSET)
+        if not body.get("stream"):
+            return JSONResponse(await self._in_worker(self._completion, gamma, kwargs))
+        events = self._events(gamma, kwargs)
+        return _EventStream(await self._in_worker(next, events), events, self._workers)
+
+    async def _in_worker(self, function: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return await anyio.to_thread.run_sync(function, *args, limiter=self._workers)
+        except (ValueError, TypeError) as exc:  # llama-cpp-python's way of refusing arguments
+            raise RequestError(str(exc)) from None
+
+    def _completion(self, gamma: Any, kwargs: dict) -> dict:
         with self.queue.slot():
-            self._use_gamma(self.default_gamma if gamma is _UNSET else gamma)
-            extra = {GAMMA_FIELD: self.runtime.gamma, TEMPERATURE_FIELD: kwargs.get("temperature"),
-                     "model": self.model_id}
+            extra = self._use_gamma(gamma, kwargs)
+            return {**self.runtime.llm.create_chat_completion(**kwargs), **extra}
+
+    def _events(self, gamma: Any, kwargs: dict) -> Iterator[bytes]:
+        """One streamed completion as server-sent events, holding the slot from the first `next()` to the end.
+
+        The first `next()` takes the slot and makes the first chunk, so whatever refuses the request (Busy, an
+        argument llama-cpp-python rejects) is raised before any header is sent; a later error goes in the stream.
+        """
+        with self.queue.slot():
+            extra = self._use_gamma(gamma, kwargs)
+            chunks = self.runtime.llm.create_chat_completion(**kwargs, stream=True)
             try:
-                if stream_to is None:
-                    return {**self.runtime.llm.create_chat_completion(**kwargs), **extra}
-                chunks = self.runtime.llm.create_chat_completion(**kwargs, stream=True)
+                yield _event({**next(chunks), **extra})
                 try:
                     for chunk in chunks:
-                        stream_to({**chunk, **extra})
-                finally:
-                    chunks.close()  # inside the slot: a client that left must not leave it half-run
-                return None
-            except (ValueError, TypeError) as exc:  # llama-cpp-python's way of refusing arguments
-                raise RequestError(str(exc)) from None
+                        yield _event({**chunk, **extra})
+                except Exception as exc:  # the headers are gone: report in the stream
+                    yield _event({"error": {"message": str(exc), "type": "server_error"}})
+            finally:
+                chunks.close()  # inside the slot: a client that left must not leave it half-run
+        yield b"data: [DONE]\n\n"
 
-    def _use_gamma(self, gamma: Any) -> None:
-        if isinstance(gamma, bool) or not (gamma is None or isinstance(gamma, (int, float))):
-            raise RequestError(f"'{GAMMA_FIELD}' must be a number or null, got {json.dumps(gamma)}")
+    def _use_gamma(self, gamma: Any, kwargs: dict) -> dict:
+        """Switch to the request's γ (the server's default when it has none); the fields every answer carries."""
+        gamma = self.default_gamma if gamma is _UNSET else gamma
         if gamma != self.runtime.gamma:
             try:
                 self.runtime.set_gamma(gamma)  # also empties the KV cache computed under the old γ
             except InputError as exc:
                 raise RequestError(str(exc)) from None
+        return {GAMMA_FIELD: self.runtime.gamma, TEMPERATURE_FIELD: kwargs.get("temperature"), "model": self.model_id}
+
+
+async def read_json(request: Request) -> Any:
+    """The request's JSON body, within MAX_BODY_BYTES and BODY_TIMEOUT_S (uvicorn has checked Content-Length)."""
+    if "transfer-encoding" in request.headers:
+        raise RequestError("send the body with a Content-Length, not Transfer-Encoding", HTTPStatus.LENGTH_REQUIRED)
+    length = int(request.headers.get("content-length", 0))
+    if length > MAX_BODY_BYTES:
+        raise RequestError(f"request body of {length} bytes is over the limit of {MAX_BODY_BYTES}",
+                           HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+    if length == 0:
+        raise RequestError(f"request body must be 1 to {MAX_BODY_BYTES} bytes with a Content-Length")
+    try:
+        with anyio.fail_after(BODY_TIMEOUT_S):
+            raw = await request.body()
+    except TimeoutError:
+        raise RequestError(f"the request body did not arrive within {BODY_TIMEOUT_S:g} s",
+                           HTTPStatus.REQUEST_TIMEOUT) from None
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise RequestError(f"request body is not JSON: {exc}") from None
 
 
 # OpenAI's documented ranges; a value outside them is the client's mistake, answered with 400
@@ -257,138 +293,75 @@ def check_prompt_fits(messages: list[dict], n_ctx: int, longest_piece_bytes: int
                            f"for more than {longest_piece_bytes} bytes): over the context of {n_ctx} tokens")
 
 
-class _HTTPServer(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = LISTEN_BACKLOG
-    app: ChatServer
+def _event(chunk: dict) -> bytes:
+    return b"data: " + json.dumps(chunk).encode() + b"\n\n"
 
-    def shutdown_request(self, request: socket.socket) -> None:  # type: ignore[override]
-        """Lingering close: end the answer, then drain what the client still sends, so closing sends no RST.
 
-        Closing a socket that holds unread input makes the kernel answer with RST, and a client that gets
-        it before reading the answer loses the answer (or fails in the middle of sending its body).
-        """
+class _EventStream(StreamingResponse):
+    """Server-sent events made one by one in a worker thread. However the stream ends (a client that left
+    included: starlette then stops sending), the generator is closed, which frees the generation slot it holds."""
+
+    def __init__(self, first: bytes, events: Iterator[bytes], workers: anyio.CapacityLimiter):
+        self.events, self.workers = events, workers
+        super().__init__(self._follow(first), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    async def _follow(self, first: bytes) -> AsyncIterator[bytes]:
+        yield first
+        while (event := await anyio.to_thread.run_sync(next, self.events, None, limiter=self.workers)) is not None:
+            yield event
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            request.shutdown(socket.SHUT_WR)
-            deadline = time.monotonic() + LINGER_S
-            while (left := deadline - time.monotonic()) > 0:
-                request.settimeout(left)
-                if not request.recv(1 << 16):  # the client has closed its side
-                    break
-        except OSError:  # the client is gone already, or the linger time ran out
-            pass
-        self.close_request(request)
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(self.events.close, limiter=self.workers)
 
 
-class _HTTPServer6(_HTTPServer):
-    address_family = socket.AF_INET6
+def _error_body(status: int, message: str) -> dict:
+    return {"error": {"message": message, "type": "invalid_request_error" if status < 500 else "server_error",
+                      "code": status}}
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server: _HTTPServer
-    server_version = "nkat-gguf"
-    timeout = SOCKET_TIMEOUT_S  # per socket operation; StreamRequestHandler applies it to the connection
+async def _http_error(request: Request, exc: HTTPException) -> Response:
+    """RequestError, and starlette's own refusals: 404 for a path, 405 for a method."""
+    message = exc.detail if isinstance(exc, RequestError) else f"{exc.detail}: {request.method} {request.url.path}"
+    return JSONResponse(_error_body(exc.status_code, message), exc.status_code, exc.headers)
 
-    def log_message(self, format: str, *args: Any) -> None:
-        if not self.server.app.quiet:
-            super().log_message(format, *args)
 
-    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        """http.server's own refusals (bad request line, headers too long, unknown method) as JSON too."""
-        self.close_connection = True
-        status = HTTPStatus(code)
-        self._send_error(status, message or status.phrase)
+async def _busy(request: Request, exc: Busy) -> Response:
+    return JSONResponse(_error_body(503, str(exc)), 503, {"Retry-After": str(exc.retry_after_s)})
 
-    def do_GET(self) -> None:
-        path = self.path.rstrip("/")
-        if path == "/v1/models":
-            self._send_json(HTTPStatus.OK, self.server.app.models())
-        elif path == "/health":
-            self._send_json(HTTPStatus.OK, self.server.app.health())
-        else:
-            self._send_error(HTTPStatus.NOT_FOUND, f"no such endpoint: GET {self.path}")
 
-    def do_POST(self) -> None:
-        if self.path.rstrip("/") != "/v1/chat/completions":
-            self._send_error(HTTPStatus.NOT_FOUND, f"no such endpoint: POST {self.path}")
-            return
-        try:
-            body = self._read_json()
-            if isinstance(body, dict) and body.get("stream"):
-                self._stream(body)
-            else:
-                self._send_json(HTTPStatus.OK, self.server.app.chat(body))
-        except RequestError as exc:
-            self._send_error(exc.status, str(exc))
-        except Busy as exc:
-            self._send_error(HTTPStatus.SERVICE_UNAVAILABLE, str(exc), {"Retry-After": str(exc.retry_after_s)})
-        except (BrokenPipeError, ConnectionResetError):  # the client left: nobody to answer
-            self.close_connection = True
-        except Exception as exc:  # one failed request must not stop the server
-            self._send_error(HTTPStatus.INTERNAL_SERVER_ERROR, f"{type(exc).__name__}: {exc}")
+async def _server_error(request: Request, exc: Exception) -> Response:  # one failed request must not stop the server
+    return JSONResponse(_error_body(500, f"{type(exc).__name__}: {exc}"), 500)
 
-    def _read_json(self) -> Any:
-        if self.headers.get("Transfer-Encoding"):
-            raise RequestError("send the body with a Content-Length, not Transfer-Encoding",
-                               HTTPStatus.LENGTH_REQUIRED)
-        try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            raise RequestError("Content-Length must be a whole number of bytes") from None
-        if length > MAX_BODY_BYTES:
-            raise RequestError(f"request body of {length} bytes is over the limit of {MAX_BODY_BYTES}",
-                               HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
-        if length <= 0:
-            raise RequestError(f"request body must be 1 to {MAX_BODY_BYTES} bytes with a Content-Length")
-        try:
-            raw = self.rfile.read(length)
-        except TimeoutError:
-            raise RequestError(f"no request body byte for {SOCKET_TIMEOUT_S:g} s",
-                               HTTPStatus.REQUEST_TIMEOUT) from None
-        if len(raw) < length:
-            raise RequestError(f"the body ended after {len(raw)} of {length} bytes")
-        try:
-            return json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-            raise RequestError(f"request body is not JSON: {exc}") from None
 
-    def _stream(self, body: dict) -> None:
-        started = False
+class _Protocol(H11Protocol):
+    """uvicorn's HTTP/1.1, but a request it cannot parse (a bad Content-Length, a broken request line or header)
+    gets the JSON error every other refusal gets, then a lingering close.
 
-        def send(chunk: dict) -> None:
-            nonlocal started
-            if not started:
-                self.send_response(HTTPStatus.OK)
-                self.send_header("Content-Type", "text/event-stream")
-                self.send_header("Cache-Control", "no-cache")
-                self.end_headers()
-                started = True
-            self.wfile.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
-            self.wfile.flush()
+    uvicorn answers those itself in plain text and closes at once; closing a socket that holds unread input
+    makes the kernel send RST, and a client still sending its body then loses the answer. So here the answer
+    is followed by a shutdown of the sending side and by reading and dropping what the client still sends,
+    for at most LINGER_S. (A request refused by the app before its body is read needs none of this: uvicorn
+    goes on reading and dropping that body after the answer.)
+    """
 
-        try:
-            self.server.app.chat(body, stream_to=send)
-        except Exception as exc:
-            if not started or isinstance(exc, (BrokenPipeError, ConnectionResetError)):
-                raise
-            send({"error": {"message": str(exc), "type": "server_error"}})  # headers are gone: report in-stream
-        if not started:  # a generation with no chunk at all still ends like a stream
-            send({"object": "chat.completion.chunk", "choices": []})
-        self.wfile.write(b"data: [DONE]\n\n")
+    _lingering = False
 
-    def _send_json(self, status: HTTPStatus, payload: dict, headers: dict[str, str] | None = None) -> None:
-        raw = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(raw)))
-        for key, value in (headers or {}).items():
-            self.send_header(key, value)
-        self.end_headers()
-        self.wfile.write(raw)
+    def send_400_response(self, msg: str) -> None:
+        body = json.dumps(_error_body(400, msg)).encode()
+        self.transport.write(b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
+                             b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body))
+        self._lingering = True
+        self.transport.write_eof()
+        self.transport.resume_reading()
+        self.loop.call_later(LINGER_S, self.transport.close)
 
-    def _send_error(self, status: HTTPStatus, message: str, headers: dict[str, str] | None = None) -> None:
-        kind = "invalid_request_error" if status < 500 else "server_error"
-        self._send_json(status, {"error": {"message": message, "type": kind, "code": int(status)}}, headers)
+    def data_received(self, data: bytes) -> None:
+        if not self._lingering:
+            super().data_received(data)
 
 
 def is_loopback(host: str) -> bool:
