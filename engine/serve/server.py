@@ -19,12 +19,14 @@ Concurrency policy (one llama.cpp context, so one generation at a time; engine/s
   whole seconds, at least 1);
 - a request that waits `queue_timeout_s` without starting gets the same 503; once started, a generation is
   bounded by its `max_tokens` (at most the context size), and a streaming one stops when its client goes away;
-- a request body must arrive within BODY_TIMEOUT_S (else 408); messages whose text cannot fit the context are
-  refused before the queue (`check_prompt_fits`: a 3 MB prompt once held the slot for seconds of tokenizing).
+- a client must send a request head within REQUEST_TIMEOUT_S of connecting (else it is dropped) and the body
+  within as long after it (else 408); messages whose text cannot fit the context are refused before the
+  queue (`check_prompt_fits`: a 3 MB prompt once held the slot for seconds of tokenizing).
 """
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 import math
@@ -58,7 +60,7 @@ DEFAULT_PORT = 8000
 MAX_BODY_BYTES = 4 << 20
 DEFAULT_MAX_QUEUE = 16  # requests waiting for the generation slot; more get 503
 DEFAULT_QUEUE_TIMEOUT_S = 120.0  # longest wait for the slot before a 503
-BODY_TIMEOUT_S = 30.0  # longest wait for a request's body once its headers are in
+REQUEST_TIMEOUT_S = 30.0  # longest wait for a request's head once connected, and for its body after the head
 MAPPED_BLOCK_BYTES = 1 << 20  # heap blocks this large go back to the system when freed (engine/serve/heap.py)
 LINGER_S = 2.0  # longest time spent draining what a client still sends after an unparsable request
 GAMMA_FIELD = "nkat_gamma"
@@ -217,7 +219,7 @@ class ChatServer:
 
 
 async def read_json(request: Request) -> Any:
-    """The request's JSON body, within MAX_BODY_BYTES and BODY_TIMEOUT_S (uvicorn has checked Content-Length)."""
+    """The request's JSON body, within MAX_BODY_BYTES and REQUEST_TIMEOUT_S (uvicorn has checked Content-Length)."""
     if "transfer-encoding" in request.headers:
         raise RequestError("send the body with a Content-Length, not Transfer-Encoding", HTTPStatus.LENGTH_REQUIRED)
     length = int(request.headers.get("content-length", 0))
@@ -227,10 +229,10 @@ async def read_json(request: Request) -> Any:
     if length == 0:
         raise RequestError(f"request body must be 1 to {MAX_BODY_BYTES} bytes with a Content-Length")
     try:
-        with anyio.fail_after(BODY_TIMEOUT_S):
+        with anyio.fail_after(REQUEST_TIMEOUT_S):
             raw = await request.body()
     except TimeoutError:
-        raise RequestError(f"the request body did not arrive within {BODY_TIMEOUT_S:g} s",
+        raise RequestError(f"the request body did not arrive within {REQUEST_TIMEOUT_S:g} s",
                            HTTPStatus.REQUEST_TIMEOUT) from None
     try:
         return json.loads(raw)
@@ -339,7 +341,7 @@ async def _server_error(request: Request, exc: Exception) -> Response:  # one fa
 
 class _Protocol(H11Protocol):
     """uvicorn's HTTP/1.1, but a request it cannot parse (a bad Content-Length, a broken request line or header)
-    gets the JSON error every other refusal gets, then a lingering close.
+    gets the JSON error every other refusal gets, then a lingering close; and a silent client is dropped.
 
     uvicorn answers those itself in plain text and closes at once; closing a socket that holds unread input
     makes the kernel send RST, and a client still sending its body then loses the answer. So here the answer
@@ -349,6 +351,15 @@ class _Protocol(H11Protocol):
     """
 
     _lingering = False
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self.loop.call_later(REQUEST_TIMEOUT_S, self._drop_if_silent)
+
+    def _drop_if_silent(self) -> None:
+        """uvicorn waits for a first request head without end: a client that sent none in time is dropped."""
+        if self.cycle is None:
+            self.transport.close()
 
     def send_400_response(self, msg: str) -> None:
         body = json.dumps(_error_body(400, msg)).encode()
