@@ -14,7 +14,7 @@ from gguf.constants import GGMLQuantizationType, GGUFValueType
 from llama_cpp import Llama
 
 from nkat_gguf.default_model import default_model_path
-from nkat_gguf.engine.forward.llama import BLOCK_MATRICES, LlamaConfig, LlamaReference, supports_reference
+from nkat_gguf.engine.forward.llama import BLOCK_MATRICES, LlamaConfig, LlamaReference, llama_block, supports_reference
 from nkat_gguf.errors import InputError, UnsupportedModelError
 from nkat_gguf.format.gguf_file import (
     TensorSpec,
@@ -26,10 +26,19 @@ from nkat_gguf.format.gguf_file import (
 )
 from nkat_gguf.format.tensors import TensorSource
 from nkat_gguf.texts import builtin_text
-from tools.synthetic_model import TINY, LlamaShape, build_llama_gguf, llama_tensor_specs
+from tools.fetch_yardstick import DEFAULT_OUTPUT as YARDSTICK
+from tools.synthetic_model import (
+    TINY,
+    LlamaShape,
+    build_llama_gguf,
+    build_qwen2_gguf,
+    llama_tensor_specs,
+    qwen2_tensor_specs,
+)
 
 # Measured max |reference - llama.cpp| logit (F32 weights, F32 KV cache), asserted with a margin:
-# tiny random models 4.8e-6 and 7.6e-6 (logits up to 5.6); the default model dequantized to F32
+# tiny random models 4.8e-6 and 7.6e-6 (logits up to 5.6), tiny random qwen2 models 5.8e-6 and
+# 6.2e-6 (logits up to 5.5); the default model dequantized to F32
 # 9.8e-5 on the 256 tokens below and 1.4e-4 on one 400-token sequence (logits up to 42). Top-1
 # agreed at every position.
 TINY_TOLERANCE = 1e-4
@@ -103,6 +112,29 @@ def untied_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def qwen2_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """qwen2: q/k/v biases, NEOX rope, rope base 1e6 (Qwen2.5's), tied head."""
+    return build_qwen2_gguf(tmp_path_factory.mktemp("ref") / "qwen2.gguf", TINY, seed=3)
+
+
+@pytest.fixture(scope="module")
+def qwen2_untied_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_qwen2_gguf(tmp_path_factory.mktemp("ref") / "qwen2-untied.gguf", UNTIED, seed=4)
+
+
+@pytest.fixture(scope="module")
+def qwen2_unbiased_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A qwen2 file without the biases: llama.cpp loads it and adds none (its bq/bk/bv are optional)."""
+    layout = read_layout(build_qwen2_gguf(tmp_path_factory.mktemp("ref") / "with.gguf", TINY, seed=5))
+    source = TensorSource(layout.path)
+    specs = [spec for spec in qwen2_tensor_specs(TINY, LlamaConfig.from_layout(layout).vocab_size,
+                                                 GGMLQuantizationType.F32) if not spec.name.endswith(".bias")]
+    dst = tmp_path_factory.mktemp("ref") / "qwen2-unbiased.gguf"
+    write_gguf(dst, copy_metadata(layout), specs, lambda spec: source.dequantize(spec.name))
+    return dst
+
+
+@pytest.fixture(scope="module")
 def default_f32_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The default model dequantized to F32, so llama.cpp computes in float32 as the reference does."""
     source = TensorSource(default_model_path())
@@ -117,7 +149,8 @@ def default_f32_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # ---- logits against llama.cpp -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("model", ["tiny_path", "untied_path"])
+@pytest.mark.parametrize("model", ["tiny_path", "untied_path", "qwen2_path", "qwen2_untied_path",
+                                   "qwen2_unbiased_path"])
 def test_tiny_logits_match_llama_cpp(model: str, sequences: list[list[int]], request: pytest.FixtureRequest) -> None:
     path = request.getfixturevalue(model)
     assert_logits_close(LlamaReference(path).logits(sequences), llama_cpp_logits(path, sequences), TINY_TOLERANCE)
@@ -279,11 +312,44 @@ def test_config_of_default_model() -> None:
     assert config.norm_eps == pytest.approx(1e-5)
 
 
+def test_config_of_tiny_qwen2(qwen2_path: Path, qwen2_unbiased_path: Path) -> None:
+    """Read from the qwen2.* keys; the biases are those the file has."""
+    config = LlamaConfig.from_layout(read_layout(qwen2_path))
+    assert (config.architecture, config.arch.rope_neox) == ("qwen2", True)
+    assert config.biases == ("attn_q", "attn_k", "attn_v")
+    assert (config.rope_base, config.norm_eps, config.n_head_kv) == (1e6, pytest.approx(1e-6), TINY.n_head_kv)
+    assert config.tensor_shapes()["blk.1.attn_k.bias"] == (TINY.d_model // TINY.n_head * TINY.n_head_kv,)
+    assert LlamaConfig.from_layout(read_layout(qwen2_unbiased_path)).biases == ()
+    assert LlamaConfig.from_layout(read_layout(default_model_path())).arch.rope_neox is False
+
+
+def test_qwen2_biases_and_rope_pairs_matter(qwen2_path: Path, sequences: list[list[int]]) -> None:
+    """The matches with llama.cpp above could not hold with the biases dropped or the rope pairs of llama."""
+    source = TensorSource(qwen2_path)
+    plain = np.concatenate(LlamaReference(source).logits(sequences))
+    zero_biases = np.concatenate(LlamaReference(source, weights=lambda name: source.dequantize(name) * (
+        0 if name.endswith(".bias") else 1)).logits(sequences))
+    assert np.abs(zero_biases - plain).max() > 100 * TINY_TOLERANCE
+    config = LlamaConfig.from_layout(source.layout)
+    with pytest.raises(ValueError, match="biases"):  # a caller that forgets them is told, not silently wrong
+        llama_block(config, torch.zeros(2, TINY.d_model), torch.ones(TINY.d_model), torch.ones(TINY.d_model),
+                    lambda part, x: x, torch.ones(2, 1, 8, dtype=torch.complex64), [torch.arange(2)[None]])
+
+
+@pytest.mark.skipif(not YARDSTICK.exists(), reason="the 1.5B yardstick is not fetched (tools/fetch_yardstick.py)")
+def test_config_of_the_qwen2_yardstick() -> None:
+    """Qwen2.5-Coder-1.5B-Instruct Q4_K_M: only its header is read."""
+    config = LlamaConfig.from_layout(read_layout(YARDSTICK))
+    assert (config.n_layer, config.n_embd, config.n_ff, config.n_head, config.n_head_kv) == (28, 1536, 8960, 12, 2)
+    assert (config.head_dim, config.rope_base, config.vocab_size) == (128, 1e6, 151936)
+    assert config.biases == ("attn_q", "attn_k", "attn_v") and not config.tied_embeddings
+
+
 def test_other_architecture_is_refused(tiny_path: Path, tmp_path: Path) -> None:
-    other = tmp_path / "qwen.gguf"
-    write_with_metadata(tiny_path, other, {"general.architecture": "qwen2"})
+    other = tmp_path / "gemma.gguf"
+    write_with_metadata(tiny_path, other, {"general.architecture": "gemma3"})
     assert not supports_reference(read_layout(other))
-    with pytest.raises(UnsupportedModelError, match="architecture 'qwen2'") as err:
+    with pytest.raises(UnsupportedModelError, match="architecture 'gemma3'") as err:
         LlamaReference(other)
     assert "\n" not in str(err.value)
 

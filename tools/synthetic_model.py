@@ -1,7 +1,7 @@
 """Build a llama-architecture GGUF with random weights: tiny ones for tests, large ones for benchmarks.
 
 `build_qwen2_gguf` writes the same shapes as a qwen2 model (llama.cpp's `qwen2` architecture: the
-llama tensors plus q/k/v biases, its own metadata prefix), a model no PyTorch reference here covers.
+llama tensors plus q/k/v biases, its own metadata prefix, Qwen2.5's rope base and norm epsilon).
 
 The tokenizer (a real one, so llama.cpp loads and tokenizes) is copied from the embedded default
 model; the vocabulary therefore has 49152 entries. No weights are downloaded.
@@ -33,6 +33,9 @@ class LlamaShape:
 
 TINY = LlamaShape()
 TINYLLAMA_1B = LlamaShape(d_model=2048, n_ff=5632, n_layers=22, n_head=32, n_head_kv=4)
+
+# (rope.freq_base, attention.layer_norm_rms_epsilon) per architecture: Llama 2's and Qwen2.5's values
+_HPARAMS = {"llama": (10000.0, 1e-5), "qwen2": (1_000_000.0, 1e-6)}
 
 _NUMPY_QUANTIZABLE = {
     GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.Q8_0,
@@ -100,6 +103,7 @@ def _build(dst: str | Path, arch: str, tensor_specs: Callable[[LlamaShape, int, 
         raise ValueError(f"{weight_type.name} cannot be written without llama.cpp; quantize afterwards")
     source = read_layout(default_model_path())
     vocab = len(source.get("tokenizer.ggml.tokens"))
+    rope_base, norm_eps = _HPARAMS[arch]
     metadata: dict[str, object] = {
         "general.architecture": arch,
         "general.type": "model",
@@ -110,8 +114,8 @@ def _build(dst: str | Path, arch: str, tensor_specs: Callable[[LlamaShape, int, 
         f"{arch}.feed_forward_length": shape.n_ff,
         f"{arch}.attention.head_count": shape.n_head,
         f"{arch}.attention.head_count_kv": shape.n_head_kv,
-        f"{arch}.rope.freq_base": 10000.0,
-        f"{arch}.attention.layer_norm_rms_epsilon": 1e-5,
+        f"{arch}.rope.freq_base": rope_base,
+        f"{arch}.attention.layer_norm_rms_epsilon": norm_eps,
         f"{arch}.vocab_size": vocab,
         f"{arch}.rope.dimension_count": shape.d_model // shape.n_head,
         "general.file_type": Value(GGUFValueType.UINT32, {GGMLQuantizationType.F32: 0}.get(weight_type, 7)),

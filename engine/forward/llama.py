@@ -1,8 +1,10 @@
-"""PyTorch reference forward of the llama architecture, computed from the weights of a GGUF.
+"""PyTorch reference forward of the llama family (llama, qwen2), computed from the weights of a GGUF.
 
 Read top to bottom like nanoGPT's model.py: the config, then one function per box of the
 architecture diagram (RMSNorm, RoPE, attention, and the block with its MLP), then `LlamaReference`,
 which runs them. `llama_block` is the one block forward of the project: so8t's trainer runs it too.
+qwen2 is llama with q/k/v biases and llama.cpp's NEOX rope (pairs (i, i + hd/2)); `ARCHITECTURES`
+holds those differences and everything else is shared.
 It gives float32 logits and activations independent of llama.cpp: to check llama.cpp's numbers,
 to collect the per-column input statistics that drive the activation-weighted SVD and llama.cpp's
 quantizer importance matrix, and to run a model whose weight inputs are transformed online
@@ -38,7 +40,7 @@ Hook = Callable[[torch.Tensor], torch.Tensor]
 Layer = dict[str, torch.Tensor]  # one block's weights by part name ("attn_q", ...)
 SECOND_MOMENT_MAX_WIDTH = 8192  # E[x xᵀ] is (in, in) float64: 512 MiB at this width, so no wider
 _GRAM_CHUNK = 4096  # tokens per float32 Gram product; the sums over chunks are float64
-LEGACY_ROPE_SCALE = "llama.rope.scale_linear"  # the older name of the linear factor; gguf.constants 0.19 has none
+LEGACY_ROPE_SCALE = "{arch}.rope.scale_linear"  # the older name of the linear factor; gguf.constants 0.19 has none
 
 
 class InputStatistics:
@@ -86,20 +88,51 @@ BLOCK_MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_
 
 
 @dataclass(frozen=True)
+class Architecture:
+    """What one llama-family architecture of llama.cpp changes in the shared forward.
+
+    Read in llama.cpp's src/llama-model.cpp (tensor loading, `llama_model_rope_type`) and
+    src/models/{llama,qwen2}.cpp (the graphs): qwen2 loads bq/bk/bv when the file has them (a qwen2
+    file without them loads too: tested) and adds them after the matmuls, uses LLAMA_ROPE_TYPE_NEOX
+    (convert_hf_to_gguf.py does not permute its q/k rows, so Hugging Face's half-split pairs stay as
+    they are), and reads no rope_freqs tensor; the rest is llama's graph. llama's own optional biases
+    are not covered: such a file is refused rather than computed without them.
+    """
+
+    biases: tuple[str, ...]  # block matrices that may have a bias, "blk.N.<part>.bias" (out,), added after W·x
+    rope_neox: bool  # NEOX rope: pairs (i, i + hd/2); else NORMAL: adjacent pairs (2i, 2i + 1)
+    rope_freqs: bool  # llama.cpp reads an optional rope_freqs.weight (Llama 3 factors)
+
+
+ARCHITECTURES = {
+    "llama": Architecture(biases=(), rope_neox=False, rope_freqs=True),
+    "qwen2": Architecture(biases=("attn_q", "attn_k", "attn_v"), rope_neox=True, rope_freqs=False),
+}
+
+
+@dataclass(frozen=True)
 class LlamaConfig:
-    n_layer: int  # llama.block_count
-    n_embd: int  # llama.embedding_length (d)
-    n_ff: int  # llama.feed_forward_length (ff)
-    n_head: int  # llama.attention.head_count (nh)
-    n_head_kv: int  # llama.attention.head_count_kv (nkv), defaults to nh
-    head_dim: int  # llama.attention.key_length, defaults to d / nh (hd)
-    rope_dim: int  # llama.rope.dimension_count; llama.cpp requires it to equal hd for llama
-    rope_base: float  # llama.rope.freq_base, defaults to 10000
-    rope_freq_scale: float  # 1 / llama.rope.scaling.factor for linear scaling, else 1
-    norm_eps: float  # llama.attention.layer_norm_rms_epsilon
+    """Hyperparameters of a llama-family file; keys are `{arch}.*` ("llama.block_count", "qwen2.block_count")."""
+
+    n_layer: int  # {arch}.block_count
+    n_embd: int  # {arch}.embedding_length (d)
+    n_ff: int  # {arch}.feed_forward_length (ff)
+    n_head: int  # {arch}.attention.head_count (nh)
+    n_head_kv: int  # {arch}.attention.head_count_kv (nkv), defaults to nh
+    head_dim: int  # {arch}.attention.key_length, defaults to d / nh (hd)
+    rope_dim: int  # {arch}.rope.dimension_count; llama.cpp requires it to equal hd for llama
+    rope_base: float  # {arch}.rope.freq_base, defaults to 10000
+    rope_freq_scale: float  # 1 / {arch}.rope.scaling.factor for linear scaling, else 1
+    norm_eps: float  # {arch}.attention.layer_norm_rms_epsilon
     vocab_size: int  # rows of token_embd.weight (V)
     tied_embeddings: bool  # no output.weight: the head is token_embd.weight
     rope_freq_factors: bool  # a rope_freqs.weight tensor (Llama 3) divides each theta_i
+    architecture: str  # general.architecture, a key of ARCHITECTURES
+    biases: tuple[str, ...]  # the block matrices with a bias in this file, in every layer (qwen2: attn_q/k/v)
+
+    @property
+    def arch(self) -> Architecture:
+        return ARCHITECTURES[self.architecture]
 
     @classmethod
     def from_layout(cls, layout: GGUFLayout) -> LlamaConfig:
@@ -107,36 +140,43 @@ class LlamaConfig:
         forward would not compute what llama.cpp computes for the file."""
         name = layout.path.name
         arch = layout.get(Keys.General.ARCHITECTURE)
-        if arch != "llama":
-            raise UnsupportedModelError(f"{name}: architecture {arch!r}; the reference forward supports only 'llama'")
-        n_embd, n_head = _int(layout, _llama(Keys.LLM.EMBEDDING_LENGTH)), _int(layout, _llama(Keys.Attention.HEAD_COUNT))
-        head_dim = _int(layout, _llama(Keys.Attention.KEY_LENGTH), n_embd // n_head)
-        if _int(layout, _llama(Keys.Attention.VALUE_LENGTH), head_dim) != head_dim:
+        if arch not in ARCHITECTURES:
+            supported = " and ".join(repr(a) for a in ARCHITECTURES)
+            raise UnsupportedModelError(f"{name}: architecture {arch!r}; the reference forward supports {supported}")
+
+        def key(template: str) -> str:  # a gguf.constants template ("{arch}.block_count") for this file
+            return template.format(arch=arch)
+
+        n_embd, n_head = _int(layout, key(Keys.LLM.EMBEDDING_LENGTH)), _int(layout, key(Keys.Attention.HEAD_COUNT))
+        head_dim = _int(layout, key(Keys.Attention.KEY_LENGTH), n_embd // n_head)
+        if _int(layout, key(Keys.Attention.VALUE_LENGTH), head_dim) != head_dim:
             raise UnsupportedModelError(f"{name}: key and value head sizes differ")
-        rope_dim = _int(layout, _llama(Keys.Rope.DIMENSION_COUNT), head_dim)
+        rope_dim = _int(layout, key(Keys.Rope.DIMENSION_COUNT), head_dim)
         if rope_dim != head_dim:
             raise UnsupportedModelError(f"{name}: rope dimension {rope_dim} differs from head size {head_dim}")
-        scaling = layout.get(_llama(Keys.Rope.SCALING_TYPE), "linear")
+        scaling = layout.get(key(Keys.Rope.SCALING_TYPE), "linear")
         if scaling not in ("linear", "none"):
             raise UnsupportedModelError(f"{name}: rope scaling {scaling!r} is not supported (only linear)")
-        factor = _float(layout, _llama(Keys.Rope.SCALING_FACTOR), _float(layout, LEGACY_ROPE_SCALE, 0.0))
+        factor = _float(layout, key(Keys.Rope.SCALING_FACTOR), _float(layout, key(LEGACY_ROPE_SCALE), 0.0))
         tensors = {t.name: t for t in layout.tensors}
         if "token_embd.weight" not in tensors:
             raise UnsupportedModelError(f"{name}: no token_embd.weight tensor")
         config = cls(
-            n_layer=_int(layout, _llama(Keys.LLM.BLOCK_COUNT)),
+            n_layer=_int(layout, key(Keys.LLM.BLOCK_COUNT)),
             n_embd=n_embd,
-            n_ff=_int(layout, _llama(Keys.LLM.FEED_FORWARD_LENGTH)),
+            n_ff=_int(layout, key(Keys.LLM.FEED_FORWARD_LENGTH)),
             n_head=n_head,
-            n_head_kv=_int(layout, _llama(Keys.Attention.HEAD_COUNT_KV), n_head),
+            n_head_kv=_int(layout, key(Keys.Attention.HEAD_COUNT_KV), n_head),
             head_dim=head_dim,
             rope_dim=rope_dim,
-            rope_base=_float(layout, _llama(Keys.Rope.FREQ_BASE), 10000.0),
+            rope_base=_float(layout, key(Keys.Rope.FREQ_BASE), 10000.0),
             rope_freq_scale=1.0 if scaling == "none" or factor == 0.0 else 1.0 / factor,
-            norm_eps=_float(layout, _llama(Keys.Attention.LAYERNORM_RMS_EPS)),
+            norm_eps=_float(layout, key(Keys.Attention.LAYERNORM_RMS_EPS)),
             vocab_size=tensors["token_embd.weight"].shape[1],
             tied_embeddings="output.weight" not in tensors,
-            rope_freq_factors="rope_freqs.weight" in tensors,
+            rope_freq_factors=ARCHITECTURES[arch].rope_freqs and "rope_freqs.weight" in tensors,
+            architecture=arch,
+            biases=tuple(part for part in ARCHITECTURES[arch].biases if f"blk.0.{part}.bias" in tensors),
         )
         if config.n_head % config.n_head_kv:
             raise UnsupportedModelError(f"{name}: {n_head} heads are not a multiple of {config.n_head_kv} kv heads")
@@ -144,7 +184,7 @@ class LlamaConfig:
         for tensor in layout.tensors:
             shape = tuple(reversed(tensor.shape))
             if tensor.name not in expected:
-                raise UnsupportedModelError(f"{name}: tensor {tensor.name} is not part of a plain llama model")
+                raise UnsupportedModelError(f"{name}: tensor {tensor.name} is not part of a plain {arch} model")
             if shape != expected[tensor.name]:
                 want = expected[tensor.name]
                 raise UnsupportedModelError(f"{name}: {tensor.name} has shape {shape}, expected {want}")
@@ -154,7 +194,7 @@ class LlamaConfig:
         return config
 
     def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Every tensor this config implies, numpy-order shapes; exactly llama.cpp's llama tensor set."""
+        """Every tensor this config implies, numpy-order shapes; exactly llama.cpp's tensor set for the architecture."""
         d, ff, q, kv = self.n_embd, self.n_ff, self.n_head * self.head_dim, self.n_head_kv * self.head_dim
         shapes: dict[str, tuple[int, ...]] = {"token_embd.weight": (self.vocab_size, d), "output_norm.weight": (d,)}
         if not self.tied_embeddings:
@@ -167,17 +207,13 @@ class LlamaConfig:
         }
         for i in range(self.n_layer):
             shapes.update({f"blk.{i}.{part}.weight": shape for part, shape in block.items()})
+            shapes.update({f"blk.{i}.{part}.bias": block[part][:1] for part in self.biases})
         return shapes
 
     @property
     def head_weight(self) -> str:
         """The head's weight: output.weight, or token_embd.weight in a tied model."""
         return "token_embd.weight" if self.tied_embeddings else "output.weight"
-
-
-def _llama(template: str) -> str:
-    """A gguf.constants key template ("{arch}.block_count") for the llama architecture."""
-    return template.format(arch="llama")
 
 
 def _int(layout: GGUFLayout, key: str, default: int | None = None) -> int:
@@ -227,14 +263,20 @@ def rope_rotations(
     return torch.polar(torch.ones_like(angles), angles).to(dtype.to_complex())[:, None, :]  # (N, 1, hd/2)
 
 
-def apply_rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
-    """Rotate ADJACENT pairs (x[2i], x[2i+1]) of every head by pos * theta_i.
+def apply_rope(x: torch.Tensor, rotations: torch.Tensor, neox: bool) -> torch.Tensor:
+    """Rotate pair i of every head by pos * theta_i: (x[2i], x[2i+1]), or (x[i], x[i + hd/2]) if `neox`.
 
-    llama.cpp's convert permutes the rows of attn_q/attn_k so that the pairs Hugging Face
+    llama.cpp's convert permutes the rows of llama's attn_q/attn_k so that the pairs Hugging Face
     rotates, (i, i + hd/2), become adjacent (Meta's original layout); llama.cpp then applies its
-    "normal" rope mode to LLM_ARCH_LLAMA. Read as a complex number x[2i] + i*x[2i+1], a pair is
-    rotated by one complex multiplication. Half-split pairs would be wrong for every GGUF llama.
+    "normal" rope mode to LLM_ARCH_LLAMA. qwen2's rows are not permuted, and llama.cpp rotates them
+    in NEOX mode: the half-split pairs. Read as a complex number x_a + i*x_b, a pair is rotated by one
+    complex multiplication. The wrong pairing for an architecture would be wrong for every file of it.
     """
+    if neox:
+        half = x.shape[-1] // 2
+        pairs = torch.complex(x[..., :half].contiguous(), x[..., half:].contiguous())  # (N, heads, hd/2)
+        turned = pairs * rotations
+        return torch.cat((turned.real, turned.imag), dim=-1)  # (N, heads, hd)
     pairs = torch.view_as_complex(x.reshape(*x.shape[:-1], -1, 2))  # (N, heads, hd/2) complex
     return torch.view_as_real(pairs * rotations).flatten(-2)  # (N, heads, hd)
 
@@ -255,22 +297,32 @@ Linear = Callable[[str, torch.Tensor], torch.Tensor]
 
 
 def llama_block(config: LlamaConfig, h: torch.Tensor, attn_norm: torch.Tensor, ffn_norm: torch.Tensor,
-                linear: Linear, rotations: torch.Tensor, groups: Sequence[torch.Tensor]) -> torch.Tensor:
+                linear: Linear, rotations: torch.Tensor, groups: Sequence[torch.Tensor],
+                biases: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
     """One transformer block: h + attention(norm(h)), then + MLP(norm(·)); (N, d) -> (N, d).
 
     `linear` applies the weights, so a caller can hook inputs, collect statistics or train through them;
-    attn_q/k/v (and ffn_gate/up) are handed the same x object. `groups` holds the (B, T) token indices
-    of each set of equal-length sequences (one attention call each). RoPE runs in the precision of
-    `rotations` (float32 for a bfloat16 model), then returns to h's dtype.
+    attn_q/k/v (and ffn_gate/up) are handed the same x object. `biases[part]` (out,) is added to that
+    weight's output, as llama.cpp adds qwen2's bq/bk/bv after the matmul; exactly the config's
+    `biases` must be given. `groups` holds the (B, T) token indices of each set of
+    equal-length sequences (one attention call each). RoPE runs in the precision of `rotations`
+    (float32 for a bfloat16 model), then returns to h's dtype.
     """
-    cfg, n = config, h.shape[0]
+    cfg, n, biases = config, h.shape[0], biases or {}
+    if set(biases) != set(cfg.biases):
+        raise ValueError(f"this {cfg.architecture} model's block takes biases for {cfg.biases}, got {tuple(biases)}")
+
+    def project(part: str, x: torch.Tensor) -> torch.Tensor:  # W·x (+ b): (N, in) -> (N, out)
+        y = linear(part, x)
+        return y + biases[part] if part in biases else y
+
     x = rms_norm(h, attn_norm, cfg.norm_eps)  # (N, d)
-    q = linear("attn_q", x).view(n, cfg.n_head, cfg.head_dim)  # (N, nh, hd)
-    k = linear("attn_k", x).view(n, cfg.n_head_kv, cfg.head_dim)  # (N, nkv, hd)
-    v = linear("attn_v", x).view(n, cfg.n_head_kv, cfg.head_dim)  # (N, nkv, hd)
+    q = project("attn_q", x).view(n, cfg.n_head, cfg.head_dim)  # (N, nh, hd)
+    k = project("attn_k", x).view(n, cfg.n_head_kv, cfg.head_dim)  # (N, nkv, hd)
+    v = project("attn_v", x).view(n, cfg.n_head_kv, cfg.head_dim)  # (N, nkv, hd)
     rope_dtype = rotations.real.dtype
-    q = apply_rope(q.to(rope_dtype), rotations).to(h.dtype)
-    k = apply_rope(k.to(rope_dtype), rotations).to(h.dtype)
+    q = apply_rope(q.to(rope_dtype), rotations, cfg.arch.rope_neox).to(h.dtype)
+    k = apply_rope(k.to(rope_dtype), rotations, cfg.arch.rope_neox).to(h.dtype)
     # GQA: query head h reads kv head h // (nh / nkv), i.e. each kv head serves a run of adjacent query heads
     k = k.repeat_interleave(cfg.n_head // cfg.n_head_kv, dim=1)  # (N, nh, hd)
     v = v.repeat_interleave(cfg.n_head // cfg.n_head_kv, dim=1)  # (N, nh, hd)
@@ -278,9 +330,9 @@ def llama_block(config: LlamaConfig, h: torch.Tensor, attn_norm: torch.Tensor, f
     for index in groups:  # (B, T)
         heads[index] = causal_attention(q[index], k[index], v[index])  # (B, T, nh, hd)
     heads = heads.view(n, cfg.n_head * cfg.head_dim)  # (N, nh*hd): head h in columns h*hd .. (h+1)*hd
-    h = h + linear("attn_output", heads)  # (N, d)
+    h = h + project("attn_output", heads)  # (N, d)
     x = rms_norm(h, ffn_norm, cfg.norm_eps)  # (N, d)
-    return h + linear("ffn_down", F.silu(linear("ffn_gate", x)) * linear("ffn_up", x))  # (N, ff) -> (N, d)
+    return h + project("ffn_down", F.silu(project("ffn_gate", x)) * project("ffn_up", x))  # (N, ff) -> (N, d)
 
 
 # ---- the model ----------------------------------------------------------------------------------
@@ -297,7 +349,7 @@ class _Batch:
 
 
 class LlamaReference:
-    """The llama forward over a GGUF's weights, layer-major, with optional input hooks per weight.
+    """The llama-family forward over a GGUF's weights, layer-major, with optional input hooks per weight.
 
     `weights(name)` replaces `source.dequantize` (reference weights from another file, or modified
     ones); it must return numpy-order arrays of the source's shapes. `input_hooks[name]` maps the
@@ -367,12 +419,14 @@ class LlamaReference:
     def _forward(self, batch: _Batch, sums: Sums) -> torch.Tensor:
         """Final-normed hidden states (N, d) of all tokens, one layer at a time."""
         cfg = self.config
-        h = self._weight("token_embd.weight")[batch.tokens]  # (N, d); llama does not scale embeddings
+        h = self._weight("token_embd.weight")[batch.tokens]  # (N, d); neither llama nor qwen2 scales embeddings
         for i in range(cfg.n_layer):
             w = {part: self._weight(f"blk.{i}.{part}.weight") for part in ("attn_norm", "ffn_norm", *BLOCK_MATRICES)}
+            biases = {part: self._weight(f"blk.{i}.{part}.bias") for part in cfg.biases}
             linear = self._layer_linear(i, w, sums)
-            h = llama_block(cfg, h, w["attn_norm"], w["ffn_norm"], linear, batch.rotations, batch.groups)  # (N, d)
-            del w, linear  # this layer's weights go before the next layer's are read
+            h = llama_block(cfg, h, w["attn_norm"], w["ffn_norm"], linear, batch.rotations, batch.groups,
+                            biases)  # (N, d)
+            del w, biases, linear  # this layer's weights go before the next layer's are read
         return rms_norm(h, self._weight("output_norm.weight"), cfg.norm_eps)
 
     def _layer_linear(self, i: int, w: Layer, sums: Sums) -> Linear:
