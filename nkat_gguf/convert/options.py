@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from nkat_gguf.math.limits import ThetaCalib
+from nkat_gguf.math.limits import DEFAULT_TRAIN_LR, DEFAULT_TRAIN_STEPS, DEFAULT_TRAIN_TOKENS, ThetaCalib, ThetaTrain
 from nkat_gguf.so8t.bake_step import So8tOptions
 
 DEFAULT_CALIB_MEMORY = "4GiB"  # the second moments of a whole 7B llama (6.4 GB) take two passes, the default model one
@@ -18,6 +18,18 @@ DEFAULT_THETA_RANK = 8
 DEFAULT_THETA_WEIGHTS: tuple[str, ...] | None = None  # --selective-layers patterns; None: every attention/FFN weight
 DEFAULT_BYTE_BUDGET: str | None = "3%"  # types and θ ranks allocated together within this over the base type's file
 DEFAULT_OP_BUDGET = 15  # the most weights that carry θ (4 llama.cpp graph operations each); capped at the model's
+
+
+@dataclass(frozen=True)
+class ThetaTrainOptions:
+    """Learned θ (convert/theta_train.py): trained from the closed-form fit on the calibration text. The
+    default is none until the lead's measurements choose one."""
+
+    mode: ThetaTrain = "none"
+    steps: int = DEFAULT_TRAIN_STEPS  # Adam steps (per block with "block")
+    lr: float = DEFAULT_TRAIN_LR  # a fraction of each rank component's largest starting entry per step
+    tokens: int = DEFAULT_TRAIN_TOKENS  # the first calibration windows, whole windows of 512
+    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -52,6 +64,7 @@ class ConvertOptions:
     # weights the model has); what `convert` asks for when no option chooses weights, ranks or types
     default_allocation: bool = False
     calibrate_temperature: bool = False  # fit T on the calibration text (theta at γ) and store it
+    theta_train: ThetaTrainOptions = ThetaTrainOptions()  # none: the closed-form θ as fitted
 
 
 @dataclass
@@ -80,6 +93,7 @@ class ConvertReport:
     temperature: dict | None = None  # --calibrate-temperature: the fitted T and what it was fitted on
     types: dict[str, str] | None = None  # --byte-budget: weight -> the type it was upgraded to from the base
     fallbacks: dict[str, str] = field(default_factory=dict)  # tensor -> "q3_K -> q4_0", llama.cpp's substitutions
+    theta_train: dict | None = None  # --theta-train: mode, seconds, initial/final loss, peak memory
 
     def as_dict(self) -> dict:
         return asdict(self)
