@@ -25,14 +25,15 @@ from nkat_gguf.math.theta import LowRank, quantize_int8
 from nkat_gguf.math.theta_train import TrainableTheta, fake_int8
 from tests.test_cli_errors import run_cli
 
-# Max |torch − llama.cpp| logit with the trained θ on an F32 model (F32 KV cache, no flash attention): the
-# same bound as the plain forward's on tiny models (tests/test_reference.py, measured there at < 1e-5).
+# Max |torch − llama.cpp| logit with the trained θ on an F32 model (F32 KV cache, no flash attention), asserted
+# with a margin: measured 5.4e-6 (logits up to 5.4; θ moves them by up to 1.1), the plain forward's bound on tiny
+# models in tests/test_reference.py.
 LOGIT_TOLERANCE = 1e-4
-FAST = ThetaTrainOptions("block", steps=8, lr=5e-3, tokens=512)
+FAST = ThetaTrainOptions("block", steps=4, lr=5e-3, tokens=512)
 
 
 def _convert(src: Path, out: Path, train: ThetaTrainOptions, **kw: object) -> dict:
-    opts = ConvertOptions(input=src, output=out, theta_rank=4, progress=False, calib_tokens=1024,
+    opts = ConvertOptions(input=src, output=out, theta_rank=4, progress=False, calib_tokens=512,
                           theta_train=train, **{"outtype": "Q4_0", **kw})
     return convert(opts).as_dict()
 

@@ -79,7 +79,7 @@ def train_theta(train: ThetaTrainOptions, reference: TensorSource, quantized: Pa
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
-    with _deterministic(train.seed):
+    with _deterministic(train.seed, device):
         ref = LlamaReference(reference, device=device)
         model = LlamaReference(TensorSource(quantized), device=device)
         thetas = {name: TrainableTheta(fit.theta, gamma, device) for name, fit in fits.items()}
@@ -99,17 +99,20 @@ def train_theta(train: ThetaTrainOptions, reference: TensorSource, quantized: Pa
 
 
 @contextmanager
-def _deterministic(seed: int) -> Iterator[None]:
-    """Seeded, deterministic kernels for the training only; the caller's torch settings come back after."""
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what deterministic cuBLAS needs
+def _deterministic(seed: int, device: torch.device) -> Iterator[None]:
+    """Seeded, and on a GPU deterministic kernels, for the training only; the caller's torch settings come back
+    after. The CPU kernels the training uses are deterministic already (and switching costs seconds of imports)."""
     was = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    if device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what deterministic cuBLAS needs
+        torch.use_deterministic_algorithms(True, warn_only=True)
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             yield
     finally:
-        torch.use_deterministic_algorithms(was)
+        if device.type == "cuda":
+            torch.use_deterministic_algorithms(was)
 
 
 def _block_of(name: str) -> int:
