@@ -12,9 +12,8 @@ from gguf import quants
 from gguf.constants import GGMLQuantizationType
 
 from nkat_gguf.convert import ConvertOptions, convert
-from nkat_gguf.convert.options import ThetaTrainOptions
 from nkat_gguf.convert.theta_fit import replace_tensors
-from nkat_gguf.convert.theta_train import check_train_options
+from nkat_gguf.convert.theta_train import TrainSettings
 from nkat_gguf.engine.forward.llama import LlamaReference
 from nkat_gguf.engine.llama.runtime import NkatRuntime, RuntimeOptions
 from nkat_gguf.errors import InputError
@@ -29,12 +28,13 @@ from tests.test_cli_errors import run_cli
 # with a margin: measured 5.4e-6 (logits up to 5.4; θ moves them by up to 1.1), the plain forward's bound on tiny
 # models in tests/test_reference.py.
 LOGIT_TOLERANCE = 1e-4
-FAST = ThetaTrainOptions("block", steps=4, lr=5e-3, tokens=512)
+FAST = TrainSettings("block", steps=4, lr=5e-3, tokens=512)
 
 
-def _convert(src: Path, out: Path, train: ThetaTrainOptions, **kw: object) -> dict:
+def _convert(src: Path, out: Path, train: TrainSettings, **kw: object) -> dict:
     opts = ConvertOptions(input=src, output=out, theta_rank=4, progress=False, calib_tokens=512,
-                          theta_train=train, **{"outtype": "Q4_0", **kw})
+                          theta_train=train.mode, theta_train_steps=train.steps, theta_train_lr=train.lr,
+                          theta_train_tokens=train.tokens, theta_train_seed=train.seed, **{"outtype": "Q4_0", **kw})
     return convert(opts).as_dict()
 
 
@@ -68,10 +68,10 @@ def test_stored_factors_are_the_ones_the_forward_computes_with() -> None:
 # ---- convert --theta-train ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("train", [FAST, ThetaTrainOptions("block", steps=4, lr=1.0, tokens=512),
-                                   ThetaTrainOptions("model", steps=2, lr=5e-3, tokens=512)],
+@pytest.mark.parametrize("train", [FAST, TrainSettings("block", steps=4, lr=1.0, tokens=512),
+                                   TrainSettings("model", steps=2, lr=5e-3, tokens=512)],
                          ids=["block", "block-lr-too-large", "model"])
-def test_training_never_ends_above_the_closed_form(train: ThetaTrainOptions, tiny_f32: Path, tmp_path: Path) -> None:
+def test_training_never_ends_above_the_closed_form(train: TrainSettings, tiny_f32: Path, tmp_path: Path) -> None:
     report = _convert(tiny_f32, tmp_path / "out.gguf", train)["theta_train"]
     assert report["mode"] == train.mode and report["tokens"] == 512 and report["seconds"] > 0
     assert report["peak_resident_bytes"] > 0
@@ -86,7 +86,7 @@ def test_training_is_deterministic_for_a_seed(tiny_f32: Path, tmp_path: Path) ->
     for run in ("a", "b"):
         _convert(tiny_f32, tmp_path / f"{run}.gguf", FAST)
         thetas.append(read_theta(tmp_path / f"{run}.gguf"))
-    closed = read_theta(_convert(tiny_f32, tmp_path / "closed.gguf", ThetaTrainOptions())["output"])
+    closed = read_theta(_convert(tiny_f32, tmp_path / "closed.gguf", TrainSettings("none", 1, 1e-3, 512))["output"])
     first, second = thetas
     assert first.tensors.keys() == second.tensors.keys() == closed.tensors.keys()
     for name, t in first.tensors.items():
@@ -162,12 +162,14 @@ def test_bad_training_options_are_one_line(extra: list[str], message: str, tiny_
     assert not out.exists()
 
 
-def test_library_refuses_bad_training_options(tiny_f32: Path) -> None:
-    layout = read_layout(tiny_f32)
-    for bad, message in ((ThetaTrainOptions("block", steps=0), "--theta-train-steps"),
-                         (ThetaTrainOptions("block", steps=2.5), "--theta-train-steps"),
-                         (ThetaTrainOptions("block", lr=float("inf")), "--theta-train-lr"),
-                         (ThetaTrainOptions("block", tokens=1 << 30), "--theta-train-tokens"),
-                         (ThetaTrainOptions("sometimes"), "--theta-train")):
+def test_library_refuses_bad_training_options(tiny_f32: Path, tmp_path: Path) -> None:
+    for bad, message in (({"theta_train_steps": 0}, "--theta-train-steps"),
+                         ({"theta_train_steps": 2.5}, "--theta-train-steps"),
+                         ({"theta_train_lr": float("inf")}, "--theta-train-lr"),
+                         ({"theta_train_tokens": 1 << 30}, "--theta-train-tokens"),
+                         ({"theta_train": "sometimes"}, "--theta-train")):
+        opts = ConvertOptions(input=tiny_f32, output=tmp_path / "out.gguf", progress=False,
+                              **{"theta_train": "block", **bad})
         with pytest.raises(InputError, match=message):
-            check_train_options(bad, layout, wants_theta=True)
+            convert(opts)
+    assert list(tmp_path.iterdir()) == []

@@ -141,7 +141,6 @@ def convert(input_: str, output: Path, outtype: str | None, reference: Path | No
       --outtype IQ4_NL --byte-budget 3% --op-budget 15
     """
     from nkat_gguf.convert import ConvertOptions
-    from nkat_gguf.convert.options import ThetaTrainOptions
     from nkat_gguf.convert import convert as run_convert
     from nkat_gguf.default_model import resolve_model
     from nkat_gguf.so8t.bake_step import So8tOptions
@@ -161,7 +160,8 @@ def convert(input_: str, output: Path, outtype: str | None, reference: Path | No
         theta_fit=theta_fit, theta_damping=theta_damping, theta_rounds=theta_rounds, imatrix=imatrix, threads=threads,
         so8t=So8tOptions(mode=so8t, seed=so8t_seed, heads=so8t_heads, force=force, report_dir=report_dir),
         calibrate_temperature=calibrate_temperature, progress=progress_wanted(as_json),
-        theta_train=ThetaTrainOptions(theta_train, theta_train_steps, theta_train_lr, theta_train_tokens),
+        theta_train=theta_train, theta_train_steps=theta_train_steps, theta_train_lr=theta_train_lr,
+        theta_train_tokens=theta_train_tokens,
         default_allocation=default_allocation, **{k: v for k, v in given.items() if v is not None})
     if optimize_rank:
         from nkat_gguf.optimizer.outputs import format_summary
@@ -190,6 +190,9 @@ def format_convert(r: dict) -> str:
         kinds = ", ".join(f"{k} {v['weights']}×Σr{v['total_rank']}" for k, v in allocation["ranks_by_kind"].items())
         lines.append(f"allocation: {allocation['spent_bytes'] / mib:.2f} of {allocation['budget_bytes'] / mib:.2f} MiB "
                      f"on {allocation['weights']} weights ({kinds or 'none'})")
+    if train := r.get("theta_train"):
+        lines.append(f"theta trained ({train['mode']}, {train['device']}, {train['seconds']:.1f} s): loss "
+                     f"{train['initial_loss']:.4g} -> {train['final_loss']:.4g}")
     if r.get("temperature"):
         lines.append(f"fitted temperature {r['temperature']['temperature']:.4f} (NLL on "
                      f"{r['temperature']['tokens']} calibration tokens), stored as nkat.confidence.temperature")

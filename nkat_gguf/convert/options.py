@@ -21,18 +21,6 @@ DEFAULT_OP_BUDGET = 15  # the most weights that carry θ (4 llama.cpp graph oper
 
 
 @dataclass(frozen=True)
-class ThetaTrainOptions:
-    """Learned θ (convert/theta_train.py): trained from the closed-form fit on the calibration text. The
-    default is none until the lead's measurements choose one."""
-
-    mode: ThetaTrain = "none"
-    steps: int = DEFAULT_TRAIN_STEPS  # Adam steps (per block with "block")
-    lr: float = DEFAULT_TRAIN_LR  # a fraction of each rank component's largest starting entry per step
-    tokens: int = DEFAULT_TRAIN_TOKENS  # the first calibration windows, whole windows of 512
-    seed: int = 0
-
-
-@dataclass(frozen=True)
 class ConvertOptions:
     """Everything `nkat-gguf convert` is asked to do; the CLI and Python callers build the same object."""
 
@@ -64,7 +52,13 @@ class ConvertOptions:
     # weights the model has); what `convert` asks for when no option chooses weights, ranks or types
     default_allocation: bool = False
     calibrate_temperature: bool = False  # fit T on the calibration text (theta at γ) and store it
-    theta_train: ThetaTrainOptions = ThetaTrainOptions()  # none: the closed-form θ as fitted
+    # learned θ (convert/theta_train.py), trained from the closed-form fit on the first calibration windows; the
+    # mode's default stays none until measurements choose one
+    theta_train: ThetaTrain = "none"  # block: each block's output; model: KL of the next-token distributions
+    theta_train_steps: int = DEFAULT_TRAIN_STEPS  # Adam steps (per block with block)
+    theta_train_lr: float = DEFAULT_TRAIN_LR  # a fraction of each rank component's largest starting entry per step
+    theta_train_tokens: int = DEFAULT_TRAIN_TOKENS  # whole windows of 512
+    theta_train_seed: int = 0
 
 
 @dataclass

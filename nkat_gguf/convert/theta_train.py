@@ -29,18 +29,34 @@ import torch.nn.functional as F
 from gguf.constants import Keys
 
 from nkat_gguf.convert.calibrate import calibration_windows
-from nkat_gguf.convert.options import ThetaTrainOptions
+from nkat_gguf.convert.options import ConvertOptions
 from nkat_gguf.convert.theta_fit import WeightFit
 from nkat_gguf.engine.calibrate.calibration import WINDOW
 from nkat_gguf.engine.forward.llama import Batch, LlamaReference, supports_reference
 from nkat_gguf.errors import InputError
 from nkat_gguf.format.gguf_file import GGUFLayout
 from nkat_gguf.format.tensors import TensorSource
-from nkat_gguf.math.limits import THETA_TRAINS, TRAIN_LR_RANGE, TRAIN_STEPS_RANGE, TRAIN_TOKENS_RANGE
+from nkat_gguf.math.limits import THETA_TRAINS, TRAIN_LR_RANGE, TRAIN_STEPS_RANGE, TRAIN_TOKENS_RANGE, ThetaTrain
 from nkat_gguf.math.theta_train import TrainableTheta, minimize, with_backward
 from nkat_gguf.texts import Text
 
 LOGIT_CHUNK = 512  # tokens whose (chunk, V) logits the model loss holds at once
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """convert's --theta-train options (ConvertOptions.theta_train*), as the training reads them."""
+
+    mode: ThetaTrain
+    steps: int
+    lr: float
+    tokens: int
+    seed: int = 0
+
+    @classmethod
+    def of(cls, opts: ConvertOptions) -> TrainSettings:
+        return cls(opts.theta_train, opts.theta_train_steps, opts.theta_train_lr, opts.theta_train_tokens,
+                   opts.theta_train_seed)
 
 
 @dataclass(frozen=True)
@@ -49,7 +65,7 @@ class Trained:
     summary: dict  # for ConvertReport.theta_train
 
 
-def check_train_options(train: ThetaTrainOptions, layout: GGUFLayout, wants_theta: bool) -> None:
+def check_train_options(train: TrainSettings, layout: GGUFLayout, wants_theta: bool) -> None:
     """Each bad training option refused in one line, before any work."""
     if train.mode not in THETA_TRAINS:
         raise InputError(f"--theta-train must be one of {', '.join(THETA_TRAINS)}, got {train.mode!r}")
@@ -57,7 +73,7 @@ def check_train_options(train: ThetaTrainOptions, layout: GGUFLayout, wants_thet
                                               ("--theta-train-lr", train.lr, TRAIN_LR_RANGE, float),
                                               ("--theta-train-tokens", train.tokens, TRAIN_TOKENS_RANGE, int)):
         if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
-            raise InputError(f"{option} must be a number, got {value!r}")
+            raise InputError(f"{option} must be {'a number' if kind is float else 'a whole number'}, got {value!r}")
         if not low <= value <= high:
             raise InputError(f"{option} must lie in [{low:g}, {high:g}], got {value:g}")
     if train.mode == "none":
@@ -70,7 +86,7 @@ def check_train_options(train: ThetaTrainOptions, layout: GGUFLayout, wants_thet
                          f"{layout.get(Keys.General.ARCHITECTURE)!r} model; use --theta-train none")
 
 
-def train_theta(train: ThetaTrainOptions, reference: TensorSource, quantized: Path, fits: dict[str, WeightFit],
+def train_theta(train: TrainSettings, reference: TensorSource, quantized: Path, fits: dict[str, WeightFit],
                 gamma: float, text: Text, progress: bool = True) -> Trained:
     """`fits` trained with `train.mode` on the first `train.tokens` calibration tokens of `text`."""
     windows = calibration_windows(reference.path, text)[:train.tokens // WINDOW]
@@ -120,7 +136,7 @@ def _block_of(name: str) -> int:
 
 
 def _train_blocks(ref: LlamaReference, model: LlamaReference, windows: list[list[int]],
-                  thetas: dict[str, TrainableTheta], train: ThetaTrainOptions,
+                  thetas: dict[str, TrainableTheta], train: TrainSettings,
                   progress: bool) -> dict[str, tuple[float, float]]:
     """Each block with θ trained on ‖y − y_ref‖² / ‖y_ref‖² of its output; (initial, final) per block."""
     ref_batch, batch = ref.batch(windows), model.batch(windows)
@@ -148,7 +164,7 @@ def _train_blocks(ref: LlamaReference, model: LlamaReference, windows: list[list
 
 
 def _train_model(ref: LlamaReference, model: LlamaReference, windows: list[list[int]],
-                 thetas: dict[str, TrainableTheta], train: ThetaTrainOptions,
+                 thetas: dict[str, TrainableTheta], train: TrainSettings,
                  progress: bool) -> dict[str, tuple[float, float]]:
     """All θs on mean KL(p_ref ‖ p) over the training tokens; {"model": (initial, final)}."""
     ref_batch, batch = ref.batch(windows), model.batch(windows)
