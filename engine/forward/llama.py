@@ -339,7 +339,7 @@ def llama_block(config: LlamaConfig, h: torch.Tensor, attn_norm: torch.Tensor, f
 
 
 @dataclass(frozen=True)
-class _Batch:
+class Batch:
     """The sequences of one forward, flattened into N tokens."""
 
     tokens: torch.Tensor  # (N,)
@@ -364,12 +364,13 @@ class LlamaReference:
         weights: Callable[[str], np.ndarray] | None = None,
         input_hooks: Mapping[str, Hook] | None = None,
         dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
     ):
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"dtype must be torch.float32 or torch.float64, not {dtype}")
         self.source = source if isinstance(source, TensorSource) else TensorSource(source)
         self.config = LlamaConfig.from_layout(self.source.layout)
-        self.dtype = dtype
+        self.dtype, self.device = dtype, torch.device(device)
         self._weights = weights or self.source.dequantize
         self._hooks = dict(input_hooks or {})
         matrices = {name for name, shape in self.config.tensor_shapes().items() if len(shape) == 2}
@@ -381,9 +382,7 @@ class LlamaReference:
     def logits(self, token_sequences: Sequence[Sequence[int]]) -> list[np.ndarray]:
         """Logits at every position of every sequence, each (T, V) float32; full causal attention."""
         batch = self._batch(token_sequences)
-        hidden = self._forward(batch, sums=None)  # (N, d)
-        x = self._input(self.config.head_weight, hidden, sums=None)  # (N, d)
-        logits = F.linear(x, self._weight(self.config.head_weight)).float()  # (N, V); tied: x @ token_embd^T
+        logits = self.head(self._forward(batch, sums=None)).float()  # (N, V)
         return [chunk.numpy() for chunk in logits.split(batch.lengths)]
 
     @torch.inference_mode()
@@ -410,24 +409,65 @@ class LlamaReference:
         stats = InputStatistics(second_moments)
         hidden = self._forward(batch, stats)  # (N, d)
         if not self.config.tied_embeddings:
-            self._input("output.weight", hidden, stats)
+            self._input("output.weight", self._final_norm(hidden), stats)
         n = len(batch.tokens)
         return stats.mean_squares(n), stats.second_moments(n)
 
     # -- internals --
 
-    def _forward(self, batch: _Batch, sums: Sums) -> torch.Tensor:
-        """Final-normed hidden states (N, d) of all tokens, one layer at a time."""
-        cfg = self.config
-        h = self._weight("token_embd.weight")[batch.tokens]  # (N, d); neither llama nor qwen2 scales embeddings
-        for i in range(cfg.n_layer):
-            w = {part: self._weight(f"blk.{i}.{part}.weight") for part in ("attn_norm", "ffn_norm", *BLOCK_MATRICES)}
-            biases = {part: self._weight(f"blk.{i}.{part}.bias") for part in cfg.biases}
-            linear = self._layer_linear(i, w, sums)
-            h = llama_block(cfg, h, w["attn_norm"], w["ffn_norm"], linear, batch.rotations, batch.groups,
-                            biases)  # (N, d)
-            del w, biases, linear  # this layer's weights go before the next layer's are read
-        return rms_norm(h, self._weight("output_norm.weight"), cfg.norm_eps)
+    # -- one step at a time: for callers that train through the forward (convert/theta_train.py) --
+
+    def batch(self, token_sequences: Sequence[Sequence[int]]) -> Batch:
+        """The sequences flattened into N tokens, with their RoPE rotations and attention groups."""
+        return self._batch(token_sequences)
+
+    def embed(self, batch: Batch) -> torch.Tensor:
+        """The hidden states (N, d) entering block 0."""
+        return self._weight("token_embd.weight")[batch.tokens.to(self.device)]  # neither llama nor qwen2 scales embeddings
+
+    def layer(self, i: int) -> Layer:
+        """Block i's weights, norms included, and its biases (qwen2's q/k/v) under "PART.bias"."""
+        w = {part: self._weight(f"blk.{i}.{part}.weight") for part in ("attn_norm", "ffn_norm", *BLOCK_MATRICES)}
+        return w | {f"{part}.bias": self._weight(f"blk.{i}.{part}.bias") for part in self.config.biases}
+
+    def block(self, i: int, w: Layer, h: torch.Tensor, batch: Batch,
+              corrections: Mapping[str, Hook] | None = None, sums: Sums = None) -> torch.Tensor:
+        """Block i with weights `w` on h (N, d); `corrections[name](x)` is added to weight `name`'s output."""
+        linear = self._layer_linear(i, w, sums)
+        if corrections:
+            base = linear
+
+            def linear(part: str, x: torch.Tensor) -> torch.Tensor:
+                name = f"blk.{i}.{part}.weight"
+                y = base(part, x)
+                return y + corrections[name](x) if name in corrections else y
+
+        biases = {part: w[f"{part}.bias"] for part in self.config.biases}
+        return llama_block(self.config, h, w["attn_norm"], w["ffn_norm"], linear, batch.rotations, batch.groups,
+                           biases)
+
+    def head_layer(self) -> Layer:
+        """The final norm's and the head's weights, for callers that apply the head many times."""
+        return {"output_norm": self._weight("output_norm.weight"), "head": self._weight(self.config.head_weight)}
+
+    def head(self, h: torch.Tensor, w: Layer | None = None) -> torch.Tensor:
+        """Logits (N, V) of the hidden states leaving the last block: the final norm, then the head (tied: x @
+        token_embd^T); `w`: `head_layer()`, read from the file when None."""
+        w = w or self.head_layer()
+        x = self._input(self.config.head_weight, self._final_norm(h, w["output_norm"]), None)
+        return F.linear(x, w["head"])
+
+    def _final_norm(self, h: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        return rms_norm(h, self._weight("output_norm.weight") if weight is None else weight, self.config.norm_eps)
+
+    def _forward(self, batch: Batch, sums: Sums) -> torch.Tensor:
+        """Hidden states (N, d) of all tokens leaving the last block, one layer at a time."""
+        h = self.embed(batch)  # (N, d)
+        for i in range(self.config.n_layer):
+            w = self.layer(i)
+            h = self.block(i, w, h, batch, sums=sums)  # (N, d)
+            del w  # this layer's weights go before the next layer's are read
+        return h
 
     def _layer_linear(self, i: int, w: Layer, sums: Sums) -> Linear:
         """Layer i's weights `w` as the block's `linear`, through the input hooks and statistics."""
@@ -452,9 +492,9 @@ class LlamaReference:
         if tuple(array.shape) != expected:
             raise InputError(f"weights for {name} have shape {tuple(array.shape)}, expected {expected}")
         # np.array copies: a source may hand out read-only views of its memory map
-        return torch.from_numpy(np.array(array, dtype=np.float32)).to(self.dtype)
+        return torch.from_numpy(np.array(array, dtype=np.float32)).to(self.device, self.dtype)
 
-    def _batch(self, token_sequences: Sequence[Sequence[int]]) -> _Batch:
+    def _batch(self, token_sequences: Sequence[Sequence[int]]) -> Batch:
         if not token_sequences or any(len(seq) == 0 for seq in token_sequences):
             raise InputError("token sequences must be a non-empty list of non-empty sequences")
         tokens = torch.tensor([t for seq in token_sequences for t in seq], dtype=torch.long)  # (N,)
@@ -467,4 +507,6 @@ class LlamaReference:
         for start, n in zip(accumulate(lengths, initial=0), lengths):
             starts.setdefault(n, []).append(start)
         groups = [torch.tensor(s)[:, None] + torch.arange(n)[None, :] for n, s in starts.items()]  # (B, T) each
-        return _Batch(tokens, lengths, rope_rotations(self.config, positions, freq_factors, self.dtype), groups)
+        rotations = rope_rotations(self.config, positions, freq_factors.cpu() if freq_factors is not None else None,
+                                   self.dtype)
+        return Batch(tokens, lengths, rotations.to(self.device), [g.to(self.device) for g in groups])

@@ -10,7 +10,19 @@ from nkat_gguf.cli import options
 from nkat_gguf.cli.errors import fail_cleanly
 from nkat_gguf.cli.output import emit, progress_wanted
 from nkat_gguf.cli.qc import format_qc
-from nkat_gguf.math.limits import DAMPING_RANGE, FIT_METHODS, ROUNDS_RANGE, THETA_CALIBS
+from nkat_gguf.math.limits import (
+    DAMPING_RANGE,
+    DEFAULT_TRAIN_LR,
+    DEFAULT_TRAIN_STEPS,
+    DEFAULT_TRAIN_TOKENS,
+    FIT_METHODS,
+    ROUNDS_RANGE,
+    THETA_CALIBS,
+    THETA_TRAINS,
+    TRAIN_LR_RANGE,
+    TRAIN_STEPS_RANGE,
+    TRAIN_TOKENS_RANGE,
+)
 
 
 def _tensor_types(_ctx: click.Context, _param: click.Parameter, items: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
@@ -76,6 +88,19 @@ def _tensor_types(_ctx: click.Context, _param: click.Parameter, items: tuple[str
 @click.option("--theta-rounds", type=click.IntRange(*ROUNDS_RANGE), default=1, show_default=True,
               help="LoftQ-style joint fit: requantize W - B·A and refit theta this many rounds in all, keeping per "
                    "weight the round with the lowest expected output error (1: theta on llama.cpp's quantization).")
+@click.option("--theta-train", type=click.Choice(THETA_TRAINS), default="none", show_default=True,
+              help="Train theta after its closed-form fit, the quantized weights frozen and theta in its stored INT8 "
+                   "form: block matches each block's output to the reference's, block by block; model minimises "
+                   "KL(p_ref || p) of the next-token distributions. On the first calibration windows; never ends "
+                   "above the closed form's loss. Uses a GPU when torch sees one.")
+@click.option("--theta-train-steps", type=click.IntRange(*TRAIN_STEPS_RANGE), default=DEFAULT_TRAIN_STEPS,
+              show_default=True, help="Adam steps of --theta-train (per block with block).")
+@click.option("--theta-train-lr", type=click.FloatRange(*TRAIN_LR_RANGE), default=DEFAULT_TRAIN_LR,
+              show_default=True, help="Adam's step size, a fraction of each rank component's largest starting "
+                                      "entry (1/127 of it is one INT8 step).")
+@click.option("--theta-train-tokens", type=click.IntRange(*TRAIN_TOKENS_RANGE), default=DEFAULT_TRAIN_TOKENS,
+              show_default=True, help="Calibration tokens --theta-train trains on, in whole windows of 512 "
+                                      "(the first windows of the calibration text).")
 @click.option("--imatrix", default="auto", show_default=True,
               help="Importance matrix for quantization: auto (from the calibration), none, or a llama.cpp "
                    "imatrix file (GGUF or legacy .dat).")
@@ -104,7 +129,8 @@ def convert(input_: str, output: Path, outtype: str | None, reference: Path | No
             op_budget: int | None, tensor_types: tuple[tuple[str, str], ...], selective_layers: tuple[str, ...],
             calib_text: Path | None, calib_tokens: int | None, calib_memory: str | None,
             save_imatrix: Path | None, theta_calib: str,
-            theta_fit: str, theta_damping: float | None, theta_rounds: int, imatrix: str, threads: int, so8t: str,
+            theta_fit: str, theta_damping: float | None, theta_rounds: int, theta_train: str,
+            theta_train_steps: int, theta_train_lr: float, theta_train_tokens: int, imatrix: str, threads: int, so8t: str,
             so8t_seed: int | None, so8t_heads: bool, force: bool, report_dir: Path | None,
             optimize_rank: bool, calibrate_temperature: bool, as_json: bool) -> None:
     """Quantize a GGUF with llama.cpp and store theta (what quantization lost, low rank) in its metadata.
@@ -134,6 +160,8 @@ def convert(input_: str, output: Path, outtype: str | None, reference: Path | No
         theta_fit=theta_fit, theta_damping=theta_damping, theta_rounds=theta_rounds, imatrix=imatrix, threads=threads,
         so8t=So8tOptions(mode=so8t, seed=so8t_seed, heads=so8t_heads, force=force, report_dir=report_dir),
         calibrate_temperature=calibrate_temperature, progress=progress_wanted(as_json),
+        theta_train=theta_train, theta_train_steps=theta_train_steps, theta_train_lr=theta_train_lr,
+        theta_train_tokens=theta_train_tokens,
         default_allocation=default_allocation, **{k: v for k, v in given.items() if v is not None})
     if optimize_rank:
         from nkat_gguf.optimizer.outputs import format_summary
@@ -162,6 +190,9 @@ def format_convert(r: dict) -> str:
         kinds = ", ".join(f"{k} {v['weights']}×Σr{v['total_rank']}" for k, v in allocation["ranks_by_kind"].items())
         lines.append(f"allocation: {allocation['spent_bytes'] / mib:.2f} of {allocation['budget_bytes'] / mib:.2f} MiB "
                      f"on {allocation['weights']} weights ({kinds or 'none'})")
+    if train := r.get("theta_train"):
+        lines.append(f"theta trained ({train['mode']}, {train['device']}, {train['seconds']:.1f} s): loss "
+                     f"{train['initial_loss']:.4g} -> {train['final_loss']:.4g}")
     if r.get("temperature"):
         lines.append(f"fitted temperature {r['temperature']['temperature']:.4f} (NLL on "
                      f"{r['temperature']['tokens']} calibration tokens), stored as nkat.confidence.temperature")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from nkat_gguf.math.limits import ThetaCalib
+from nkat_gguf.math.limits import DEFAULT_TRAIN_LR, DEFAULT_TRAIN_STEPS, DEFAULT_TRAIN_TOKENS, ThetaCalib, ThetaTrain
 from nkat_gguf.so8t.bake_step import So8tOptions
 
 DEFAULT_CALIB_MEMORY = "4GiB"  # the second moments of a whole 7B llama (6.4 GB) take two passes, the default model one
@@ -52,6 +52,13 @@ class ConvertOptions:
     # weights the model has); what `convert` asks for when no option chooses weights, ranks or types
     default_allocation: bool = False
     calibrate_temperature: bool = False  # fit T on the calibration text (theta at γ) and store it
+    # learned θ (convert/theta_train.py), trained from the closed-form fit on the first calibration windows; the
+    # mode's default stays none until measurements choose one
+    theta_train: ThetaTrain = "none"  # block: each block's output; model: KL of the next-token distributions
+    theta_train_steps: int = DEFAULT_TRAIN_STEPS  # Adam steps (per block with block)
+    theta_train_lr: float = DEFAULT_TRAIN_LR  # a fraction of each rank component's largest starting entry per step
+    theta_train_tokens: int = DEFAULT_TRAIN_TOKENS  # whole windows of 512
+    theta_train_seed: int = 0
 
 
 @dataclass
@@ -80,6 +87,7 @@ class ConvertReport:
     temperature: dict | None = None  # --calibrate-temperature: the fitted T and what it was fitted on
     types: dict[str, str] | None = None  # --byte-budget: weight -> the type it was upgraded to from the base
     fallbacks: dict[str, str] = field(default_factory=dict)  # tensor -> "q3_K -> q4_0", llama.cpp's substitutions
+    theta_train: dict | None = None  # --theta-train: mode, seconds, initial/final loss, peak memory
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -9,7 +9,7 @@ in metadata (NKAT format v2), so a stock llama.cpp loads it as the plain quantiz
 from __future__ import annotations
 
 import resource
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +20,7 @@ from nkat_gguf.convert.moment_groups import parse_memory
 from nkat_gguf.convert.options import ConvertOptions, ConvertReport
 from nkat_gguf.convert.read import Inputs, read_input
 from nkat_gguf.convert.theta_fit import WeightFit, fit_weights, replace_tensors
+from nkat_gguf.convert.theta_train import TrainSettings, train_theta
 from nkat_gguf.convert.write import provenance, write_temperature, write_theta
 from nkat_gguf.engine.llama.quantize import check_types, fallbacks, quantize_model
 from nkat_gguf.format.atomic import work_dir
@@ -82,6 +83,10 @@ def convert(opts: ConvertOptions, calibration: Calibration | None = None) -> Con
                 quantized = quantize(inputs, model, imatrix, imatrix_source, Path(tmp))
             with times.step("theta"):
                 theta = fit_theta(inputs, model, quantized, for_theta, Path(tmp))
+                if opts.theta_train != "none" and theta.fits:
+                    trained = train_theta(TrainSettings.of(opts), model.reference, theta.quantized, theta.fits,
+                                          opts.gamma, inputs.calib_text, opts.progress)
+                    theta, report.theta_train = replace(theta, fits=trained.fits), trained.summary
                 record = NkatTheta(opts.gamma, {n: f.theta for n, f in theta.fits.items()},
                                    provenance(inputs, calibration, quantized.imatrix_source, theta.allocation,
                                               theta.types, so8t))

@@ -16,6 +16,7 @@ from nkat_gguf.convert.moment_groups import parse_memory
 from nkat_gguf.convert.options import DEFAULT_BYTE_BUDGET, DEFAULT_OP_BUDGET, ConvertOptions
 from nkat_gguf.convert.selection import resolve_tensor_types, select_tensors
 from nkat_gguf.convert.theta_fit import FitSettings
+from nkat_gguf.convert.theta_train import TrainSettings, check_train_options
 from nkat_gguf.engine.llama.quantize import resolve_outtype
 from nkat_gguf.engine.llama.runtime import check_loadable
 from nkat_gguf.errors import InputError
@@ -83,10 +84,11 @@ def read_input(opts: ConvertOptions, calibration: Calibration | None) -> Inputs:
     byte_budget, op_budget = check_mix_options(opts, names, input_path.stat().st_size)
     reference = reference_source(source, opts.reference)
     wants_theta = opts.theta_rank > 0 or budget is not None
+    check_train_options(TrainSettings.of(opts), layout, wants_theta and op_budget != 0)
     needs_calibration = ((opts.theta_calib == "activation" and wants_theta) or opts.imatrix == "auto"
                          or opts.save_imatrix is not None)
     reads_text = ((needs_calibration and calibration is None) or budget is not None or byte_budget is not None
-                  or opts.calibrate_temperature)
+                  or opts.calibrate_temperature or opts.theta_train != "none")
     input_sha256 = sha256_file(input_path)
     return Inputs(opts, layout, source, reference, names, outtype, ftype, fit, budget, tensor_types, byte_budget,
                   op_budget, needs_calibration,

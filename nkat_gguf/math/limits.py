@@ -17,6 +17,15 @@ FIT_METHODS: tuple[FitMethod, ...] = get_args(FitMethod)
 DAMPING_RANGE: tuple[float, float] = (0, 10)  # the fit's damping, a fraction of the mean of E[x²]
 ROUNDS_RANGE: tuple[int, int] = (1, 10)  # LoftQ-style joint rounds in all; 1: θ on llama.cpp's own quantization
 
+# learned θ (convert --theta-train, --theta-train-steps, --theta-train-lr, --theta-train-tokens)
+ThetaTrain = Literal["none", "block", "model"]  # block: each block's output; model: KL of the next-token distribution
+THETA_TRAINS: tuple[ThetaTrain, ...] = get_args(ThetaTrain)
+TRAIN_STEPS_RANGE: tuple[int, int] = (1, 100_000)  # Adam steps (per block with block)
+TRAIN_LR_RANGE: tuple[float, float] = (1e-6, 1.0)  # Adam's step, a fraction of each component's largest entry
+TRAIN_TOKENS_RANGE: tuple[int, int] = (512, 1 << 20)  # calibration tokens trained on, in whole windows of 512
+# their defaults (ConvertOptions and the CLI read them here); the mode's stays none until measured
+DEFAULT_TRAIN_STEPS, DEFAULT_TRAIN_LR, DEFAULT_TRAIN_TOKENS = 50, 2e-3, 2048
+
 # confidence (qc confidence, convert --calibrate-temperature): the temperature's search interval
 TEMPERATURE_RANGE: tuple[float, float] = (0.5, 3.0)
 
