@@ -24,9 +24,9 @@ from nkat_gguf.engine.forward.llama import LlamaReference
 from nkat_gguf.errors import InputError
 from nkat_gguf.format.gguf_file import read_layout, write_gguf
 from nkat_gguf.format.tensors import TensorSource
-from nkat_gguf.math.rotations import apply_blocks_right, so8_blocks_from_generators
+from nkat_gguf.so8t.rotations import apply_blocks_right, so8_blocks_from_generators
 from nkat_gguf.so8t.bake import bake_rotations, make_plan
-from nkat_gguf.so8t.bake_step import So8tOptions
+from nkat_gguf.so8t import So8tOptions
 from nkat_gguf.so8t.qc import MAX_ABS_DZ, MAX_MEAN_KL, QCFailed, qc_text, qc_tokens, reference_logits
 from tools.synthetic_model import TINY, build_llama_gguf
 
