@@ -17,9 +17,9 @@ import numpy as np
 
 from nkat_gguf.convert.allocate import allocate_mix, allocate_theta
 from nkat_gguf.convert.calibrate import DEFAULT_CALIB_TOKENS, Calibration, calibrate
-from nkat_gguf.convert.options import ConvertOptions, ConvertReport
 from nkat_gguf.convert.checks import check_options
 from nkat_gguf.convert.inputs import Inputs, read_input
+from nkat_gguf.convert.options import ConvertOptions, ConvertReport
 from nkat_gguf.convert.theta_fit import WeightFit, fit_weights, replace_tensors
 from nkat_gguf.convert.write import provenance, write_temperature, write_theta
 from nkat_gguf.engine.llama.quantize import check_types, fallbacks, quantize_model

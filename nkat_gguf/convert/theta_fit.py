@@ -21,9 +21,9 @@ from tqdm import tqdm
 
 from nkat_gguf.convert.calibrate import Calibration
 from nkat_gguf.engine.llama.quantize import quantize_rows
+from nkat_gguf.errors import InputError
 from nkat_gguf.format.gguf_file import TensorSpec, copy_metadata, read_layout, write_gguf
 from nkat_gguf.format.tensors import TensorSource
-from nkat_gguf.errors import InputError
 from nkat_gguf.math.limits import DAMPING_RANGE, FIT_METHODS, ROUNDS_RANGE, FitMethod
 from nkat_gguf.math.lowrank import theta_from_residual, theta_whitened
 from nkat_gguf.math.theta import (

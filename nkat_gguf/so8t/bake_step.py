@@ -23,7 +23,16 @@ from nkat_gguf.format.gguf_file import TensorSpec, copy_metadata, write_gguf
 from nkat_gguf.format.tensors import TensorSource
 from nkat_gguf.so8t.bake import ALL_F32, F32, BakedModel, BakePlan, bake_rotations
 from nkat_gguf.so8t.options import So8tOptions
-from nkat_gguf.so8t.qc import QCFailed, QCResult, judge, llama_logits, qc_text, qc_tokens, reference_logits, write_report
+from nkat_gguf.so8t.qc import (
+    QCFailed,
+    QCResult,
+    judge,
+    llama_logits,
+    qc_text,
+    qc_tokens,
+    reference_logits,
+    write_report,
+)
 from nkat_gguf.so8t.rotations import check_so8
 from nkat_gguf.timing import StepTimes
 
