@@ -31,9 +31,9 @@ from nkat_gguf.default_model import default_model_path  # noqa: E402
 from nkat_gguf.engine.measure.perplexity import perplexity, tokenize_text  # noqa: E402
 from nkat_gguf.engine.llama.runtime import NkatRuntime, RuntimeOptions  # noqa: E402
 from nkat_gguf.format.gguf_file import read_layout  # noqa: E402
-from nkat_gguf.math.rotations import BLOCK  # noqa: E402
+from nkat_gguf.so8t import So8tOptions  # noqa: E402
 from nkat_gguf.so8t.bake import BakePlan  # noqa: E402
-from nkat_gguf.so8t.bake_step import So8tOptions  # noqa: E402
+from nkat_gguf.so8t.rotations import BLOCK  # noqa: E402
 from nkat_gguf.texts import load_text  # noqa: E402
 
 

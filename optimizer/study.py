@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from nkat_gguf.convert import ConvertOptions
 from nkat_gguf.convert.calib_text import calibration_text
-from nkat_gguf.convert.read import check_rank
+from nkat_gguf.convert.checks import check_rank
 from nkat_gguf.convert.selection import select_tensors
 from nkat_gguf.convert.sensitivity import SENSITIVITY_RANK, held_out_tokens, sensitivity_on
 from nkat_gguf.engine.measure.perplexity import tokenize_text

@@ -19,8 +19,8 @@ from nkat_gguf.default_model import default_model_path
 from nkat_gguf.errors import InputError
 from nkat_gguf.format.gguf_file import TensorSpec, Value, copy_metadata, read_layout, write_gguf
 from nkat_gguf.format.tensors import TensorSource
-from nkat_gguf.math.rotations import random_blocks
 from nkat_gguf.so8t.bake import BakePlan, bake_rotations, make_plan
+from nkat_gguf.so8t.rotations import random_blocks
 from nkat_gguf.texts import builtin_text
 from tools.synthetic_model import TINY, LlamaShape, build_llama_gguf
 

@@ -5,7 +5,8 @@ Layers, lowest first; a module may import its own layer and the layers below it,
   runtime   engine/llama/ (the llama.cpp runtime), engine/forward/ (the PyTorch forward); engine/ installs as
             nkat_gguf.engine
   engine    engine/measure/, engine/calibrate/, engine/serve/: one room per job, each on the runtime, none on another
-  steps     so8t/, export/: pipelines' building blocks on top of the engine
+  steps     so8t/, export/: pipelines' building blocks on top of the engine; SO8T is one package (its rotations,
+            checkpoints, options and their checks included), and convert reaches it only through the package's names
   convert   convert/: the convert pipeline
   drivers   evaluate/, optimizer/ (installed as nkat_gguf.optimizer): runs of convert plus measurement
   front     cli/ (one module per command group), doctor, backends
@@ -35,6 +36,7 @@ LAYERS = [
 ]
 LAZY_IMPORTS_ALLOWED = "nkat_gguf.cli"  # the CLI package: each command imports its library when it runs
 KEY_OWNER = "nkat_gguf.format.nkat"
+SO8T = "nkat_gguf.so8t"  # convert imports only the package's own names (options, their check, the bake step)
 ENGINE_JOBS = ("nkat_gguf.engine.measure", "nkat_gguf.engine.calibrate", "nkat_gguf.engine.serve")
 
 
@@ -110,6 +112,12 @@ def room_of(module: str) -> str | None:
 def test_engine_rooms_do_not_import_each_other(module: str) -> None:
     other = [t for t, _ in imports(module) if room_of(t) not in (None, room_of(module))]
     assert not other, f"{module} imports another engine room: {other}"
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if m.startswith("nkat_gguf.convert")))
+def test_convert_reaches_so8t_only_through_its_package(module: str) -> None:
+    inside = [t for t, _ in imports(module) if t.startswith(SO8T + ".")]
+    assert not inside, f"{module} imports SO8T's modules {inside}; import their names from {SO8T}"
 
 
 def test_no_import_cycles() -> None:

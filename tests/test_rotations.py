@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from nkat_gguf.errors import InputError
-from nkat_gguf.math.rotations import (
+from nkat_gguf.so8t.rotations import (
     HADAMARD_8,
     apply_blocks_left_transposed,
     apply_blocks_right,

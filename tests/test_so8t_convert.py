@@ -24,10 +24,10 @@ from nkat_gguf.engine.forward.llama import LlamaReference
 from nkat_gguf.errors import InputError
 from nkat_gguf.format.gguf_file import read_layout, write_gguf
 from nkat_gguf.format.tensors import TensorSource
-from nkat_gguf.math.rotations import apply_blocks_right, so8_blocks_from_generators
+from nkat_gguf.so8t import So8tOptions, check_so8t_options
 from nkat_gguf.so8t.bake import bake_rotations, make_plan
-from nkat_gguf.so8t.bake_step import So8tOptions
 from nkat_gguf.so8t.qc import MAX_ABS_DZ, MAX_MEAN_KL, QCFailed, qc_text, qc_tokens, reference_logits
+from nkat_gguf.so8t.rotations import apply_blocks_right, so8_blocks_from_generators
 from tools.synthetic_model import TINY, build_llama_gguf
 
 
@@ -146,6 +146,21 @@ def test_options_that_do_not_go_together_are_refused_before_any_work(tiny_f32, t
     with pytest.raises(InputError, match=re.escape(message)):
         convert(opts)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_so8t_checks_give_the_plan_the_bake_uses(tiny_f32):
+    """SO8T's own check, the one convert's checks call: no plan without --so8t, the mode parsed once for this
+    model, a mode it cannot take refused before any work."""
+    source = TensorSource(tiny_f32)
+    assert check_so8t_options(So8tOptions(), source, "auto", reuses_calibration=False) is None
+    plan = check_so8t_options(So8tOptions(mode="random", seed=3, heads=True), source, "auto", reuses_calibration=False)
+    assert (plan.mode, plan.seed) == ("random", 3) and len(plan.heads) == TINY.n_layers
+    np.testing.assert_array_equal(plan.residual, make_plan("random", source, seed=3).residual)
+    assert check_so8t_options(So8tOptions(mode=plan), source, "none", reuses_calibration=False) is plan
+    with pytest.raises(InputError, match="unknown SO8T mode 'bogus'"):
+        check_so8t_options(So8tOptions(mode="bogus"), source, "auto", reuses_calibration=False)
+    with pytest.raises(ValueError, match="cannot be reused with --so8t"):
+        check_so8t_options(So8tOptions(mode="hadamard"), source, "auto", reuses_calibration=True)
 
 
 # ---- trained gates: the reference with the gate online is the "pre" side ---------------------------

@@ -23,7 +23,7 @@ from safetensors.numpy import load_file
 from nkat_gguf.convert import ConvertOptions, convert
 from nkat_gguf.format.gguf_file import write_with_metadata
 from nkat_gguf.format.tensors import TensorSource
-from nkat_gguf.so8t.bake_step import So8tOptions
+from nkat_gguf.so8t import So8tOptions
 from nkat_gguf.so8t.fake_quant import EXACT, dequantized, fake_quantize
 from nkat_gguf.so8t.train import (
     ALPHA_INIT,

@@ -143,7 +143,7 @@ def convert(input_: str, output: Path, outtype: str | None, reference: Path | No
     from nkat_gguf.convert import ConvertOptions
     from nkat_gguf.convert import convert as run_convert
     from nkat_gguf.default_model import resolve_model
-    from nkat_gguf.so8t.bake_step import So8tOptions
+    from nkat_gguf.so8t import So8tOptions
 
     if optimize_rank and calibrate_temperature:
         raise click.UsageError("--calibrate-temperature does not combine with --optimize-rank: run "

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from nkat_gguf.math.limits import DEFAULT_TRAIN_LR, DEFAULT_TRAIN_STEPS, DEFAULT_TRAIN_TOKENS, ThetaCalib, ThetaTrain
-from nkat_gguf.so8t.bake_step import So8tOptions
+from nkat_gguf.so8t import So8tOptions
 
 DEFAULT_CALIB_MEMORY = "4GiB"  # the second moments of a whole 7B llama (6.4 GB) take two passes, the default model one
 

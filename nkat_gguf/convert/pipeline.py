@@ -1,8 +1,9 @@
-"""`nkat-gguf convert`: read -> (bake) -> calibrate -> quantize -> θ -> write, one function per step.
+"""`nkat-gguf convert`: check -> read -> (bake) -> calibrate -> quantize -> θ -> write, one function per step.
 
 The calibration comes before quantization because its statistics are llama.cpp's importance matrix.
-The steps' modules: read.py, so8t/bake_step.py, calibrate.py, engine/llama/quantize.py, theta_fit.py (allocate.py
-under a budget), write.py. The output is llama.cpp's own quantization of the input, byte for byte, plus θ
+The steps' modules: checks.py (every option, before any work), inputs.py, SO8T's bake step (nkat_gguf.so8t,
+only when --so8t asks for one), calibrate.py, engine/llama/quantize.py, theta_fit.py (allocate.py under a
+budget), write.py. The output is llama.cpp's own quantization of the input, byte for byte, plus θ
 in metadata (NKAT format v2), so a stock llama.cpp loads it as the plain quantized model.
 """
 
@@ -16,9 +17,9 @@ import numpy as np
 
 from nkat_gguf.convert.allocate import allocate_mix, allocate_theta
 from nkat_gguf.convert.calibrate import DEFAULT_CALIB_TOKENS, Calibration, calibrate
-from nkat_gguf.convert.moment_groups import parse_memory
+from nkat_gguf.convert.checks import check_options
+from nkat_gguf.convert.inputs import Inputs, read_input
 from nkat_gguf.convert.options import ConvertOptions, ConvertReport
-from nkat_gguf.convert.read import Inputs, read_input
 from nkat_gguf.convert.theta_fit import WeightFit, fit_weights, replace_tensors
 from nkat_gguf.convert.theta_train import TrainSettings, train_theta
 from nkat_gguf.convert.write import provenance, write_temperature, write_theta
@@ -28,8 +29,7 @@ from nkat_gguf.format.gguf_file import GGUFLayout
 from nkat_gguf.format.imatrix import input_widths, missing_note, read_imatrix_file
 from nkat_gguf.format.nkat import NkatTheta
 from nkat_gguf.format.tensors import TensorSource
-from nkat_gguf.so8t.bake_step import BakeStep, bake_step
-from nkat_gguf.so8t.qc import write_report
+from nkat_gguf.so8t import BakeStep, bake_for_convert
 from nkat_gguf.timing import StepTimes
 
 
@@ -67,7 +67,7 @@ def convert(opts: ConvertOptions, calibration: Calibration | None = None) -> Con
     (not with so8t: a calibration of the unrotated model does not describe the rotated one)."""
     times = StepTimes()
     with times.step("total"):
-        inputs = read_input(opts, calibration)
+        inputs = read_input(check_options(opts, calibration))
         report = ConvertReport(str(opts.input), str(opts.output), inputs.outtype, opts.theta_rank, opts.gamma,
                                "none", opts.theta_fit, "none", input_bytes=Path(opts.input).stat().st_size)
         with work_dir(Path(opts.output).parent, "convert") as tmp:
@@ -100,16 +100,16 @@ def convert(opts: ConvertOptions, calibration: Calibration | None = None) -> Con
         _fill_report(report, quantized, theta, metadata, so8t)
     report.seconds = times.rounded()
     report.peak_resident_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-    if so8t is not None and opts.so8t.report_dir is not None:
-        write_report(Path(opts.so8t.report_dir), report.as_dict())
+    if so8t is not None:
+        so8t.write_report(report.as_dict())
     return report
 
 
 def bake(inputs: Inputs, tmp: Path) -> tuple[Model, BakeStep | None]:
     """The model to convert: the input, or with --so8t its rotated F32 copy (and a rotated reference)."""
-    if not inputs.opts.so8t.enabled:
+    if inputs.so8t is None:
         return Model(inputs.source.path, inputs.layout, inputs.reference), None
-    so8t = bake_step(inputs.opts.so8t, inputs.source, inputs.reference, tmp)
+    so8t = bake_for_convert(inputs.so8t, inputs.opts.so8t, inputs.source, inputs.reference, tmp)
     return Model(so8t.model.path, so8t.model.layout, so8t.reference), so8t
 
 
@@ -119,7 +119,7 @@ def calibrate_model(inputs: Inputs, model: Model, notes: list[str]) -> Calibrati
     path = model.reference.path
     calibration = calibrate(path, inputs.calib_text, opts.calib_tokens, threads=opts.threads, progress=opts.progress,
                             save_imatrix=opts.save_imatrix, second_moments=opts.theta_fit == "whiten",
-                            model_sha256=inputs.known_sha256(path), memory=parse_memory(opts.calib_memory))
+                            model_sha256=inputs.known_sha256(path), memory=inputs.calib_memory)
     if calibration.moment_groups > 1:
         notes.append(f"second moments in {calibration.moment_groups} groups of layers within --calib-memory "
                      f"{opts.calib_memory}: one calibration pass per group")

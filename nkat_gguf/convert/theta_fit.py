@@ -21,9 +21,10 @@ from tqdm import tqdm
 
 from nkat_gguf.convert.calibrate import Calibration
 from nkat_gguf.engine.llama.quantize import quantize_rows
+from nkat_gguf.errors import InputError
 from nkat_gguf.format.gguf_file import TensorSpec, copy_metadata, read_layout, write_gguf
 from nkat_gguf.format.tensors import TensorSource
-from nkat_gguf.math.limits import FitMethod
+from nkat_gguf.math.limits import DAMPING_RANGE, FIT_METHODS, ROUNDS_RANGE, FitMethod
 from nkat_gguf.math.lowrank import theta_from_residual, theta_whitened
 from nkat_gguf.math.theta import (
     LowRank,
@@ -46,6 +47,22 @@ class FitSettings:
     @property
     def resolved_damping(self) -> float:
         return DEFAULT_DAMPING[self.method] if self.damping is None else self.damping
+
+
+def check_fit(method: str, damping: float | None, rounds: int) -> FitSettings:
+    """--theta-fit, --theta-damping and --theta-rounds as one FitSettings, or a one-line refusal."""
+    if method not in FIT_METHODS:
+        raise InputError(f"--theta-fit must be one of {', '.join(FIT_METHODS)}, got {method!r}")
+    if damping is not None:
+        _check_range("--theta-damping", damping, DAMPING_RANGE)
+    _check_range("--theta-rounds", rounds, ROUNDS_RANGE)
+    return FitSettings(method, damping, rounds)
+
+
+def _check_range(option: str, value: float, bounds: tuple[float, float]) -> None:
+    low, high = bounds
+    if not low <= value <= high:
+        raise InputError(f"{option} must lie in [{low:g}, {high:g}], got {value}")
 
 
 @dataclass(frozen=True)

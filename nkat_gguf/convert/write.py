@@ -11,13 +11,13 @@ from pathlib import Path
 
 from nkat_gguf import __version__
 from nkat_gguf.convert.calibrate import Calibration
-from nkat_gguf.convert.read import Inputs
+from nkat_gguf.convert.inputs import Inputs
 from nkat_gguf.engine.llama.runtime import NkatRuntime, RuntimeOptions
 from nkat_gguf.engine.measure.temperature import CalibrationSettings, fit_llm_temperature
 from nkat_gguf.format import nkat
 from nkat_gguf.format.gguf_file import write_with_metadata
 from nkat_gguf.format.nkat import CalibratedTemperature, NkatTheta, theta_metadata
-from nkat_gguf.so8t.bake_step import BakeStep
+from nkat_gguf.so8t import BakeStep
 
 TEMPERATURE_CHUNKS = 4  # convert fits on twice qc calibration's default: the result stays in the file
 

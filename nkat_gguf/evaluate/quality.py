@@ -21,8 +21,8 @@ import llama_cpp
 from nkat_gguf.convert import ConvertOptions, ConvertReport, convert
 from nkat_gguf.convert.calib_text import calibration_text
 from nkat_gguf.convert.calibrate import Calibration, calibrate
+from nkat_gguf.convert.checks import reference_source
 from nkat_gguf.convert.moment_groups import parse_memory
-from nkat_gguf.convert.read import reference_source
 from nkat_gguf.engine.measure.bench import device_name
 from nkat_gguf.engine.measure.kld import base_matches, kl_divergence, write_base
 from nkat_gguf.engine.measure.speed import Configuration, interleaved_rates, paired_ratio

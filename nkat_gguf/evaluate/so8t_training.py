@@ -26,7 +26,7 @@ from nkat_gguf.convert import ConvertOptions, convert
 from nkat_gguf.engine.measure.perplexity import perplexity, tokenize_text
 from nkat_gguf.engine.llama.runtime import NkatRuntime, RuntimeOptions
 from nkat_gguf.format.atomic import atomic_output, make_output_dir
-from nkat_gguf.so8t.bake_step import So8tOptions
+from nkat_gguf.so8t import So8tOptions
 from nkat_gguf.so8t.train import OPEN_LEVEL, TrainOptions, TrainResult
 from nkat_gguf.texts import Split, load_text
 

@@ -1,6 +1,6 @@
 """Choices and numeric ranges that both a command's options and the library check, declared once.
 
-The library's checks (`convert.read.check_fit`, `evaluate.longtext.plan_context`, for Python callers) and
+The library's checks (`convert.theta_fit.check_fit`, `evaluate.longtext.plan_context`, for Python callers) and
 the CLI's option types read them from here. This module imports nothing, so `nkat-gguf --help` shows the
 choices and ranges without loading the convert pipeline, numpy or llama.cpp.
 """

@@ -39,9 +39,9 @@ from gguf.constants import GGMLQuantizationType, GGUFValueType, Keys
 from nkat_gguf.errors import InputError, UnsupportedModelError
 from nkat_gguf.format import nkat
 from nkat_gguf.format.gguf_file import TensorSpec, Value, copy_metadata
-from nkat_gguf.format.so8t_checkpoint import HEADS, RESIDUAL, load_so8t_checkpoint
 from nkat_gguf.format.tensors import TensorSource
-from nkat_gguf.math.rotations import (
+from nkat_gguf.so8t.checkpoint import HEADS, RESIDUAL, load_so8t_checkpoint
+from nkat_gguf.so8t.rotations import (
     apply_blocks_left_transposed,
     apply_blocks_right,
     block_count,

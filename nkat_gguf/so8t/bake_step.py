@@ -10,6 +10,7 @@ when it fails, the step raises and convert writes nothing, unless --force.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,38 +18,23 @@ from typing import Any
 import numpy as np
 from gguf.constants import Keys
 
-from nkat_gguf.errors import InputError
 from nkat_gguf.format import nkat
 from nkat_gguf.format.gguf_file import TensorSpec, copy_metadata, write_gguf
 from nkat_gguf.format.tensors import TensorSource
-from nkat_gguf.math.rotations import check_so8
-from nkat_gguf.so8t.bake import ALL_F32, F32, FILE_PREFIX, BakedModel, BakePlan, bake_rotations, make_plan
+from nkat_gguf.so8t.bake import ALL_F32, F32, BakedModel, BakePlan, bake_rotations
+from nkat_gguf.so8t.options import So8tOptions
 from nkat_gguf.so8t.qc import (
     QCFailed,
     QCResult,
-    check_report_dir,
     judge,
     llama_logits,
     qc_text,
     qc_tokens,
     reference_logits,
+    write_report,
 )
+from nkat_gguf.so8t.rotations import check_so8
 from nkat_gguf.timing import StepTimes
-
-
-@dataclass(frozen=True)
-class So8tOptions:
-    """convert's SO8T options as one object: which rotation to bake and what to do when its QC fails."""
-
-    mode: str | BakePlan = "none"  # "hadamard", "random", "file:PATH.safetensors", or a ready plan (Python)
-    seed: int | None = None  # of the random rotation, or of random signs on the Hadamard blocks
-    heads: bool = False  # also R2 per layer on the value/output pair (hadamard/random)
-    force: bool = False  # write even when QC fails; the file records it
-    report_dir: Path | None = None  # QC report as so8t-qc.json and so8t-qc.md
-
-    @property
-    def enabled(self) -> bool:
-        return not (isinstance(self.mode, str) and self.mode == "none")
 
 
 @dataclass(frozen=True)
@@ -60,6 +46,7 @@ class BakeStep:
     qc: QCResult
     forced: bool  # QC failed and --force wrote anyway
     seconds: dict[str, float]
+    report_dir: Path | None  # --report: where the QC report goes once convert has written its output
 
     def metadata(self) -> dict[str, Any]:
         """nkat.so8t.* for the output file: the bake's keys and the QC figures."""
@@ -70,6 +57,11 @@ class BakeStep:
         return {"mode": self.plan.mode, "seed": self.plan.seed, "heads": bool(self.plan.heads),
                 "checkpoint": self.plan.checkpoint, "description": describe(self.plan), "forced": self.forced,
                 "qc": self.qc.as_dict()}
+
+    def write_report(self, report: Mapping[str, Any]) -> None:
+        """With --report: so8t-qc.json and .md from convert's finished `report` (it names the output)."""
+        if self.report_dir is not None:
+            write_report(Path(self.report_dir), report)
 
 
 def describe(plan: BakePlan) -> str:
@@ -82,29 +74,12 @@ def describe(plan: BakePlan) -> str:
     return f"{plan.mode} ({seed}): residual R1 of {8 * len(plan.residual)}{heads}"
 
 
-def check_so8t_options(opts: So8tOptions, imatrix: str, reuses_calibration: bool) -> None:
-    """One-line refusals before any long work: options that need --so8t, or that cannot go with it."""
-    if not opts.enabled:
-        for given, flag in ((opts.seed is not None, "--so8t-seed"), (opts.heads, "--so8t-heads"),
-                            (opts.force, "--force"), (opts.report_dir is not None, "--report")):
-            if given:
-                raise InputError(f"{flag} goes with --so8t hadamard, random or file:PATH; --so8t is none")
-        return
-    if isinstance(opts.mode, str) and opts.mode.startswith(FILE_PREFIX) and opts.seed is not None:
-        raise InputError("--so8t-seed goes with hadamard or random; trained gates (file:) are fixed")
-    if imatrix not in ("auto", "none"):
-        raise InputError("--imatrix FILE describes the inputs of the unrotated model; with --so8t use auto or none")
-    if reuses_calibration:
-        raise ValueError("a calibration of the unrotated model cannot be reused with --so8t")
-    if opts.report_dir is not None:
-        check_report_dir(Path(opts.report_dir))
-
-
-def bake_step(opts: So8tOptions, source: TensorSource, reference: TensorSource, work_dir: Path) -> BakeStep:
-    """Bake `source` (and `reference`, if it is another file) into `work_dir`; QC before returning."""
+def bake_for_convert(plan: BakePlan, opts: So8tOptions, source: TensorSource, reference: TensorSource,
+              work_dir: Path) -> BakeStep:
+    """convert's one call into SO8T: bake `plan` (from `check_so8t_options`) into `source` (and `reference`,
+    if it is another file) in `work_dir`; QC before returning."""
     times = StepTimes()
     with times.step("bake"):
-        plan = opts.mode if isinstance(opts.mode, BakePlan) else make_plan(opts.mode, source, opts.seed, opts.heads)
         baked = bake_rotations(source, plan)
         model = _write_f32(work_dir / "baked.gguf", source, baked)
     with times.step("qc"):
@@ -118,7 +93,7 @@ def bake_step(opts: So8tOptions, source: TensorSource, reference: TensorSource, 
             baked_reference = _write_f32(work_dir / "baked-reference.gguf", reference,
                                          bake_rotations(reference, plan))
     so8t_keys = {k: v for k, v in baked.metadata.items() if k.startswith(nkat.SO8T_PREFIX)}
-    return BakeStep(model, baked_reference, plan, so8t_keys, qc, not qc.passed, times.seconds)
+    return BakeStep(model, baked_reference, plan, so8t_keys, qc, not qc.passed, times.seconds, opts.report_dir)
 
 
 def check_bake(source: TensorSource, plan: BakePlan, post: Path, work_dir: Path) -> QCResult:

@@ -36,7 +36,7 @@ from nkat_gguf.format import nkat
 from nkat_gguf.format.atomic import atomic_output, check_writable_dir
 from nkat_gguf.format.gguf_file import FLOAT_TYPES, read_layout, typed_value
 from nkat_gguf.format.tensors import TensorSource
-from nkat_gguf.math.rotations import BLOCK, ORTHOGONALITY_TOLERANCE
+from nkat_gguf.so8t.rotations import BLOCK, ORTHOGONALITY_TOLERANCE
 from nkat_gguf.texts import Text, load_text
 
 QC_TOKENS = 128

@@ -44,10 +44,10 @@ from nkat_gguf.engine.forward.llama import BLOCK_MATRICES, LlamaConfig, llama_bl
 from nkat_gguf.engine.llama.vocab import tokenize
 from nkat_gguf.errors import InputError, UnsupportedModelError
 from nkat_gguf.format.atomic import atomic_output, check_writable_dir
-from nkat_gguf.format.so8t_checkpoint import ALPHA, GENERATOR, HEADS, RESIDUAL
 from nkat_gguf.format.tensors import TensorSource
-from nkat_gguf.math.rotations import BLOCK
+from nkat_gguf.so8t.checkpoint import ALPHA, GENERATOR, HEADS, RESIDUAL
 from nkat_gguf.so8t.fake_quant import APPROXIMATE, EXACT, fake_quantize
+from nkat_gguf.so8t.rotations import BLOCK
 from nkat_gguf.texts import load_text
 
 OBJECTIVES = ("quant", "lm")

@@ -1,6 +1,10 @@
-"""convert's read step: open the input, check every option against it, and say what the run will need.
+"""convert's option checks: every option checked once, by the module that owns its value, before any work.
 
-Every refusal happens here, in one line, before any long work (calibration, quantization, the fit).
+`check_options` is the one place a `convert` call's options are checked: the paths here, γ and imatrix files
+by format/, the type by llama.cpp's quantizer, the weights by selection.py, θ's fit by theta_fit.py, the
+budgets by math/allocation.py, --calib-memory by moment_groups.py, and SO8T's options by SO8T. Every
+refusal is one line; what the checks resolve (types, weights, budgets, the rotation plan) is what the
+later steps use, so no step parses an option again.
 """
 
 from __future__ import annotations
@@ -10,31 +14,27 @@ from pathlib import Path
 
 from gguf.constants import Keys
 
-from nkat_gguf.convert.calib_text import calibration_text
 from nkat_gguf.convert.calibrate import Calibration
 from nkat_gguf.convert.moment_groups import parse_memory
 from nkat_gguf.convert.options import DEFAULT_BYTE_BUDGET, DEFAULT_OP_BUDGET, ConvertOptions
 from nkat_gguf.convert.selection import resolve_tensor_types, select_tensors
-from nkat_gguf.convert.theta_fit import FitSettings
+from nkat_gguf.convert.theta_fit import FitSettings, check_fit
 from nkat_gguf.convert.theta_train import TrainSettings, check_train_options
 from nkat_gguf.engine.llama.quantize import resolve_outtype
 from nkat_gguf.engine.llama.runtime import check_loadable
 from nkat_gguf.errors import InputError
 from nkat_gguf.format.atomic import check_writable_dir
 from nkat_gguf.format.gguf_file import GGUFLayout, read_layout
-from nkat_gguf.format.hashing import sha256_file
 from nkat_gguf.format.imatrix import input_widths, read_imatrix_file
 from nkat_gguf.format.nkat import check_gamma
 from nkat_gguf.format.tensors import TensorSource
 from nkat_gguf.math.allocation import ThetaBudget, check_max_weights, parse_budget
-from nkat_gguf.math.limits import DAMPING_RANGE, FIT_METHODS, ROUNDS_RANGE
-from nkat_gguf.so8t.bake_step import check_so8t_options
-from nkat_gguf.texts import Text
+from nkat_gguf.so8t import BakePlan, check_so8t_options
 
 
 @dataclass(frozen=True)
-class Inputs:
-    """The checked input: the model, its weights to fit θ on, and what the run asks of later steps."""
+class CheckedOptions:
+    """The options once checked against the input: the model, its weights to fit θ on, and what later steps need."""
 
     opts: ConvertOptions
     layout: GGUFLayout
@@ -44,25 +44,18 @@ class Inputs:
     outtype: str  # llama-quantize's name of the output type
     ftype: int  # its llama_ftype
     fit: FitSettings
+    so8t: BakePlan | None  # --so8t: the rotations to bake; None: no bake
     budget: ThetaBudget | None  # --theta-budget: θ ranks only
     tensor_types: dict[str, object]  # --tensor-type: weight name -> GGML type, by hand
     byte_budget: ThetaBudget | None  # --byte-budget: types and θ ranks allocated together
     op_budget: int | None  # --op-budget: the most weights that carry θ under --byte-budget (0: types only)
+    calib_memory: int  # --calib-memory in bytes
     needs_calibration: bool  # convert calibrates (unless a calibration is passed in)
-    calib_text: Text | None  # loaded once, when a step reads it
-    input_sha256: str
-    reference_sha256: str
-
-    def known_sha256(self, path: Path) -> str | None:
-        """The sha256 already taken of `path` (the input or the reference), so no file is hashed twice."""
-        known = {Path(self.opts.input).resolve(): self.input_sha256}
-        if self.opts.reference is not None:
-            known[Path(self.opts.reference).resolve()] = self.reference_sha256
-        return known.get(Path(path).resolve())
+    reads_text: bool  # a step reads the calibration text
 
 
-def read_input(opts: ConvertOptions, calibration: Calibration | None) -> Inputs:
-    """The input opened and every option checked (`calibration`: one passed in to reuse)."""
+def check_options(opts: ConvertOptions, calibration: Calibration | None) -> CheckedOptions:
+    """Every option checked against the input, each by its owner (`calibration`: one passed in to reuse)."""
     input_path, output_path = Path(opts.input), Path(opts.output)
     layout = read_layout(input_path)
     _check_paths(input_path, output_path, opts.reference)
@@ -70,15 +63,15 @@ def read_input(opts: ConvertOptions, calibration: Calibration | None) -> Inputs:
         _check_imatrix_path(Path(opts.save_imatrix), input_path, output_path, calibration)
     check_gamma(opts.gamma)
     check_loadable(input_path)
-    check_so8t_options(opts.so8t, opts.imatrix, reuses_calibration=calibration is not None)
+    source = TensorSource(input_path, layout)
+    so8t = check_so8t_options(opts.so8t, source, opts.imatrix, reuses_calibration=calibration is not None)
     if opts.imatrix not in ("auto", "none"):  # a bad file fails now, not after the calibration
         read_imatrix_file(Path(opts.imatrix), input_widths(layout))
     outtype, ftype = resolve_outtype(opts.outtype, layout)
-    source = TensorSource(input_path, layout)
     names = select_tensors(layout, opts.selective_layers)
     check_rank(source, names, opts.theta_rank)
-    fit = check_fit(opts)
-    parse_memory(opts.calib_memory)
+    fit = check_fit(opts.theta_fit, opts.theta_damping, opts.theta_rounds)
+    calib_memory = parse_memory(opts.calib_memory)
     budget = check_budget_options(opts, names, input_path.stat().st_size)
     tensor_types = resolve_tensor_types(layout, opts.tensor_types)
     byte_budget, op_budget = check_mix_options(opts, names, input_path.stat().st_size)
@@ -89,12 +82,8 @@ def read_input(opts: ConvertOptions, calibration: Calibration | None) -> Inputs:
                          or opts.save_imatrix is not None)
     reads_text = ((needs_calibration and calibration is None) or budget is not None or byte_budget is not None
                   or opts.calibrate_temperature or opts.theta_train != "none")
-    input_sha256 = sha256_file(input_path)
-    return Inputs(opts, layout, source, reference, names, outtype, ftype, fit, budget, tensor_types, byte_budget,
-                  op_budget, needs_calibration,
-                  calibration_text(opts.calib_text, reference.path, opts.threads, opts.progress) if reads_text else None,
-                  input_sha256,
-                  sha256_file(opts.reference) if opts.reference else input_sha256)
+    return CheckedOptions(opts, layout, source, reference, names, outtype, ftype, fit, so8t, budget, tensor_types,
+                          byte_budget, op_budget, calib_memory, needs_calibration, reads_text)
 
 
 def reference_source(input_source: TensorSource, reference: Path | None) -> TensorSource:
@@ -120,21 +109,6 @@ def check_rank(source: TensorSource, names: list[str], rank: int) -> None:
         smallest = min(source.numpy_shape(name))
         if rank > smallest:
             raise InputError(f"--theta-rank {rank} is larger than {name}'s smaller dimension {smallest}")
-
-
-def check_fit(opts: ConvertOptions) -> FitSettings:
-    if opts.theta_fit not in FIT_METHODS:
-        raise InputError(f"--theta-fit must be one of {', '.join(FIT_METHODS)}, got {opts.theta_fit!r}")
-    if opts.theta_damping is not None:
-        _check_range("--theta-damping", opts.theta_damping, DAMPING_RANGE)
-    _check_range("--theta-rounds", opts.theta_rounds, ROUNDS_RANGE)
-    return FitSettings(opts.theta_fit, opts.theta_damping, opts.theta_rounds)
-
-
-def _check_range(option: str, value: float, bounds: tuple[float, float]) -> None:
-    low, high = bounds
-    if not low <= value <= high:
-        raise InputError(f"{option} must lie in [{low:g}, {high:g}], got {value}")
 
 
 def check_budget_options(opts: ConvertOptions, names: list[str], model_bytes: int) -> ThetaBudget | None:

@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from nkat_gguf.errors import InputError
-from nkat_gguf.math.rotations import BLOCK, block_count, so8_blocks_from_generators, validate_skew, validate_so8
+from nkat_gguf.so8t.rotations import BLOCK, block_count, so8_blocks_from_generators, validate_skew, validate_so8
 
 GENERATOR = "so8t_generator"
 ROTATION = "so8t_rotation"
