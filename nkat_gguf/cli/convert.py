@@ -191,9 +191,10 @@ def format_convert(r: dict) -> str:
         lines.append(f"allocation: {allocation['spent_bytes'] / mib:.2f} of {allocation['budget_bytes'] / mib:.2f} MiB "
                      f"on {allocation['weights']} weights ({kinds or 'none'})")
     if train := r.get("theta_train"):
+        resumed = train["resumed_blocks"]
         lines.append(f"theta trained ({train['mode']}, {train['device']}, {train['seconds']:.1f} s): loss "
                      f"{train['initial_loss']:.4g} -> {train['final_loss']:.4g}"
-                     + (f", {train['resumed_blocks']} blocks resumed from a checkpoint" if train["resumed_blocks"] else ""))
+                     + (f", {resumed} blocks resumed from a checkpoint" if resumed else ""))
     if r.get("temperature"):
         lines.append(f"fitted temperature {r['temperature']['temperature']:.4f} (NLL on "
                      f"{r['temperature']['tokens']} calibration tokens), stored as nkat.confidence.temperature")

@@ -42,7 +42,8 @@ def write_temperature(model: Path, output: Path, inputs: Inputs) -> CalibratedTe
 
 
 def provenance(inputs: Inputs, calibration: Calibration | None, imatrix: str, allocation: dict | None,
-               upgrades: dict[str, str] | None, so8t: BakeStep | None, trained: dict | None = None) -> dict[str, object]:
+               upgrades: dict[str, str] | None, so8t: BakeStep | None,
+               trained: dict | None = None) -> dict[str, object]:
     """Where θ came from: the input, reference, type, calibration, importance matrix, allocation, bake and
     training (`trained`: convert's `theta_train` summary, None when θ is the closed form's)."""
     opts = inputs.opts
