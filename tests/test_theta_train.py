@@ -1,5 +1,6 @@
-"""Learned θ (convert --theta-train): never worse than the closed form it starts from, stored as trained,
-deterministic, and bad options refused in one line. Tiny synthetic llamas, real llama.cpp."""
+"""Learned θ (convert --theta-train): never worse than the closed form it starts from, stored as trained and
+recorded as trained, deterministic, resumable after an interrupt, and bad options refused in one line. Tiny
+synthetic llamas, real llama.cpp."""
 
 from __future__ import annotations
 
@@ -12,16 +13,19 @@ from gguf import quants
 from gguf.constants import GGMLQuantizationType
 
 from nkat_gguf.convert import ConvertOptions, convert
-from nkat_gguf.convert.theta_fit import replace_tensors
-from nkat_gguf.convert.theta_train import TrainSettings
+from nkat_gguf.convert.theta_fit import WeightFit, replace_tensors
+from nkat_gguf.convert.theta_train import TrainSettings, train_theta
 from nkat_gguf.engine.forward.llama import LlamaReference
+from nkat_gguf.engine.llama.adapter import cache_root
 from nkat_gguf.engine.llama.runtime import NkatRuntime, RuntimeOptions
 from nkat_gguf.errors import InputError
 from nkat_gguf.format.gguf_file import read_layout
+from nkat_gguf.format import nkat
 from nkat_gguf.format.nkat import read_theta
 from nkat_gguf.format.tensors import TensorSource
 from nkat_gguf.math.theta import LowRank, quantize_int8
 from nkat_gguf.math.theta_train import TrainableTheta, fake_int8
+from nkat_gguf.texts import load_text
 from tests.test_cli_errors import run_cli
 
 # Max |torch − llama.cpp| logit with the trained θ on an F32 model (F32 KV cache, no flash attention), asserted
@@ -72,13 +76,25 @@ def test_stored_factors_are_the_ones_the_forward_computes_with() -> None:
                                    TrainSettings("model", steps=2, lr=5e-3, tokens=512)],
                          ids=["block", "block-lr-too-large", "model"])
 def test_training_never_ends_above_the_closed_form(train: TrainSettings, tiny_f32: Path, tmp_path: Path) -> None:
-    report = _convert(tiny_f32, tmp_path / "out.gguf", train)["theta_train"]
+    result = _convert(tiny_f32, tmp_path / "out.gguf", train)
+    report = result["theta_train"]
     assert report["mode"] == train.mode and report["tokens"] == 512 and report["seconds"] > 0
-    assert report["peak_resident_bytes"] > 0
+    assert report["peak_resident_bytes"] > 0 and report["resumed_blocks"] == 0
     for initial, final in ((v["initial"], v["final"]) for v in report["losses"].values()):
         assert 0 < final <= initial
     if train.lr < 1:  # a sane step size does lower the loss, so the bound above is not all the test sees
         assert report["final_loss"] < report["initial_loss"]
+    for name, tensor in result["tensors"].items():  # what is true of trained factors, not the closed form's figures
+        assert tensor["captured_energy"] is None and tensor["expected_output_error"] is None
+        scope = "model" if train.mode == "model" else ".".join(name.split(".")[:2])
+        assert tensor["training_loss"] == {"scope": scope, **report["losses"][scope]}
+    recorded = read_theta(result["output"]).provenance
+    assert {k: recorded[k] for k in (nkat.TRAIN_MODE, nkat.TRAIN_STEPS, nkat.TRAIN_LR, nkat.TRAIN_TOKENS,
+                                     nkat.TRAIN_SEED, nkat.TRAIN_DEVICE)} == {
+        nkat.TRAIN_MODE: train.mode, nkat.TRAIN_STEPS: train.steps, nkat.TRAIN_LR: train.lr,
+        nkat.TRAIN_TOKENS: 512, nkat.TRAIN_SEED: train.seed, nkat.TRAIN_DEVICE: report["device"]}
+    assert (recorded[nkat.TRAIN_INITIAL_LOSS], recorded[nkat.TRAIN_FINAL_LOSS]) == (report["initial_loss"],
+                                                                                    report["final_loss"])
 
 
 def test_training_is_deterministic_for_a_seed(tiny_f32: Path, tmp_path: Path) -> None:
@@ -94,6 +110,34 @@ def test_training_is_deterministic_for_a_seed(tiny_f32: Path, tmp_path: Path) ->
         for part in ("a", "a_scale", "b", "b_scale"):
             np.testing.assert_array_equal(getattr(t, part), getattr(u, part), err_msg=f"{name}.{part}")
     assert any(not np.array_equal(t.b, closed.tensors[n].b) for n, t in first.tensors.items())  # training moved θ
+
+
+def test_closed_form_files_record_no_training(tiny_nkat: Path) -> None:
+    assert not any(k.startswith("nkat.train.") for k in read_theta(tiny_nkat).provenance)
+
+
+def test_an_interrupted_block_training_resumes_where_it_stopped(tiny_f32: Path, tmp_path: Path) -> None:
+    closed = tmp_path / "closed.gguf"
+    _convert(tiny_f32, closed, TrainSettings("none", 1, 1e-3, 512))
+    theta = read_theta(closed)
+    fits = {n: WeightFit(t, 0.0, None, 0) for n, t in theta.tensors.items()}
+    args = (FAST, TensorSource(tiny_f32), closed, fits, theta.gamma, load_text(None, "calibration"))
+    checkpoints = cache_root() / "theta-train"
+
+    whole = train_theta(*args, progress=False)
+    assert not list(checkpoints.glob("*/*.npz"))  # a finished training leaves no checkpoint
+    interrupted = train_theta(*args, progress=False, block_limit=1)  # stops after blk.0, as an interrupt would
+    assert list(interrupted.summary["losses"]) == ["blk.0"]
+    assert [p.name for p in checkpoints.glob("*/*.npz")] == ["blk.0.npz"]
+    resumed = train_theta(*args, progress=False)
+
+    assert (whole.summary["resumed_blocks"], resumed.summary["resumed_blocks"]) == (0, 1)
+    assert resumed.summary["losses"] == whole.summary["losses"] and len(whole.summary["losses"]) == 2
+    for name, fit in whole.fits.items():
+        for part in ("a", "a_scale", "b", "b_scale"):
+            np.testing.assert_array_equal(getattr(resumed.fits[name].theta, part), getattr(fit.theta, part),
+                                          err_msg=f"{name}.{part}")
+    assert not list(checkpoints.glob("*/*.npz"))
 
 
 @pytest.fixture(scope="module")

@@ -174,8 +174,8 @@ def convert(input_: str, output: Path, outtype: str | None, reference: Path | No
 
 def format_convert(r: dict) -> str:
     mib = 1 << 20
-    energy = [t["captured_energy"] for t in r["tensors"].values()]
-    mean_energy = f"{100 * sum(energy) / len(energy):.1f} %" if energy else "n/a"
+    energy = [t["captured_energy"] for t in r["tensors"].values() if t["captured_energy"] is not None]
+    mean_energy = f"{100 * sum(energy) / len(energy):.1f} %" if energy else "n/a"  # n/a too once θ is trained
     lines = [f"wrote {r['output']} ({r['output_bytes'] / mib:.2f} MiB, {r['outtype']}, theta rank {r['theta_rank']} "
              f"on {len(r['tensors'])} weights, {r['theta_metadata_bytes'] / mib:.2f} MiB of theta metadata)",
              f"calibration: {r['calibration']}, importance matrix: {r['imatrix']}, "
@@ -191,8 +191,10 @@ def format_convert(r: dict) -> str:
         lines.append(f"allocation: {allocation['spent_bytes'] / mib:.2f} of {allocation['budget_bytes'] / mib:.2f} MiB "
                      f"on {allocation['weights']} weights ({kinds or 'none'})")
     if train := r.get("theta_train"):
+        resumed = train["resumed_blocks"]
         lines.append(f"theta trained ({train['mode']}, {train['device']}, {train['seconds']:.1f} s): loss "
-                     f"{train['initial_loss']:.4g} -> {train['final_loss']:.4g}")
+                     f"{train['initial_loss']:.4g} -> {train['final_loss']:.4g}"
+                     + (f", {resumed} blocks resumed from a checkpoint" if resumed else ""))
     if r.get("temperature"):
         lines.append(f"fitted temperature {r['temperature']['temperature']:.4f} (NLL on "
                      f"{r['temperature']['tokens']} calibration tokens), stored as nkat.confidence.temperature")

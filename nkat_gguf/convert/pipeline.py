@@ -21,7 +21,7 @@ from nkat_gguf.convert.checks import check_options
 from nkat_gguf.convert.inputs import Inputs, read_input
 from nkat_gguf.convert.options import ConvertOptions, ConvertReport
 from nkat_gguf.convert.theta_fit import WeightFit, fit_weights, replace_tensors
-from nkat_gguf.convert.theta_train import TrainSettings, train_theta
+from nkat_gguf.convert.theta_train import TrainSettings, train_theta, trained_figures
 from nkat_gguf.convert.write import provenance, write_temperature, write_theta
 from nkat_gguf.engine.llama.quantize import check_types, fallbacks, quantize_model
 from nkat_gguf.format.atomic import work_dir
@@ -89,7 +89,7 @@ def convert(opts: ConvertOptions, calibration: Calibration | None = None) -> Con
                     theta, report.theta_train = replace(theta, fits=trained.fits), trained.summary
                 record = NkatTheta(opts.gamma, {n: f.theta for n, f in theta.fits.items()},
                                    provenance(inputs, calibration, quantized.imatrix_source, theta.allocation,
-                                              theta.types, so8t))
+                                              theta.types, so8t, report.theta_train))
             written = Path(tmp) / "with-theta.gguf" if opts.calibrate_temperature else Path(opts.output)
             with times.step("write"):
                 metadata = write_theta(theta.quantized, written, record)
@@ -206,6 +206,8 @@ def _fill_report(report: ConvertReport, quantized: Quantized, theta: Theta, meta
     for name, f in theta.fits.items():
         report.tensors[name] = {"rank": f.theta.rank, "captured_energy": round(f.captured_energy, 6),
                                 "expected_output_error": f.error, "round": f.round}
+        if report.theta_train is not None:  # the closed form's figures no longer describe the trained factors
+            report.tensors[name] |= trained_figures(name, report.theta_train)
     report.output_bytes = Path(report.output).stat().st_size
     report.theta_metadata_bytes = sum(v.nbytes for v in metadata.values() if isinstance(v, np.ndarray))
     if so8t is not None:

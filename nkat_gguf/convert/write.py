@@ -9,13 +9,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from gguf.constants import GGUFValueType
+
 from nkat_gguf import __version__
 from nkat_gguf.convert.calibrate import Calibration
 from nkat_gguf.convert.inputs import Inputs
 from nkat_gguf.engine.llama.runtime import NkatRuntime, RuntimeOptions
 from nkat_gguf.engine.measure.temperature import CalibrationSettings, fit_llm_temperature
 from nkat_gguf.format import nkat
-from nkat_gguf.format.gguf_file import write_with_metadata
+from nkat_gguf.format.gguf_file import Value, write_with_metadata
 from nkat_gguf.format.nkat import CalibratedTemperature, NkatTheta, theta_metadata
 from nkat_gguf.so8t import BakeStep
 
@@ -40,8 +42,10 @@ def write_temperature(model: Path, output: Path, inputs: Inputs) -> CalibratedTe
 
 
 def provenance(inputs: Inputs, calibration: Calibration | None, imatrix: str, allocation: dict | None,
-               upgrades: dict[str, str] | None, so8t: BakeStep | None) -> dict[str, object]:
-    """Where θ came from: the input, reference, type, calibration, importance matrix, allocation and bake."""
+               upgrades: dict[str, str] | None, so8t: BakeStep | None,
+               trained: dict | None = None) -> dict[str, object]:
+    """Where θ came from: the input, reference, type, calibration, importance matrix, allocation, bake and
+    training (`trained`: convert's `theta_train` summary, None when θ is the closed form's)."""
     opts = inputs.opts
     out: dict[str, object] = {
         nkat.SOURCE_SHA256: inputs.input_sha256,
@@ -56,7 +60,17 @@ def provenance(inputs: Inputs, calibration: Calibration | None, imatrix: str, al
         out[nkat.CALIBRATION_SHA256] = calibration.text_sha256
         out[nkat.CALIBRATION_TOKENS] = calibration.tokens
         out[nkat.CALIBRATION_SOURCE] = calibration.text_source
-    return out | _allocation_provenance(allocation, upgrades) | (so8t.metadata() if so8t else {})
+    return (out | _allocation_provenance(allocation, upgrades) | (so8t.metadata() if so8t else {})
+            | (_train_provenance(trained) if trained else {}))
+
+
+def _train_provenance(trained: dict) -> dict[str, object]:
+    """The training's options and losses; the floats as FLOAT64, so the learning rate reads back as given."""
+    return {nkat.TRAIN_MODE: trained["mode"], nkat.TRAIN_STEPS: trained["steps"],
+            nkat.TRAIN_LR: Value(GGUFValueType.FLOAT64, float(trained["lr"])), nkat.TRAIN_TOKENS: trained["tokens"],
+            nkat.TRAIN_SEED: trained["seed"], nkat.TRAIN_DEVICE: trained["device"],
+            nkat.TRAIN_INITIAL_LOSS: Value(GGUFValueType.FLOAT64, float(trained["initial_loss"])),
+            nkat.TRAIN_FINAL_LOSS: Value(GGUFValueType.FLOAT64, float(trained["final_loss"]))}
 
 
 def _allocation_provenance(allocation: dict | None, upgrades: dict[str, str] | None) -> dict[str, object]:

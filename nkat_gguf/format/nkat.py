@@ -56,6 +56,15 @@ ALLOCATION_MAX_WEIGHTS = "nkat.allocation.max_weights"
 ALLOCATION_SENSITIVITY = "nkat.allocation.sensitivity"  # JSON: weight kind -> benefit per unit of energy
 ALLOCATION_OP_BUDGET = "nkat.allocation.op_budget"  # mix: the most weights allowed θ (4 graph operations each)
 ALLOCATION_TYPES = "nkat.allocation.types"  # mix: JSON {weight: ggml type} of the weights written above their base
+# learned θ (convert --theta-train): present only when θ was trained after the closed-form fit
+TRAIN_MODE = "nkat.train.mode"  # "block" or "model"
+TRAIN_STEPS = "nkat.train.steps"  # Adam steps (per block with block)
+TRAIN_LR = "nkat.train.lr"
+TRAIN_TOKENS = "nkat.train.tokens"  # calibration tokens trained on
+TRAIN_SEED = "nkat.train.seed"
+TRAIN_DEVICE = "nkat.train.device"  # "cpu" or "cuda": a seed reproduces θ on the same kind of device
+TRAIN_INITIAL_LOSS = "nkat.train.initial_loss"  # the closed form's loss (summed over blocks with block)
+TRAIN_FINAL_LOSS = "nkat.train.final_loss"  # the loss of the factors the file holds
 # SO8T bake (docs/SO8T.md): the rotation, then its QC figures under SO8T_QC_PREFIX + field name
 SO8T_PREFIX = "nkat.so8t."
 SO8T_MODE = "nkat.so8t.mode"
