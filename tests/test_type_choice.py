@@ -110,10 +110,12 @@ def _types(model: Path, out: Path) -> dict[str, str]:
     return {t.name: t.type.name for t in read_layout(out).tensors if t.name.endswith("weight") and t.type.name != "F32"}
 
 
-def test_q4_k_is_kept_on_a_q4_k_input_and_less_when_priced_slower(wide_q4_k: Path, tmp_path: Path) -> None:
+def test_q4_k_is_kept_on_a_q4_k_input_and_less_when_priced_slower(wide_q4_k: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """On a Q4_K_S input, re-quantizing a Q4_K weight to Q4_K is nearly a copy: at IQ4_NL's bytes and far lower
     error, the allocator keeps it so under a budget that buys no upgrade; marked 20× slower, it must buy far
     more error reduction than that, and no weight takes it."""
+    monkeypatch.setenv("NKAT_CACHE_DIR", str(tmp_path / "cache"))  # the prices set here are this test's alone
     given = {t.name: t.type.name for t in read_layout(wide_q4_k).tensors}
     _price({})
     alike = _types(wide_q4_k, tmp_path / "alike.gguf")

@@ -82,11 +82,12 @@ def _measure(types: list[GGMLQuantizationType], threads: int, directory: Path) -
     busy spell on a shared machine slows all types alike; the best round of each counts."""
     directory.mkdir(parents=True, exist_ok=True)
     matrix = np.random.default_rng(0).standard_normal((WIDTH, WIDTH), dtype=np.float32) / np.sqrt(WIDTH)
+    ones = np.ones(WIDTH, dtype=np.float32)  # an importance matrix, for the types llama.cpp requires one for
     paths = {t: directory / f"probe-{os.getpid()}-{t.name}.gguf" for t in types}
     models: dict[GGMLQuantizationType, llama_cpp.Llama] = {}
     try:
         for ggml_type, path in paths.items():
-            _write_probe(path, quantize_rows("probe", matrix, ggml_type), ggml_type)
+            _write_probe(path, quantize_rows("probe", matrix, ggml_type, ones), ggml_type)
             with captured_llama_log():
                 models[ggml_type] = llama_cpp.Llama(str(path), n_ctx=PROMPT_TOKENS + DECODE_TOKENS + 8,
                                                     n_batch=PROMPT_TOKENS, n_threads=threads or None, verbose=False)

@@ -176,6 +176,8 @@ class MixAllocation:
     spent_bytes: int
     max_weights: int | None
     sensitivity: dict[str, dict[str, float]]
+    speed_price: float  # κ: 0, speed not priced
+    type_seconds: dict[str, float]  # the local CPU's seconds per weight value, by type (0 where not priced)
 
     @property
     def upgrades(self) -> dict[str, str]:
@@ -188,7 +190,7 @@ class MixAllocation:
         return {"method": "mix", "budget_bytes": self.budget_bytes, "spent_bytes": self.spent_bytes,
                 "max_weights": self.max_weights, "weights": len(ranks), "total_rank": sum(ranks),
                 "upgrades": dict(sorted(by_type.items())), "upgraded_weights": len(self.upgrades),
-                "sensitivity": self.sensitivity}
+                "sensitivity": self.sensitivity, "speed_price": self.speed_price, "type_seconds": self.type_seconds}
 
 
 class _Residuals:
@@ -244,8 +246,8 @@ def allocate_mix(model_path: Path, base_path: Path, ftype: int, imatrix: dict[st
                        for k in sorted({weight_kind(n) for n in names})}
         steps = {n: [residuals.step(n, base_types[n].name, base.dequantize(n), 0)] for n in names}
     ladders = {n: candidate_types(base_types[n], base.info(n).shape[0], model.info(n).type) for n in names}
-    speed = type_seconds(sorted({t for ladder in ladders.values() for t in ladder} | set(base_types.values())),
-                         threads)
+    types = sorted({t for ladder in ladders.values() for t in ladder} | set(base_types.values()))
+    speed = type_seconds(types, threads) if speed_price > 0 else dict.fromkeys((t.name for t in types), 0.0)
     values = {n: int(np.prod(base.numpy_shape(n))) for n in names}
     steps = {n: [replace(s, seconds=values[n] * speed[s.type]) for s in steps[n]] for n in names}
     pad = base.layout.alignment
@@ -285,7 +287,7 @@ def allocate_mix(model_path: Path, base_path: Path, ftype: int, imatrix: dict[st
             factors, share = fitter.fit(n, weights(n) - written.dequantize(n), c.rank)
         fits[n] = WeightFit(quantize_int8(factors), share, None, 0)
     return MixAllocation(mixed, choices, fits, {n: t.name for n, t in base_types.items()}, budget_bytes,
-                         mix_bytes(costs, choices), max_weights, sensitivity)
+                         mix_bytes(costs, choices), max_weights, sensitivity, speed_price, speed)
 
 
 def _padded(n_bytes: int, alignment: int) -> int:
