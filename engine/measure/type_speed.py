@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
 import time
 from dataclasses import replace
@@ -30,7 +29,7 @@ from nkat_gguf.engine.llama.adapter import cache_root
 from nkat_gguf.engine.llama.native_log import captured_llama_log
 from nkat_gguf.engine.llama.quantize import quantize_rows
 from nkat_gguf.errors import InputError
-from nkat_gguf.format.atomic import atomic_output
+from nkat_gguf.format.atomic import atomic_output, work_dir
 from nkat_gguf.format.gguf_file import TensorSpec, Value, read_layout, write_gguf
 
 PROBE_VERSION = 1  # bump when the probe changes: cached prices of another probe are not comparable
@@ -49,12 +48,13 @@ def type_seconds(types: list[GGMLQuantizationType], threads: int = 0) -> dict[st
         known = {}  # a damaged entry is measured again and replaced
     missing = [t for t in types if t.name not in known]
     if missing:
-        known |= _measure(missing, threads, path.parent)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise InputError(f"cannot create the type speed cache {path.parent}: {exc.strerror} "
                              "(set NKAT_CACHE_DIR)") from None
+        with work_dir(path.parent, "probe") as probes:  # a killed run's probes go with the next run's
+            known |= _measure(missing, threads, probes)
         with atomic_output(path) as tmp:
             Path(tmp).write_text(json.dumps(known, indent=1, sort_keys=True))
     return {t.name: known[t.name] for t in types}
@@ -80,10 +80,9 @@ def _cache_key(threads: int) -> str:
 def _measure(types: list[GGMLQuantizationType], threads: int, directory: Path) -> dict[str, float]:
     """Every type's probe loaded at once and timed in interleaved rounds (each round visits every type), so a
     busy spell on a shared machine slows all types alike; the best round of each counts."""
-    directory.mkdir(parents=True, exist_ok=True)
     matrix = np.random.default_rng(0).standard_normal((WIDTH, WIDTH), dtype=np.float32) / np.sqrt(WIDTH)
     ones = np.ones(WIDTH, dtype=np.float32)  # an importance matrix, for the types llama.cpp requires one for
-    paths = {t: directory / f"probe-{os.getpid()}-{t.name}.gguf" for t in types}
+    paths = {t: directory / f"probe-{t.name}.gguf" for t in types}
     models: dict[GGMLQuantizationType, llama_cpp.Llama] = {}
     try:
         for ggml_type, path in paths.items():
@@ -100,8 +99,6 @@ def _measure(types: list[GGMLQuantizationType], threads: int, directory: Path) -
     finally:
         for llm in models.values():
             llm.close()
-        for path in paths.values():
-            path.unlink(missing_ok=True)
 
 
 def _write_probe(path: Path, quantized: np.ndarray, ggml_type: GGMLQuantizationType) -> None:
