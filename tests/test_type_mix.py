@@ -12,7 +12,7 @@ import pytest
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from nkat_gguf.convert import ConvertOptions, convert
-from nkat_gguf.convert.allocate import TYPE_LADDER, type_steps
+from nkat_gguf.convert.allocate import CANDIDATE_TYPES, candidate_types
 from nkat_gguf.convert.selection import default_theta_tensors
 from nkat_gguf.engine.llama.quantize import accepted_types, outtypes, quantize_model
 from nkat_gguf.errors import InputError
@@ -71,20 +71,26 @@ def test_types_only_and_upgrades_keep_the_rank_fitted_to_the_new_residual() -> N
 
 
 def test_the_quantizer_writes_exactly_the_types_accepted_for_each_row_width(tiny_f32: Path, tmp_path: Path) -> None:
-    """Every ladder type asked for every weight of the tiny model (rows 64 and 128 wide): the file holds the
+    """Every candidate type asked for every weight of the tiny model (rows 64 and 128 wide): the file holds the
     type asked where accepted_types allows it, and something else (llama.cpp's fallback) everywhere else."""
     layout = read_layout(tiny_f32)
     names = default_theta_tensors(layout)
     widths = {t.name: t.shape[0] for t in layout.tensors}
-    for ggml_type in TYPE_LADDER:
+    for ggml_type in CANDIDATE_TYPES:
         out = tmp_path / f"{ggml_type.name}.gguf"
         quantize_model(tiny_f32, out, outtypes()["IQ4_NL"], None, 2, {n: ggml_type for n in names})
         written = {t.name: t.type for t in read_layout(out).tensors}
         for n in names:
             assert (written[n] == ggml_type) == bool(accepted_types(widths[n], (ggml_type,))), (ggml_type, n)
-    assert GGMLQuantizationType.Q6_K not in type_steps(GGMLQuantizationType.IQ4_NL, 576)  # SmolLM2's rows
-    assert GGMLQuantizationType.Q6_K in type_steps(GGMLQuantizationType.IQ4_NL, 1536)
-    assert type_steps(GGMLQuantizationType.Q8_0, 1536) == []
+    T = GGMLQuantizationType
+    assert T.Q6_K not in candidate_types(T.IQ4_NL, 576)  # SmolLM2's rows
+    # same bits as the base (Q4_K, Q4_0) and fewer (IQ4_XS, Q3_K) are candidates where the rows fit them
+    assert {T.Q4_K, T.Q4_0, T.IQ4_XS, T.Q3_K, T.Q6_K} <= set(candidate_types(T.IQ4_NL, 1536))
+    assert T.Q4_0 in candidate_types(T.IQ4_NL, 576) and T.IQ4_NL not in candidate_types(T.IQ4_NL, 1536)
+    assert candidate_types(T.Q8_0, 1536)[-1] == T.Q6_K  # every type is a candidate, Q8_0 too as a base
+    # the input's own type (re-quantizing to it is nearly a copy) is a candidate: on a Q2_K input, Q2_K
+    assert T.Q2_K in candidate_types(T.IQ4_NL, 1536, T.Q2_K) and T.Q2_K not in candidate_types(T.IQ4_NL, 1536)
+    assert T.F16 not in candidate_types(T.IQ4_NL, 1536, T.F16)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ as a uniform rank (`theta_fit.ThetaFitter`: whitened or diagonal), and the energ
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -21,6 +21,7 @@ from nkat_gguf.convert.calibrate import Calibration
 from nkat_gguf.convert.sensitivity import kind_sensitivity
 from nkat_gguf.convert.theta_fit import FitSettings, ThetaFitter, WeightFit
 from nkat_gguf.engine.llama.quantize import accepted_types, check_types, quantize_model
+from nkat_gguf.engine.measure.type_speed import type_seconds
 from nkat_gguf.format.nkat import NkatTheta, component_bytes, listing_bytes, type_listing_bytes
 from nkat_gguf.format.tensors import TensorSource
 from nkat_gguf.math.allocation import (
@@ -138,11 +139,16 @@ def reallocate(theta: NkatTheta, sensitivity: dict[str, float], budget_bytes: in
 
 # ---- one allocation of types and θ ranks (`--byte-budget`, `--op-budget`) ----
 
-# The types a weight may be upgraded to, each only above its base type's bits per weight and only where the
-# quantizer writes it as asked for that row width (engine.quantize.accepted_types).
-TYPE_LADDER = (GGMLQuantizationType.IQ4_NL, GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q4_1,
-               GGMLQuantizationType.Q5_0, GGMLQuantizationType.Q5_K, GGMLQuantizationType.Q5_1,
-               GGMLQuantizationType.Q6_K, GGMLQuantizationType.Q8_0)
+# The types a weight may be written at, from the 3-bit class to 8 bits: the same bits as the base and fewer
+# included (a weight moved down pays for another's upgrade), each only where the quantizer writes it as asked for
+# that row width (engine.llama.quantize.accepted_types). Each type costs one quantization of the model.
+CANDIDATE_TYPES = (GGMLQuantizationType.Q3_K, GGMLQuantizationType.IQ4_XS, GGMLQuantizationType.Q4_0,
+                   GGMLQuantizationType.IQ4_NL, GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q4_1,
+                   GGMLQuantizationType.Q5_0, GGMLQuantizationType.Q5_K, GGMLQuantizationType.Q5_1,
+                   GGMLQuantizationType.Q6_K, GGMLQuantizationType.Q8_0)
+# κ of math.allocation.allocate_mix: a type change that makes the weights' products 1 % slower must lower their
+# sensitivity-weighted error by at least 1 % of the base type's
+SPEED_PRICE = 1.0
 
 
 def bits_per_weight(ggml_type: GGMLQuantizationType) -> float:
@@ -150,9 +156,14 @@ def bits_per_weight(ggml_type: GGMLQuantizationType) -> float:
     return 8.0 * size / block
 
 
-def type_steps(base: GGMLQuantizationType, row_width: int) -> list[GGMLQuantizationType]:
-    """The ladder types above `base` that the quantizer accepts for rows of `row_width` values."""
-    return accepted_types(row_width, tuple(t for t in TYPE_LADDER if bits_per_weight(t) > bits_per_weight(base)))
+def candidate_types(base: GGMLQuantizationType, row_width: int,
+                    input_type: GGMLQuantizationType | None = None) -> list[GGMLQuantizationType]:
+    """The types other than `base` a weight with rows of `row_width` values may take: the candidates the quantizer
+    accepts, and the input's own type (re-quantizing to it is nearly a copy: on a quantized input, the first
+    question is which tensors to keep as they are)."""
+    extra = (input_type,) if input_type is not None and _is_quantized(input_type) else ()
+    wanted = dict.fromkeys(CANDIDATE_TYPES + extra)
+    return [t for t in accepted_types(row_width, tuple(wanted)) if t != base]
 
 
 @dataclass(frozen=True)
@@ -165,9 +176,12 @@ class MixAllocation:
     spent_bytes: int
     max_weights: int | None
     sensitivity: dict[str, dict[str, float]]
+    speed_price: float  # κ: 0, speed not priced
+    type_seconds: dict[str, float]  # the local CPU's seconds per weight value, by type (0 where not priced)
 
     @property
     def upgrades(self) -> dict[str, str]:
+        """The weights given another type than the base's (fewer bytes or more)."""
         return {n: c.type for n, c in self.choices.items() if c.type != self.base_types[n]}
 
     def summary(self) -> dict:
@@ -176,7 +190,7 @@ class MixAllocation:
         return {"method": "mix", "budget_bytes": self.budget_bytes, "spent_bytes": self.spent_bytes,
                 "max_weights": self.max_weights, "weights": len(ranks), "total_rank": sum(ranks),
                 "upgrades": dict(sorted(by_type.items())), "upgraded_weights": len(self.upgrades),
-                "sensitivity": self.sensitivity}
+                "sensitivity": self.sensitivity, "speed_price": self.speed_price, "type_seconds": self.type_seconds}
 
 
 class _Residuals:
@@ -211,10 +225,13 @@ class _Residuals:
 def allocate_mix(model_path: Path, base_path: Path, ftype: int, imatrix: dict[str, np.ndarray] | None,
                  weights: Callable[[str], np.ndarray], names: list[str], calibration: Calibration | None,
                  calib_text: Text, budget: ThetaBudget, max_weights: int | None, gamma: float, settings: FitSettings,
-                 work_dir: Path, threads: int = 0, progress: bool = True) -> MixAllocation:
+                 work_dir: Path, threads: int = 0, progress: bool = True,
+                 speed_price: float = SPEED_PRICE) -> MixAllocation:
     """convert's type-and-θ step: every candidate type quantized once (the whole model, with the importance
-    matrix, by llama.cpp), each weight's residual measured at each, one greedy, the mixed file quantized."""
+    matrix, by llama.cpp), each weight's residual measured at each and its product time priced by the local CPU's
+    speed of that type (engine.measure.type_speed), one greedy, the mixed file quantized."""
     base = TensorSource(base_path)
+    model = TensorSource(model_path)
     base_types = {n: base.info(n).type for n in names}
     theta = max_weights != 0
     residuals = _Residuals(weights, calibration)
@@ -228,7 +245,11 @@ def allocate_mix(model_path: Path, base_path: Path, ftype: int, imatrix: dict[st
         sensitivity = {k: {"nll_drop": None, "energy": None, "sensitivity": 1.0}
                        for k in sorted({weight_kind(n) for n in names})}
         steps = {n: [residuals.step(n, base_types[n].name, base.dequantize(n), 0)] for n in names}
-    ladders = {n: type_steps(base_types[n], base.info(n).shape[0]) for n in names}
+    ladders = {n: candidate_types(base_types[n], base.info(n).shape[0], model.info(n).type) for n in names}
+    types = sorted({t for ladder in ladders.values() for t in ladder} | set(base_types.values()))
+    speed = type_seconds(types, threads) if speed_price > 0 else dict.fromkeys((t.name for t in types), 0.0)
+    values = {n: int(np.prod(base.numpy_shape(n))) for n in names}
+    steps = {n: [replace(s, seconds=values[n] * speed[s.type]) for s in steps[n]] for n in names}
     pad = base.layout.alignment
     for ggml_type in tqdm(sorted({t for ladder in ladders.values() for t in ladder}, key=bits_per_weight),
                           desc="candidate types", unit="type", disable=not progress, leave=False):
@@ -240,13 +261,14 @@ def allocate_mix(model_path: Path, base_path: Path, ftype: int, imatrix: dict[st
         for n in chosen:
             extra = (_padded(candidate.info(n).n_bytes, pad) - _padded(base.info(n).n_bytes, pad)
                      + type_listing_bytes(n, ggml_type.name))
-            steps[n].append(residuals.step(n, ggml_type.name, candidate.dequantize(n), extra))
+            step = residuals.step(n, ggml_type.name, candidate.dequantize(n), extra)
+            steps[n].append(replace(step, seconds=values[n] * speed[ggml_type.name]))
         del candidate
         path.unlink()
     costs = [WeightSteps(n, tuple(steps[n]), component_bytes(*base.numpy_shape(n)), listing_bytes(n)) for n in names]
     budget_bytes = budget.bytes_for(base_path.stat().st_size)
     choices = allocate_mix_math(costs, {k: v["sensitivity"] for k, v in sensitivity.items()}, budget_bytes,
-                                max_weights)
+                                max_weights, speed_price)
     pinned = {t.name: t.type for t in base.layout.tensors if _is_quantized(t.type)}
     pinned |= {n: GGMLQuantizationType[c.type] for n, c in choices.items()}
     mixed = work_dir / "mixed.gguf"
@@ -265,7 +287,7 @@ def allocate_mix(model_path: Path, base_path: Path, ftype: int, imatrix: dict[st
             factors, share = fitter.fit(n, weights(n) - written.dequantize(n), c.rank)
         fits[n] = WeightFit(quantize_int8(factors), share, None, 0)
     return MixAllocation(mixed, choices, fits, {n: t.name for n, t in base_types.items()}, budget_bytes,
-                         mix_bytes(costs, choices), max_weights, sensitivity)
+                         mix_bytes(costs, choices), max_weights, sensitivity, speed_price, speed)
 
 
 def _padded(n_bytes: int, alignment: int) -> int:

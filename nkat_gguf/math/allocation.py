@@ -144,21 +144,25 @@ def allocation_bytes(weights: list[WeightCosts], ranks: dict[str, int]) -> int:
 
 @dataclass(frozen=True)
 class TypeStep:
-    """One type a weight may be written at: the bytes that costs in the file and its weighted residual there.
+    """One type a weight may be written at: the bytes that costs in the file (over the base type's, so a cheaper
+    type's are negative), its weighted residual there, and the time one token's product with it takes.
 
     `error` = ‖(W_ref − deq(W_q))·S‖², `energy[k]` = σ_k² of that same weighted residual (descending): θ of
-    rank r at this type leaves error − Σ_{k<r} σ_k².
+    rank r at this type leaves error − Σ_{k<r} σ_k². `seconds`: the weight's matrix-vector time at this type on
+    the local CPU (engine.measure.type_speed), 0 where not measured.
     """
 
     type: str
     bytes: int
     error: float
     energy: np.ndarray
+    seconds: float = 0.0
 
 
 @dataclass(frozen=True)
 class WeightSteps:
-    """A weight's types (steps[0] its base type, the rest larger, all accepted for its row width) and θ costs."""
+    """A weight's candidate types (steps[0] its base type, at 0 bytes; the rest in any order, cheaper or dearer,
+    all accepted for its row width) and θ costs."""
 
     name: str
     steps: tuple[TypeStep, ...]
@@ -176,64 +180,105 @@ def _left_error(step: TypeStep, rank: int) -> float:
     return step.error - float(step.energy[:rank].sum())
 
 
-def _best_move(w: WeightSteps, at: int, rank: int, gain: float, left: int, may_open: bool,
-               theta: bool) -> tuple[float, int, int, int] | None:
-    """The affordable move of best benefit per byte: (ratio, cost, new step, new rank), or None.
+@dataclass(frozen=True)
+class _Prices:
+    """What a move is worth: gain[w] per unit of weighted error, and `per_second` per second of product time
+    (the speed price: a slower type must buy that much more error reduction)."""
 
-    A type upgrade keeps the rank, its θ refitted to the new residual, and costs no graph operation; a θ
+    gains: dict[str, float]
+    per_second: float
+
+    def value(self, w: WeightSteps, step: TypeStep, rank: int) -> float:
+        """The weight's priced loss at a step and rank: lower is better."""
+        return self.gains[w.name] * _left_error(step, min(rank, step.energy.size)) + self.per_second * step.seconds
+
+
+Move = tuple[float, float, int, int, int]  # (benefit per byte, benefit, cost, new step, new rank)
+
+
+def _best_move(w: WeightSteps, at: int, rank: int, prices: _Prices, left: int, may_open: bool,
+               theta: bool) -> Move | None:
+    """The affordable move of best benefit per byte, or None. A move of no cost in bytes (a type of the same or
+    fewer bytes with a lower priced loss) ranks first, by its benefit.
+
+    A type change keeps the rank, its θ refitted to the new residual, and costs no graph operation; a θ
     component costs its bytes, and the weight's first one also its keys and four graph operations.
     """
     best = None
     step = w.steps[at]
+    here = prices.value(w, step, rank)
+    candidates = []
     if theta and rank < step.energy.size and (rank > 0 or may_open):
-        cost = w.component_bytes + (w.open_bytes if rank == 0 else 0)
-        benefit = gain * float(step.energy[rank])
-        if cost <= left and benefit > 0:
-            best = (benefit / cost, cost, at, rank + 1)
-    for j in range(at + 1, len(w.steps)):
-        cost = w.steps[j].bytes - step.bytes
-        benefit = gain * (_left_error(step, rank) - _left_error(w.steps[j], min(rank, w.steps[j].energy.size)))
-        if 0 < cost <= left and benefit > 0 and (best is None or benefit / cost > best[0]):
-            best = (benefit / cost, cost, j, min(rank, w.steps[j].energy.size))
+        candidates.append((w.component_bytes + (w.open_bytes if rank == 0 else 0), at, rank + 1))
+    candidates += [(s.bytes - step.bytes, j, min(rank, s.energy.size)) for j, s in enumerate(w.steps) if j != at]
+    for cost, j, r in candidates:
+        benefit = here - prices.value(w, w.steps[j], r)
+        if cost > left or benefit <= 0:
+            continue
+        move = (benefit / cost if cost > 0 else np.inf, benefit, cost, j, r)
+        if best is None or move[:2] > best[:2]:
+            best = move
     return best
 
 
-def _mix_greedy(weights: list[WeightSteps], gains: dict[str, float], budget: int, theta_allowed: set[str],
+def _mix_greedy(weights: list[WeightSteps], prices: _Prices, budget: int, theta_allowed: set[str],
                 max_weights: int) -> dict[str, tuple[int, int]]:
-    """Best benefit per byte first over every weight's next move; re-evaluated lazily as the budget shrinks."""
-    state = {w.name: (0, 0) for w in weights}
+    """Every weight starts at its cheapest type (the bytes it frees over the base count as budget), then best
+    benefit per byte first over every weight's next move, re-evaluated lazily as the budget changes.
+
+    Each move lowers its weight's priced loss, so no weight can cycle; a move that frees bytes wakes the weights
+    that could afford nothing.
+    """
+    state = {w.name: (min(range(len(w.steps)), key=lambda j: (w.steps[j].bytes, prices.value(w, w.steps[j], 0))), 0)
+             for w in weights}
     by_name = {w.name: w for w in weights}
-    left, opened = budget, 0
-    heap: list[tuple[float, str, tuple[int, int]]] = []
+    left = budget - sum(by_name[n].steps[at].bytes for n, (at, _) in state.items())
+    opened = 0
+    heap: list[tuple[float, float, str, tuple[int, int]]] = []
+    idle: set[str] = set()
+
+    def move_of(name: str) -> Move | None:
+        at, rank = state[name]
+        return _best_move(by_name[name], at, rank, prices, left, opened < max_weights, name in theta_allowed)
 
     def push(name: str) -> None:
-        at, rank = state[name]
-        move = _best_move(by_name[name], at, rank, gains[name], left, opened < max_weights, name in theta_allowed)
-        if move is not None:
-            heapq.heappush(heap, (-move[0], name, (move[2], move[3])))
+        move = move_of(name)
+        if move is None:
+            idle.add(name)
+        else:
+            heapq.heappush(heap, (-move[0], -move[1], name, (move[3], move[4])))
 
     for w in weights:
         push(w.name)
     while heap:
-        _, name, target = heapq.heappop(heap)
-        at, rank = state[name]
-        move = _best_move(by_name[name], at, rank, gains[name], left, opened < max_weights, name in theta_allowed)
+        _, _, name, target = heapq.heappop(heap)
+        move = move_of(name)
         if move is None:
+            idle.add(name)
             continue
-        if (move[2], move[3]) != target:  # the budget left or the operations changed its best move
-            heapq.heappush(heap, (-move[0], name, (move[2], move[3])))
+        if (move[3], move[4]) != target:  # the budget left or the operations changed its best move
+            heapq.heappush(heap, (-move[0], -move[1], name, (move[3], move[4])))
             continue
-        left -= move[1]
-        opened += rank == 0 and move[3] > 0
+        rank = state[name][1]
+        left -= move[2]
+        opened += rank == 0 and move[4] > 0
         state[name] = target
         push(name)
+        if move[2] < 0:  # bytes freed: the weights that could afford nothing may now
+            for other in sorted(idle):
+                idle.discard(other)
+                push(other)
     return state
 
 
 def allocate_mix(weights: list[WeightSteps], sensitivity: dict[str, float], budget_bytes: int,
-                 max_weights: int | None = None) -> dict[str, Choice]:
+                 max_weights: int | None = None, speed_price: float = 0.0) -> dict[str, Choice]:
     """Every weight's type and θ rank, within `budget_bytes` over the base types and at most `max_weights`
     adapted weights (0: types only, a llama.cpp per-tensor mix; None: no operation budget).
+
+    Types of fewer bytes than the base are candidates too: the bytes a weight frees pay for another's upgrade.
+    `speed_price` κ prices product time: a move that makes the base file's time x % longer must lower its
+    sensitivity-weighted error by κ·x % of the base file's (0: speed not priced).
 
     With the operation budget binding, the weights the byte budget alone would adapt are ranked by the
     benefit their θ got, the best `max_weights` keep θ, and the bytes are spent again with θ on those only.
@@ -241,15 +286,18 @@ def allocate_mix(weights: list[WeightSteps], sensitivity: dict[str, float], budg
     if budget_bytes < 0:
         raise ValueError("budget_bytes must be >= 0")
     gains = {w.name: float(sensitivity.get(weight_kind(w.name), 0.0)) for w in weights}
+    base_loss = sum(gains[w.name] * w.steps[0].error for w in weights)
+    base_seconds = sum(w.steps[0].seconds for w in weights)
+    prices = _Prices(gains, speed_price * base_loss / base_seconds if base_seconds > 0 else 0.0)
     limit = len(weights) if max_weights is None else max_weights
     everyone = {w.name for w in weights} if limit > 0 else set()
-    state = _mix_greedy(weights, gains, budget_bytes, everyone, len(weights))
+    state = _mix_greedy(weights, prices, budget_bytes, everyone, len(weights))
     adapted = {n: s for n, s in state.items() if s[1] > 0}
     if len(adapted) > limit:
         by_name = {w.name: w for w in weights}
         benefit = {n: gains[n] * float(by_name[n].steps[at].energy[:r].sum()) for n, (at, r) in adapted.items()}
         keep = set(sorted(benefit, key=lambda n: (-benefit[n], n))[:limit])
-        state = _mix_greedy(weights, gains, budget_bytes, keep, limit)
+        state = _mix_greedy(weights, prices, budget_bytes, keep, limit)
     by_name = {w.name: w for w in weights}
     return {n: Choice(by_name[n].steps[at].type, r) for n, (at, r) in state.items()}
 
