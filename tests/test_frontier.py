@@ -35,12 +35,14 @@ from nkat_gguf.format.kld_base import BaseFile
 
 MEASURE = CompareSettings(n_ctx=64, n_chunks=1, repetitions=1, n_prompt=64, n_gen=8, progress=False)
 SETTINGS = FrontierSettings(types=("Q4_0", "Q3_K_M"),
-                            thetas=(parse_theta_spec("Q4_0:4"), parse_theta_spec("Q4_0:4:ffn")),
+                            thetas=(parse_theta_spec("Q4_0:4"), parse_theta_spec("Q4_0:4:ffn"),
+                                    parse_theta_spec("Q4_0:auto")),
                             mixes=(parse_mix_spec("Q4_0:blk.*.attn_v.weight=Q8_0"),
                                    parse_mix_spec("Q4_0:byte_budget=5%")),
                             measure=MEASURE, threads=2, progress=False)
 NAMES = ["reference", "Q4_0 plain", "Q4_0+imatrix", "Q3_K_M+imatrix", "Q4_0+imatrix+tensor-type attn_v=Q8_0",
-         "Q4_0+imatrix+allocator byte_budget=5%", "Q4_0+imatrix+θ r4", "Q4_0+imatrix+θ r4 ffn"]
+         "Q4_0+imatrix+allocator byte_budget=5%", "Q4_0+imatrix+θ r4", "Q4_0+imatrix+θ r4 ffn",
+         "Q4_0+imatrix+θ allocated"]
 
 
 @pytest.fixture(scope="module")
@@ -190,6 +192,10 @@ def test_theta_spec_parsing() -> None:
     assert spec.patterns == ["blk.*.ffn_down", "blk.*.ffn_up"] and spec.options == (("gamma", 1),)  # the old key
     assert parse_theta_spec("Q4_0:16:blk.*.ffn_down,blk.*.ffn_up:gamma=1") == spec
     assert parse_theta_spec("Q4_0:4:ffn").patterns == ["blk.*.ffn_*"]
+    assert parse_theta_spec("IQ4_NL:auto") == ThetaSpec("IQ4_NL", None)  # the ranks left to convert's allocation
+    for old in ("op_budget", "theta_max_weights", "theta-weights"):  # old spellings: the one option
+        assert parse_theta_spec(f"IQ4_NL:8:byte_budget=3%:{old}=0").options == (("byte_budget", "3%"),
+                                                                                ("theta_weights", 0))
     for bad in ("Q4_0", "Q4_0:0", "Q4_0:x", "Q4_0:4:ffn:attn", "Q4_0:4:output=x.gguf"):
         with pytest.raises(InputError):
             parse_theta_spec(bad)
@@ -254,13 +260,15 @@ def test_default_model_rows_match_their_files(tmp_path: Path) -> None:
 
 def test_help_lists_the_defaults_the_run_uses() -> None:
     from nkat_gguf.evaluate.frontier import DEFAULT_THETA, DEFAULT_TYPES
+    from nkat_gguf.math.limits import DEFAULT_OUTTYPE
 
     text = " ".join(CliRunner().invoke(main, ["frontier", "--help"]).output.split())
     assert " ".join(DEFAULT_TYPES) in text and " ".join(DEFAULT_THETA) in text
+    assert f"{DEFAULT_OUTTYPE}:auto" in DEFAULT_THETA  # convert's own default is among the default variants
 
 
 def test_convert_help_states_the_defaults_convert_uses() -> None:
-    from nkat_gguf.convert.options import DEFAULT_BYTE_BUDGET, DEFAULT_OP_BUDGET, DEFAULT_OUTTYPE
+    from nkat_gguf.math.limits import DEFAULT_BYTE_BUDGET, DEFAULT_OUTTYPE, DEFAULT_THETA_WEIGHTS
 
     text = " ".join(CliRunner().invoke(main, ["convert", "--help"]).output.split())
-    assert f"--outtype {DEFAULT_OUTTYPE} --byte-budget {DEFAULT_BYTE_BUDGET} --op-budget {DEFAULT_OP_BUDGET}" in text
+    assert f"--outtype {DEFAULT_OUTTYPE} --byte-budget {DEFAULT_BYTE_BUDGET} --theta-weights {DEFAULT_THETA_WEIGHTS}" in text

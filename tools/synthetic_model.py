@@ -1,7 +1,7 @@
 """Build a llama-architecture GGUF with random weights: tiny ones for tests, large ones for benchmarks.
 
 `build_qwen2_gguf` writes the same shapes as a qwen2 model (llama.cpp's `qwen2` architecture: the
-llama tensors plus q/k/v biases, its own metadata prefix), a model no PyTorch reference here covers.
+llama tensors plus q/k/v biases, its own metadata prefix), a model no PyTorch forward here covers.
 
 The tokenizer (a real one, so llama.cpp loads and tokenizes) is copied from the embedded default
 model; the vocabulary therefore has 49152 entries. No weights are downloaded.

@@ -1,7 +1,7 @@
-"""PyTorch reference forward of the llama architecture, computed from the weights of a GGUF.
+"""PyTorch forward of the llama architecture, computed from the weights of a GGUF.
 
 Read top to bottom like nanoGPT's model.py: the config, then one function per box of the
-architecture diagram (RMSNorm, RoPE, attention, and the block with its MLP), then `LlamaReference`,
+architecture diagram (RMSNorm, RoPE, attention, and the block with its MLP), then `LlamaForward`,
 which runs them. `llama_block` is the one block forward of the project: so8t's trainer runs it too.
 It gives float32 logits and activations independent of llama.cpp: to check llama.cpp's numbers,
 to collect the per-column input statistics that drive the activation-weighted SVD and llama.cpp's
@@ -108,7 +108,7 @@ class LlamaConfig:
         name = layout.path.name
         arch = layout.get(Keys.General.ARCHITECTURE)
         if arch != "llama":
-            raise UnsupportedModelError(f"{name}: architecture {arch!r}; the reference forward supports only 'llama'")
+            raise UnsupportedModelError(f"{name}: architecture {arch!r}; the PyTorch forward supports only 'llama'")
         n_embd, n_head = _int(layout, _llama(Keys.LLM.EMBEDDING_LENGTH)), _int(layout, _llama(Keys.Attention.HEAD_COUNT))
         head_dim = _int(layout, _llama(Keys.Attention.KEY_LENGTH), n_embd // n_head)
         if _int(layout, _llama(Keys.Attention.VALUE_LENGTH), head_dim) != head_dim:
@@ -194,8 +194,8 @@ def _float(layout: GGUFLayout, key: str, default: float | None = None) -> float:
     return float(value)
 
 
-def supports_reference(layout: GGUFLayout) -> bool:
-    """True when `LlamaReference` computes what llama.cpp computes for this file."""
+def supports_forward(layout: GGUFLayout) -> bool:
+    """True when `LlamaForward` computes what llama.cpp computes for this file."""
     try:
         LlamaConfig.from_layout(layout)
     except UnsupportedModelError:
@@ -296,7 +296,7 @@ class _Batch:
     groups: list[torch.Tensor]  # (B, T) token indices of the B sequences of length T, one attention call each
 
 
-class LlamaReference:
+class LlamaForward:
     """The llama forward over a GGUF's weights, layer-major, with optional input hooks per weight.
 
     `weights(name)` replaces `source.dequantize` (reference weights from another file, or modified
