@@ -184,7 +184,7 @@ def test_kld_matches_a_direct_float64_computation(models: tuple[Path, Path], tmp
         assert write["kld"] is None and write["kl_divergence_base"] == str(base)
         out = measure_model(quant, options, False, None, None, None, None, base, True, progress=False)
     else:
-        out = measure_model(quant, options, False, None, TEXT, N_CTX, N_CHUNKS, reference=ref, progress=False)
+        out = measure_model(quant, options, False, None, TEXT, N_CTX, N_CHUNKS, base_model=ref, progress=False)
         assert out["kl_divergence_base"] is None and out["kld_base_model"] == str(ref)
     k = out["kld"]
     assert 1e-4 < direct.mean() < 1.0  # a real, small divergence: the test can fail either way
