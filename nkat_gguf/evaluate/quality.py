@@ -138,12 +138,12 @@ def _off(name: str) -> str:
     return f"{name} (theta off)"
 
 
-def _measure_text(llm: llama_cpp.Llama, tokens: list[int], settings: CompareSettings, is_reference: bool,
+def _measure_text(llm: llama_cpp.Llama, tokens: list[int], settings: CompareSettings, is_kld_base: bool,
                   base: Path | None) -> tuple[PerplexityResult, dict | None]:
-    """One file's perplexity on one text and, against a base file, its KLD (None for the reference itself)."""
-    if base is None or (is_reference and base_matches(base, llm, tokens, settings.n_ctx, settings.n_chunks)):
+    """One file's perplexity on one text and, against a base file, its KLD (None for the KLD base model itself)."""
+    if base is None or (is_kld_base and base_matches(base, llm, tokens, settings.n_ctx, settings.n_chunks)):
         return perplexity(llm, tokens, settings.n_ctx, settings.n_chunks, settings.progress), None
-    if is_reference:
+    if is_kld_base:
         return write_base(llm, tokens, base, settings.n_ctx, settings.n_chunks, settings.progress), None
     result = kl_divergence(llm, base, settings.progress, tokens)
     return result.perplexity, result.kld.as_dict()
