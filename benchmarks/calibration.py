@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/calibration.py --part all [--threads 2] [--rounds 2] > calibration.json
 
 Parts (each a key of the JSON):
-- reference: on the default model, E[x²] from llama.cpp's graph vs the PyTorch reference over the same
+- reference: on the default model, E[x²] from llama.cpp's graph vs the PyTorch forward over the same
   windows; relative L2 error per weight (max, median). llama.cpp multiplies the Q4_1 weights with Q8
   activations, the reference in F32, so they differ by that rounding only.
 - time: interleaved rounds, one process, the same windows of the same file: a plain llama.cpp forward (no
@@ -13,13 +13,13 @@ Parts (each a key of the JSON):
 - memory: peak RSS of a process that collects the statistics over few and over many windows (target:
   no growth with the number of tokens).
 - quality: Q4_0 of the default model with the importance matrix from this path (llama.cpp, default
-  tokens) vs today's (PyTorch reference, 8 sequences of 256 tokens), perplexity over 8 chunks of 512
+  tokens) vs today's (PyTorch forward, 8 sequences of 256 tokens), perplexity over 8 chunks of 512
   on both evaluation texts, and the share of the plain-Q4_0 -> Q4_1 gap each recovers.
 - outer: the Σxxᵀ of one window (512 rows) by BLAS in float32 (what the callback does) vs float64, for
   the default model's two input widths, interleaved.
 - model (`--model PATH`, any architecture llama.cpp loads): Q4_0 plain, with the importance matrix, with
   importance matrix + activation θ (convert's default method, `--theta-rank`), and with plain-SVD θ and no
-  importance matrix (what convert did for architectures without a PyTorch reference); share of the gap
+  importance matrix (what convert did for architectures without a PyTorch forward); share of the gap
   between plain Q4_0 and the input on both texts.
 """
 
@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from nkat_gguf.convert import ConvertOptions, convert  # noqa: E402
 from nkat_gguf.convert.calibrate import (  # noqa: E402
     calibrate,
-    calibrate_with_reference,
+    calibrate_with_forward,
     calibration_windows,
     recorded_weights,
 )
@@ -50,7 +50,7 @@ from nkat_gguf.default_model import default_model_path
 from nkat_gguf.engine.calibrate.calibration import collect_statistics, plain_forward_seconds  # noqa: E402
 from nkat_gguf.engine.measure.perplexity import perplexity, tokenize_text  # noqa: E402
 from nkat_gguf.engine.llama.quantize import quantize_model, resolve_outtype  # noqa: E402
-from nkat_gguf.engine.forward.llama import LlamaReference  # noqa: E402
+from nkat_gguf.engine.forward.llama import LlamaForward  # noqa: E402
 from nkat_gguf.engine.llama.runtime import NkatRuntime, RuntimeOptions  # noqa: E402
 from nkat_gguf.engine.llama.vocab import tokenize  # noqa: E402
 from nkat_gguf.format.gguf_file import read_layout  # noqa: E402
@@ -64,7 +64,7 @@ CALIBRATION = load_text(None, "calibration")
 def part_reference(tokens: int, threads: int) -> dict:
     ours = calibrate(MODEL, CALIBRATION, tokens, threads=threads, progress=False, cache=False)
     source = TensorSource(MODEL)
-    theirs = calibrate_with_reference(source, source.dequantize, MODEL, CALIBRATION, tokens, progress=False)
+    theirs = calibrate_with_forward(source, source.dequantize, MODEL, CALIBRATION, tokens, progress=False)
     errors = {n: float(np.linalg.norm(ours.mean_squares[n] - v) / np.linalg.norm(v))
               for n, v in theirs.mean_squares.items()}
     worst = max(errors, key=errors.get)
@@ -144,7 +144,7 @@ def part_quality(threads: int, chunks: int) -> dict:
     ftype = resolve_outtype("Q4_0", layout)[1]
     source = TensorSource(MODEL)
     old_tokens = tokenize(MODEL, CALIBRATION.content)[:8 * 256]  # today's calibration: 8 sequences of 256
-    old = LlamaReference(source).input_mean_squares([old_tokens[i * 256:(i + 1) * 256] for i in range(8)])
+    old = LlamaForward(source).input_mean_squares([old_tokens[i * 256:(i + 1) * 256] for i in range(8)])
     new = calibrate(MODEL, CALIBRATION, threads=threads, progress=False)
     result: dict = {"new_tokens": new.tokens, "old_tokens": len(old_tokens), "chunks": chunks}
     with tempfile.TemporaryDirectory() as tmp:

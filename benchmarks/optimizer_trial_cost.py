@@ -28,7 +28,7 @@ from nkat_gguf.default_model import resolve_model
 from nkat_gguf.engine.measure.perplexity import perplexity
 from nkat_gguf.engine.llama.runtime import RuntimeOptions
 from nkat_gguf.optimizer.base_model import SearchModel
-from nkat_gguf.optimizer.options import OptimizeOptions
+from nkat_gguf.optimizer.options import OptimizeOptions, ThetaConfig
 from nkat_gguf.optimizer.study import make_objective, open_search, quiet_optuna, run_trials
 
 
@@ -52,7 +52,7 @@ def main() -> None:
     rows = []
     with quiet_optuna():
         search = open_search(opts)
-        with SearchModel(search.base, opts.ranks, opts.runtime) as model:
+        with SearchModel(search.file, ThetaConfig(0), opts.runtime) as model:
             objective = make_objective(search, model)
             for n in range(1, args.trials + 1):
                 start = time.perf_counter()

@@ -141,7 +141,7 @@ def main() -> None:
             peak_reset = reset_peak()
             report = convert(ConvertOptions(
                 input=model, output=out, reference=args.reference, calib_text=args.calib_text, threads=args.threads,
-                progress=False, default_allocation=True, theta_train=mode, theta_train_steps=args.steps,
+                progress=False, theta_train=mode, theta_train_steps=args.steps,
                 theta_train_lr=args.lr, theta_train_tokens=args.tokens, theta_train_seed=args.seed), calibration)
             train = report.theta_train or {}
             print(f"convert {mode}: {report.seconds['total']:.1f} s (training {train.get('seconds', 0):.1f} s), "

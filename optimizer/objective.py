@@ -1,4 +1,5 @@
-"""One trial: choose (rank[, budget, max weights], γ), switch the loaded model to it, measure perplexity, return the score.
+"""One trial: choose convert's knobs (base type, byte budget, θ weights, rank, θ budget) and γ, switch the model to
+them, measure perplexity, return the score.
 
 The objective only measures and records. Everything a report needs goes into the trial's user
 attributes, so the output files are derived from the storage alone, whichever worker ran the trial.
@@ -16,21 +17,30 @@ from optuna.trial import FrozenTrial, TrialState
 
 from nkat_gguf.engine.measure.perplexity import perplexity
 from nkat_gguf.optimizer.base_model import SearchModel
-from nkat_gguf.optimizer.options import ALL_WEIGHTS, NO_BUDGET, ThetaConfig, rank_choices
+from nkat_gguf.optimizer.options import NO_BUDGET, OptimizeOptions, ThetaConfig, rank_choices
 from nkat_gguf.optimizer.score import slowdown, tpe_score
 
 
-def suggest(trial: optuna.Trial, ranks: tuple[int, ...], gamma_range: tuple[float, float],
-            budgets: tuple[str, ...] = (), max_weights: tuple[int, ...] = ()) -> tuple[ThetaConfig, float | None]:
-    """rank from {0} ∪ ranks; with budgets, a budget (or none: uniform rank) and then an operation budget;
-    γ only when theta is on (rank 0 has nothing to scale)."""
-    rank = trial.suggest_categorical("rank", rank_choices(ranks))
-    if not rank:
-        return ThetaConfig(0), None
-    budget = trial.suggest_categorical("budget", [NO_BUDGET, *budgets]) if budgets else NO_BUDGET
-    weights = (trial.suggest_categorical("max_weights", [ALL_WEIGHTS, *max_weights])
-               if budget != NO_BUDGET and max_weights else ALL_WEIGHTS)
-    return ThetaConfig(rank, budget, weights), trial.suggest_float("gamma", *gamma_range)
+def suggest(trial: optuna.Trial, opts: OptimizeOptions) -> tuple[ThetaConfig, float | None]:
+    """Each knob only where the search has a choice for it: the base type; a byte budget (or none); under a byte
+    budget its θ-weight count, else the rank from {0} ∪ ranks and a θ budget (or none) with its θ-weight count;
+    γ only when θ is on (θ off has nothing to scale)."""
+    outtype = trial.suggest_categorical("outtype", list(opts.base_types)) if len(opts.base_types) > 1 else None
+    byte_budget = trial.suggest_categorical("byte_budget", [NO_BUDGET, *opts.byte_budgets]) \
+        if opts.byte_budgets else NO_BUDGET
+    if byte_budget != NO_BUDGET:
+        weights = trial.suggest_categorical("theta_weights", list(opts.theta_weights)) if opts.theta_weights else None
+        config = ThetaConfig(0, theta_weights=weights, outtype=outtype, byte_budget=byte_budget)
+    else:
+        rank = trial.suggest_categorical("rank", rank_choices(opts.ranks))
+        if not rank:
+            return ThetaConfig(0, outtype=outtype), None
+        budget = trial.suggest_categorical("theta_budget", [NO_BUDGET, *opts.theta_budgets]) \
+            if opts.theta_budgets else NO_BUDGET
+        weights = trial.suggest_categorical("theta_weights", list(opts.theta_weights)) \
+            if budget != NO_BUDGET and opts.theta_weights else None
+        config = ThetaConfig(rank, budget, weights, outtype)
+    return config, trial.suggest_float("gamma", *opts.gamma_range) if config.theta_on else None
 
 
 def measured_before(study: optuna.Study, params: dict) -> FrozenTrial | None:
@@ -49,22 +59,16 @@ def _worker() -> str:
 class Objective:
     model: SearchModel
     tokens: list[int]  # the calibration split, tokenized once
-    n_ctx: int
-    chunks: int
-    ranks: tuple[int, ...]
-    gamma_range: tuple[float, float]
+    opts: OptimizeOptions
     speeds: Callable[[ThetaConfig], tuple[float, float]]  # generation tokens/s: (theta off, this configuration)
-    pareto: bool
-    budgets: tuple[str, ...] = ()
-    max_weights: tuple[int, ...] = ()
     worker: str = field(default_factory=_worker)
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
-        config, gamma = suggest(trial, self.ranks, self.gamma_range, self.budgets, self.max_weights)
+        config, gamma = suggest(trial, self.opts)
         known = measured_before(trial.study, trial.params)
         if known is None:
             self.model.apply(config, gamma)
-            result = perplexity(self.model.runtime.llm, self.tokens, self.n_ctx, self.chunks, progress=False)
+            result = perplexity(self.model.runtime.llm, self.tokens, self.opts.n_ctx, self.opts.chunks, progress=False)
             ppl = result.ppl
             measured = {"ppl_stderr": result.ppl_stderr, "tokens_scored": result.tokens_scored,
                         "ppl_seconds": result.seconds, "reused_from": None}
@@ -79,4 +83,4 @@ class Objective:
         trial.set_user_attr("tpe_score", score)
         trial.set_user_attr("measurement", {**measured, "tg_baseline": tg_baseline, "tg_theta": tg_theta,
                                             "worker": self.worker})
-        return (ppl, lam) if self.pareto else score
+        return (ppl, lam) if self.opts.pareto else score

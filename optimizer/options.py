@@ -7,23 +7,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nkat_gguf.convert import ConvertOptions
-from nkat_gguf.math.limits import MIN_N_CTX
 from nkat_gguf.engine.llama.runtime import RuntimeOptions
 from nkat_gguf.errors import InputError
 from nkat_gguf.format.nkat import MAX_GAMMA
+from nkat_gguf.math.limits import DEFAULT_BYTE_BUDGET, DEFAULT_GAMMA, DEFAULT_OUTTYPE, DEFAULT_THETA_WEIGHTS, MIN_N_CTX
 
 MODES = {"quick": 12, "full": 100}  # "custom" takes --trials
 DEFAULT_RANKS = (2, 4, 6, 8)  # the seed's table
 DEFAULT_GAMMA_RANGE = (0.90, 0.99)  # the seed's range
 SEED_POINT = (4, 0.97)  # the seed's recommended rank and γ, tried right after the baseline
 DEFAULT_STUDY_NAME = "nkat-optimize"
-NO_BUDGET = "none"  # the budget choice meaning uniform rank on every weight
-ALL_WEIGHTS = 0  # the max-weights choice meaning no operation budget
+NO_BUDGET = "none"  # a budget choice meaning none: one rank on every weight, the base type's types
 
 
 @dataclass(frozen=True)
 class OptimizeOptions:
-    """A search over theta rank and γ. `convert` says how to build the model (its output and rank are set here)."""
+    """A search over convert's knobs and γ. `convert` says how to build the model (its output, rank, base type and
+    budgets are set here, per trial)."""
 
     convert: ConvertOptions
     output_dir: Path
@@ -41,11 +41,17 @@ class OptimizeOptions:
     eval_text: Path | None = None  # default: the built-in evaluation split
     speed_repetitions: int = 3
     n_gen: int = 64  # generated tokens per speed repetition of each rank
-    budgets: tuple[str, ...] = ()  # theta byte budgets to try (MiB or % of the quantized file); () = uniform rank
-    max_weights: tuple[int, ...] = ()  # operation budgets to try with a budget (besides every weight)
+    outtypes: tuple[str, ...] = ()  # base types to try; (): convert.outtype alone
+    byte_budgets: tuple[str, ...] = ()  # types and θ ranks allocated together (convert --byte-budget), one file each
+    theta_budgets: tuple[str, ...] = ()  # θ ranks only (convert --theta-budget), cut from the uniform base's θ
+    theta_weights: tuple[int, ...] = ()  # under a budget, the θ-weight counts to try; (): convert's default
     runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
     best_model: Path | None = None  # default: optimal_rank{r}_gamma{g}.nkat.gguf in output_dir
     progress: bool = True
+
+    @property
+    def base_types(self) -> tuple[str, ...]:
+        return self.outtypes or (self.convert.outtype,)
 
 
 def parse_ranks(text: str) -> tuple[int, ...]:
@@ -57,35 +63,70 @@ def parse_ranks(text: str) -> tuple[int, ...]:
     return tuple(sorted(ranks))
 
 
-def parse_budgets(text: str) -> tuple[str, ...]:
-    """"1MiB, 3%" -> ("1MiB", "3%"); each is checked against the model by allocation.parse_budget."""
+def parse_list(text: str) -> tuple[str, ...]:
+    """"1MiB, 3%" -> ("1MiB", "3%"): budgets or types, in order, without repeats; each is checked by its owner."""
     return tuple(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
 
 
-def parse_max_weights(text: str) -> tuple[int, ...]:
-    """"30,60" -> (30, 60), sorted and without repeats."""
+def parse_counts(text: str) -> tuple[int, ...]:
+    """"15,30" -> (15, 30), sorted and without repeats (--theta-weights)."""
     try:
         return tuple(sorted({int(part) for part in text.split(",") if part.strip()}))
     except ValueError:
-        raise InputError(f"--max-weights must be comma-separated whole numbers, got {text!r}") from None
+        raise InputError(f"--theta-weights must be comma-separated whole numbers, got {text!r}") from None
+
+
+@dataclass(frozen=True)
+class Build:
+    """One file the search converts: the base type, and convert's byte budget with its θ-weight count (None: the
+    default), or NO_BUDGET: θ at the search's largest rank on every weight, which smaller ranks truncate."""
+
+    outtype: str
+    byte_budget: str = NO_BUDGET
+    theta_weights: int | None = None
 
 
 @dataclass(frozen=True)
 class ThetaConfig:
-    """What a trial applies: theta at `rank` on every weight, or (with a budget) the allocation of `budget`
-    over at most `max_weights` weights (ALL_WEIGHTS: no cap) with no weight above `rank`. Rank 0 is theta off."""
+    """What a trial applies, on `outtype` (None: the study's first base type).
+
+    Without a byte budget: θ at `rank` on every weight, or the allocation of `theta_budget` (θ ranks only) over
+    at most `theta_weights` weights with no weight above `rank`; rank 0 is θ off. With a byte budget: the file
+    convert writes with it (types and ranks allocated, θ on at most `theta_weights` weights, 0: types only),
+    its θ as allocated."""
 
     rank: int
-    budget: str = NO_BUDGET
-    max_weights: int = ALL_WEIGHTS
+    theta_budget: str = NO_BUDGET
+    theta_weights: int | None = None  # None: convert's default (DEFAULT_THETA_WEIGHTS capped at the model's)
+    outtype: str | None = None
+    byte_budget: str = NO_BUDGET
 
     @property
     def key(self) -> str:
-        return str(self.rank) if self.budget == NO_BUDGET else f"{self.rank}|{self.budget}|{self.max_weights}"
+        parts = [str(self.rank)] if self.byte_budget == NO_BUDGET else [f"bytes={self.byte_budget}"]
+        if self.theta_budget != NO_BUDGET:
+            parts.append(self.theta_budget)
+        if self.theta_budget != NO_BUDGET or self.byte_budget != NO_BUDGET:
+            parts.append(f"weights={'default' if self.theta_weights is None else self.theta_weights}")
+        return "|".join(parts + ([self.outtype] if self.outtype else []))
+
+    @property
+    def theta_on(self) -> bool:
+        return self.rank > 0 if self.byte_budget == NO_BUDGET else self.theta_weights != 0
+
+    def build(self, base_types: tuple[str, ...]) -> Build:
+        outtype = self.outtype or base_types[0]
+        return Build(outtype) if self.byte_budget == NO_BUDGET else Build(outtype, self.byte_budget, self.theta_weights)
+
+    def off(self) -> "ThetaConfig":
+        """The same file with θ off."""
+        return ThetaConfig(0, outtype=self.outtype, byte_budget=self.byte_budget, theta_weights=self.theta_weights) \
+            if self.byte_budget != NO_BUDGET else ThetaConfig(0, outtype=self.outtype)
 
     @classmethod
     def from_params(cls, params: dict) -> "ThetaConfig":
-        return cls(params["rank"], params.get("budget", NO_BUDGET), params.get("max_weights", ALL_WEIGHTS))
+        return cls(params.get("rank", 0), params.get("theta_budget", NO_BUDGET), params.get("theta_weights"),
+                   params.get("outtype"), params.get("byte_budget", NO_BUDGET))
 
 
 def parse_gamma_range(text: str) -> tuple[float, float]:
@@ -133,10 +174,11 @@ def check_options(opts: OptimizeOptions) -> int:
                         ("--speed-repetitions", opts.speed_repetitions), ("--n-gen", opts.n_gen)):
         if value < 1:
             raise InputError(f"{name} must be at least 1, got {value}")
-    if opts.max_weights and not opts.budgets:
-        raise InputError("--max-weights needs --budgets (it caps how many weights a budget spreads over)")
-    if opts.max_weights and min(opts.max_weights) < 1:
-        raise InputError(f"--max-weights must be >= 1, got {min(opts.max_weights)}")
+    if opts.theta_weights and not (opts.theta_budgets or opts.byte_budgets):
+        raise InputError("--theta-weights needs --byte-budget or --theta-budget (it caps how many weights a budget "
+                         "gives theta)")
+    if opts.theta_weights and min(opts.theta_weights) < 0:
+        raise InputError(f"--theta-weights must be >= 0, got {min(opts.theta_weights)}")
     if not opts.study_name:
         raise InputError("--study-name is empty")
     return total
@@ -151,3 +193,16 @@ def seed_point(ranks: tuple[int, ...], gamma_range: tuple[float, float]) -> tupl
     """The seed's point (rank 4, γ 0.97), moved to the nearest point of a narrower space."""
     rank = min(ranks, key=lambda r: (abs(r - SEED_POINT[0]), r))
     return rank, min(max(SEED_POINT[1], gamma_range[0]), gamma_range[1])
+
+
+def default_point(opts: OptimizeOptions) -> dict | None:
+    """convert's default (DEFAULT_OUTTYPE, DEFAULT_BYTE_BUDGET, DEFAULT_THETA_WEIGHTS, DEFAULT_GAMMA) as trial
+    parameters, when the search space holds it; None when it does not."""
+    if DEFAULT_BYTE_BUDGET not in opts.byte_budgets or DEFAULT_OUTTYPE not in opts.base_types:
+        return None
+    if opts.theta_weights and DEFAULT_THETA_WEIGHTS not in opts.theta_weights:
+        return None
+    low, high = opts.gamma_range
+    return ({"outtype": DEFAULT_OUTTYPE} if len(opts.base_types) > 1 else {}) | {"byte_budget": DEFAULT_BYTE_BUDGET} \
+        | ({"theta_weights": DEFAULT_THETA_WEIGHTS} if opts.theta_weights else {}) \
+        | {"gamma": min(max(DEFAULT_GAMMA, low), high)}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from nkat_gguf.evaluate.compare import CompareSettings, compare
 from nkat_gguf.format.atomic import atomic_output
 from nkat_gguf.format.nkat import read_theta
 from nkat_gguf.optimizer.base_model import SENSITIVITY_ATTR, write_model
-from nkat_gguf.optimizer.options import ALL_WEIGHTS, NO_BUDGET, OptimizeOptions, ThetaConfig, rank_choices
+from nkat_gguf.optimizer.options import NO_BUDGET, OptimizeOptions, ThetaConfig, rank_choices
 from nkat_gguf.optimizer.plots import write_plots
 from nkat_gguf.optimizer.score import SCORE_DEFINITION
 from nkat_gguf.optimizer.speed import SPEED_ATTR
@@ -29,6 +30,7 @@ from nkat_gguf.optimizer.storage import SETTINGS_ATTR, public_url
 from nkat_gguf.texts import Text
 
 HISTORY_FILE = "optimization_history.json"
+KNOBS = ("outtype", "byte_budget", "theta_budget", "theta_weights")  # trial parameters besides rank and γ
 STUDY_FILE = "optuna_study.json"
 PLOT_FILE = "optimization_results.png"
 
@@ -46,7 +48,7 @@ def trial_record(t: FrozenTrial) -> dict[str, Any]:
         else None
     return {"number": t.number, "state": t.state.name,
             "params": {"rank": t.params.get("rank"), "gamma": t.params.get("gamma"),
-                       **{k: t.params[k] for k in ("budget", "max_weights") if k in t.params}},
+                       **{k: t.params[k] for k in KNOBS if k in t.params}},
             "ppl": t.user_attrs.get("ppl"), "slowdown": t.user_attrs.get("slowdown"),
             "tpe_score": t.user_attrs.get("tpe_score"), "seconds": seconds, "worker": measured.get("worker"),
             "reused_from": measured.get("reused_from"), "retry_of": t.system_attrs.get("failed_trial")}
@@ -65,9 +67,13 @@ def best_config(trial: FrozenTrial) -> tuple[ThetaConfig, float]:
 
 
 def model_stem(config: ThetaConfig, gamma: float) -> str:
-    budget = "" if config.budget == NO_BUDGET else f"_budget{config.budget.replace('%', 'pct')}" + (
-        f"_weights{config.max_weights}" if config.max_weights != ALL_WEIGHTS else "")
-    return f"optimal_rank{config.rank}{budget}_gamma{f'{gamma:.4f}'.rstrip('0').rstrip('.') or '0'}"
+    budget = config.byte_budget if config.byte_budget != NO_BUDGET else config.theta_budget
+    what = f"byte_budget{budget}" if config.byte_budget != NO_BUDGET else f"rank{config.rank}" + (
+        f"_budget{budget}" if budget != NO_BUDGET else "")
+    weights = f"_weights{config.theta_weights}" if budget != NO_BUDGET and config.theta_weights is not None else ""
+    outtype = f"_{config.outtype}" if config.outtype else ""
+    return (f"optimal_{what.replace('%', 'pct')}{weights}{outtype}_gamma"
+            f"{f'{gamma:.4f}'.rstrip('0').rstrip('.') or '0'}")
 
 
 def final_comparison(model: Path, rank: int, text: Text, opts: OptimizeOptions) -> dict[str, Any]:
@@ -85,17 +91,18 @@ def final_comparison(model: Path, rank: int, text: Text, opts: OptimizeOptions) 
             "overhead_percentage": {"pp": 0.0, "tg": 0.0}, "perplexity": {"theta_off": result.as_dict()}}
 
 
-def write_best(study: optuna.Study, best: FrozenTrial, base: Path, text: Text, opts: OptimizeOptions,
-               storage: str) -> dict[str, str]:
+def write_best(study: optuna.Study, best: FrozenTrial, files: Callable[[ThetaConfig], Path], text: Text,
+               opts: OptimizeOptions, storage: str) -> dict[str, str]:
     """optimal_rank{r}_gamma{g}.nkat.gguf (or opts.best_model) and its JSON with the final comparison."""
     config, gamma = best_config(best)
     stem = model_stem(config, gamma)
-    model = write_model(base, config, gamma, opts.best_model or opts.output_dir / f"{stem}.nkat.gguf",
+    model = write_model(files(config), config, gamma, opts.best_model or opts.output_dir / f"{stem}.nkat.gguf",
                         study.user_attrs.get(SENSITIVITY_ATTR))
-    comparison = final_comparison(model, config.rank if read_theta(model).tensors else 0, text, opts)
-    budget = {} if config.budget == NO_BUDGET else {"budget": config.budget, "max_weights": config.max_weights or None}
+    ranks = read_theta(model).ranks
+    comparison = final_comparison(model, max(ranks.values(), default=0), text, opts)
+    knobs = {k: best.params[k] for k in KNOBS if k in best.params}
     report = {
-        "config": {"rank": config.rank, **budget, "gamma": gamma, "theta_enabled": config.rank > 0,
+        "config": {"rank": config.rank, **knobs, "gamma": gamma, "theta_enabled": config.theta_on,
                    "model": str(model), "trial": best.number},
         "search": {"split": "calibration", "ppl": best.user_attrs["ppl"], "slowdown": best.user_attrs["slowdown"],
                    "tpe_score": best.user_attrs["tpe_score"], "study_name": study.study_name,
@@ -120,11 +127,16 @@ def study_summary(study: optuna.Study, opts: OptimizeOptions, total: int, storag
         else "maximize the TPE score",
         "score_definition": SCORE_DEFINITION,
         "search_space": {"rank": rank_choices(opts.ranks), "gamma": list(opts.gamma_range),
-                         **({"budget": [NO_BUDGET, *opts.budgets]} if opts.budgets else {}),
-                         **({"max_weights": [ALL_WEIGHTS, *opts.max_weights]} if opts.max_weights else {}),
+                         **({"outtype": list(opts.base_types)} if len(opts.base_types) > 1 else {}),
+                         **({"byte_budget": [NO_BUDGET, *opts.byte_budgets]} if opts.byte_budgets else {}),
+                         **({"theta_budget": [NO_BUDGET, *opts.theta_budgets]} if opts.theta_budgets else {}),
+                         **({"theta_weights": list(opts.theta_weights)} if opts.theta_weights else {}),
                          "note": "rank 0 is theta off (the baseline) and has no gamma"
-                                 + ("; with a budget, rank caps each weight's rank, budget 'none' is uniform rank, "
-                                    "max_weights 0 is no operation budget" if opts.budgets else "")},
+                                 + ("; a byte budget is convert --byte-budget's file (types and ranks allocated, "
+                                    "no rank chosen)" if opts.byte_budgets else "")
+                                 + ("; with a theta budget, rank caps each weight's rank" if opts.theta_budgets
+                                    else "")
+                                 + ("; theta_weights 0 is theta on no weight" if opts.theta_weights else "")},
         "settings": study.user_attrs.get(SETTINGS_ATTR),
         "sampler": sampler,
         "trials": {"requested": total, "all": len(trials), **{s.name.lower(): counts.get(s.name.lower(), 0)
@@ -137,18 +149,18 @@ def study_summary(study: optuna.Study, opts: OptimizeOptions, total: int, storag
 
 
 def write_outputs(study: optuna.Study, opts: OptimizeOptions, total: int, storage: str, sampler: dict[str, Any],
-                  base: Path, evaluation: Text) -> dict[str, Any]:
+                  files: Callable[[ThetaConfig], Path], evaluation: Text) -> dict[str, Any]:
     """Every output file, from the storage; returns the study summary (also written as optuna_study.json)."""
     out = opts.output_dir
     history = [trial_record(t) for t in study.get_trials(deepcopy=False)]
-    files = {"history": str(write_json(out / HISTORY_FILE, {"score_definition": SCORE_DEFINITION,
-                                                             "trials": history})),
-             "plot": str(write_plots(study, out / PLOT_FILE, opts.pareto)),
-             "study": str(out / STUDY_FILE)}
+    written = {"history": str(write_json(out / HISTORY_FILE, {"score_definition": SCORE_DEFINITION,
+                                                               "trials": history})),
+               "plot": str(write_plots(study, out / PLOT_FILE, opts.pareto)),
+               "study": str(out / STUDY_FILE)}
     best = best_trial(study, opts.pareto)
     if best is not None:
-        files.update(write_best(study, best, base, evaluation, opts, storage))
-    summary = study_summary(study, opts, total, storage, sampler, best, files)
+        written.update(write_best(study, best, files, evaluation, opts, storage))
+    summary = study_summary(study, opts, total, storage, sampler, best, written)
     write_json(out / STUDY_FILE, summary)
     return summary
 
@@ -160,10 +172,10 @@ def format_summary(summary: dict[str, Any]) -> str:
              f"complete ({t['fail']} failed)"]
     if best:
         gamma = best["params"]["gamma"]
-        budget = best["params"].get("budget")
-        budget_text = f", budget {budget}, max weights {best['params'].get('max_weights') or 'all'}" \
-            if budget not in (None, NO_BUDGET) else ""
-        lines.append(f"best: trial {best['number']}, rank {best['params']['rank']}{budget_text}"
+        knobs = "".join(f", {k.replace('_', ' ')} {v}" for k, v in best["params"].items()
+                        if k in KNOBS and v != NO_BUDGET)
+        rank = best["params"]["rank"]
+        lines.append(f"best: trial {best['number']}{'' if rank is None else f', rank {rank}'}{knobs}"
                      f"{f', gamma {gamma:.4f}' if gamma is not None else ' (theta off)'}: TPE {best['tpe_score']:.6f}, "
                      f"calibration ppl {best['ppl']:.4f}, slowdown {best['slowdown']:.3f}")
     lines += [f"wrote {role}: {path}" for role, path in summary["files"].items()]

@@ -26,6 +26,7 @@ def rank_speeds(study: optuna.Study, model: SearchModel, ranks: tuple[int, ...],
     """Generation tokens/s by rank (0: theta off): the study's stored figures, measured here if none are."""
     stored = study.user_attrs.get(SPEED_ATTR)
     if stored is None:
+        model.load(ThetaConfig(0))  # the first base type's uniform file
         configurations = {str(r): Configuration(model.runtime.llm, functools.partial(model.apply, r, 1.0 if r else None))
                           for r in (0, *ranks)}
         settings = SpeedSettings(repetitions=repetitions, n_prompt=SPEED_PROMPT_TOKENS, n_gen=n_gen,
@@ -41,16 +42,19 @@ def rank_speeds(study: optuna.Study, model: SearchModel, ranks: tuple[int, ...],
 
 def config_speed(study: optuna.Study, model: SearchModel, config: ThetaConfig, n_gen: int, repetitions: int,
                  progress: bool) -> tuple[float, float]:
-    """(theta off, this budget configuration) generation tokens/s, interleaved; measured once per configuration.
+    """(theta off, this configuration) generation tokens/s on its own file, interleaved; measured once per
+    configuration.
 
-    A budget's speed depends on how many weights its allocation adapts, which only the allocation knows, so
-    each configuration is timed against theta off the first time a trial uses it, and kept in the storage.
+    A budget's speed depends on how many weights its allocation adapts, which only the allocation knows, and
+    another base type or byte budget is another file, so each such configuration is timed against its file with
+    theta off the first time a trial uses it, and kept in the storage.
     """
     attr = f"{SPEED_ATTR}:{config.key}"
     stored = study.user_attrs.get(attr)
     if stored is None:
+        model.load(config)
         llm = model.runtime.llm
-        configurations = {"off": Configuration(llm, functools.partial(model.apply, 0, None)),
+        configurations = {"off": Configuration(llm, functools.partial(model.apply, config.off(), None)),
                           "theta": Configuration(llm, functools.partial(model.apply, config, 1.0))}
         settings = SpeedSettings(repetitions=repetitions, n_prompt=SPEED_PROMPT_TOKENS, n_gen=n_gen,
                                  progress=progress)

@@ -15,7 +15,7 @@ from nkat_gguf.convert import ConvertOptions, convert
 from nkat_gguf.convert.calibrate import (
     DEFAULT_CALIB_TOKENS,
     calibrate,
-    calibrate_with_reference,
+    calibrate_with_forward,
     calibration_windows,
     recorded_weights,
 )
@@ -23,7 +23,7 @@ from nkat_gguf.convert.selection import select_tensors
 from nkat_gguf.default_model import default_model_path
 from nkat_gguf.engine.calibrate.ggml_tensor import GgmlTensor, check_layout, layout_problems
 from nkat_gguf.engine.llama.quantize import quantize_model, resolve_outtype
-from nkat_gguf.engine.forward.llama import LlamaReference
+from nkat_gguf.engine.forward.llama import LlamaForward
 from nkat_gguf.engine.llama.vocab import tokenize
 from nkat_gguf.errors import InputError
 from nkat_gguf.format.gguf_file import read_layout, write_with_metadata
@@ -85,7 +85,7 @@ def test_llama_cpp_statistics_match_the_pytorch_reference_on_an_f32_model(tiny_f
     """F32 weights: llama.cpp and the reference differ only by rounding (and the F16 KV cache)."""
     ours = calibrate(tiny_f32, CALIBRATION, 1024, threads=1, progress=False, cache=False)
     source = TensorSource(tiny_f32)
-    theirs = calibrate_with_reference(source, source.dequantize, tiny_f32, CALIBRATION, 1024, progress=False)
+    theirs = calibrate_with_forward(source, source.dequantize, tiny_f32, CALIBRATION, 1024, progress=False)
     assert ours.tokens == theirs.tokens == 1024
     for name, expected in theirs.mean_squares.items():
         rel = np.linalg.norm(ours.mean_squares[name] - expected) / np.linalg.norm(expected)
@@ -97,7 +97,7 @@ def test_llama_cpp_second_moments_match_the_pytorch_reference_on_an_f32_model(ti
     windows = calibration_windows(tiny_f32, CALIBRATION, 1024)
     ours = graph.collect_statistics(tiny_f32, windows, recorded_weights(tiny_f32), second_moments=True, threads=1,
                                     progress=False).take_second_moments()
-    _, theirs = LlamaReference(TensorSource(tiny_f32)).input_statistics(windows)
+    _, theirs = LlamaForward(TensorSource(tiny_f32)).input_statistics(windows)
     assert ours.keys() == theirs.keys()
     for name, expected in theirs.items():
         assert ours[name].dtype == np.float32
@@ -200,7 +200,7 @@ def test_default_model_every_adapted_weight_and_close_to_the_reference() -> None
     model = default_model_path()
     ours = calibrate(model, CALIBRATION, 1024, threads=2, progress=False, cache=False)
     source = TensorSource(model)
-    theirs = calibrate_with_reference(source, source.dequantize, model, CALIBRATION, 1024, progress=False)
+    theirs = calibrate_with_forward(source, source.dequantize, model, CALIBRATION, 1024, progress=False)
     assert set(select_tensors(source.layout, None)) <= ours.mean_squares.keys()
     assert ours.mean_squares.keys() == theirs.mean_squares.keys()
     worst = max(np.linalg.norm(ours.mean_squares[n] - v) / np.linalg.norm(v) for n, v in theirs.mean_squares.items())

@@ -49,9 +49,11 @@ def bad_inputs(tiny_f32: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
     ("tiny", ["--theta-budget", "2MB"], "not a size"),
     ("tiny", ["--theta-budget", "1000MiB"], "larger than the model"),
     ("tiny", ["--theta-budget", "101%"], "larger than the model"),
-    ("tiny", ["--theta-budget", "1%", "--theta-max-weights", "0"], "--theta-max-weights 0 is out of range"),
-    ("tiny", ["--theta-budget", "1%", "--theta-max-weights", "15"], "14 weights"),
-    ("tiny", ["--theta-max-weights", "3"], "needs --theta-budget"),
+    ("tiny", ["--theta-budget", "1%", "--theta-weights", "0"], "--theta-weights 0 allows it on no weight"),
+    ("tiny", ["--theta-budget", "1%", "--theta-weights", "15"], "14 weights"),
+    ("tiny", ["--theta-weights", "3"], "caps a budget's allocation"),
+    ("tiny", ["--theta-max-weights", "3"], "caps a budget's allocation"),  # old spellings: the same option
+    ("tiny", ["--byte-budget", "3%", "--op-budget", "15"], "14 weights"),
     ("tiny", ["--theta-budget", "1%", "--theta-rank", "0"], "--theta-rank 0"),
 ])
 def test_convert_refuses_bad_input_in_one_line(case: str, extra: list[str], message: str, tiny_f32: Path,

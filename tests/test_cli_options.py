@@ -82,3 +82,31 @@ def test_help_does_not_load_llama_cpp(command: list[str]) -> None:
     imported = [line.rsplit("|", 1)[-1].strip() for line in run.stderr.splitlines() if line.startswith("import time:")]
     assert "nkat_gguf.cli" in imported  # the check sees the imports
     assert not [name for name in imported if name.split(".")[0] == "llama_cpp"]
+
+
+def _command(path: list[str]) -> click.Command:
+    command: click.Command = main
+    for name in path:
+        command = command.get_command(click.Context(command), name)  # type: ignore[attr-defined]
+    return command
+
+
+@pytest.mark.parametrize("path, old, new, value, required", [
+    (["convert"], "--theta-gamma", "--gamma", "0.5", ["-o", "x.gguf"]),
+    (["convert"], "--op-budget", "--theta-weights", "0", ["-o", "x.gguf"]),
+    (["convert"], "--theta-max-weights", "--theta-weights", "30", ["-o", "x.gguf"]),
+    (["optimize"], "--max-weights", "--theta-weights", "0,15", ["-o", "d"]),
+    (["optimize"], "--budgets", "--theta-budget", "1%,3%", ["-o", "d"]),
+    (["perplexity"], "--kld-reference", "--kld-base-model", __file__, []),
+])
+def test_each_old_spelling_is_a_hidden_alias_of_the_new_one(path: list[str], old: str, new: str, value: str,
+                                                            required: list[str]) -> None:
+    """An old spelling gives the parameter the new one gives, and --help lists only the new one."""
+    command = _command(path)
+    parsed = {spelling: command.make_context(path[-1], [*required, spelling, value]).params
+              for spelling in (old, new)}
+    assert parsed[old] == parsed[new]
+    param = next(p for p in command.params if new in p.opts)
+    assert parsed[new][param.name] not in (None, "", ())  # the value arrived
+    shown = CliRunner().invoke(main, [*path, "--help"]).output
+    assert new in shown and old not in shown

@@ -35,12 +35,14 @@ from nkat_gguf.format.kld_base import BaseFile
 
 MEASURE = CompareSettings(n_ctx=64, n_chunks=1, repetitions=1, n_prompt=64, n_gen=8, progress=False)
 SETTINGS = FrontierSettings(types=("Q4_0", "Q3_K_M"),
-                            thetas=(parse_theta_spec("Q4_0:4"), parse_theta_spec("Q4_0:4:ffn")),
+                            thetas=(parse_theta_spec("Q4_0:4"), parse_theta_spec("Q4_0:4:ffn"),
+                                    parse_theta_spec("Q4_0:auto")),
                             mixes=(parse_mix_spec("Q4_0:blk.*.attn_v.weight=Q8_0"),
                                    parse_mix_spec("Q4_0:byte_budget=5%")),
                             measure=MEASURE, threads=2, progress=False)
 NAMES = ["reference", "Q4_0 plain", "Q4_0+imatrix", "Q3_K_M+imatrix", "Q4_0+imatrix+tensor-type attn_v=Q8_0",
-         "Q4_0+imatrix+allocator byte_budget=5%", "Q4_0+imatrix+θ r4", "Q4_0+imatrix+θ r4 ffn"]
+         "Q4_0+imatrix+allocator byte_budget=5%", "Q4_0+imatrix+θ r4", "Q4_0+imatrix+θ r4 ffn",
+         "Q4_0+imatrix+θ allocated"]
 
 
 @pytest.fixture(scope="module")
@@ -68,10 +70,13 @@ def test_rows_are_the_files_they_claim(run: tuple[dict, Path], tiny_f32: Path) -
         assert row["sha256"] == sha256_file(path), name
         assert row["tensor_types"] == dict(Counter(t.type.name for t in read_layout(path).tensors)), name
     assert len({r["sha256"] for r in rows.values()}) == len(rows)  # no row measured another row's file
-    assert [rows[n]["imatrix"] for n in NAMES] == [None, "none"] + ["calibration"] * 6
+    assert [rows[n]["imatrix"] for n in NAMES] == [None, "none"] + ["calibration"] * (len(NAMES) - 2)
     for name in NAMES[1:]:
-        rank = read_layout(out_dir / rows[name]["file"]).get("nkat.theta.rank")
-        assert rank == (4 if rows[name]["kind"] == "nkat" else 0), name
+        layout = read_layout(out_dir / rows[name]["file"])
+        if rows[name]["theta"] and rows[name]["theta"]["rank"] is None:  # convert's default: types and ranks allocated
+            assert layout.get("nkat.allocation.method") == "mix" and rows[name]["kind"] == "nkat", name
+            continue
+        assert layout.get("nkat.theta.rank") == (4 if rows[name]["kind"] == "nkat" else 0), name
 
 
 def test_per_tensor_mixes_are_the_types_they_name(run: tuple[dict, Path]) -> None:
@@ -190,6 +195,10 @@ def test_theta_spec_parsing() -> None:
     assert spec.patterns == ["blk.*.ffn_down", "blk.*.ffn_up"] and spec.options == (("gamma", 1),)  # the old key
     assert parse_theta_spec("Q4_0:16:blk.*.ffn_down,blk.*.ffn_up:gamma=1") == spec
     assert parse_theta_spec("Q4_0:4:ffn").patterns == ["blk.*.ffn_*"]
+    assert parse_theta_spec("IQ4_NL:auto") == ThetaSpec("IQ4_NL", None)  # the ranks left to convert's allocation
+    for old in ("op_budget", "theta_max_weights", "theta-weights"):  # old spellings: the one option
+        assert parse_theta_spec(f"IQ4_NL:8:byte_budget=3%:{old}=0").options == (("byte_budget", "3%"),
+                                                                                ("theta_weights", 0))
     for bad in ("Q4_0", "Q4_0:0", "Q4_0:x", "Q4_0:4:ffn:attn", "Q4_0:4:output=x.gguf"):
         with pytest.raises(InputError):
             parse_theta_spec(bad)
@@ -254,13 +263,15 @@ def test_default_model_rows_match_their_files(tmp_path: Path) -> None:
 
 def test_help_lists_the_defaults_the_run_uses() -> None:
     from nkat_gguf.evaluate.frontier import DEFAULT_THETA, DEFAULT_TYPES
+    from nkat_gguf.math.limits import DEFAULT_OUTTYPE
 
     text = " ".join(CliRunner().invoke(main, ["frontier", "--help"]).output.split())
     assert " ".join(DEFAULT_TYPES) in text and " ".join(DEFAULT_THETA) in text
+    assert f"{DEFAULT_OUTTYPE}:auto" in DEFAULT_THETA  # convert's own default is among the default variants
 
 
 def test_convert_help_states_the_defaults_convert_uses() -> None:
-    from nkat_gguf.convert.options import DEFAULT_BYTE_BUDGET, DEFAULT_OP_BUDGET, DEFAULT_OUTTYPE
+    from nkat_gguf.math.limits import DEFAULT_BYTE_BUDGET, DEFAULT_OUTTYPE, DEFAULT_THETA_WEIGHTS
 
     text = " ".join(CliRunner().invoke(main, ["convert", "--help"]).output.split())
-    assert f"--outtype {DEFAULT_OUTTYPE} --byte-budget {DEFAULT_BYTE_BUDGET} --op-budget {DEFAULT_OP_BUDGET}" in text
+    assert f"--outtype {DEFAULT_OUTTYPE} --byte-budget {DEFAULT_BYTE_BUDGET} --theta-weights {DEFAULT_THETA_WEIGHTS}" in text

@@ -184,8 +184,8 @@ def test_kld_matches_a_direct_float64_computation(models: tuple[Path, Path], tmp
         assert write["kld"] is None and write["kl_divergence_base"] == str(base)
         out = measure_model(quant, options, False, None, None, None, None, base, True, progress=False)
     else:
-        out = measure_model(quant, options, False, None, TEXT, N_CTX, N_CHUNKS, reference=ref, progress=False)
-        assert out["kl_divergence_base"] is None and out["kld_reference"] == str(ref)
+        out = measure_model(quant, options, False, None, TEXT, N_CTX, N_CHUNKS, base_model=ref, progress=False)
+        assert out["kl_divergence_base"] is None and out["kld_base_model"] == str(ref)
     k = out["kld"]
     assert 1e-4 < direct.mean() < 1.0  # a real, small divergence: the test can fail either way
     assert k["kld"] == pytest.approx(direct.mean(), rel=0.01, abs=2e-4)
@@ -225,7 +225,7 @@ def test_mismatched_base_file_is_one_clear_error(models: tuple[Path, Path], tmp_
         (["--kl-divergence-base", str(base), "--kl-divergence", "--text", str(tmp_path / "other.txt")],
          "tokens differ"),
         (["--kl-divergence"], "give it with --kl-divergence-base FILE"),
-        (["--kl-divergence-base", str(base), "--kl-divergence", "--kld-reference", str(ref)], "drop --kl-divergence"),
+        (["--kl-divergence-base", str(base), "--kl-divergence", "--kld-base-model", str(ref)], "drop --kl-divergence"),
         (["--kl-divergence-base", str(tmp_path / "missing.kld"), "--kl-divergence"], "No such file"),
     ):
         (tmp_path / "other.txt").write_text(builtin_text("licenses").content[:20_000])
@@ -245,7 +245,7 @@ def test_cli_writes_a_base_and_compares_with_it(models: tuple[Path, Path], tmp_p
     read = CliRunner().invoke(main, ["perplexity", "-m", str(quant), "--kl-divergence-base", str(base),
                                      "--kl-divergence", "--threads", "2", "--json"])
     (tmp_path / "t.txt").write_text(TEXT.content)
-    inline = CliRunner().invoke(main, ["perplexity", "-m", str(quant), "--kld-reference", str(ref), *common,
+    inline = CliRunner().invoke(main, ["perplexity", "-m", str(quant), "--kld-base-model", str(ref), *common,
                                        "--text", str(tmp_path / "t.txt")])
     assert read.exit_code == 0 and inline.exit_code == 0, (read.output, inline.output)
     a, b = json.loads(read.stdout)["kld"], json.loads(inline.stdout)["kld"]

@@ -132,7 +132,7 @@ def test_a_theta_point_is_written_and_compared_alike(searched: tuple[OptimizeOpt
     out = replace(opts, output_dir=tmp_path)
     shutil.copytree(opts.output_dir / "work", tmp_path / "work")
     base = next((tmp_path / "work").glob("*.nkat.gguf"))
-    files = write_best(study, seed_trial, base, builtin_text("evaluation"), out, summary["storage"])
+    files = write_best(study, seed_trial, lambda _config: base, builtin_text("evaluation"), out, summary["storage"])
     report = check_model_matches_report(out, files)
     assert (report["config"]["rank"], report["config"]["gamma"]) == (4, 0.97)
     speed = report["evaluation"]["speed"]

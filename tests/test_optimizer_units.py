@@ -83,6 +83,13 @@ def test_parsing() -> None:
 def test_baseline_then_seed_point_are_enqueued_first() -> None:
     assert rank_choices((2, 4)) == [0, 2, 4]
     assert first_points(options()) == [{"rank": 0}, {"rank": 4, "gamma": 0.97}]
+    # with convert's default in the space, it is tried third
+    searched = options(byte_budgets=("1%", "3%"), theta_weights=(0, 15), outtypes=("Q4_0", "IQ4_NL"))
+    assert first_points(searched) == [
+        {"outtype": "Q4_0", "byte_budget": "none", "rank": 0},
+        {"outtype": "Q4_0", "byte_budget": "none", "rank": 4, "gamma": 0.97},
+        {"outtype": "IQ4_NL", "byte_budget": "3%", "theta_weights": 15, "gamma": 0.97}]
+    assert len(first_points(options(byte_budgets=("1%",)))) == 2  # convert's default is not in this space
     # a space without the seed's point gets its nearest point instead
     assert seed_point((2, 6, 16), (0.5, 0.8)) == (2, 0.8)
     assert seed_point((5, 8), (0.98, 1.2)) == (5, 0.98)

@@ -1,6 +1,6 @@
 """`convert --so8t` end to end: bake, QC before quantizing, write only if QC passes (or --force), report.
 
-Real parts throughout: tiny gguf-py models, llama.cpp for both sides of QC, the PyTorch reference for
+Real parts throughout: tiny gguf-py models, llama.cpp for both sides of QC, the PyTorch forward for
 trained gates applied online. Deliberately broken rotations are passed as a BakePlan through the Python
 API (the command line only builds correct ones); the command line's refusal is shown with `qc bake`.
 """
@@ -20,13 +20,13 @@ from gguf.constants import GGMLQuantizationType
 from safetensors.numpy import save_file
 
 from nkat_gguf.convert import ConvertOptions, convert
-from nkat_gguf.engine.forward.llama import LlamaReference
+from nkat_gguf.engine.forward.llama import LlamaForward
 from nkat_gguf.errors import InputError
 from nkat_gguf.format.gguf_file import read_layout, write_gguf
 from nkat_gguf.format.tensors import TensorSource
 from nkat_gguf.so8t import So8tOptions, check_so8t_options
 from nkat_gguf.so8t.bake import bake_rotations, make_plan
-from nkat_gguf.so8t.qc import MAX_ABS_DZ, MAX_MEAN_KL, QCFailed, qc_text, qc_tokens, reference_logits
+from nkat_gguf.so8t.qc import MAX_ABS_DZ, MAX_MEAN_KL, QCFailed, qc_text, qc_tokens, forward_logits
 from nkat_gguf.so8t.rotations import apply_blocks_right, so8_blocks_from_generators
 from tools.synthetic_model import TINY, build_llama_gguf
 
@@ -181,16 +181,16 @@ def test_trained_gates_round_trip_against_the_reference(tiny_f32, tmp_path):
         return apply_blocks_right(w.astype(np.float64), plan.gates[name]) if name in plan.gates else w
 
     # the online gate W·(R·x), hooked into the reference, is the reference on the folded weights W·R
-    online = reference_logits(source, tokens, plan.gates)
-    folded = LlamaReference(source, weights=folded_weights).logits([tokens])[0]
+    online = forward_logits(source, tokens, plan.gates)
+    folded = LlamaForward(source, weights=folded_weights).logits([tokens])[0]
     np.testing.assert_allclose(online, folded, atol=1e-4)
-    assert np.abs(online - reference_logits(source, tokens, {})).max() > 100 * MAX_ABS_DZ  # the gates matter
+    assert np.abs(online - forward_logits(source, tokens, {})).max() > 100 * MAX_ABS_DZ  # the gates matter
 
     out = tmp_path / "gated.gguf"
     report = convert(ConvertOptions(input=tiny_f32, output=out, outtype="Q8_0", theta_rank=2, progress=False,
                                     so8t=So8tOptions(f"file:{tmp_path / 'gates.safetensors'}")))
     qc = report.so8t["qc"]
-    assert qc["pre"] == "PyTorch reference with the gates applied online"
+    assert qc["pre"] == "PyTorch forward with the gates applied online"
     assert qc["passed"] and qc["max_abs_dz"] <= MAX_ABS_DZ and qc["mean_kl"] <= MAX_MEAN_KL, qc
     keys = so8t_keys(out)
     assert keys["nkat.so8t.mode"] == "file" and keys["nkat.so8t.checkpoint"] == "gates.safetensors"

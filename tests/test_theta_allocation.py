@@ -135,7 +135,7 @@ def test_convert_with_a_budget_writes_what_it_allocated(tiny_f32: Path, tmp_path
     """The pipeline end to end on the tiny model: v2 ranks within both budgets, recorded in the file and report."""
     out = tmp_path / "budget.nkat.gguf"
     report = convert(ConvertOptions(input=tiny_f32, output=out, outtype="Q4_0", theta_budget="1%",
-                                    theta_max_weights=3, threads=2, progress=False))
+                                    theta_weights=3, threads=2, progress=False))
     allocation, theta, layout = report.allocation, read_theta(out), read_layout(out)
     theta_bytes = sum(listing_bytes(n) + t.rank * component_bytes(t.b.shape[0], t.a.shape[1])
                       for n, t in theta.tensors.items())

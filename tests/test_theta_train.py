@@ -15,7 +15,7 @@ from gguf.constants import GGMLQuantizationType
 from nkat_gguf.convert import ConvertOptions, convert
 from nkat_gguf.convert.theta_fit import WeightFit, replace_tensors
 from nkat_gguf.convert.theta_train import TrainSettings, train_theta
-from nkat_gguf.engine.forward.llama import LlamaReference
+from nkat_gguf.engine.forward.llama import LlamaForward
 from nkat_gguf.engine.llama.adapter import cache_root
 from nkat_gguf.engine.llama.runtime import NkatRuntime, RuntimeOptions
 from nkat_gguf.errors import InputError
@@ -163,7 +163,7 @@ def test_the_file_reproduces_the_trained_logits_in_llama_cpp(f32_pair: tuple[Pat
     theta = read_theta(out)
     sequences = [list(range(100, 164)), list(range(3000, 3040))]
 
-    model = LlamaReference(out)
+    model = LlamaForward(out)
     corrections = {n: TrainableTheta(t, theta.gamma, torch.device("cpu")) for n, t in theta.tensors.items()}
     ours, plain = [], []
     with torch.no_grad():

@@ -4,13 +4,16 @@ the file records what was allocated, loads in stock llama.cpp, and exports still
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import llama_cpp
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
+from nkat_gguf.cli import main
 from nkat_gguf.convert import ConvertOptions, convert
 from nkat_gguf.convert.allocate import CANDIDATE_TYPES, candidate_types
 from nkat_gguf.convert.selection import default_theta_tensors
@@ -22,6 +25,7 @@ from nkat_gguf.format.gguf_file import read_layout
 from nkat_gguf.format.nkat import read_theta, type_listing_bytes
 from nkat_gguf.format.tensors import TensorSource
 from nkat_gguf.math.allocation import Choice, TypeStep, WeightSteps, allocate_mix, mix_bytes
+from nkat_gguf.math.limits import DEFAULT_BYTE_BUDGET, DEFAULT_OUTTYPE, DEFAULT_THETA_RANK, DEFAULT_THETA_WEIGHTS
 
 RNG = np.random.default_rng(11)
 
@@ -100,8 +104,8 @@ def mixed(tiny_f32: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     base = d / "base.gguf"
     convert(ConvertOptions(output=base, theta_rank=0, **common))
     files = {"base": (base, None)}
-    for label, options in (("types", dict(theta_rank=0, byte_budget="6%")),
-                           ("theta", dict(byte_budget="6%", op_budget=3))):
+    for label, options in (("types", dict(theta_weights=0, byte_budget="6%")),  # 0: θ on no weight, types only
+                           ("theta", dict(byte_budget="6%", theta_weights=3))):
         out = d / f"{label}.gguf"
         files[label] = (out, convert(ConvertOptions(output=out, **options, **common)))
     return files
@@ -167,12 +171,13 @@ def test_exports_of_a_mixed_file_apply_gamma_b_a(mixed: dict, tmp_path: Path) ->
     (dict(byte_budget="150%"), "over 100 %"),
     (dict(byte_budget="9000MiB"), "larger than the model"),
     (dict(byte_budget="0%"), "allows nothing"),
-    (dict(byte_budget="3%", op_budget=-1), "--op-budget -1 is out of range"),
-    (dict(byte_budget="3%", op_budget=10_000), "--op-budget 10000 is out of range"),
-    (dict(byte_budget="3%", op_budget="many"), "--op-budget must be a whole number"),
-    (dict(op_budget=3), "--op-budget needs --byte-budget"),
+    (dict(byte_budget="3%", theta_weights=-1), "--theta-weights -1 is out of range"),
+    (dict(byte_budget="3%", theta_weights=10_000), "--theta-weights 10000 is out of range"),
+    (dict(byte_budget="3%", theta_weights="many"), "--theta-weights must be a whole number"),
+    (dict(theta_rank=4, theta_weights=3), "--theta-weights 3 caps a budget's allocation"),
     (dict(byte_budget="3%", theta_budget="1%"), "cannot be combined with --theta-budget"),
-    (dict(byte_budget="3%", theta_rank=0, op_budget=2), "--theta-rank 0 asks for none"),
+    (dict(byte_budget="3%", theta_rank=0, theta_weights=2), "--theta-rank 0 asks for none"),
+    (dict(theta_budget="1%", theta_weights=0), "--theta-weights 0 allows it on no weight"),
     (dict(tensor_types=(("blk.*.attn_v.weight", "Q6_K"),)), "cannot hold"),
     (dict(tensor_types=(("blk.*.attn_v.weight", "Q9_9"),)), "unknown type"),
 ])
@@ -190,26 +195,25 @@ def test_mixed_report_is_json_with_no_unmeasured_figure_as_nan(mixed: dict, labe
     assert json.loads(json.dumps(report, allow_nan=False)) == report
 
 
-def test_default_allocation_is_the_measured_budgets_capped_at_the_model(tiny_f32: Path, tmp_path: Path) -> None:
-    """`convert` with no option that chooses weights: DEFAULT_BYTE_BUDGET, θ on at most DEFAULT_OP_BUDGET weights
-    (the tiny model has fewer: all of them may carry θ, not a refusal)."""
-    from nkat_gguf.convert.options import DEFAULT_BYTE_BUDGET, DEFAULT_OP_BUDGET
-
+def test_the_library_default_is_the_command_default(tiny_f32: Path, tmp_path: Path) -> None:
+    """`ConvertOptions(input, output)` and `nkat-gguf convert` with no options: the same settings, the same bytes.
+    The default is the allocation under DEFAULT_BYTE_BUDGET with θ on at most DEFAULT_THETA_WEIGHTS weights (the
+    tiny model has fewer: all of them may carry θ, not a refusal); a uniform rank only when one is asked for."""
+    library = ConvertOptions(input=tiny_f32, output=tmp_path / "library.gguf")
+    resolved = library.resolved()
+    assert (resolved.outtype, resolved.byte_budget, resolved.theta_rank, resolved.theta_weights) == (
+        DEFAULT_OUTTYPE, DEFAULT_BYTE_BUDGET, DEFAULT_THETA_RANK, None)
+    assert ConvertOptions(input=tiny_f32, output=tmp_path / "u.gguf", theta_rank=4).resolved().byte_budget is None
+    assert ConvertOptions(input=tiny_f32, output=tmp_path / "t.gguf", theta_budget="1%").resolved().byte_budget is None
+    report = convert(replace(library, progress=False)).as_dict()
+    cli = CliRunner().invoke(main, ["convert", "--input", str(tiny_f32), "-o", str(tmp_path / "cli.gguf"), "--json"])
+    assert cli.exit_code == 0, cli.output
+    by_cli = json.loads(cli.stdout)
     n_weights = len(default_theta_tensors(read_layout(tiny_f32)))
-    report = convert(ConvertOptions(input=tiny_f32, output=tmp_path / "d.gguf", outtype="IQ4_NL", threads=2,
-                                    progress=False, default_allocation=True))
-    assert report.allocation["method"] == "mix" and report.allocation["max_weights"] == min(DEFAULT_OP_BUDGET, n_weights)
-    assert DEFAULT_BYTE_BUDGET.endswith("%")
-    assert report.allocation["budget_bytes"] <= float(DEFAULT_BYTE_BUDGET[:-1]) / 100 * (tmp_path / "d.gguf").stat().st_size
-    with pytest.raises(InputError, match="default_allocation"):
-        convert(ConvertOptions(input=tiny_f32, output=tmp_path / "e.gguf", default_allocation=True, byte_budget="1%"))
-
-
-@pytest.mark.parametrize("label", ["types", "theta"])
-def test_convert_prints_a_mixed_allocation(mixed: dict, label: str) -> None:
-    """The text `convert` prints (the default convert is a mix): the budget, θ's weights and the upgrades."""
-    from nkat_gguf.cli.convert import format_convert
-
-    report = mixed[label][1].as_dict()
-    line = next(x for x in format_convert(report).splitlines() if x.startswith("allocation:"))
-    assert f"theta on {report['allocation']['weights']} weights" in line and "->" in line
+    assert report["allocation"]["method"] == "mix"
+    assert report["allocation"]["max_weights"] == min(DEFAULT_THETA_WEIGHTS, n_weights)
+    assert report["allocation"]["budget_bytes"] <= float(DEFAULT_BYTE_BUDGET[:-1]) / 100 * (
+        tmp_path / "library.gguf").stat().st_size
+    for key in ("outtype", "theta_rank", "gamma", "imatrix", "allocation", "types", "tensors"):
+        assert by_cli[key] == report[key], key
+    assert (tmp_path / "cli.gguf").read_bytes() == (tmp_path / "library.gguf").read_bytes()

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job on the embedded default model: install, convert with no options (the default the frontier
-# run chose, docs/FRONTIER.md), compare theta off/on against the Q4_1 input.
+# run chose, BENCHMARKS.md "This session"), compare theta off/on against the Q4_1 input.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/bootstrap.sh

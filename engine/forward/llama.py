@@ -1,7 +1,7 @@
-"""PyTorch reference forward of the llama family (llama, qwen2), computed from the weights of a GGUF.
+"""PyTorch forward forward of the llama family (llama, qwen2), computed from the weights of a GGUF.
 
 Read top to bottom like nanoGPT's model.py: the config, then one function per box of the
-architecture diagram (RMSNorm, RoPE, attention, and the block with its MLP), then `LlamaReference`,
+architecture diagram (RMSNorm, RoPE, attention, and the block with its MLP), then `LlamaForward`,
 which runs them. `llama_block` is the one block forward of the project: so8t's trainer runs it too.
 qwen2 is llama with q/k/v biases and llama.cpp's NEOX rope (pairs (i, i + hd/2)); `ARCHITECTURES`
 holds those differences and everything else is shared.
@@ -142,7 +142,7 @@ class LlamaConfig:
         arch = layout.get(Keys.General.ARCHITECTURE)
         if arch not in ARCHITECTURES:
             supported = " and ".join(repr(a) for a in ARCHITECTURES)
-            raise UnsupportedModelError(f"{name}: architecture {arch!r}; the reference forward supports {supported}")
+            raise UnsupportedModelError(f"{name}: architecture {arch!r}; the PyTorch forward supports {supported}")
 
         def key(template: str) -> str:  # a gguf.constants template ("{arch}.block_count") for this file
             return template.format(arch=arch)
@@ -230,8 +230,8 @@ def _float(layout: GGUFLayout, key: str, default: float | None = None) -> float:
     return float(value)
 
 
-def supports_reference(layout: GGUFLayout) -> bool:
-    """True when `LlamaReference` computes what llama.cpp computes for this file."""
+def supports_forward(layout: GGUFLayout) -> bool:
+    """True when `LlamaForward` computes what llama.cpp computes for this file."""
     try:
         LlamaConfig.from_layout(layout)
     except UnsupportedModelError:
@@ -348,7 +348,7 @@ class Batch:
     groups: list[torch.Tensor]  # (B, T) token indices of the B sequences of length T, one attention call each
 
 
-class LlamaReference:
+class LlamaForward:
     """The llama-family forward over a GGUF's weights, layer-major, with optional input hooks per weight.
 
     `weights(name)` replaces `source.dequantize` (reference weights from another file, or modified

@@ -45,7 +45,7 @@ class RuntimeOptions:
     n_threads: int | None = None  # None: one per physical core, as llama.cpp; prompt and generation alike
     n_gpu_layers: int = -1  # all layers on a GPU build; a CPU build ignores it
     # compare logits across models exactly (an F16 cache adds ~2e-2): an F32 cache and flash attention off,
-    # the same attention a plain llama_cpp.Llama or the PyTorch reference computes (flash attention moves
+    # the same attention a plain llama_cpp.Llama or the PyTorch forward computes (flash attention moves
     # logits by ~2e-3)
     f32_kv_cache: bool = False
     logits_all: bool = False

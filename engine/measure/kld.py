@@ -1,6 +1,6 @@
-"""KL divergence from a reference, as `llama-perplexity --kl-divergence-base` / `--kl-divergence` compute it.
+"""KL divergence from a KLD base model, as `llama-perplexity --kl-divergence-base` / `--kl-divergence` compute it.
 
-Two passes, as stock runs them: the reference's perplexity pass also stores its log-probabilities of every
+Two passes, as stock runs them: the KLD base model's perplexity pass also stores its log-probabilities of every
 scored token in llama-perplexity's own base file (nkat_gguf/format/kld_base.py); a second model's pass
 over the file's tokens compares its distributions with the stored ones (nkat_gguf/math/kld.py). Either
 side may be stock llama.cpp: our base file is the file stock writes and reads. Both ride on
@@ -45,7 +45,7 @@ def _n_vocab(llm: llama_cpp.Llama) -> int:
 
 def write_base(llm: llama_cpp.Llama, tokens: list[int], path: Path, n_ctx: int = 512, n_chunks: int | None = None,
                progress: bool = True) -> PerplexityResult:
-    """The reference's perplexity pass, writing its log-probabilities to `path` (atomically) on the way."""
+    """The KLD base model's perplexity pass, writing its log-probabilities to `path` (atomically) on the way."""
     n_chunks = chunk_count(len(tokens), n_ctx, n_chunks)
     n_vocab = _n_vocab(llm)
     rows = RowBlocks(llama_cpp.llama_n_threads_batch(llm.ctx), scored_rows(n_ctx), BLOCK_ROWS)
@@ -91,7 +91,7 @@ def base_matches(path: Path, llm: llama_cpp.Llama, tokens: list[int], n_ctx: int
 def kl_divergence(llm: llama_cpp.Llama, path: Path, progress: bool = True,
                   tokens: list[int] | None = None) -> KldResult:
     """This model's pass over a base file's tokens: its perplexity and its KL divergence from the stored
-    reference. `tokens`, when given (this model's tokenization of the text), must be the file's tokens."""
+    base model's. `tokens`, when given (this model's tokenization of the text), must be the file's tokens."""
     with BaseFile(path) as base:
         check_base(base, llm, tokens)
         h = base.header
@@ -115,37 +115,38 @@ def kl_divergence(llm: llama_cpp.Llama, path: Path, progress: bool = True,
 
 def measure_model(model: Path, options: RuntimeOptions, theta: bool, gamma: float | None, text: Text | None,
                   n_ctx: int | None, n_chunks: int | None, base: Path | None = None, compare_with_base: bool = False,
-                  reference: Path | None = None, progress: bool = True) -> dict:
+                  base_model: Path | None = None, progress: bool = True) -> dict:
     """The `perplexity` command's modes, as llama-perplexity's flags combine:
 
-    - no base, no reference: perplexity only;
-    - `base` alone (--kl-divergence-base): this model is the reference and writes `base`;
+    - no base, no base model: perplexity only;
+    - `base` alone (--kl-divergence-base): this model is the KLD base model and writes `base`;
     - `base` and `compare_with_base` (--kl-divergence): this model against `base`, over the file's tokens
       (and n_ctx, and chunks); a `text`, if given, must tokenize to them;
-    - `reference` (--kld-reference): the reference's pass writes `base` (a temporary file when None), then
+    - `base_model` (--kld-base-model): the base model's pass writes `base` (a temporary file when None), then
       this model is compared with it, all in this process.
     θ off unless `theta`; then at `gamma`, None for the file's. `options.n_ctx` must cover the chunk length (`base_context` tells it for a base file).
     """
-    if compare_with_base and reference is not None:
-        raise InputError("--kld-reference computes the base itself: drop --kl-divergence (which reads a base file)")
+    if compare_with_base and base_model is not None:
+        raise InputError("--kld-base-model computes the base itself: drop --kl-divergence (which reads a base file)")
     if compare_with_base and base is None:
         raise InputError("--kl-divergence compares with a base file: give it with --kl-divergence-base FILE")
     if compare_with_base and n_chunks is not None:
         raise InputError("--chunks does not apply with --kl-divergence: every chunk of the base file is scored")
     kept = base  # the base file the user named (a temporary one is not reported)
     with contextlib.ExitStack() as stack:
-        if reference is not None:
+        if base_model is not None:
             if text is None:
-                raise InputError("--kld-reference needs the text to score")  # the CLI always passes one
-            base = base or stack.enter_context(work_dir(Path(tempfile.gettempdir()), "kld")) / "reference.kld"
-            with NkatRuntime(reference, options) as ref:
-                write_base(ref.llm, tokenize_text(ref.llm, text.content), base, n_ctx or 512, n_chunks, progress)
+                raise InputError("--kld-base-model needs the text to score")  # the CLI always passes one
+            base = base or stack.enter_context(work_dir(Path(tempfile.gettempdir()), "kld")) / "base-model.kld"
+            with NkatRuntime(base_model, options) as base_rt:
+                write_base(base_rt.llm, tokenize_text(base_rt.llm, text.content), base, n_ctx or 512, n_chunks,
+                           progress)
         with NkatRuntime(model, options) as rt:
             rt.set_gamma(rt.resolve_gamma(gamma) if theta else None)
             out = {"model": str(model), "theta_enabled": rt.gamma is not None, "gamma": rt.gamma,
                    "text": text.source if text else f"the tokens of {base}", "kl_divergence_base": None, "kld": None}
             tokens = tokenize_text(rt.llm, text.content) if text is not None else None
-            if compare_with_base or reference is not None:
+            if compare_with_base or base_model is not None:
                 result = kl_divergence(rt.llm, base, progress, tokens)
                 out.update(result.perplexity.as_dict(), kld=result.kld.as_dict(),
                            kl_divergence_base=str(kept) if kept else None)
@@ -154,8 +155,8 @@ def measure_model(model: Path, options: RuntimeOptions, theta: bool, gamma: floa
                            kl_divergence_base=str(base))
             else:
                 out.update(perplexity(rt.llm, tokens, n_ctx or 512, n_chunks, progress).as_dict())
-    if reference is not None:
-        out["kld_reference"] = str(reference)
+    if base_model is not None:
+        out["kld_base_model"] = str(base_model)
     return out
 
 

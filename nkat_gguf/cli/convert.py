@@ -12,6 +12,7 @@ from nkat_gguf.cli.output import emit, progress_wanted
 from nkat_gguf.cli.qc import format_qc
 from nkat_gguf.math.limits import (
     DAMPING_RANGE,
+    DEFAULT_GAMMA,
     DEFAULT_TRAIN_LR,
     DEFAULT_TRAIN_STEPS,
     DEFAULT_TRAIN_TOKENS,
@@ -42,31 +43,29 @@ def _tensor_types(_ctx: click.Context, _param: click.Parameter, items: tuple[str
                 help="Where to write the NKAT GGUF (written atomically; the input is never modified).")
 @options.outtype(default=None, show_default=False,
                  help="llama.cpp quantization type (Q4_0, IQ4_NL, Q4_K_M, Q8_0, F16, ...) or 'same' as the input "
-                      "(default: the type the frontier run chose, see 'Defaults' below).")
+                      "(default: see 'Defaults' below).")
 @options.reference(help="Higher-precision GGUF of the same model whose weights theta aims at (default: the input).")
-@options.theta_rank(help="Rank r of the correction per weight; 0 writes no theta (default: see 'Defaults' below).")
-@options.gamma(hidden_aliases=("--theta-gamma",), default="0.97", show_default=True,
+@options.theta_rank(help="Theta of rank R on every selected weight instead of the allocation (0: no theta).")
+@options.gamma(hidden_aliases=("--theta-gamma",), default=str(DEFAULT_GAMMA), show_default=True,
                help="Default gamma stored in the file (1 applies the full correction).")
-@click.option("--theta-budget", default=None, metavar="SIZE",
-              help="Give each weight its own rank (0 included) within SIZE bytes of theta: MiB or % of the "
-                   "quantized file, e.g. 2MiB or 3%. Ranks go where the residual's singular values times a "
-                   "per-kind sensitivity (measured on the calibration text) buy most; --theta-rank is then unused.")
-@click.option("--theta-max-weights", type=int, default=None, metavar="N",
-              help="With --theta-budget: at most N weights carry theta. Each adds 4 llama.cpp graph operations "
-                   "whatever its rank, so this caps the run-time cost.")
-@click.option("--byte-budget", default=None, metavar="SIZE",
-              help="Allocate each weight's type (the steps llama.cpp writes for its row width) and theta rank "
-                   "together within SIZE over the base type's file (MiB or %, e.g. 3%), by benefit per byte. "
-                   "With --theta-rank 0: types only, a llama.cpp per-tensor mix.")
-@click.option("--op-budget", type=int, default=None, metavar="N",
-              help="With --byte-budget: at most N weights carry theta (4 llama.cpp graph operations each); "
-                   "0 for types only.")
+@options.theta_budget(
+              help="Theta ranks only (types stay the base's): give each weight its own rank (0 included) within "
+                   "SIZE bytes of theta: MiB or % of the quantized file, e.g. 2MiB or 3%. Ranks go where the "
+                   "residual's singular values times a per-kind sensitivity (measured on the calibration text) buy "
+                   "most.")
+@options.byte_budget(help="Allocate each weight's type (the steps llama.cpp writes for its row width) and theta rank "
+                          "together within SIZE over the base type's file (MiB or %, e.g. 3%), by benefit per byte "
+                          "(default: see 'Defaults' below; off with --theta-rank or --theta-budget unless given).")
+@options.theta_weights(type=click.IntRange(min=0), hidden_aliases=("--op-budget", "--theta-max-weights"),
+                       help="Under a budget, at most N weights carry theta (each adds 4 llama.cpp graph operations "
+                            "whatever its rank); 0: theta on no weight, types only (default: see 'Defaults' below, "
+                            "capped at the model's weights).")
 @click.option("--tensor-type", "tensor_types", multiple=True, metavar="PATTERN=TYPE", callback=_tensor_types,
               help="Write the weights PATTERN names (as --selective-layers) at TYPE, as llama-quantize "
                    "--tensor-type; a type their rows cannot hold is refused. Repeatable.")
 @click.option("--selective-layers", multiple=True, metavar="NAME",
-              help="Only these weights: GGUF names, globs (blk.*.ffn_*; blk.* for all) or Meta/HF names. "
-                   "Repeatable (default: see 'Defaults' below).")
+              help="Only these weights may carry theta (and, under --byte-budget, change type): GGUF names, globs "
+                   "(blk.*.ffn_*; blk.* for all) or Meta/HF names. Repeatable (default: every attention/FFN weight).")
 @options.calib_text()
 @click.option("--calib-tokens", type=int, default=None,
               help="Calibration tokens, in whole windows of 512, evaluated in llama.cpp (default: 16384, or all "
@@ -125,8 +124,7 @@ def _tensor_types(_ctx: click.Context, _param: click.Parameter, items: tuple[str
 @options.as_json(help="Print a machine-readable summary.")
 @fail_cleanly
 def convert(input_: str, output: Path, outtype: str | None, reference: Path | None, theta_rank: int | None,
-            gamma: float, theta_budget: str | None, theta_max_weights: int | None, byte_budget: str | None,
-            op_budget: int | None, tensor_types: tuple[tuple[str, str], ...], selective_layers: tuple[str, ...],
+            gamma: float, theta_budget: str | None, byte_budget: str | None, theta_weights: int | None, tensor_types: tuple[tuple[str, str], ...], selective_layers: tuple[str, ...],
             calib_text: Path | None, calib_tokens: int | None, calib_memory: str | None,
             save_imatrix: Path | None, theta_calib: str,
             theta_fit: str, theta_damping: float | None, theta_rounds: int, theta_train: str,
@@ -136,9 +134,10 @@ def convert(input_: str, output: Path, outtype: str | None, reference: Path | No
     """Quantize a GGUF with llama.cpp and store theta (what quantization lost, low rank) in its metadata.
 
     \b
-    Defaults, from the frontier run in BENCHMARKS.md ("This session"), used when no option chooses
-    the weights (--theta-rank, --theta-budget, --byte-budget, --op-budget, --selective-layers, --tensor-type):
-      --outtype IQ4_NL --byte-budget 3% --op-budget 15
+    Defaults, from the frontier run in BENCHMARKS.md ("This session"), the same as the library's
+    ConvertOptions(input, output):
+      --outtype IQ4_NL --byte-budget 3% --theta-weights 15
+    The byte budget applies unless --theta-rank (one rank on every weight) or --theta-budget is given.
     """
     from nkat_gguf.convert import ConvertOptions
     from nkat_gguf.convert import convert as run_convert
@@ -149,20 +148,17 @@ def convert(input_: str, output: Path, outtype: str | None, reference: Path | No
         raise click.UsageError("--calibrate-temperature does not combine with --optimize-rank: run "
                                "'nkat-gguf qc confidence BEST.gguf --write-temperature OUT' on the result")
     given = {"outtype": outtype, "theta_rank": theta_rank, "selective_layers": list(selective_layers) or None,
-             "calib_memory": calib_memory}
-    default_allocation = not (theta_rank is not None or theta_budget or byte_budget or op_budget is not None
-                              or selective_layers or tensor_types or optimize_rank)  # nothing chooses the weights
+             "calib_memory": calib_memory}  # the rest: ConvertOptions' own defaults, decided there
     opts = ConvertOptions(
         input=resolve_model(input_), output=output, reference=reference, gamma=gamma,
-        theta_budget=theta_budget, theta_max_weights=theta_max_weights, byte_budget=byte_budget,
-        op_budget=op_budget, tensor_types=tensor_types,
+        theta_budget=theta_budget, byte_budget=byte_budget, theta_weights=theta_weights, tensor_types=tensor_types,
         calib_text=calib_text, calib_tokens=calib_tokens, save_imatrix=save_imatrix, theta_calib=theta_calib,
         theta_fit=theta_fit, theta_damping=theta_damping, theta_rounds=theta_rounds, imatrix=imatrix, threads=threads,
         so8t=So8tOptions(mode=so8t, seed=so8t_seed, heads=so8t_heads, force=force, report_dir=report_dir),
         calibrate_temperature=calibrate_temperature, progress=progress_wanted(as_json),
         theta_train=theta_train, theta_train_steps=theta_train_steps, theta_train_lr=theta_train_lr,
         theta_train_tokens=theta_train_tokens,
-        default_allocation=default_allocation, **{k: v for k, v in given.items() if v is not None})
+        **{k: v for k, v in given.items() if v is not None})
     if optimize_rank:
         from nkat_gguf.optimizer.outputs import format_summary
         from nkat_gguf.optimizer.study import optimize_convert

@@ -9,6 +9,7 @@ import click
 from nkat_gguf.cli import options
 from nkat_gguf.cli.errors import fail_cleanly
 from nkat_gguf.cli.output import command_line, emit
+from nkat_gguf.math.limits import DEFAULT_THETA_RANK
 
 PPL_CHUNK_HELP = "Tokens per perplexity chunk."
 
@@ -17,7 +18,7 @@ PPL_CHUNK_HELP = "Tokens per perplexity chunk."
 @options.input_model()
 @options.reference()
 @options.outtype(help="llama.cpp quantization type of every variant.")
-@options.theta_rank(type=click.IntRange(min=1), default=8, show_default=True,
+@options.theta_rank(type=click.IntRange(min=1), default=DEFAULT_THETA_RANK, show_default=True,
                     help="Rank of theta in the two theta rows.")
 @options.calib_text()
 @options.text(help="UTF-8 evaluation text (default: the evaluation split of Python's pydoc topics).")
@@ -58,8 +59,9 @@ def names(values: tuple[str, ...]) -> tuple[str, ...]:
               help="llama.cpp types to quantize with the importance matrix (default: Q2_K ... Q5_0, see below).")
 @click.option("--theta", "thetas", multiple=True, metavar="BASE:RANK[:WEIGHTS][:key=value]",
               help="An NKAT variant: theta of RANK on the importance-matrix BASE type, on WEIGHTS (all, ffn, attn "
-                   "or --selective-layers patterns joined by ','); key=value sets another convert option. "
-                   "Repeatable; 'none' for no NKAT variant.")
+                   "or --selective-layers patterns joined by ','); RANK 'auto': types and ranks allocated as "
+                   "convert does by default; key=value sets another convert option (byte_budget=3%, "
+                   "theta_weights=15, ...). Repeatable; 'none' for no NKAT variant.")
 @click.option("--mix", "mixes", multiple=True, metavar="BASE:PATTERN=TYPE[,...]|BASE:key=value",
               help="A llama.cpp per-tensor mix without theta: tensor types by hand (IQ4_NL:blk.*.attn_v.weight=Q8_0) "
                    "or the allocator's types (IQ4_NL:byte_budget=3%). Repeatable; 'none' for no mix.")
@@ -87,8 +89,8 @@ def frontier(input_: str, reference: Path | None, types: tuple[str, ...], thetas
 
     \b
     Default types: Q2_K Q3_K_S Q3_K_M Q3_K_L IQ3_XXS IQ3_S IQ4_XS IQ4_NL Q4_0 Q4_K_S Q4_K_M Q5_0
-    Default theta: Q4_0:4 Q4_0:8 Q4_0:8:ffn IQ4_NL:4 IQ4_NL:8 IQ4_NL:8:attn IQ4_NL:8:ffn IQ4_NL:12:ffn
-                   IQ4_NL:16:ffn Q3_K_S:16
+    Default theta: IQ4_NL:auto Q4_0:4 Q4_0:8 Q4_0:8:ffn IQ4_NL:4 IQ4_NL:8 IQ4_NL:8:attn IQ4_NL:8:ffn
+                   IQ4_NL:12:ffn IQ4_NL:16:ffn Q3_K_S:16   (IQ4_NL:auto is convert's default)
     Default mixes: IQ4_NL:blk.*.attn_v.weight=Q5_0,blk.*.ffn_down.weight=Q5_0
                    IQ4_NL:blk.*.attn_v.weight=Q8_0,blk.*.ffn_down.weight=Q5_1  IQ4_NL:byte_budget=3%
     """

@@ -24,30 +24,31 @@ from nkat_gguf.cli.output import command_line, emit
                    "compared with (stock llama-perplexity reads and writes the same file).")
 @click.option("--kl-divergence", "kld_compare", is_flag=True,
               help="Compare this model with the --kl-divergence-base file: KL divergence, Δp, same top.")
-@click.option("--kld-reference", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="Reference GGUF: its log-probabilities are computed in this run (kept in --kl-divergence-base "
-                   "if given) and this model is compared with them.")
+@click.option("--kld-base-model", "kld_base_model", cls=options.HiddenAliasOption, hidden_aliases=("--kld-reference",),
+              type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="The KLD base model (a GGUF, e.g. the unquantized model): its log-probabilities are computed in "
+                   "this run (kept in --kl-divergence-base if given) and this model is compared with them.")
 @options.as_json()
 @options.engine_options
 @fail_cleanly
 def perplexity(model: str, gamma: float | None, no_theta: bool, text: Path | None, ctx: int | None,
-               chunks: int | None, kld_base: Path | None, kld_compare: bool, kld_reference: Path | None,
+               chunks: int | None, kld_base: Path | None, kld_compare: bool, kld_base_model: Path | None,
                as_json: bool, gpu_layers: int, no_cuda: bool, threads: int | None) -> None:
-    """Perplexity exactly as llama.cpp's llama-perplexity computes it, and its KL divergence from a reference."""
+    """Perplexity exactly as llama.cpp's llama-perplexity computes it, and its KL divergence from a KLD base model."""
     from nkat_gguf.default_model import resolve_model
     from nkat_gguf.engine.measure.kld import base_context, measure_model
     from nkat_gguf.engine.llama.probe import check_model
     from nkat_gguf.texts import load_text
 
     path = resolve_model(model)
-    if kld_compare and kld_base is not None and kld_reference is None:
+    if kld_compare and kld_base is not None and kld_base_model is None:
         ctx = base_context(kld_base, ctx)
     ctx = 512 if ctx is None else ctx
-    for file in (path, kld_reference) if kld_reference else (path,):
+    for file in (path, kld_base_model) if kld_base_model else (path,):
         check_model(file, ctx)
     content = None if kld_compare and text is None else load_text(text, "evaluation")
     out = measure_model(path, options.runtime_options(gpu_layers, no_cuda, threads, n_ctx=ctx, n_batch=ctx),
-                        not no_theta, gamma, content, ctx, chunks, kld_base, kld_compare, kld_reference)
+                        not no_theta, gamma, content, ctx, chunks, kld_base, kld_compare, kld_base_model)
     emit(out, as_json, format_perplexity)
 
 

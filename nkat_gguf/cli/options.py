@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import click
 
+from nkat_gguf.math.limits import DEFAULT_OUTTYPE
+
 if TYPE_CHECKING:
     from nkat_gguf.engine.llama.runtime import RuntimeOptions
 
@@ -87,8 +89,12 @@ gamma = _shared("--gamma", cls=HiddenAliasOption, callback=parse_gamma, default=
                 help="theta scale (default: the file's).")
 reference = _shared("--reference", type=GGUF_FILE, default=None,
                     help="Higher-precision GGUF theta aims at and the gap is measured to (default: the input).")
-outtype = _shared("--outtype", default="Q4_0", show_default=True)
+outtype = _shared("--outtype", default=DEFAULT_OUTTYPE, show_default=True)
 theta_rank = _shared("--theta-rank", type=int, default=None)
+byte_budget = _shared("--byte-budget", default=None, metavar="SIZE")
+theta_budget = _shared("--theta-budget", cls=HiddenAliasOption, default=None, metavar="SIZE")
+# one name for how many weights carry θ, 0 meaning none (types only); the old spellings parse, unlisted
+theta_weights = _shared("--theta-weights", cls=HiddenAliasOption, default=None, metavar="N")
 text = _shared("--text", type=TEXT_FILE, default=None,
                help="UTF-8 text (default: the evaluation split of Python's pydoc topics).")
 calib_text = _shared("--calib-text", type=TEXT_FILE, default=None,

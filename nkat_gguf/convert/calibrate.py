@@ -2,8 +2,8 @@
 
 One pass over the calibration windows serves two uses: the activation weighting of theta's SVD and
 llama.cpp's importance matrix for quantization. convert collects them inside llama.cpp's own graph
-(nkat_gguf.engine.calibrate.calibration), so every architecture llama.cpp runs is calibrated; the PyTorch reference
-(`calibrate_with_reference`, llama family only) is the independent check on the same windows.
+(nkat_gguf.engine.calibrate.calibration), so every architecture llama.cpp runs is calibrated; the PyTorch forward
+(`calibrate_with_forward`, llama family only) is the independent check on the same windows.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from nkat_gguf.engine.calibrate.calibration import (
     store_cached,
 )
 from nkat_gguf.convert.moment_groups import GroupedMoments, layer_groups, moment_bytes
-from nkat_gguf.engine.forward.llama import LlamaReference
+from nkat_gguf.engine.forward.llama import LlamaForward
 from nkat_gguf.engine.llama.vocab import tokens_and_bos
 from nkat_gguf.errors import InputError
 from nkat_gguf.format.gguf_file import read_layout
@@ -34,7 +34,7 @@ from nkat_gguf.format.tensors import TensorSource
 from nkat_gguf.texts import Text
 
 DEFAULT_CALIB_TOKENS = 32 * WINDOW  # llama-imatrix's usual order of magnitude, and what the built-in text holds
-REFERENCE_WINDOWS_PER_PASS = 8  # the PyTorch reference holds every token of a pass in memory at once
+FORWARD_WINDOWS_PER_PASS = 8  # the PyTorch forward holds every token of a pass in memory at once
 
 
 @dataclass(frozen=True)
@@ -127,16 +127,16 @@ def _group_tag(group: set[str]) -> str:
     return ",".join(sorted(group))
 
 
-def calibrate_with_reference(source: TensorSource, weights: Callable[[str], np.ndarray], model_path: Path,
-                             text: Text, calib_tokens: int | None = None, progress: bool = True) -> Calibration:
-    """The PyTorch reference forward (llama family) over the same windows as `calibrate`: E[x²] only."""
+def calibrate_with_forward(source: TensorSource, weights: Callable[[str], np.ndarray], model_path: Path,
+                           text: Text, calib_tokens: int | None = None, progress: bool = True) -> Calibration:
+    """The PyTorch forward (llama family) over the same windows as `calibrate`: E[x²] only."""
     windows = calibration_windows(model_path, text, calib_tokens)
-    reference = LlamaReference(source, weights=weights)
+    forward = LlamaForward(source, weights=weights)
     totals: dict[str, np.ndarray] = {}
-    passes = range(0, len(windows), REFERENCE_WINDOWS_PER_PASS)
-    for start in tqdm(passes, desc="calibrating (PyTorch reference)", unit="pass", disable=not progress, leave=False):
-        chunk = windows[start:start + REFERENCE_WINDOWS_PER_PASS]
-        for name, mean in reference.input_mean_squares(chunk).items():
+    passes = range(0, len(windows), FORWARD_WINDOWS_PER_PASS)
+    for start in tqdm(passes, desc="calibrating (PyTorch forward)", unit="pass", disable=not progress, leave=False):
+        chunk = windows[start:start + FORWARD_WINDOWS_PER_PASS]
+        for name, mean in forward.input_mean_squares(chunk).items():
             totals[name] = totals.get(name, 0) + mean.astype(np.float64) * len(chunk)
     means = {name: (total / len(windows)).astype(np.float32) for name, total in totals.items()}
     return Calibration(means, len(windows) * WINDOW, text.sha256, text.source)

@@ -16,7 +16,7 @@ from gguf.constants import Keys
 
 from nkat_gguf.convert.calibrate import Calibration
 from nkat_gguf.convert.moment_groups import parse_memory
-from nkat_gguf.convert.options import DEFAULT_BYTE_BUDGET, DEFAULT_OP_BUDGET, ConvertOptions
+from nkat_gguf.convert.options import ConvertOptions
 from nkat_gguf.convert.selection import resolve_tensor_types, select_tensors
 from nkat_gguf.convert.theta_fit import FitSettings, check_fit
 from nkat_gguf.convert.theta_train import TrainSettings, check_train_options
@@ -29,6 +29,7 @@ from nkat_gguf.format.imatrix import input_widths, read_imatrix_file
 from nkat_gguf.format.nkat import check_gamma
 from nkat_gguf.format.tensors import TensorSource
 from nkat_gguf.math.allocation import ThetaBudget, check_max_weights, parse_budget
+from nkat_gguf.math.limits import DEFAULT_THETA_WEIGHTS
 from nkat_gguf.so8t import BakePlan, check_so8t_options
 
 
@@ -36,7 +37,7 @@ from nkat_gguf.so8t import BakePlan, check_so8t_options
 class CheckedOptions:
     """The options once checked against the input: the model, its weights to fit θ on, and what later steps need."""
 
-    opts: ConvertOptions
+    opts: ConvertOptions  # resolved: convert's defaults filled in
     layout: GGUFLayout
     source: TensorSource  # the input model
     reference: TensorSource  # W_ref: the input itself, or the --reference GGUF
@@ -48,7 +49,7 @@ class CheckedOptions:
     budget: ThetaBudget | None  # --theta-budget: θ ranks only
     tensor_types: dict[str, object]  # --tensor-type: weight name -> GGML type, by hand
     byte_budget: ThetaBudget | None  # --byte-budget: types and θ ranks allocated together
-    op_budget: int | None  # --op-budget: the most weights that carry θ under --byte-budget (0: types only)
+    theta_weights: int | None  # under either budget, the most weights that carry θ (0: none, types only)
     calib_memory: int  # --calib-memory in bytes
     needs_calibration: bool  # convert calibrates (unless a calibration is passed in)
     reads_text: bool  # a step reads the calibration text
@@ -72,18 +73,19 @@ def check_options(opts: ConvertOptions, calibration: Calibration | None) -> Chec
     check_rank(source, names, opts.theta_rank)
     fit = check_fit(opts.theta_fit, opts.theta_damping, opts.theta_rounds)
     calib_memory = parse_memory(opts.calib_memory)
-    budget = check_budget_options(opts, names, input_path.stat().st_size)
+    budget = check_budget_options(opts, input_path.stat().st_size)
     tensor_types = resolve_tensor_types(layout, opts.tensor_types)
-    byte_budget, op_budget = check_mix_options(opts, names, input_path.stat().st_size)
+    byte_budget = check_mix_options(opts, input_path.stat().st_size)
+    theta_weights = check_theta_weights(opts, len(names))
     reference = reference_source(source, opts.reference)
     wants_theta = opts.theta_rank > 0 or budget is not None
-    check_train_options(TrainSettings.of(opts), layout, wants_theta and op_budget != 0)
+    check_train_options(TrainSettings.of(opts), layout, wants_theta and theta_weights != 0)
     needs_calibration = ((opts.theta_calib == "activation" and wants_theta) or opts.imatrix == "auto"
                          or opts.save_imatrix is not None)
     reads_text = ((needs_calibration and calibration is None) or budget is not None or byte_budget is not None
                   or opts.calibrate_temperature or opts.theta_train != "none")
     return CheckedOptions(opts, layout, source, reference, names, outtype, ftype, fit, so8t, budget, tensor_types,
-                          byte_budget, op_budget, calib_memory, needs_calibration, reads_text)
+                          byte_budget, theta_weights, calib_memory, needs_calibration, reads_text)
 
 
 def reference_source(input_source: TensorSource, reference: Path | None) -> TensorSource:
@@ -111,42 +113,43 @@ def check_rank(source: TensorSource, names: list[str], rank: int) -> None:
             raise InputError(f"--theta-rank {rank} is larger than {name}'s smaller dimension {smallest}")
 
 
-def check_budget_options(opts: ConvertOptions, names: list[str], model_bytes: int) -> ThetaBudget | None:
-    """--theta-budget / --theta-max-weights, refused in one line each before any work is done."""
+def check_budget_options(opts: ConvertOptions, model_bytes: int) -> ThetaBudget | None:
+    """--theta-budget (θ ranks only), refused in one line before any work is done."""
     if opts.theta_budget is None:
-        if opts.theta_max_weights is not None:
-            raise InputError("--theta-max-weights needs --theta-budget (it caps how many weights the budget spreads over)")
         return None
     if opts.theta_rank == 0:
         raise InputError("--theta-budget asks for theta but --theta-rank 0 asks for none; give one of them")
-    budget = parse_budget(opts.theta_budget, model_bytes)
-    check_max_weights(opts.theta_max_weights, len(names))
-    return budget
+    return parse_budget(opts.theta_budget, model_bytes)
 
 
-def check_mix_options(opts: ConvertOptions, names: list[str], model_bytes: int) -> tuple[ThetaBudget | None, int | None]:
-    """--byte-budget / --op-budget: (budget, most adapted weights; 0 = types only), refused in one line each."""
-    if opts.default_allocation:
-        if opts.byte_budget is not None or opts.op_budget is not None or opts.theta_budget is not None:
-            raise InputError("default_allocation is the default budgets: give no --byte-budget, --op-budget or "
-                             "--theta-budget with it")
-        return (parse_budget(DEFAULT_BYTE_BUDGET, model_bytes, "--byte-budget"),
-                0 if opts.theta_rank == 0 else min(DEFAULT_OP_BUDGET, len(names)))
+def check_mix_options(opts: ConvertOptions, model_bytes: int) -> ThetaBudget | None:
+    """--byte-budget (types and θ ranks together), refused in one line before any work is done."""
     if opts.byte_budget is None:
-        if opts.op_budget is not None:
-            raise InputError("--op-budget needs --byte-budget (it caps how many weights the budget gives theta)")
-        return None, None
+        return None
     if opts.theta_budget is not None:
         raise InputError("--byte-budget allocates types and theta together; it cannot be combined with --theta-budget")
-    if isinstance(opts.op_budget, bool) or not isinstance(opts.op_budget, (int, type(None))):
-        raise InputError(f"--op-budget must be a whole number of weights, got {opts.op_budget!r}")
-    budget = parse_budget(opts.byte_budget, model_bytes, "--byte-budget")
-    check_max_weights(opts.op_budget, len(names), "--op-budget", lowest=0)
+    return parse_budget(opts.byte_budget, model_bytes, "--byte-budget")
+
+
+def check_theta_weights(opts: ConvertOptions, n_weights: int) -> int | None:
+    """--theta-weights: under a budget, the most weights that carry θ (0: none, types only); by default
+    DEFAULT_THETA_WEIGHTS capped at the model's weights. None without a budget (uniform rank: every selected weight)."""
+    count = opts.theta_weights
+    if isinstance(count, bool) or not isinstance(count, (int, type(None))):
+        raise InputError(f"--theta-weights must be a whole number of weights, got {count!r}")
+    if opts.byte_budget is None and opts.theta_budget is None:
+        if count is not None:
+            raise InputError(f"--theta-weights {count} caps a budget's allocation; --theta-rank {opts.theta_rank} "
+                             "puts theta on every selected weight (choose them with --selective-layers)")
+        return None
+    check_max_weights(count, n_weights)
     if opts.theta_rank == 0:
-        if opts.op_budget:
-            raise InputError(f"--op-budget {opts.op_budget} asks for theta but --theta-rank 0 asks for none")
-        return budget, 0
-    return budget, opts.op_budget
+        if count:
+            raise InputError(f"--theta-weights {count} asks for theta but --theta-rank 0 asks for none")
+        return 0
+    if count == 0 and opts.theta_budget is not None:
+        raise InputError("--theta-budget asks for theta but --theta-weights 0 allows it on no weight")
+    return min(DEFAULT_THETA_WEIGHTS, n_weights) if count is None else count
 
 
 def _check_paths(input_path: Path, output_path: Path, reference: Path | None) -> None:

@@ -2,35 +2,38 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from nkat_gguf.math.limits import DEFAULT_TRAIN_LR, DEFAULT_TRAIN_STEPS, DEFAULT_TRAIN_TOKENS, ThetaCalib, ThetaTrain
+from nkat_gguf.math.limits import (
+    DEFAULT_BYTE_BUDGET,
+    DEFAULT_GAMMA,
+    DEFAULT_OUTTYPE,
+    DEFAULT_THETA_RANK,
+    DEFAULT_TRAIN_LR,
+    DEFAULT_TRAIN_STEPS,
+    DEFAULT_TRAIN_TOKENS,
+    ThetaCalib,
+    ThetaTrain,
+)
 from nkat_gguf.so8t import So8tOptions
 
 DEFAULT_CALIB_MEMORY = "4GiB"  # the second moments of a whole 7B llama (6.4 GB) take two passes, the default model one
 
-# The default convert (issue 19): the file the frontier run of BENCHMARKS.md "This session" measured best among
-# those that meet θ's speed target, where its command, commit and conditions stand. `convert` with none of the
-# options that choose weights, ranks or types applies the allocation budgets below (nkat_gguf/cli/convert.py).
-DEFAULT_OUTTYPE = "IQ4_NL"
-DEFAULT_THETA_RANK = 8
-DEFAULT_THETA_WEIGHTS: tuple[str, ...] | None = None  # --selective-layers patterns; None: every attention/FFN weight
-DEFAULT_BYTE_BUDGET: str | None = "3%"  # types and θ ranks allocated together within this over the base type's file
-DEFAULT_OP_BUDGET = 15  # the most weights that carry θ (4 llama.cpp graph operations each); capped at the model's
-
 
 @dataclass(frozen=True)
 class ConvertOptions:
-    """Everything `nkat-gguf convert` is asked to do; the CLI and Python callers build the same object."""
+    """Everything `nkat-gguf convert` is asked to do; the CLI and Python callers build the same object, and
+    `ConvertOptions(input, output)` writes the same file as `nkat-gguf convert` with no options: types and θ
+    ranks allocated under DEFAULT_BYTE_BUDGET, θ on at most DEFAULT_THETA_WEIGHTS weights (math/limits.py)."""
 
     input: Path
     output: Path
     outtype: str = DEFAULT_OUTTYPE  # "same": the input's type
-    reference: Path | None = None
-    theta_rank: int = DEFAULT_THETA_RANK
-    gamma: float = 0.97  # γ, stored in the file as NkatTheta.gamma
-    selective_layers: list[str] | tuple[str, ...] | None = DEFAULT_THETA_WEIGHTS  # None: every attention/FFN weight
+    reference: Path | None = None  # the reference weights θ aims at (default: the input's)
+    theta_rank: int | None = None  # R: θ of rank R on every selected weight, no allocation (0: no θ); None: allocated
+    gamma: float = DEFAULT_GAMMA  # γ, stored in the file as NkatTheta.gamma
+    selective_layers: list[str] | tuple[str, ...] | None = None  # None: every attention/FFN weight
     calib_text: Path | None = None
     calib_memory: str = DEFAULT_CALIB_MEMORY  # Σxxᵀ held at once; above it, passes per group of layers
     calib_tokens: int | None = None  # None: DEFAULT_CALIB_TOKENS, or all whole windows of a shorter text
@@ -43,14 +46,14 @@ class ConvertOptions:
     threads: int = 0
     progress: bool = True
     so8t: So8tOptions = So8tOptions()  # no rotation unless asked for
-    theta_budget: str | None = None  # "2MiB" or "3%" of the quantized file: per-weight ranks (theta_rank unused)
-    theta_max_weights: int | None = None  # with theta_budget: the most weights that carry theta (graph operations)
+    theta_budget: str | None = None  # "2MiB" or "3%" of the quantized file: θ ranks only, types stay the base's
     tensor_types: tuple[tuple[str, str], ...] = ()  # (pattern as selective_layers, type): llama-quantize --tensor-type
-    byte_budget: str | None = None  # "2MiB" or "3%" over the base type's file: per-weight types and θ ranks
-    op_budget: int | None = None  # with byte_budget: the most weights that carry θ (0: types only); None: no cap
-    # the measured default instead of the uniform rank: DEFAULT_BYTE_BUDGET and DEFAULT_OP_BUDGET (capped at the
-    # weights the model has); what `convert` asks for when no option chooses weights, ranks or types
-    default_allocation: bool = False
+    # "2MiB" or "3%" over the base type's file: per-weight types and θ ranks; None: DEFAULT_BYTE_BUDGET unless
+    # theta_rank or theta_budget is given (see resolved)
+    byte_budget: str | None = None
+    # under a budget, the most weights that carry θ (4 graph operations each); 0: θ on no weight (types only);
+    # None: DEFAULT_THETA_WEIGHTS capped at the model's weights
+    theta_weights: int | None = None
     calibrate_temperature: bool = False  # fit T on the calibration text (theta at γ) and store it
     # learned θ (convert/theta_train.py), trained from the closed-form fit on the first calibration windows; the
     # mode's default stays none until measurements choose one
@@ -59,6 +62,14 @@ class ConvertOptions:
     theta_train_lr: float = DEFAULT_TRAIN_LR  # a fraction of each rank component's largest starting entry per step
     theta_train_tokens: int = DEFAULT_TRAIN_TOKENS  # whole windows of 512
     theta_train_seed: int = 0
+
+    def resolved(self) -> ConvertOptions:
+        """These options with convert's defaults filled in, the one place they are decided: the allocation of
+        types and θ ranks under DEFAULT_BYTE_BUDGET unless a uniform `theta_rank` or a θ-only `theta_budget`
+        is asked for. `theta_weights` stays None (the default count is capped at the model's weights on read)."""
+        by_hand = self.theta_rank is not None or self.theta_budget is not None
+        return replace(self, theta_rank=DEFAULT_THETA_RANK if self.theta_rank is None else self.theta_rank,
+                       byte_budget=self.byte_budget if self.byte_budget is not None or by_hand else DEFAULT_BYTE_BUDGET)
 
 
 @dataclass

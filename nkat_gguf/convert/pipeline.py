@@ -66,6 +66,7 @@ def convert(opts: ConvertOptions, calibration: Calibration | None = None) -> Con
     """Run the whole pipeline; `calibration` may be passed in to reuse one across several converts
     (not with so8t: a calibration of the unrotated model does not describe the rotated one)."""
     times = StepTimes()
+    opts = opts.resolved()
     with times.step("total"):
         inputs = read_input(check_options(opts, calibration))
         report = ConvertReport(str(opts.input), str(opts.output), inputs.outtype, opts.theta_rank, opts.gamma,
@@ -176,12 +177,12 @@ def fit_theta(inputs: Inputs, model: Model, quantized: Quantized, calibration: C
     weights = model.reference.dequantize
     if inputs.byte_budget is not None:
         mix = allocate_mix(model.path, quantized.path, inputs.ftype, quantized.imatrix, weights, inputs.names,
-                           calibration, inputs.calib_text, inputs.byte_budget, inputs.op_budget, opts.gamma,
+                           calibration, inputs.calib_text, inputs.byte_budget, inputs.theta_weights, opts.gamma,
                            inputs.fit, tmp, opts.threads, opts.progress)
         return Theta(mix.fits, mix.path, mix.summary(), mix.upgrades)
     if inputs.budget is not None:
         allocation = allocate_theta(quantized.path, weights, inputs.names, calibration, inputs.calib_text,
-                                    inputs.budget, opts.theta_max_weights, opts.gamma, inputs.fit, tmp,
+                                    inputs.budget, inputs.theta_weights, opts.gamma, inputs.fit, tmp,
                                     opts.threads, opts.progress)
         return Theta(allocation.fits, quantized.path, allocation.summary())
     if opts.theta_rank == 0:

@@ -40,7 +40,7 @@ from nkat_gguf.convert.calibrate import calibration_windows
 from nkat_gguf.convert.options import ConvertOptions
 from nkat_gguf.convert.theta_fit import WeightFit
 from nkat_gguf.engine.calibrate.calibration import WINDOW
-from nkat_gguf.engine.forward.llama import LlamaReference, supports_reference
+from nkat_gguf.engine.forward.llama import LlamaForward, supports_forward
 from nkat_gguf.engine.llama.adapter import cache_root
 from nkat_gguf.errors import InputError
 from nkat_gguf.format.atomic import atomic_output
@@ -94,7 +94,7 @@ def check_train_options(train: TrainSettings, layout: GGUFLayout, wants_theta: b
     if not wants_theta:
         raise InputError(f"--theta-train {train.mode} trains theta, but the options ask for none (--theta-rank 0 "
                          "or --op-budget 0)")
-    if not supports_reference(layout):
+    if not supports_forward(layout):
         raise InputError(f"--theta-train needs the PyTorch forward, which does not cover this "
                          f"{layout.get(Keys.General.ARCHITECTURE)!r} model; use --theta-train none")
 
@@ -114,8 +114,8 @@ def train_theta(train: TrainSettings, reference: TensorSource, quantized: Path, 
     start = time.perf_counter()
     resumed = 0
     with _deterministic(train.seed, device):
-        ref = LlamaReference(reference, device=device)
-        model = LlamaReference(TensorSource(quantized), device=device)
+        ref = LlamaForward(reference, device=device)
+        model = LlamaForward(TensorSource(quantized), device=device)
         thetas = {name: TrainableTheta(fit.theta, gamma, device) for name, fit in fits.items()}
         if train.mode == "block":
             checkpoint = Checkpoint.of(train, reference.path, quantized, text, len(windows), fits, gamma, device)
@@ -223,7 +223,7 @@ def _block_of(name: str) -> int:
     return int(name.split(".")[1])  # blk.<i>.<part>.weight: θ's weights are all inside blocks
 
 
-def _train_blocks(ref: LlamaReference, model: LlamaReference, windows: list[list[int]],
+def _train_blocks(ref: LlamaForward, model: LlamaForward, windows: list[list[int]],
                   thetas: dict[str, TrainableTheta], train: TrainSettings, progress: bool, checkpoint: Checkpoint,
                   block_limit: int | None) -> tuple[dict[str, tuple[float, float]], int]:
     """Each block with θ trained on ‖y − y_ref‖² / ‖y_ref‖² of its output, the finished blocks of an earlier
@@ -263,7 +263,7 @@ def _train_blocks(ref: LlamaReference, model: LlamaReference, windows: list[list
     return losses, resumed
 
 
-def _train_model(ref: LlamaReference, model: LlamaReference, windows: list[list[int]],
+def _train_model(ref: LlamaForward, model: LlamaForward, windows: list[list[int]],
                  thetas: dict[str, TrainableTheta], train: TrainSettings,
                  progress: bool) -> dict[str, tuple[float, float]]:
     """All θs on mean KL(p_ref ‖ p) over the training tokens; {"model": (initial, final)}."""

@@ -37,16 +37,19 @@ from nkat_gguf.evaluate.quality import calibrate_once, measure_files
 from nkat_gguf.format.atomic import atomic_output, check_writable_dir, make_output_dir
 from nkat_gguf.format.gguf_file import read_layout
 from nkat_gguf.format.hashing import sha256_file
+from nkat_gguf.math.limits import DEFAULT_BYTE_BUDGET, DEFAULT_OUTTYPE
 from nkat_gguf.texts import Split, load_text
 
 # The types the issue asks for first, then the rest of llama.cpp's types in the same size range.
 DEFAULT_TYPES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "IQ3_XXS", "IQ3_S", "IQ4_XS", "IQ4_NL", "Q4_0",
                  "Q4_K_S", "Q4_K_M", "Q5_0")
-# uniform rank 4/8 on Q4_0 and IQ4_NL; FFN-only and attention-only θ; a 3-bit base with more θ
-DEFAULT_THETA = ("Q4_0:4", "Q4_0:8", "Q4_0:8:ffn", "IQ4_NL:4", "IQ4_NL:8", "IQ4_NL:8:attn", "IQ4_NL:8:ffn",
+AUTO_RANK = "auto"  # a --theta spec's RANK that leaves the ranks to convert's allocation, as `convert` does
+# convert's own default (types and θ ranks allocated on its base type); uniform rank 4/8 on Q4_0 and IQ4_NL;
+# FFN-only and attention-only θ; a 3-bit base with more θ
+DEFAULT_THETA = (f"{DEFAULT_OUTTYPE}:{AUTO_RANK}", "Q4_0:4", "Q4_0:8", "Q4_0:8:ffn", "IQ4_NL:4", "IQ4_NL:8", "IQ4_NL:8:attn", "IQ4_NL:8:ffn",
                  "IQ4_NL:12:ffn", "IQ4_NL:16:ffn", "Q3_K_S:16")
 TEXTS: tuple[Split, ...] = ("evaluation", "licenses")  # pydoc topics (not the calibration split); licence texts
-DEFAULT_BUDGET = 0.03  # the default convert may add this share of its base type's file size
+DEFAULT_BUDGET = float(DEFAULT_BYTE_BUDGET.rstrip("%")) / 100  # the share the default convert may add to its base
 PLAIN_TYPE = "Q4_0"  # plain Q4_0, no importance matrix: the zero point of the gap
 # llama.cpp per-tensor mixes (`llama-quantize --tensor-type`): upgrades people make by hand on an IQ4_NL base, and
 # the project's allocator with θ disabled (types only under a byte budget), all with the importance matrix.
@@ -54,13 +57,14 @@ PLAIN_TYPE = "Q4_0"  # plain Q4_0, no importance matrix: the zero point of the g
 # `--mix IQ4_NL:blk.*.ffn_down.weight=Q6_K` where they do).
 DEFAULT_MIXES = ("IQ4_NL:blk.*.attn_v.weight=Q5_0,blk.*.ffn_down.weight=Q5_0",
                  "IQ4_NL:blk.*.attn_v.weight=Q8_0,blk.*.ffn_down.weight=Q5_1",
-                 "IQ4_NL:byte_budget=3%")
+                 f"{DEFAULT_OUTTYPE}:byte_budget={DEFAULT_BYTE_BUDGET}")
 FRONTIER_KINDS = ("imatrix", "mix")  # what an NKAT file must beat: llama.cpp's presets and per-tensor mixes
 WEIGHT_SETS = {"all": None, "ffn": ["blk.*.ffn_*"], "attn": ["blk.*.attn_*"]}
 _SETTABLE = {f.name for f in dataclasses.fields(ConvertOptions)} - {"input", "output", "reference", "outtype",
                                                                      "theta_rank", "selective_layers", "imatrix",
                                                                      "calib_text", "progress", "threads", "tensor_types"}
-_OLD_KEYS = {"theta_gamma": "gamma"}  # spellings before issue 18's one name per idea, still accepted
+# spellings before issues 18 and 24's one name per idea, still accepted
+_OLD_KEYS = {"theta_gamma": "gamma", "op_budget": "theta_weights", "theta_max_weights": "theta_weights"}
 
 
 def _option_key(key: str) -> str:
@@ -71,20 +75,22 @@ def _option_key(key: str) -> str:
 
 @dataclass(frozen=True)
 class ThetaSpec:
-    """One NKAT variant: θ of `rank` on `weights` of a llama.cpp type quantized with the importance matrix.
+    """One NKAT variant: θ of `rank` (None: ranks and types allocated, convert's default) on `weights` of a
+    llama.cpp type quantized with the importance matrix.
 
     `options` are further ConvertOptions fields (`key=value` in the spec), so convert options that other
     work adds (budgets, allocations) can be measured here without changing this module.
     """
     base: str
-    rank: int
+    rank: int | None
     weights: str = "all"  # "all", "ffn", "attn", or comma-separated --selective-layers patterns
     options: tuple[tuple[str, object], ...] = ()
 
     @property
     def name(self) -> str:
         extra = "".join(f" {k}={v}" for k, v in self.options)
-        return f"{self.base}+imatrix+θ r{self.rank}" + ("" if self.weights == "all" else f" {self.weights}") + extra
+        ranks = "allocated" if self.rank is None else f"r{self.rank}"
+        return f"{self.base}+imatrix+θ {ranks}" + ("" if self.weights == "all" else f" {self.weights}") + extra
 
     @property
     def patterns(self) -> list[str] | None:
@@ -92,10 +98,13 @@ class ThetaSpec:
 
 
 def parse_theta_spec(spec: str) -> ThetaSpec:
-    """BASE:RANK[:WEIGHTS][:key=value...], e.g. "IQ4_NL:8", "Q4_0:4:ffn", "IQ4_NL:8:blk.*.ffn_down:gamma=1"."""
+    """BASE:RANK[:WEIGHTS][:key=value...], e.g. "IQ4_NL:8", "Q4_0:4:ffn", "IQ4_NL:8:blk.*.ffn_down:gamma=1";
+    RANK "auto": convert's allocation chooses types and ranks ("IQ4_NL:auto" is `convert`'s default)."""
     parts = spec.split(":")
-    if len(parts) < 2 or not parts[1].isdigit() or int(parts[1]) < 1:
-        raise InputError(f"--theta {spec!r}: expected BASE:RANK[:WEIGHTS][:key=value], RANK an integer >= 1")
+    auto = len(parts) >= 2 and parts[1] == AUTO_RANK
+    if len(parts) < 2 or not (auto or parts[1].isdigit() and int(parts[1]) >= 1):
+        raise InputError(f"--theta {spec!r}: expected BASE:RANK[:WEIGHTS][:key=value], RANK an integer >= 1 "
+                         f"or {AUTO_RANK}")
     positional = [p for p in parts[2:] if "=" not in p]
     if len(positional) > 1:
         raise InputError(f"--theta {spec!r}: one WEIGHTS field at most (all, ffn, attn or patterns joined by ',')")
@@ -107,7 +116,7 @@ def parse_theta_spec(spec: str) -> ThetaSpec:
             raise InputError(f"--theta {spec!r}: {key} is not a convert option; "
                              f"choose from {', '.join(sorted(_SETTABLE))}")
         options.append((key, _literal(value)))
-    return ThetaSpec(parts[0].upper(), int(parts[1]), positional[0] if positional else "all", tuple(options))
+    return ThetaSpec(parts[0].upper(), None if auto else int(parts[1]), positional[0] if positional else "all", tuple(options))
 
 
 def _literal(value: str) -> object:
@@ -197,7 +206,7 @@ def build_files(model: Path, reference: Path | None, calibration: Calibration, w
     def write(name: str, kind: str, outtype: str, label: str, theta: ThetaSpec | None = None, **options) -> _File:
         opts = ConvertOptions(input=model, output=workdir / f"{stem}.{label}.gguf", outtype=outtype,
                               reference=reference, threads=settings.threads, progress=settings.progress, **options)
-        uses_calibration = opts.imatrix == "auto" or opts.theta_rank > 0
+        uses_calibration = opts.imatrix == "auto" or opts.resolved().theta_rank > 0
         report = convert(opts, calibration if uses_calibration else None)
         return _File(name, kind, report.outtype, Path(report.output), report, theta,
                      f"{outtype}+imatrix" if kind in ("nkat", "mix") else None)
@@ -212,10 +221,11 @@ def build_files(model: Path, reference: Path | None, calibration: Calibration, w
         files.append(write(mix.name, "mix", mix.base, label, theta_rank=0, tensor_types=mix.tensor_types,
                            **dict(mix.options)))
     for spec in settings.thetas:
-        label = re.sub(r"[^A-Za-z0-9_.=-]+", "-", f"{spec.base}.imatrix.theta-r{spec.rank}-{spec.weights}"
+        label = re.sub(r"[^A-Za-z0-9_.=-]+", "-", f"{spec.base}.imatrix.theta-{spec.rank or AUTO_RANK}-{spec.weights}"
                        + "".join(f"-{k}={v}" for k, v in spec.options))
-        files.append(write(spec.name, "nkat", spec.base, label, spec, theta_rank=spec.rank,
-                           selective_layers=spec.patterns, **dict(spec.options)))
+        rank = {} if spec.rank is None else {"theta_rank": spec.rank}
+        files.append(write(spec.name, "nkat", spec.base, label, spec, selective_layers=spec.patterns, **rank,
+                           **dict(spec.options)))
     return files
 
 

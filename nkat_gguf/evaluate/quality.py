@@ -35,6 +35,7 @@ from nkat_gguf.format import nkat
 from nkat_gguf.format.atomic import check_writable_dir
 from nkat_gguf.format.gguf_file import read_layout
 from nkat_gguf.format.tensors import TensorSource
+from nkat_gguf.math.limits import DEFAULT_GAMMA, DEFAULT_OUTTYPE, DEFAULT_THETA_RANK
 from nkat_gguf.texts import Text
 
 # variant -> (--imatrix, carries θ); the reference row is the input (or --reference) itself
@@ -48,9 +49,9 @@ VARIANTS: dict[str, tuple[str, bool]] = {
 
 @dataclass(frozen=True)
 class QualitySettings:
-    outtype: str = "Q4_0"
-    theta_rank: int = 8
-    gamma: float = ConvertOptions.gamma
+    outtype: str = DEFAULT_OUTTYPE
+    theta_rank: int = DEFAULT_THETA_RANK
+    gamma: float = DEFAULT_GAMMA
     n_ctx: int = 512
     n_chunks: int = 16
     repetitions: int = 3
@@ -85,13 +86,13 @@ def build_variants(model: Path, reference: Path | None, calibration: Calibration
 
 def measure_files(files: dict[str, Path], texts: dict[str, Text], runtime_options: RuntimeOptions,
                   settings: CompareSettings, kld_bases: dict[str, Path] | None = None,
-                  kld_reference: str | None = None, theta_off: bool = False) -> dict[str, dict]:
+                  kld_base_model: str | None = None, theta_off: bool = False) -> dict[str, dict]:
     """Speed and perplexity of every file, θ on at the file's γ where it has θ, all loaded at once.
 
     Speed goes through the one interleaving primitive (engine/measure/speed.py): file by file each round,
     re-warmed after every switch of model, so drift on a shared machine hits every row alike. Then
     each file's perplexity on each text. With `kld_bases` (text key -> llama-perplexity base file) the
-    file named `kld_reference` is measured first and writes them (unless they already hold this text's
+    file named `kld_base_model` is measured first and writes them (unless they already hold this text's
     tokens: a cache), and every other file's pass also gives its KL divergence from it (`kld` per text).
     With `theta_off`, every file with θ is also timed with θ off in each round, right beside θ on, and its
     row gets `speed_theta_vs_off`: the paired ratios with their 95 % intervals; rounds go on until each interval
@@ -109,14 +110,14 @@ def measure_files(files: dict[str, Path], texts: dict[str, Text], runtime_option
         speed = interleaved_rates(configurations, replace(settings, ratio_pairs=tuple(pairs)))
         tokenizer = next(iter(runtimes.values())).llm  # one model, one tokenizer
         tokens = {key: tokenize_text(tokenizer, text.content) for key, text in texts.items()}
-        order = sorted(runtimes, key=lambda name: name != kld_reference)  # the reference first: it writes the bases
+        order = sorted(runtimes, key=lambda name: name != kld_base_model)  # the KLD base model first: it writes the bases
         rows = {}
         for name in order:
             rt = runtimes[name]
             rt.set_gamma(gammas[name])
             ppl, kld = {}, {}
             for key in texts:
-                ppl[key], kld[key] = _measure_text(rt.llm, tokens[key], settings, name == kld_reference,
+                ppl[key], kld[key] = _measure_text(rt.llm, tokens[key], settings, name == kld_base_model,
                                                    kld_bases[key] if kld_bases else None)
             rows[name] = {"file": files[name].name, "file_bytes": files[name].stat().st_size,
                           "theta": gammas[name] is not None, "gamma": gammas[name],
@@ -137,12 +138,12 @@ def _off(name: str) -> str:
     return f"{name} (theta off)"
 
 
-def _measure_text(llm: llama_cpp.Llama, tokens: list[int], settings: CompareSettings, is_reference: bool,
+def _measure_text(llm: llama_cpp.Llama, tokens: list[int], settings: CompareSettings, is_kld_base: bool,
                   base: Path | None) -> tuple[PerplexityResult, dict | None]:
-    """One file's perplexity on one text and, against a base file, its KLD (None for the reference itself)."""
-    if base is None or (is_reference and base_matches(base, llm, tokens, settings.n_ctx, settings.n_chunks)):
+    """One file's perplexity on one text and, against a base file, its KLD (None for the KLD base model itself)."""
+    if base is None or (is_kld_base and base_matches(base, llm, tokens, settings.n_ctx, settings.n_chunks)):
         return perplexity(llm, tokens, settings.n_ctx, settings.n_chunks, settings.progress), None
-    if is_reference:
+    if is_kld_base:
         return write_base(llm, tokens, base, settings.n_ctx, settings.n_chunks, settings.progress), None
     result = kl_divergence(llm, base, settings.progress, tokens)
     return result.perplexity, result.kld.as_dict()

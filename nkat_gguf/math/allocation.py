@@ -78,8 +78,8 @@ def parse_budget(text: str, model_bytes: int, option: str = "--theta-budget") ->
     return ThetaBudget(value, unit)
 
 
-def check_max_weights(max_weights: int | None, n_weights: int, option: str = "--theta-max-weights",
-                      lowest: int = 1) -> None:
+def check_max_weights(max_weights: int | None, n_weights: int, option: str = "--theta-weights",
+                      lowest: int = 0) -> None:
     if max_weights is not None and not lowest <= max_weights <= n_weights:
         raise InputError(f"{option} {max_weights} is out of range: this model has {n_weights} weights "
                          f"that can carry theta (give {lowest} to {n_weights})")

@@ -1,13 +1,24 @@
-"""Choices and numeric ranges that both a command's options and the library check, declared once.
+"""Choices, numeric ranges and convert's defaults that both a command's options and the library use, declared once.
 
-The library's checks (`convert.theta_fit.check_fit`, `evaluate.longtext.plan_context`, for Python callers) and
-the CLI's option types read them from here. This module imports nothing, so `nkat-gguf --help` shows the
-choices and ranges without loading the convert pipeline, numpy or llama.cpp.
+The library's checks (`convert.theta_fit.check_fit`, `evaluate.longtext.plan_context`, for Python callers), its
+defaults (`convert.options.ConvertOptions`) and the CLI's options read them from here. This module imports
+nothing, so `nkat-gguf --help` shows them without loading the convert pipeline, numpy or llama.cpp.
 """
 
 from __future__ import annotations
 
 from typing import Literal, get_args
+
+# The default convert (issue 19), the same for `ConvertOptions(input, output)`, `nkat-gguf convert` with no options,
+# the base type of `quality` and `optimize`, and `frontier`'s default variant: the file the frontier run of
+# BENCHMARKS.md "This session" measured best among those that meet θ's speed target, where its command, commit
+# and conditions stand. Types and θ ranks are allocated together under the byte budget and the θ-weight count,
+# unless a uniform --theta-rank or a θ-only --theta-budget is asked for (ConvertOptions.resolved).
+DEFAULT_OUTTYPE = "IQ4_NL"
+DEFAULT_BYTE_BUDGET = "3%"  # types and θ ranks allocated together within this over the base type's file
+DEFAULT_THETA_WEIGHTS = 15  # the most weights that carry θ (4 llama.cpp graph operations each); capped at the model's
+DEFAULT_THETA_RANK = 8  # where one rank is needed and none is given (quality's θ rows); budgets choose per weight
+DEFAULT_GAMMA = 0.97  # γ stored in the file
 
 # θ fit (convert --theta-calib, --theta-fit, --theta-damping, --theta-rounds)
 ThetaCalib = Literal["activation", "none"]  # activation: SVD weighted by each weight's inputs; none: plain SVD

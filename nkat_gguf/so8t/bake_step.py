@@ -26,11 +26,11 @@ from nkat_gguf.so8t.options import So8tOptions
 from nkat_gguf.so8t.qc import (
     QCFailed,
     QCResult,
+    forward_logits,
     judge,
     llama_logits,
     qc_text,
     qc_tokens,
-    reference_logits,
     write_report,
 )
 from nkat_gguf.so8t.rotations import check_so8
@@ -98,11 +98,11 @@ def bake_for_convert(plan: BakePlan, opts: So8tOptions, source: TensorSource, re
 
 def check_bake(source: TensorSource, plan: BakePlan, post: Path, work_dir: Path) -> QCResult:
     """QC of one bake. Residual rotations: llama.cpp on an F32 copy of `source` vs llama.cpp on `post`.
-    Trained weight gates: the PyTorch reference with the gates applied online vs llama.cpp on `post`."""
+    Trained weight gates: the PyTorch forward with the gates applied online vs llama.cpp on `post`."""
     text = qc_text()
     tokens = qc_tokens(post, text)
     if plan.residual is None:
-        z_pre, pre = reference_logits(source, tokens, plan.gates), "PyTorch reference with the gates applied online"
+        z_pre, pre = forward_logits(source, tokens, plan.gates), "PyTorch forward with the gates applied online"
     else:
         pre_model = _write_f32(work_dir / "pre.gguf", source, _unchanged(source))
         z_pre, pre = llama_logits(pre_model.path, tokens), "llama.cpp on an F32 copy of the input"

@@ -10,7 +10,7 @@ Checks and gates (the issue's targets for function-preserving rotations):
   mean over positions of KL(p_pre ‖ p_post)                        ≤ 1e-6   (max KL, top-1 reported)
   every rotation block: ‖RᵀR − I‖_F ≤ 1e-4 and det > 0
 
-Trained gates (`file:`): "pre" is the gated model W·(R·x) run by the PyTorch reference with R applied
+Trained gates (`file:`): "pre" is the gated model W·(R·x) run by the PyTorch forward with R applied
 online, "post" the baked W' = W·R in llama.cpp, so the comparison spans two implementations. Measured
 on the default model with the same F32 weights and no gate, reference vs llama.cpp differ by max |Δz|
 8.6e-5 and mean KL 1.5e-11 over 128 tokens: more than ten times inside the gates, so they stay the same.
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from gguf.constants import GGUFValueType
 
-from nkat_gguf.engine.forward.llama import LlamaReference
+from nkat_gguf.engine.forward.llama import LlamaForward
 from nkat_gguf.engine.llama.runtime import NkatRuntime, RuntimeOptions, check_loadable
 from nkat_gguf.engine.llama.vocab import tokenize
 from nkat_gguf.errors import InputError, NkatError
@@ -111,10 +111,10 @@ def llama_logits(model: Path, tokens: Sequence[int]) -> np.ndarray:
         return np.array(runtime.llm.scores[: len(tokens)], dtype=np.float64)
 
 
-def reference_logits(source: TensorSource, tokens: Sequence[int], gates: Mapping[str, np.ndarray]) -> np.ndarray:
-    """(T, V) float64 logits of the gated model: the PyTorch reference computes W·(R·x) for each gate."""
+def forward_logits(source: TensorSource, tokens: Sequence[int], gates: Mapping[str, np.ndarray]) -> np.ndarray:
+    """(T, V) float64 logits of the gated model: the PyTorch forward computes W·(R·x) for each gate."""
     hooks = {name: _rotate_input(blocks) for name, blocks in gates.items()}
-    return LlamaReference(source, input_hooks=hooks).logits([list(tokens)])[0].astype(np.float64)
+    return LlamaForward(source, input_hooks=hooks).logits([list(tokens)])[0].astype(np.float64)
 
 
 def _rotate_input(blocks: np.ndarray):

@@ -163,7 +163,7 @@ class FrozenLlama:
                  progress: bool):
         arch = source.layout.architecture
         if arch != "llama":
-            raise UnsupportedModelError(f"so8t train supports the llama architecture (the PyTorch reference "
+            raise UnsupportedModelError(f"so8t train supports the llama architecture (the PyTorch forward "
                                         f"forward); {source.path.name} is {arch!r}")
         self.config = cfg = LlamaConfig.from_layout(source.layout)
         self.device, self.dtype, self.folded = device, dtype, fold_norms
@@ -461,7 +461,7 @@ def train(opts: TrainOptions) -> TrainResult:
     torch.manual_seed(opts.seed)
     source = TensorSource(opts.model)
     if source.layout.architecture != "llama":
-        raise UnsupportedModelError(f"so8t train supports the llama architecture (the PyTorch reference forward); "
+        raise UnsupportedModelError(f"so8t train supports the llama architecture (the PyTorch forward); "
                                     f"{Path(opts.model).name} is {source.layout.architecture!r}")
     train_tokens = tokenize(Path(opts.model), load_text(opts.train_text, "calibration").content)
     eval_tokens = tokenize(Path(opts.model), load_text(opts.eval_text, "evaluation").content)

@@ -1,4 +1,4 @@
-"""The PyTorch reference forward against llama.cpp (logits) and against direct computations
+"""The PyTorch forward against llama.cpp (logits) and against direct computations
 (input statistics, input hooks, weight overrides)."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from gguf.constants import GGMLQuantizationType, GGUFValueType
 from llama_cpp import Llama
 
 from nkat_gguf.default_model import default_model_path
-from nkat_gguf.engine.forward.llama import BLOCK_MATRICES, LlamaConfig, LlamaReference, llama_block, supports_reference
+from nkat_gguf.engine.forward.llama import BLOCK_MATRICES, LlamaConfig, LlamaForward, llama_block, supports_forward
 from nkat_gguf.errors import InputError, UnsupportedModelError
 from nkat_gguf.format.gguf_file import (
     TensorSpec,
@@ -36,7 +36,7 @@ from tools.synthetic_model import (
     qwen2_tensor_specs,
 )
 
-# Measured max |reference - llama.cpp| logit (F32 weights, F32 KV cache), asserted with a margin:
+# Measured max |forward - llama.cpp| logit (F32 weights, F32 KV cache), asserted with a margin:
 # tiny random models 4.8e-6 and 7.6e-6 (logits up to 5.6), tiny random qwen2 models 5.8e-6 and
 # 6.2e-6 (logits up to 5.5); the default model dequantized to F32
 # 9.8e-5 on the 256 tokens below and 1.4e-4 on one 400-token sequence (logits up to 42). Top-1
@@ -136,7 +136,7 @@ def qwen2_unbiased_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def default_f32_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The default model dequantized to F32, so llama.cpp computes in float32 as the reference does."""
+    """The default model dequantized to F32, so llama.cpp computes in float32 as the forward does."""
     source = TensorSource(default_model_path())
     metadata = copy_metadata(source.layout)
     metadata["general.file_type"] = Value(GGUFValueType.UINT32, 0)
@@ -153,15 +153,15 @@ def default_f32_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
                                    "qwen2_unbiased_path"])
 def test_tiny_logits_match_llama_cpp(model: str, sequences: list[list[int]], request: pytest.FixtureRequest) -> None:
     path = request.getfixturevalue(model)
-    assert_logits_close(LlamaReference(path).logits(sequences), llama_cpp_logits(path, sequences), TINY_TOLERANCE)
+    assert_logits_close(LlamaForward(path).logits(sequences), llama_cpp_logits(path, sequences), TINY_TOLERANCE)
 
 
 @pytest.mark.slow
 def test_default_model_logits_match_llama_cpp(default_f32_path: Path, text_tokens: list[int]) -> None:
-    """The reference reads the Q4_1 file itself; its dequantization is what the F32 file holds."""
+    """The forward reads the Q4_1 file itself; its dequantization is what the F32 file holds."""
     assert len(text_tokens) >= 256
     sequences = [text_tokens[:96], text_tokens[96:160], text_tokens[160:256]]
-    ours = LlamaReference(default_model_path()).logits(sequences)
+    ours = LlamaForward(default_model_path()).logits(sequences)
     assert_logits_close(ours, llama_cpp_logits(default_f32_path, sequences), DEFAULT_TOLERANCE)
 
 
@@ -185,7 +185,7 @@ def recording_hooks(config: LlamaConfig) -> tuple[dict[str, Callable], dict[str,
 def test_input_mean_squares_are_means_of_what_each_weight_sees(untied_path: Path, sequences: list[list[int]]) -> None:
     config = LlamaConfig.from_layout(read_layout(untied_path))
     hooks, seen = recording_hooks(config)
-    stats = LlamaReference(untied_path, input_hooks=hooks).input_mean_squares(sequences)
+    stats = LlamaForward(untied_path, input_hooks=hooks).input_mean_squares(sequences)
     assert stats.keys() == seen.keys()
     assert len(stats) == 7 * UNTIED.n_layers + 1 and "output.weight" in stats
     for name, mean_square in stats.items():
@@ -193,7 +193,7 @@ def test_input_mean_squares_are_means_of_what_each_weight_sees(untied_path: Path
         assert x.shape[0] == sum(map(len, sequences))
         assert mean_square.dtype == np.float32 and mean_square.shape == (x.shape[1],)
         np.testing.assert_allclose(mean_square, (x**2).mean(0), rtol=1e-6, err_msg=name)
-    unhooked = LlamaReference(untied_path).input_mean_squares(sequences)
+    unhooked = LlamaForward(untied_path).input_mean_squares(sequences)
     for name, mean_square in stats.items():
         np.testing.assert_array_equal(mean_square, unhooked[name])  # identity hooks change nothing
 
@@ -202,7 +202,7 @@ def test_second_moments_are_shared_means_of_x_xT(untied_path: Path, sequences: l
     """E[x xᵀ] per weight: the mean outer product of what it sees, one array per shared input."""
     config = LlamaConfig.from_layout(read_layout(untied_path))
     hooks, seen = recording_hooks(config)
-    means, moments = LlamaReference(untied_path, input_hooks=hooks).input_statistics(sequences)
+    means, moments = LlamaForward(untied_path, input_hooks=hooks).input_statistics(sequences)
     assert moments.keys() == means.keys()
     for name, h in moments.items():
         x = torch.cat(seen[name]).double().numpy()  # (N, in)
@@ -215,7 +215,7 @@ def test_second_moments_are_shared_means_of_x_xT(untied_path: Path, sequences: l
     assert moments[p + "ffn_gate.weight"] is moments[p + "ffn_up.weight"]
     assert moments[p + "attn_output.weight"] is not moments[p + "attn_q.weight"]
     assert moments[p + "ffn_down.weight"] is not moments[p + "ffn_up.weight"]
-    assert LlamaReference(untied_path).input_statistics(sequences, second_moments=False)[1] == {}
+    assert LlamaForward(untied_path).input_statistics(sequences, second_moments=False)[1] == {}
 
 
 def test_input_mean_squares_of_layer_0_from_numpy(tiny_path: Path, sequences: list[list[int]]) -> None:
@@ -223,7 +223,7 @@ def test_input_mean_squares_of_layer_0_from_numpy(tiny_path: Path, sequences: li
     source = TensorSource(tiny_path)
     config = LlamaConfig.from_layout(source.layout)
     hooks, seen = recording_hooks(config)
-    stats = LlamaReference(source, input_hooks=hooks).input_mean_squares(sequences)
+    stats = LlamaForward(source, input_hooks=hooks).input_mean_squares(sequences)
     assert "output.weight" not in stats and "token_embd.weight" not in stats  # tied head: no entry
 
     e = source.dequantize("token_embd.weight").astype(np.float64)[np.concatenate(sequences)]  # (N, d)
@@ -245,8 +245,8 @@ def test_input_mean_squares_of_layer_0_from_numpy(tiny_path: Path, sequences: li
 def test_identity_hooks_leave_logits_unchanged(tiny_path: Path, sequences: list[list[int]]) -> None:
     config = LlamaConfig.from_layout(read_layout(tiny_path))
     hooks, _ = recording_hooks(config)
-    plain = LlamaReference(tiny_path).logits(sequences)
-    for a, b in zip(plain, LlamaReference(tiny_path, input_hooks=hooks).logits(sequences)):
+    plain = LlamaForward(tiny_path).logits(sequences)
+    for a, b in zip(plain, LlamaForward(tiny_path, input_hooks=hooks).logits(sequences)):
         np.testing.assert_array_equal(a, b)
 
 
@@ -264,14 +264,14 @@ def test_rotation_hook_with_rotated_weights_is_the_same_model(untied_path: Path,
         w = source.dequantize(name)
         return w @ rotations[name].numpy().T if name in rotations else w
 
-    plain = np.concatenate(LlamaReference(source).logits(sequences))
-    hooked_only = np.concatenate(LlamaReference(source, input_hooks=hooks).logits(sequences))
-    rotated = np.concatenate(LlamaReference(source, weights=rotated_weights, input_hooks=hooks).logits(sequences))
+    plain = np.concatenate(LlamaForward(source).logits(sequences))
+    hooked_only = np.concatenate(LlamaForward(source, input_hooks=hooks).logits(sequences))
+    rotated = np.concatenate(LlamaForward(source, weights=rotated_weights, input_hooks=hooks).logits(sequences))
     assert np.abs(hooked_only - plain).max() > 0.1
     np.testing.assert_allclose(rotated, plain, atol=1e-4)
 
-    stats = LlamaReference(source, input_hooks={"blk.2.attn_q.weight": lambda x: 2 * x}).input_mean_squares(sequences)
-    base = LlamaReference(source).input_mean_squares(sequences)
+    stats = LlamaForward(source, input_hooks={"blk.2.attn_q.weight": lambda x: 2 * x}).input_mean_squares(sequences)
+    base = LlamaForward(source).input_mean_squares(sequences)
     np.testing.assert_allclose(stats["blk.2.attn_q.weight"], 4 * base["blk.2.attn_q.weight"], rtol=1e-6)
     np.testing.assert_array_equal(stats["blk.2.attn_k.weight"], base["blk.2.attn_k.weight"])
 
@@ -285,7 +285,7 @@ def test_weights_are_read_once_layer_by_layer(tiny_path: Path, sequences: list[l
         order.append(name)
         return source.dequantize(name)
 
-    LlamaReference(source, weights=weights).logits(sequences)
+    LlamaForward(source, weights=weights).logits(sequences)
     layers = [int(name.split(".")[1]) for name in order if name.startswith("blk.")]
     assert layers == sorted(layers) and len(layers) == 9 * TINY.n_layers
     assert order[0] == order[-1] == "token_embd.weight"  # the embedding first, the tied head last
@@ -293,8 +293,8 @@ def test_weights_are_read_once_layer_by_layer(tiny_path: Path, sequences: list[l
 
 
 def test_tied_head_hook_is_keyed_by_token_embd(tiny_path: Path, sequences: list[list[int]]) -> None:
-    plain = LlamaReference(tiny_path).logits(sequences)
-    doubled = LlamaReference(tiny_path, input_hooks={"token_embd.weight": lambda x: 2 * x}).logits(sequences)
+    plain = LlamaForward(tiny_path).logits(sequences)
+    doubled = LlamaForward(tiny_path, input_hooks={"token_embd.weight": lambda x: 2 * x}).logits(sequences)
     for a, b in zip(plain, doubled):
         np.testing.assert_allclose(b, 2 * a, rtol=1e-6, atol=1e-6)
 
@@ -304,7 +304,7 @@ def test_tied_head_hook_is_keyed_by_token_embd(tiny_path: Path, sequences: list[
 
 def test_config_of_default_model() -> None:
     layout = read_layout(default_model_path())
-    assert supports_reference(layout)
+    assert supports_forward(layout)
     config = LlamaConfig.from_layout(layout)
     assert (config.n_layer, config.n_embd, config.n_ff, config.n_head, config.n_head_kv) == (30, 576, 1536, 9, 3)
     assert (config.head_dim, config.rope_dim, config.rope_base, config.vocab_size) == (64, 64, 100000.0, 49152)
@@ -326,8 +326,8 @@ def test_config_of_tiny_qwen2(qwen2_path: Path, qwen2_unbiased_path: Path) -> No
 def test_qwen2_biases_and_rope_pairs_matter(qwen2_path: Path, sequences: list[list[int]]) -> None:
     """The matches with llama.cpp above could not hold with the biases dropped or the rope pairs of llama."""
     source = TensorSource(qwen2_path)
-    plain = np.concatenate(LlamaReference(source).logits(sequences))
-    zero_biases = np.concatenate(LlamaReference(source, weights=lambda name: source.dequantize(name) * (
+    plain = np.concatenate(LlamaForward(source).logits(sequences))
+    zero_biases = np.concatenate(LlamaForward(source, weights=lambda name: source.dequantize(name) * (
         0 if name.endswith(".bias") else 1)).logits(sequences))
     assert np.abs(zero_biases - plain).max() > 100 * TINY_TOLERANCE
     config = LlamaConfig.from_layout(source.layout)
@@ -348,31 +348,31 @@ def test_config_of_the_qwen2_yardstick() -> None:
 def test_other_architecture_is_refused(tiny_path: Path, tmp_path: Path) -> None:
     other = tmp_path / "gemma.gguf"
     write_with_metadata(tiny_path, other, {"general.architecture": "gemma3"})
-    assert not supports_reference(read_layout(other))
+    assert not supports_forward(read_layout(other))
     with pytest.raises(UnsupportedModelError, match="architecture 'gemma3'") as err:
-        LlamaReference(other)
+        LlamaForward(other)
     assert "\n" not in str(err.value)
 
 
 def test_tensor_outside_plain_llama_is_refused(tiny_path: Path, tmp_path: Path) -> None:
-    """A llama.cpp-optional bias would be silently ignored, so the reference refuses the file."""
+    """A llama.cpp-optional bias would be silently ignored, so the forward refuses the file."""
     layout = read_layout(tiny_path)
     specs = llama_tensor_specs(TINY, LlamaConfig.from_layout(layout).vocab_size, GGMLQuantizationType.F32)
     specs.append(TensorSpec("blk.0.attn_output.bias", (TINY.d_model,), GGMLQuantizationType.F32))
     biased = tmp_path / "biased.gguf"
     write_gguf(biased, copy_metadata(layout), specs, lambda s: np.zeros(s.shape, np.float32))
-    assert not supports_reference(read_layout(biased))
+    assert not supports_forward(read_layout(biased))
     with pytest.raises(UnsupportedModelError, match="blk.0.attn_output.bias"):
-        LlamaReference(biased)
+        LlamaForward(biased)
 
 
 def test_bad_inputs_are_refused(tiny_path: Path) -> None:
     with pytest.raises(InputError, match="blk.0.attn_qkv.weight"):
-        LlamaReference(tiny_path, input_hooks={"blk.0.attn_qkv.weight": lambda x: x})
-    reference = LlamaReference(tiny_path)
+        LlamaForward(tiny_path, input_hooks={"blk.0.attn_qkv.weight": lambda x: x})
+    forward = LlamaForward(tiny_path)
     with pytest.raises(InputError, match="token ids"):
-        reference.logits([[1, 2, reference.config.vocab_size]])
+        forward.logits([[1, 2, forward.config.vocab_size]])
     with pytest.raises(InputError, match="non-empty"):
-        reference.logits([[1, 2], []])
+        forward.logits([[1, 2], []])
     with pytest.raises(InputError, match="shape"):
-        LlamaReference(tiny_path, weights=lambda name: np.zeros((3, 3), np.float32)).logits([[1, 2]])
+        LlamaForward(tiny_path, weights=lambda name: np.zeros((3, 3), np.float32)).logits([[1, 2]])
