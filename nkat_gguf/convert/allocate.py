@@ -18,9 +18,11 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from tqdm import tqdm
 
 from nkat_gguf.convert.calibrate import Calibration
+from nkat_gguf.convert.candidates import candidate_errors, diagonal_error
 from nkat_gguf.convert.sensitivity import kind_sensitivity
 from nkat_gguf.convert.theta_fit import FitSettings, ThetaFitter, WeightFit
 from nkat_gguf.engine.llama.quantize import accepted_types, check_types, quantize_model
+from nkat_gguf.format.gguf_file import TensorSpec
 from nkat_gguf.format.nkat import NkatTheta, component_bytes, listing_bytes, type_listing_bytes
 from nkat_gguf.format.tensors import TensorSource
 from nkat_gguf.math.allocation import (
@@ -179,70 +181,55 @@ class MixAllocation:
                 "sensitivity": self.sensitivity}
 
 
-class _Residuals:
-    """A weight's weighted residual at a type, as the allocation sees it.
+def _candidate_step(first: TypeStep, base_error: float, ggml_type: str, error: float, n_bytes: int,
+                    theta: bool) -> TypeStep:
+    """A weight's step at a candidate type, as the allocation sees it.
 
     Every type: ‖E·S‖² with S = diag(√E[x²]), cheap. With θ, the spectrum at a candidate type is the base
-    type's (from the θ fit's own metric) times the ratio of the two diagonal errors: fitting a rank-64 θ at
-    every candidate type of every weight took minutes per type on the 135M default model (one SVD each), and
-    a finer type's quantization noise is the same kind of noise, smaller. The θ an upgraded weight keeps is
-    then fitted for real to its new residual.
+    type's (`first`, from the θ fit's own metric) times the ratio of the two diagonal errors: fitting a rank-64
+    θ at every candidate type of every weight took minutes per type on the 135M default model (one SVD each),
+    and a finer type's quantization noise is the same kind of noise, smaller. The θ an upgraded weight keeps
+    is then fitted for real to its new residual.
     """
-
-    def __init__(self, weights: Callable[[str], np.ndarray], calibration: Calibration | None):
-        self.weights, self.calibration = weights, calibration
-        self.base: dict[str, tuple[float, TypeStep]] = {}  # name -> (diagonal error, θ-metric step) at the base
-
-    def diagonal_error(self, name: str, dequantized: np.ndarray) -> float:
-        residual = (self.weights(name) - dequantized).astype(np.float64)
-        scale = (np.ones(residual.shape[1]) if self.calibration is None
-                 else self.calibration.mean_squares[name].astype(np.float64))
-        return float((residual ** 2 @ scale).sum())
-
-    def step(self, name: str, ggml_type: str, dequantized: np.ndarray, n_bytes: int) -> TypeStep:
-        error = self.diagonal_error(name, dequantized)
-        if name not in self.base:  # types only
-            return TypeStep(ggml_type, n_bytes, error, np.zeros(0))
-        base_error, base = self.base[name]
-        ratio = error / base_error if base_error > 0 else 0.0
-        return TypeStep(ggml_type, n_bytes, base.error * ratio, base.energy * ratio)
+    if not theta:
+        return TypeStep(ggml_type, n_bytes, error, np.zeros(0))
+    ratio = error / base_error if base_error > 0 else 0.0
+    return TypeStep(ggml_type, n_bytes, first.error * ratio, first.energy * ratio)
 
 
 def allocate_mix(model_path: Path, base_path: Path, ftype: int, imatrix: dict[str, np.ndarray] | None,
                  weights: Callable[[str], np.ndarray], names: list[str], calibration: Calibration | None,
                  calib_text: Text, budget: ThetaBudget, max_weights: int | None, gamma: float, settings: FitSettings,
                  work_dir: Path, threads: int = 0, progress: bool = True) -> MixAllocation:
-    """convert's type-and-θ step: every candidate type quantized once (the whole model, with the importance
-    matrix, by llama.cpp), each weight's residual measured at each, one greedy, the mixed file quantized."""
-    base = TensorSource(base_path)
+    """convert's type-and-θ step: each weight's residual measured at each candidate type (quantized weight by
+    weight with its importance row, `candidates.py`), one greedy, the mixed file quantized by llama.cpp."""
+    base, model = TensorSource(base_path), TensorSource(model_path)
     base_types = {n: base.info(n).type for n in names}
     theta = max_weights != 0
-    residuals = _Residuals(weights, calibration)
     if theta:  # the base type's spectra and the per-kind sensitivity that converts energy into NLL
         fitted = fit_pass(base_path, weights, names, calibration, calib_text, gamma, settings, work_dir, threads,
                           progress)
         sensitivity = fitted.sensitivity
-        steps = {n: [TypeStep(base_types[n].name, 0, fitted.total_energy[n], fitted.energy[n])] for n in names}
-        residuals.base = {n: (residuals.diagonal_error(n, base.dequantize(n)), steps[n][0]) for n in names}
     else:  # types only: every kind's weighted residual counts alike
         sensitivity = {k: {"nll_drop": None, "energy": None, "sensitivity": 1.0}
                        for k in sorted({weight_kind(n) for n in names})}
-        steps = {n: [residuals.step(n, base_types[n].name, base.dequantize(n), 0)] for n in names}
     ladders = {n: type_steps(base_types[n], base.info(n).shape[0]) for n in names}
     pad = base.layout.alignment
-    for ggml_type in tqdm(sorted({t for ladder in ladders.values() for t in ladder}, key=bits_per_weight),
-                          desc="candidate types", unit="type", disable=not progress, leave=False):
-        chosen = {n: ggml_type for n, ladder in ladders.items() if ggml_type in ladder}
-        path = work_dir / f"candidate-{ggml_type.name}.gguf"
-        quantize_model(model_path, path, ftype, imatrix, threads, chosen)
-        check_types(path, chosen)
-        candidate = TensorSource(path)
-        for n in chosen:
-            extra = (_padded(candidate.info(n).n_bytes, pad) - _padded(base.info(n).n_bytes, pad)
+    steps: dict[str, list[TypeStep]] = {}
+    for n in tqdm(names, desc="candidate types", unit="weight", disable=not progress, leave=False):
+        weight, at_base = weights(n), base.dequantize(n)
+        scale = (np.ones(weight.shape[1]) if calibration is None
+                 else calibration.mean_squares[n].astype(np.float64))
+        base_error = diagonal_error(weight, at_base, scale)
+        first = (TypeStep(base_types[n].name, 0, fitted.total_energy[n], fitted.energy[n]) if theta
+                 else TypeStep(base_types[n].name, 0, base_error, np.zeros(0)))
+        errors = candidate_errors(model, n, weight, at_base, ladders[n], None if imatrix is None else imatrix.get(n),
+                                  scale, threads)
+        steps[n] = [first]
+        for ggml_type, error in errors.items():
+            extra = (_padded(TensorSpec(n, weight.shape, ggml_type).n_bytes, pad) - _padded(base.info(n).n_bytes, pad)
                      + type_listing_bytes(n, ggml_type.name))
-            steps[n].append(residuals.step(n, ggml_type.name, candidate.dequantize(n), extra))
-        del candidate
-        path.unlink()
+            steps[n].append(_candidate_step(first, base_error, ggml_type.name, error, extra, theta))
     costs = [WeightSteps(n, tuple(steps[n]), component_bytes(*base.numpy_shape(n)), listing_bytes(n)) for n in names]
     budget_bytes = budget.bytes_for(base_path.stat().st_size)
     choices = allocate_mix_math(costs, {k: v["sensitivity"] for k, v in sensitivity.items()}, budget_bytes,
