@@ -22,6 +22,7 @@ from nkat_gguf.convert.read import Inputs, read_input
 from nkat_gguf.convert.theta_fit import WeightFit, fit_weights, replace_tensors
 from nkat_gguf.convert.write import provenance, write_temperature, write_theta
 from nkat_gguf.engine.llama.quantize import check_types, fallbacks, quantize_model
+from nkat_gguf.errors import NkatError
 from nkat_gguf.format.atomic import work_dir
 from nkat_gguf.format.gguf_file import GGUFLayout
 from nkat_gguf.format.imatrix import input_widths, missing_note, read_imatrix_file
@@ -65,39 +66,53 @@ def convert(opts: ConvertOptions, calibration: Calibration | None = None) -> Con
     """Run the whole pipeline; `calibration` may be passed in to reuse one across several converts
     (not with so8t: a calibration of the unrotated model does not describe the rotated one)."""
     times = StepTimes()
-    with times.step("total"):
-        inputs = read_input(opts, calibration)
-        report = ConvertReport(str(opts.input), str(opts.output), inputs.outtype, opts.theta_rank, opts.gamma,
-                               "none", opts.theta_fit, "none", input_bytes=Path(opts.input).stat().st_size)
-        with work_dir(Path(opts.output).parent, "convert") as tmp:
-            model, so8t = bake(inputs, Path(tmp))
-            if so8t is not None:
-                times.seconds.update(so8t.seconds)
-            if inputs.needs_calibration and calibration is None:  # llama.cpp evaluates the weights θ aims at
-                with times.step("calibrate"):
-                    calibration = calibrate_model(inputs, model, report.notes)
-            for_theta = calibration_for_theta(inputs, calibration, report.notes)
-            imatrix, imatrix_source = load_imatrix(inputs, model, calibration, report.notes)
-            with times.step("quantize"):
-                quantized = quantize(inputs, model, imatrix, imatrix_source, Path(tmp))
-            with times.step("theta"):
-                theta = fit_theta(inputs, model, quantized, for_theta, Path(tmp))
-                record = NkatTheta(opts.gamma, {n: f.theta for n, f in theta.fits.items()},
-                                   provenance(inputs, calibration, quantized.imatrix_source, theta.allocation,
-                                              theta.types, so8t))
-            written = Path(tmp) / "with-theta.gguf" if opts.calibrate_temperature else Path(opts.output)
-            with times.step("write"):
-                metadata = write_theta(theta.quantized, written, record)
-            if opts.calibrate_temperature:
-                with times.step("temperature"):
-                    report.temperature = asdict(write_temperature(written, Path(opts.output), inputs))
-        report.calibration = "activation" if for_theta else "none"
-        _fill_report(report, quantized, theta, metadata, so8t)
+    inputs = None
+    try:
+        with times.step("total"):
+            inputs = read_input(opts, calibration)
+            report, so8t = _steps(inputs, calibration, times)
+    except MemoryError:  # the work directory and the atomic output are gone by now: nothing is left behind
+        step = " / ".join(times.current[1:]) or "read"
+        needed = "" if inputs is None else (f"; by docs/CALIBRATION.md's formula it needs about "
+                                            f"{inputs.memory.peak / (1 << 30):.2f} GiB ({inputs.memory.describe()})")
+        raise NkatError(f"convert ran out of memory in its {step} step{needed}") from None
     report.seconds = times.rounded()
     report.peak_resident_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     if so8t is not None and opts.so8t.report_dir is not None:
         write_report(Path(opts.so8t.report_dir), report.as_dict())
     return report
+
+
+def _steps(inputs: Inputs, calibration: Calibration | None, times: StepTimes) -> tuple[ConvertReport, BakeStep | None]:
+    """bake -> calibrate -> quantize -> θ -> write (-> temperature), each step timed."""
+    opts = inputs.opts
+    report = ConvertReport(str(opts.input), str(opts.output), inputs.outtype, opts.theta_rank, opts.gamma,
+                           "none", opts.theta_fit, "none", input_bytes=Path(opts.input).stat().st_size)
+    with work_dir(Path(opts.output).parent, "convert") as tmp:
+        model, so8t = bake(inputs, Path(tmp))
+        if so8t is not None:
+            times.seconds.update(so8t.seconds)
+        if inputs.needs_calibration and calibration is None:  # llama.cpp evaluates the weights θ aims at
+            with times.step("calibrate"):
+                calibration = calibrate_model(inputs, model, report.notes)
+        for_theta = calibration_for_theta(inputs, calibration, report.notes)
+        imatrix, imatrix_source = load_imatrix(inputs, model, calibration, report.notes)
+        with times.step("quantize"):
+            quantized = quantize(inputs, model, imatrix, imatrix_source, Path(tmp))
+        with times.step("theta"):
+            theta = fit_theta(inputs, model, quantized, for_theta, Path(tmp))
+            record = NkatTheta(opts.gamma, {n: f.theta for n, f in theta.fits.items()},
+                               provenance(inputs, calibration, quantized.imatrix_source, theta.allocation,
+                                          theta.types, so8t))
+        written = Path(tmp) / "with-theta.gguf" if opts.calibrate_temperature else Path(opts.output)
+        with times.step("write"):
+            metadata = write_theta(theta.quantized, written, record)
+        if opts.calibrate_temperature:
+            with times.step("temperature"):
+                report.temperature = asdict(write_temperature(written, Path(opts.output), inputs))
+    report.calibration = "activation" if for_theta else "none"
+    _fill_report(report, quantized, theta, metadata, so8t)
+    return report, so8t
 
 
 def bake(inputs: Inputs, tmp: Path) -> tuple[Model, BakeStep | None]:

@@ -11,7 +11,9 @@ from pathlib import Path
 from gguf.constants import Keys
 
 from nkat_gguf.convert.calib_text import calibration_text
+from nkat_gguf.convert.allocate import ALLOCATION_MAX_RANK
 from nkat_gguf.convert.calibrate import Calibration
+from nkat_gguf.convert.memory import MemoryEstimate, check_max_memory, estimate
 from nkat_gguf.convert.moment_groups import parse_memory
 from nkat_gguf.convert.options import DEFAULT_BYTE_BUDGET, DEFAULT_OP_BUDGET, ConvertOptions
 from nkat_gguf.convert.selection import resolve_tensor_types, select_tensors
@@ -51,6 +53,7 @@ class Inputs:
     calib_text: Text | None  # loaded once, when a step reads it
     input_sha256: str
     reference_sha256: str
+    memory: MemoryEstimate  # the peak by docs/CALIBRATION.md's formula, checked against --max-memory
 
     def known_sha256(self, path: Path) -> str | None:
         """The sha256 already taken of `path` (the input or the reference), so no file is hashed twice."""
@@ -87,12 +90,18 @@ def read_input(opts: ConvertOptions, calibration: Calibration | None) -> Inputs:
                          or opts.save_imatrix is not None)
     reads_text = ((needs_calibration and calibration is None) or budget is not None or byte_budget is not None
                   or opts.calibrate_temperature)
+    file_bytes = max(input_path.stat().st_size, Path(opts.reference).stat().st_size if opts.reference else 0)
+    allocates = budget is not None or byte_budget is not None
+    memory = estimate(layout, file_bytes, names, parse_memory(opts.calib_memory),
+                      opts.theta_fit == "whiten" and opts.theta_calib == "activation" and (wants_theta or allocates),
+                      ALLOCATION_MAX_RANK if allocates else opts.theta_rank, needs_calibration and calibration is None)
+    check_max_memory(opts.max_memory, memory)
     input_sha256 = sha256_file(input_path)
     return Inputs(opts, layout, source, reference, names, outtype, ftype, fit, budget, tensor_types, byte_budget,
                   op_budget, needs_calibration,
                   calibration_text(opts.calib_text, reference.path, opts.threads, opts.progress) if reads_text else None,
                   input_sha256,
-                  sha256_file(opts.reference) if opts.reference else input_sha256)
+                  sha256_file(opts.reference) if opts.reference else input_sha256, memory)
 
 
 def reference_source(input_source: TensorSource, reference: Path | None) -> TensorSource:
