@@ -9,6 +9,7 @@ as a uniform rank (`theta_fit.ThetaFitter`: whitened or diagonal), and the energ
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -60,12 +61,39 @@ class Allocation:
                 "ranks_by_kind": {k: {"weights": len(v), "total_rank": sum(v)} for k, v in by_kind.items() if v}}
 
 
+class FactorFiles(Mapping[str, LowRank]):
+    """Each weight's rank-ALLOCATION_MAX_RANK factors in the work directory, read back when asked for: held in
+    memory they were 4·64·(out + in) bytes per weight, the one part of the θ step that grew with the model
+    (295 MB on a 1.5B). Written and read as float32 .npy: the same values."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        self._names: list[str] = []
+
+    def __setitem__(self, name: str, factors: LowRank) -> None:
+        np.save(self.directory / f"{name}.b.npy", factors.b)
+        np.save(self.directory / f"{name}.a.npy", factors.a)
+        self._names.append(name)
+
+    def __getitem__(self, name: str) -> LowRank:
+        if name not in self._names:
+            raise KeyError(name)
+        return LowRank(np.load(self.directory / f"{name}.b.npy"), np.load(self.directory / f"{name}.a.npy"))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
 @dataclass(frozen=True)
 class FitPass:
     """Every selected weight fitted at up to ALLOCATION_MAX_RANK, its spectrum, and the per-kind sensitivity:
     all an allocation needs, so several budgets cost one pass."""
 
-    full: dict[str, LowRank]
+    full: Mapping[str, LowRank]  # FactorFiles: on disk
     energy: dict[str, np.ndarray]  # σ_k² of each weight's weighted residual, k < ALLOCATION_MAX_RANK
     total_energy: dict[str, float]  # ‖E·S‖² or ‖E·L‖²: all of it, for the share a rank captures
     costs: list[WeightCosts]
@@ -90,14 +118,15 @@ def fit_pass(quantized_path: Path, weights: Callable[[str], np.ndarray], names: 
              threads: int = 0, progress: bool = True) -> FitPass:
     quantized = TensorSource(quantized_path)
     fitter = ThetaFitter(ALLOCATION_MAX_RANK, calibration, settings)
-    full: dict[str, LowRank] = {}
+    full = FactorFiles(work_dir / "factors")
     energy: dict[str, np.ndarray] = {}
     total_energy: dict[str, float] = {}
     costs = []
     for name in tqdm(names, desc="theta spectra", unit="tensor", disable=not progress, leave=False):
         residual = weights(name) - quantized.dequantize(name)
-        full[name], captured = fitter.fit(name, residual, min(ALLOCATION_MAX_RANK, *residual.shape))
-        energy[name] = (full[name].b.astype(np.float64) ** 2).sum(axis=0)
+        factors, captured = fitter.fit(name, residual, min(ALLOCATION_MAX_RANK, *residual.shape))
+        full[name] = factors
+        energy[name] = (factors.b.astype(np.float64) ** 2).sum(axis=0)
         total_energy[name] = float(energy[name].sum()) / captured if captured > 0 else 0.0
         costs.append(WeightCosts(name, energy[name], component_bytes(*residual.shape), listing_bytes(name)))
     if calibration is None:  # no reference forward: nothing to measure sensitivity with, so every kind counts alike

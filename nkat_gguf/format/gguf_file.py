@@ -408,10 +408,11 @@ def write_gguf(
             out.write(struct.pack(f"<{len(ne)}Q", *ne) + struct.pack("<IQ", spec.type, off))
         out.write(b"\0" * ((-out.tell()) % alignment))
         for spec in tensors:
-            raw = np.ascontiguousarray(produce(spec)).tobytes()
-            if len(raw) != spec.n_bytes:
-                raise ValueError(f"{spec.name}: produced {len(raw)} bytes, expected {spec.n_bytes}")
-            out.write(raw + b"\0" * ((-len(raw)) % alignment))
+            data = np.ascontiguousarray(produce(spec))  # written from its own buffer: no bytes copy of a tensor
+            if data.nbytes != spec.n_bytes:
+                raise ValueError(f"{spec.name}: produced {data.nbytes} bytes, expected {spec.n_bytes}")
+            out.write(memoryview(data.reshape(-1)).cast("B"))
+            out.write(b"\0" * ((-data.nbytes) % alignment))
 
 
 def copy_metadata(layout: GGUFLayout, drop_prefixes: tuple[str, ...] = ("GGUF.",)) -> dict[str, Value]:
