@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -41,6 +41,7 @@ from nkat_gguf.math.allocation import (
 from nkat_gguf.math.allocation import allocate_mix as allocate_mix_math
 from nkat_gguf.math.theta import LowRank, quantize_int8
 from nkat_gguf.texts import Text
+from nkat_gguf.timing import StepTimes
 
 ALLOCATION_MAX_RANK = 64  # the most components one weight can get under a budget
 
@@ -52,6 +53,7 @@ class Allocation:
     spent_bytes: int
     max_weights: int | None
     sensitivity: dict[str, dict[str, float | None]]  # kind -> nll_drop, energy (None: not measured), sensitivity
+    seconds: dict[str, float] = field(default_factory=dict)  # the θ step's own steps, for convert's report
 
     def summary(self) -> dict:
         ranks = {n: f.theta.rank for n, f in self.fits.items()}
@@ -98,12 +100,13 @@ class FitPass:
     total_energy: dict[str, float]  # ‖E·S‖² or ‖E·L‖²: all of it, for the share a rank captures
     costs: list[WeightCosts]
     sensitivity: dict[str, dict[str, float]]
+    seconds: dict[str, float]  # the pass's own steps, for convert's report
 
     def allocate(self, budget_bytes: int, max_weights: int | None) -> Allocation:
         ranks = allocate(self.costs, {k: v["sensitivity"] for k, v in self.sensitivity.items()}, budget_bytes,
                          max_weights)
         return Allocation(self.fits(ranks), budget_bytes, allocation_bytes(self.costs, ranks), max_weights,
-                          self.sensitivity)
+                          self.sensitivity, self.seconds)
 
     def fits(self, ranks: dict[str, int]) -> dict[str, WeightFit]:
         """Factors cut to `ranks` (exact for an SVD) with the share of each weight's energy they capture
@@ -122,19 +125,23 @@ def fit_pass(quantized_path: Path, weights: Callable[[str], np.ndarray], names: 
     energy: dict[str, np.ndarray] = {}
     total_energy: dict[str, float] = {}
     costs = []
-    for name in tqdm(names, desc="theta spectra", unit="tensor", disable=not progress, leave=False):
-        residual = weights(name) - quantized.dequantize(name)
-        factors, captured = fitter.fit(name, residual, min(ALLOCATION_MAX_RANK, *residual.shape))
-        full[name] = factors
-        energy[name] = (factors.b.astype(np.float64) ** 2).sum(axis=0)
-        total_energy[name] = float(energy[name].sum()) / captured if captured > 0 else 0.0
-        costs.append(WeightCosts(name, energy[name], component_bytes(*residual.shape), listing_bytes(name)))
+    times = StepTimes()
+    with times.step("theta spectra"):
+        for name in tqdm(names, desc="theta spectra", unit="tensor", disable=not progress, leave=False):
+            residual = weights(name) - quantized.dequantize(name)
+            factors, captured = fitter.fit(name, residual, min(ALLOCATION_MAX_RANK, *residual.shape))
+            full[name] = factors
+            energy[name] = (factors.b.astype(np.float64) ** 2).sum(axis=0)
+            total_energy[name] = float(energy[name].sum()) / captured if captured > 0 else 0.0
+            costs.append(WeightCosts(name, energy[name], component_bytes(*residual.shape), listing_bytes(name)))
     if calibration is None:  # no reference forward: nothing to measure sensitivity with, so every kind counts alike
         sensitivity = {k: {"nll_drop": None, "energy": None, "sensitivity": 1.0}
                        for k in sorted({weight_kind(n) for n in names})}
     else:
-        sensitivity = kind_sensitivity(quantized_path, full, energy, calib_text, gamma, work_dir, threads, progress)
-    return FitPass(full, energy, total_energy, costs, sensitivity)
+        with times.step("theta sensitivity"):
+            sensitivity = kind_sensitivity(quantized_path, full, energy, calib_text, gamma, work_dir, threads,
+                                           progress)
+    return FitPass(full, energy, total_energy, costs, sensitivity, times.seconds)
 
 
 def allocate_theta(quantized_path: Path, weights: Callable[[str], np.ndarray], names: list[str],
@@ -196,6 +203,7 @@ class MixAllocation:
     spent_bytes: int
     max_weights: int | None
     sensitivity: dict[str, dict[str, float]]
+    seconds: dict[str, float] = field(default_factory=dict)  # the θ step's own steps, for convert's report
 
     @property
     def upgrades(self) -> dict[str, str]:
@@ -235,30 +243,33 @@ def allocate_mix(model_path: Path, base_path: Path, ftype: int, imatrix: dict[st
     base, model = TensorSource(base_path), TensorSource(model_path)
     base_types = {n: base.info(n).type for n in names}
     theta = max_weights != 0
+    times = StepTimes()
     if theta:  # the base type's spectra and the per-kind sensitivity that converts energy into NLL
         fitted = fit_pass(base_path, weights, names, calibration, calib_text, gamma, settings, work_dir, threads,
                           progress)
         sensitivity = fitted.sensitivity
+        times.seconds.update(fitted.seconds)
     else:  # types only: every kind's weighted residual counts alike
         sensitivity = {k: {"nll_drop": None, "energy": None, "sensitivity": 1.0}
                        for k in sorted({weight_kind(n) for n in names})}
     ladders = {n: type_steps(base_types[n], base.info(n).shape[0]) for n in names}
     pad = base.layout.alignment
     steps: dict[str, list[TypeStep]] = {}
-    for n in tqdm(names, desc="candidate types", unit="weight", disable=not progress, leave=False):
-        weight, at_base = weights(n), base.dequantize(n)
-        scale = (np.ones(weight.shape[1]) if calibration is None
-                 else calibration.mean_squares[n].astype(np.float64))
-        base_error = diagonal_error(weight, at_base, scale)
-        first = (TypeStep(base_types[n].name, 0, fitted.total_energy[n], fitted.energy[n]) if theta
-                 else TypeStep(base_types[n].name, 0, base_error, np.zeros(0)))
-        errors = candidate_errors(model, n, weight, at_base, ladders[n], None if imatrix is None else imatrix.get(n),
-                                  scale, threads)
-        steps[n] = [first]
-        for ggml_type, error in errors.items():
-            extra = (_padded(TensorSpec(n, weight.shape, ggml_type).n_bytes, pad) - _padded(base.info(n).n_bytes, pad)
-                     + type_listing_bytes(n, ggml_type.name))
-            steps[n].append(_candidate_step(first, base_error, ggml_type.name, error, extra, theta))
+    with times.step("theta candidate types"):
+        for n in tqdm(names, desc="candidate types", unit="weight", disable=not progress, leave=False):
+            weight, at_base = weights(n), base.dequantize(n)
+            scale = (np.ones(weight.shape[1]) if calibration is None
+                     else calibration.mean_squares[n].astype(np.float64))
+            base_error = diagonal_error(weight, at_base, scale)
+            first = (TypeStep(base_types[n].name, 0, fitted.total_energy[n], fitted.energy[n]) if theta
+                     else TypeStep(base_types[n].name, 0, base_error, np.zeros(0)))
+            errors = candidate_errors(model, n, weight, at_base, ladders[n],
+                                      None if imatrix is None else imatrix.get(n), scale, threads)
+            steps[n] = [first]
+            for ggml_type, error in errors.items():
+                extra = (_padded(TensorSpec(n, weight.shape, ggml_type).n_bytes, pad)
+                         - _padded(base.info(n).n_bytes, pad) + type_listing_bytes(n, ggml_type.name))
+                steps[n].append(_candidate_step(first, base_error, ggml_type.name, error, extra, theta))
     costs = [WeightSteps(n, tuple(steps[n]), component_bytes(*base.numpy_shape(n)), listing_bytes(n)) for n in names]
     budget_bytes = budget.bytes_for(base_path.stat().st_size)
     choices = allocate_mix_math(costs, {k: v["sensitivity"] for k, v in sensitivity.items()}, budget_bytes,
@@ -266,8 +277,9 @@ def allocate_mix(model_path: Path, base_path: Path, ftype: int, imatrix: dict[st
     pinned = {t.name: t.type for t in base.layout.tensors if _is_quantized(t.type)}
     pinned |= {n: GGMLQuantizationType[c.type] for n, c in choices.items()}
     mixed = work_dir / "mixed.gguf"
-    quantize_model(model_path, mixed, ftype, imatrix, threads, pinned)  # every weight named: no mixture rule moves it
-    check_types(mixed, pinned)
+    with times.step("theta mixed file"):
+        quantize_model(model_path, mixed, ftype, imatrix, threads, pinned)  # every weight named: no rule moves it
+        check_types(mixed, pinned)
     written = TensorSource(mixed)
     fitter = ThetaFitter(ALLOCATION_MAX_RANK, calibration, settings)
     fits = {}
@@ -281,7 +293,7 @@ def allocate_mix(model_path: Path, base_path: Path, ftype: int, imatrix: dict[st
             factors, share = fitter.fit(n, weights(n) - written.dequantize(n), c.rank)
         fits[n] = WeightFit(quantize_int8(factors), share, None, 0)
     return MixAllocation(mixed, choices, fits, {n: t.name for n, t in base_types.items()}, budget_bytes,
-                         mix_bytes(costs, choices), max_weights, sensitivity)
+                         mix_bytes(costs, choices), max_weights, sensitivity, times.seconds)
 
 
 def _padded(n_bytes: int, alignment: int) -> int:

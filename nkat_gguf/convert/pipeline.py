@@ -9,7 +9,7 @@ in metadata (NKAT format v2), so a stock llama.cpp loads it as the plain quantiz
 from __future__ import annotations
 
 import resource
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +60,7 @@ class Theta:
     quantized: Path
     allocation: dict | None
     types: dict[str, str] | None = None  # under --byte-budget: the weights given another type than the base's
+    seconds: dict[str, float] = field(default_factory=dict)  # under a budget: the θ step's own steps
 
 
 def convert(opts: ConvertOptions, calibration: Calibration | None = None) -> ConvertReport:
@@ -104,6 +105,7 @@ def _steps(inputs: Inputs, calibration: Calibration | None, times: StepTimes) ->
             record = NkatTheta(opts.gamma, {n: f.theta for n, f in theta.fits.items()},
                                provenance(inputs, calibration, quantized.imatrix_source, theta.allocation,
                                           theta.types, so8t))
+        times.seconds.update(theta.seconds)
         written = Path(tmp) / "with-theta.gguf" if opts.calibrate_temperature else Path(opts.output)
         with times.step("write"):
             metadata = write_theta(theta.quantized, written, record)
@@ -188,12 +190,12 @@ def fit_theta(inputs: Inputs, model: Model, quantized: Quantized, calibration: C
         mix = allocate_mix(model.path, quantized.path, inputs.ftype, quantized.imatrix, weights, inputs.names,
                            calibration, inputs.calib_text, inputs.byte_budget, inputs.op_budget, opts.gamma,
                            inputs.fit, tmp, opts.threads, opts.progress)
-        return Theta(mix.fits, mix.path, mix.summary(), mix.upgrades)
+        return Theta(mix.fits, mix.path, mix.summary(), mix.upgrades, mix.seconds)
     if inputs.budget is not None:
         allocation = allocate_theta(quantized.path, weights, inputs.names, calibration, inputs.calib_text,
                                     inputs.budget, opts.theta_max_weights, opts.gamma, inputs.fit, tmp,
                                     opts.threads, opts.progress)
-        return Theta(allocation.fits, quantized.path, allocation.summary())
+        return Theta(allocation.fits, quantized.path, allocation.summary(), seconds=allocation.seconds)
     if opts.theta_rank == 0:
         return Theta({}, quantized.path, None)
     fits, replaced = fit_weights(TensorSource(quantized.path), weights, inputs.names, opts.theta_rank, calibration,
