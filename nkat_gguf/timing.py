@@ -12,11 +12,14 @@ class StepTimes:
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self.current: list[str] = []  # the steps running now, outermost first (for messages about a failure)
 
     @contextmanager
     def step(self, name: str) -> Iterator[None]:
         start = time.perf_counter()
+        self.current.append(name)
         yield
+        self.current.pop()
         self.seconds[name] = time.perf_counter() - start
 
     def rounded(self, digits: int = 3) -> dict[str, float]:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from gguf.constants import GGMLQuantizationType
 
 from nkat_gguf.convert import ConvertOptions, convert
 from nkat_gguf.default_model import default_model_path
+from nkat_gguf.engine.measure.type_speed import cache_path
 from tools.synthetic_model import build_llama_gguf
 
 # Fixtures that load the embedded default model: every test using one is `slow`, so `pytest -m "not slow"`
@@ -26,6 +30,20 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Adapters written by tests go to a temporary cache, never the user's ~/.cache."""
     os.environ["NKAT_CACHE_DIR"] = str(tmp_path_factory.mktemp("nkat-cache"))
+
+
+@pytest.fixture
+def type_prices(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
+    """Sets this machine's cached type speeds in the test's own cache: every type alike except `slower` (a factor
+    each). Alike, speed prices nothing, so the types a convert chooses do not depend on how fast this CPU measured."""
+    monkeypatch.setenv("NKAT_CACHE_DIR", str(tmp_path / "cache"))
+
+    def set_prices(threads: int = 0, slower: dict[str, float] | None = None) -> None:
+        path = cache_path(threads)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({t.name: 1e-9 * (slower or {}).get(t.name, 1.0) for t in GGMLQuantizationType}))
+
+    return set_prices
 
 
 @pytest.fixture(scope="session")

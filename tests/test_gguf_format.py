@@ -56,6 +56,21 @@ def test_reader_agrees_with_gguf_py(gguf_py_file: Path) -> None:
     assert layout.data_offset == reader.data_offset
 
 
+def test_a_layout_is_read_once_and_again_when_its_bytes_change(gguf_py_file: Path) -> None:
+    """A second read of the same file is the kept layout; a value rewritten in place at the same size (a
+    timestamp may not tell) is read anew, and so is a change to the tensor data's length."""
+    first = read_layout(gguf_py_file)
+    assert read_layout(gguf_py_file) is first
+    raw = bytearray(gguf_py_file.read_bytes())
+    at = raw.index("héllo".encode())
+    raw[at:at + 1] = b"j"
+    gguf_py_file.write_bytes(raw)
+    assert read_layout(gguf_py_file).get("t.str") == "jéllo"
+    gguf_py_file.write_bytes(raw[:-4])
+    with pytest.raises(InputError, match="truncated|tensor data"):
+        read_layout(gguf_py_file)
+
+
 def test_metadata_rewrite_keeps_tensors_byte_for_byte(gguf_py_file: Path, tmp_path: Path) -> None:
     out = tmp_path / "out.gguf"
     values = RNG.integers(-127, 128, 100_000).astype(np.int8)

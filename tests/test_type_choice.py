@@ -3,16 +3,14 @@ the bytes a downgrade frees pay for upgrades, the budget holds, and a type price
 
 from __future__ import annotations
 
-import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from nkat_gguf.convert import ConvertOptions, convert
-from nkat_gguf.convert.allocate import CANDIDATE_TYPES
 from nkat_gguf.engine.llama.quantize import outtypes, quantize_model
-from nkat_gguf.engine.measure.type_speed import cache_path
 from nkat_gguf.format.gguf_file import read_layout
 from nkat_gguf.math.allocation import Choice, TypeStep, WeightSteps, allocate_mix, mix_bytes
 from tools.synthetic_model import LlamaShape, build_llama_gguf
@@ -97,13 +95,6 @@ def wide_q4_k(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d / "wide-q4_k_s.gguf"
 
 
-def _price(slower: dict[str, float]) -> None:
-    """This machine's cached type speeds, set: every type alike except `slower` (a factor each)."""
-    path = cache_path(THREADS)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({t.name: 1e-9 * slower.get(t.name, 1.0) for t in CANDIDATE_TYPES}))
-
-
 def _types(model: Path, out: Path) -> dict[str, str]:
     convert(ConvertOptions(input=model, output=out, outtype="IQ4_NL", theta_rank=0, byte_budget="0.05%",
                            threads=THREADS, progress=False))
@@ -111,16 +102,15 @@ def _types(model: Path, out: Path) -> dict[str, str]:
 
 
 def test_q4_k_is_kept_on_a_q4_k_input_and_less_when_priced_slower(wide_q4_k: Path, tmp_path: Path,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    """On a Q4_K_S input, re-quantizing a Q4_K weight to Q4_K is nearly a copy: at IQ4_NL's bytes and far lower
+                                                                   type_prices: Callable[..., None]) -> None:
+    """On a Q4_K_S input, re-quantizing a Q4_K weight to Q4_K is a copy: at IQ4_NL's bytes and far lower
     error, the allocator keeps it so under a budget that buys no upgrade; marked 20× slower, it must buy far
     more error reduction than that, and no weight takes it."""
-    monkeypatch.setenv("NKAT_CACHE_DIR", str(tmp_path / "cache"))  # the prices set here are this test's alone
     given = {t.name: t.type.name for t in read_layout(wide_q4_k).tensors}
-    _price({})
+    type_prices(THREADS)
     alike = _types(wide_q4_k, tmp_path / "alike.gguf")
     kept = [n for n, t in alike.items() if n.startswith("blk.") and given[n] == "Q4_K"]
     assert kept and all(alike[n] == "Q4_K" for n in kept), (given, alike)
-    _price({"Q4_K": 20.0})
+    type_prices(THREADS, {"Q4_K": 20.0})
     slow = _types(wide_q4_k, tmp_path / "slow.gguf")
     assert not [n for n, t in slow.items() if n.startswith("blk.") and t == "Q4_K"], slow

@@ -92,7 +92,7 @@ def test_the_quantizer_writes_exactly_the_types_accepted_for_each_row_width(tiny
     assert {T.Q4_K, T.Q4_0, T.IQ4_XS, T.Q3_K, T.Q6_K} <= set(candidate_types(T.IQ4_NL, 1536))
     assert T.Q4_0 in candidate_types(T.IQ4_NL, 576) and T.IQ4_NL not in candidate_types(T.IQ4_NL, 1536)
     assert candidate_types(T.Q8_0, 1536)[-1] == T.Q6_K  # every type is a candidate, Q8_0 too as a base
-    # the input's own type (re-quantizing to it is nearly a copy) is a candidate: on a Q2_K input, Q2_K
+    # the input's own type (re-quantizing to it is a copy) is a candidate: on a Q2_K input, Q2_K
     assert T.Q2_K in candidate_types(T.IQ4_NL, 1536, T.Q2_K) and T.Q2_K not in candidate_types(T.IQ4_NL, 1536)
     assert T.F16 not in candidate_types(T.IQ4_NL, 1536, T.F16)
 

@@ -20,6 +20,7 @@ import hashlib
 import os
 import time
 import zipfile
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -354,9 +355,14 @@ def cache_key(model_sha256: str, text_sha256: str, n_windows: int, window: int, 
     return hashlib.sha256(raw.encode()).hexdigest()[:32]
 
 
+def cache_path(key: str, cache_dir: Path | None = None) -> Path:
+    return (cache_dir or calibration_cache_dir()) / f"{key}.npz"
+
+
 def load_cached(key: str, second_moments: bool, cache_dir: Path | None = None) -> GraphStatistics | None:
-    """The stored statistics for `key`, or None (also when second moments are wanted but were not kept)."""
-    path = (cache_dir or calibration_cache_dir()) / f"{key}.npz"
+    """The stored statistics for `key` without their second moments (`CachedMoments` reads those), or None
+    (also when second moments are wanted but were not kept)."""
+    path = cache_path(key, cache_dir)
     if not path.is_file():
         return None
     try:
@@ -367,9 +373,7 @@ def load_cached(key: str, second_moments: bool, cache_dir: Path | None = None) -
             for name in data["names"].tolist():
                 stats.sums[name], stats.counts[name] = data[f"sums/{name}"], data[f"counts/{name}"]
             for name, owner in zip(data["shared"].tolist(), data["owners"].tolist()):
-                stats.input_owner[name] = owner
-                if owner not in stats.outer_sums:
-                    stats.outer_sums[owner] = data[f"outer/{owner}"]
+                stats.input_owner[name] = owner  # the Σxxᵀ stay on disk: CachedMoments reads them one at a time
             return stats
     except (OSError, ValueError, KeyError, zipfile.BadZipFile):
         return None  # a damaged entry is recomputed and replaced
@@ -387,7 +391,46 @@ def store_cached(key: str, stats: GraphStatistics, second_moments: bool, cache_d
               "owners": np.array(list(stats.input_owner.values()), dtype=str)}
     arrays |= {f"sums/{n}": v for n, v in stats.sums.items()} | {f"counts/{n}": v for n, v in stats.counts.items()}
     arrays |= {f"outer/{n}": v for n, v in stats.outer_sums.items()}
-    path = directory / f"{key}.npz"
+    path = cache_path(key, directory)
     with atomic_output(path, suffix=".npz") as tmp, open(tmp, "wb") as fh:
         np.savez(fh, **arrays)
     return path
+
+
+class CachedMoments(Mapping[str, np.ndarray]):
+    """E[xxᵀ] per weight read from a cache entry when asked for, one distinct input held at a time.
+
+    Every Σxxᵀ of a model at once is L·S_layer bytes (2.5 GB on a 0.5B qwen2, whose file is 491 MB); θ is
+    fitted weight by weight in layer order and needs one input's at a time, so the statistics stay on disk.
+    Weights that share an input (q/k/v, gate/up) get the same array object while it is held. Each array is
+    divided in place exactly as `GraphStatistics.take_second_moments` divides it: the same float32 values.
+    """
+
+    def __init__(self, path: Path, stats: GraphStatistics):
+        self.path = path
+        self._owner = dict(stats.input_owner)
+        self._counts = {owner: np.float32(stats.counts[owner][0]) for owner in set(self._owner.values())}
+        self._held: tuple[str, np.ndarray] | None = None
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        owner = self._owner[name]
+        if self._held is None or self._held[0] != owner:
+            self._held = None  # freed before the next is read
+            try:
+                with np.load(self.path, allow_pickle=False) as data:
+                    total = data[f"outer/{owner}"]
+            except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
+                raise NkatError(f"the calibration cache entry {self.path} went missing or changed during the "
+                                f"run ({exc}); run convert again") from None
+            total /= self._counts[owner]
+            self._held = owner, total
+        return self._held[1]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._owner
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._owner)
+
+    def __len__(self) -> int:
+        return len(self._owner)

@@ -74,6 +74,10 @@ def _tensor_types(_ctx: click.Context, _param: click.Parameter, items: tuple[str
               help="Most bytes of second moments E[x xT] held at once (KiB, MiB, GiB); above it they are collected "
                    "and fitted per group of layers, one llama.cpp pass over the calibration windows per group "
                    "(default: 4GiB).")
+@click.option("--max-memory", default=None, metavar="SIZE",
+              help="Refuse, before any work and in one line with what it needs, a run whose peak resident memory "
+                   "by the formula of docs/CALIBRATION.md (file, second moments, one weight's fit) exceeds SIZE "
+                   "(KiB, MiB, GiB). Running out of memory anyway is one line too, and leaves nothing behind.")
 @click.option("--save-imatrix", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the calibration as a llama.cpp imatrix GGUF (llama-quantize --imatrix reads it).")
 @click.option("--theta-calib", type=click.Choice(THETA_CALIBS), default="activation", show_default=True,
@@ -124,8 +128,9 @@ def _tensor_types(_ctx: click.Context, _param: click.Parameter, items: tuple[str
 @options.as_json(help="Print a machine-readable summary.")
 @fail_cleanly
 def convert(input_: str, output: Path, outtype: str | None, reference: Path | None, theta_rank: int | None,
-            gamma: float, theta_budget: str | None, byte_budget: str | None, theta_weights: int | None, tensor_types: tuple[tuple[str, str], ...], selective_layers: tuple[str, ...],
-            calib_text: Path | None, calib_tokens: int | None, calib_memory: str | None,
+            gamma: float, theta_budget: str | None, byte_budget: str | None, theta_weights: int | None,
+            tensor_types: tuple[tuple[str, str], ...], selective_layers: tuple[str, ...],
+            calib_text: Path | None, calib_tokens: int | None, calib_memory: str | None, max_memory: str | None,
             save_imatrix: Path | None, theta_calib: str,
             theta_fit: str, theta_damping: float | None, theta_rounds: int, theta_train: str,
             theta_train_steps: int, theta_train_lr: float, theta_train_tokens: int, imatrix: str, threads: int, so8t: str,
@@ -152,7 +157,8 @@ def convert(input_: str, output: Path, outtype: str | None, reference: Path | No
     opts = ConvertOptions(
         input=resolve_model(input_), output=output, reference=reference, gamma=gamma,
         theta_budget=theta_budget, byte_budget=byte_budget, theta_weights=theta_weights, tensor_types=tensor_types,
-        calib_text=calib_text, calib_tokens=calib_tokens, save_imatrix=save_imatrix, theta_calib=theta_calib,
+        calib_text=calib_text, calib_tokens=calib_tokens, max_memory=max_memory, save_imatrix=save_imatrix,
+        theta_calib=theta_calib,
         theta_fit=theta_fit, theta_damping=theta_damping, theta_rounds=theta_rounds, imatrix=imatrix, threads=threads,
         so8t=So8tOptions(mode=so8t, seed=so8t_seed, heads=so8t_heads, force=force, report_dir=report_dir),
         calibrate_temperature=calibrate_temperature, progress=progress_wanted(as_json),

@@ -9,7 +9,8 @@ as a uniform rank (`theta_fit.ThetaFitter`: whitened or diagonal), and the energ
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, replace
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -18,10 +19,12 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from tqdm import tqdm
 
 from nkat_gguf.convert.calibrate import Calibration
+from nkat_gguf.convert.candidates import candidate_errors, diagonal_error
 from nkat_gguf.convert.sensitivity import kind_sensitivity
 from nkat_gguf.convert.theta_fit import FitSettings, ThetaFitter, WeightFit
 from nkat_gguf.engine.llama.quantize import accepted_types, check_types, quantize_model
 from nkat_gguf.engine.measure.type_speed import type_seconds
+from nkat_gguf.format.gguf_file import TensorSpec
 from nkat_gguf.format.nkat import NkatTheta, component_bytes, listing_bytes, type_listing_bytes
 from nkat_gguf.format.tensors import TensorSource
 from nkat_gguf.math.allocation import (
@@ -39,6 +42,7 @@ from nkat_gguf.math.allocation import (
 from nkat_gguf.math.allocation import allocate_mix as allocate_mix_math
 from nkat_gguf.math.theta import LowRank, quantize_int8
 from nkat_gguf.texts import Text
+from nkat_gguf.timing import StepTimes
 
 ALLOCATION_MAX_RANK = 64  # the most components one weight can get under a budget
 
@@ -50,6 +54,7 @@ class Allocation:
     spent_bytes: int
     max_weights: int | None
     sensitivity: dict[str, dict[str, float | None]]  # kind -> nll_drop, energy (None: not measured), sensitivity
+    seconds: dict[str, float] = field(default_factory=dict)  # the θ step's own steps, for convert's report
 
     def summary(self) -> dict:
         ranks = {n: f.theta.rank for n, f in self.fits.items()}
@@ -59,22 +64,50 @@ class Allocation:
                 "ranks_by_kind": {k: {"weights": len(v), "total_rank": sum(v)} for k, v in by_kind.items() if v}}
 
 
+class FactorFiles(Mapping[str, LowRank]):
+    """Each weight's rank-ALLOCATION_MAX_RANK factors in the work directory, read back when asked for: held in
+    memory they were 4·64·(out + in) bytes per weight, the one part of the θ step that grew with the model
+    (295 MB on a 1.5B). Written and read as float32 .npy: the same values."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        self._names: list[str] = []
+
+    def __setitem__(self, name: str, factors: LowRank) -> None:
+        np.save(self.directory / f"{name}.b.npy", factors.b)
+        np.save(self.directory / f"{name}.a.npy", factors.a)
+        self._names.append(name)
+
+    def __getitem__(self, name: str) -> LowRank:
+        if name not in self._names:
+            raise KeyError(name)
+        return LowRank(np.load(self.directory / f"{name}.b.npy"), np.load(self.directory / f"{name}.a.npy"))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
 @dataclass(frozen=True)
 class FitPass:
     """Every selected weight fitted at up to ALLOCATION_MAX_RANK, its spectrum, and the per-kind sensitivity:
     all an allocation needs, so several budgets cost one pass."""
 
-    full: dict[str, LowRank]
+    full: Mapping[str, LowRank]  # FactorFiles: on disk
     energy: dict[str, np.ndarray]  # σ_k² of each weight's weighted residual, k < ALLOCATION_MAX_RANK
     total_energy: dict[str, float]  # ‖E·S‖² or ‖E·L‖²: all of it, for the share a rank captures
     costs: list[WeightCosts]
     sensitivity: dict[str, dict[str, float]]
+    seconds: dict[str, float]  # the pass's own steps, for convert's report
 
     def allocate(self, budget_bytes: int, max_weights: int | None) -> Allocation:
         ranks = allocate(self.costs, {k: v["sensitivity"] for k, v in self.sensitivity.items()}, budget_bytes,
                          max_weights)
         return Allocation(self.fits(ranks), budget_bytes, allocation_bytes(self.costs, ranks), max_weights,
-                          self.sensitivity)
+                          self.sensitivity, self.seconds)
 
     def fits(self, ranks: dict[str, int]) -> dict[str, WeightFit]:
         """Factors cut to `ranks` (exact for an SVD) with the share of each weight's energy they capture
@@ -89,22 +122,27 @@ def fit_pass(quantized_path: Path, weights: Callable[[str], np.ndarray], names: 
              threads: int = 0, progress: bool = True) -> FitPass:
     quantized = TensorSource(quantized_path)
     fitter = ThetaFitter(ALLOCATION_MAX_RANK, calibration, settings)
-    full: dict[str, LowRank] = {}
+    full = FactorFiles(work_dir / "factors")
     energy: dict[str, np.ndarray] = {}
     total_energy: dict[str, float] = {}
     costs = []
-    for name in tqdm(names, desc="theta spectra", unit="tensor", disable=not progress, leave=False):
-        residual = weights(name) - quantized.dequantize(name)
-        full[name], captured = fitter.fit(name, residual, min(ALLOCATION_MAX_RANK, *residual.shape))
-        energy[name] = (full[name].b.astype(np.float64) ** 2).sum(axis=0)
-        total_energy[name] = float(energy[name].sum()) / captured if captured > 0 else 0.0
-        costs.append(WeightCosts(name, energy[name], component_bytes(*residual.shape), listing_bytes(name)))
+    times = StepTimes()
+    with times.step("theta spectra"):
+        for name in tqdm(names, desc="theta spectra", unit="tensor", disable=not progress, leave=False):
+            residual = weights(name) - quantized.dequantize(name)
+            factors, captured = fitter.fit(name, residual, min(ALLOCATION_MAX_RANK, *residual.shape))
+            full[name] = factors
+            energy[name] = (factors.b.astype(np.float64) ** 2).sum(axis=0)
+            total_energy[name] = float(energy[name].sum()) / captured if captured > 0 else 0.0
+            costs.append(WeightCosts(name, energy[name], component_bytes(*residual.shape), listing_bytes(name)))
     if calibration is None:  # no reference forward: nothing to measure sensitivity with, so every kind counts alike
         sensitivity = {k: {"nll_drop": None, "energy": None, "sensitivity": 1.0}
                        for k in sorted({weight_kind(n) for n in names})}
     else:
-        sensitivity = kind_sensitivity(quantized_path, full, energy, calib_text, gamma, work_dir, threads, progress)
-    return FitPass(full, energy, total_energy, costs, sensitivity)
+        with times.step("theta sensitivity"):
+            sensitivity = kind_sensitivity(quantized_path, full, energy, calib_text, gamma, work_dir, threads,
+                                           progress)
+    return FitPass(full, energy, total_energy, costs, sensitivity, times.seconds)
 
 
 def allocate_theta(quantized_path: Path, weights: Callable[[str], np.ndarray], names: list[str],
@@ -141,7 +179,7 @@ def reallocate(theta: NkatTheta, sensitivity: dict[str, float], budget_bytes: in
 
 # The types a weight may be written at, from the 3-bit class to 8 bits: the same bits as the base and fewer
 # included (a weight moved down pays for another's upgrade), each only where the quantizer writes it as asked for
-# that row width (engine.llama.quantize.accepted_types). Each type costs one quantization of the model.
+# that row width (engine.llama.quantize.accepted_types). Each is measured weight by weight (candidates.py).
 CANDIDATE_TYPES = (GGMLQuantizationType.Q3_K, GGMLQuantizationType.IQ4_XS, GGMLQuantizationType.Q4_0,
                    GGMLQuantizationType.IQ4_NL, GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q4_1,
                    GGMLQuantizationType.Q5_0, GGMLQuantizationType.Q5_K, GGMLQuantizationType.Q5_1,
@@ -159,8 +197,8 @@ def bits_per_weight(ggml_type: GGMLQuantizationType) -> float:
 def candidate_types(base: GGMLQuantizationType, row_width: int,
                     input_type: GGMLQuantizationType | None = None) -> list[GGMLQuantizationType]:
     """The types other than `base` a weight with rows of `row_width` values may take: the candidates the quantizer
-    accepts, and the input's own type (re-quantizing to it is nearly a copy: on a quantized input, the first
-    question is which tensors to keep as they are)."""
+    accepts, and the input's own type (re-quantizing to it is a copy, as llama.cpp writes it and candidates.py
+    measures it: on a quantized input, the first question is which tensors to keep as they are)."""
     extra = (input_type,) if input_type is not None and _is_quantized(input_type) else ()
     wanted = dict.fromkeys(CANDIDATE_TYPES + extra)
     return [t for t in accepted_types(row_width, tuple(wanted)) if t != base]
@@ -178,6 +216,7 @@ class MixAllocation:
     sensitivity: dict[str, dict[str, float]]
     speed_price: float  # κ: 0, speed not priced
     type_seconds: dict[str, float]  # the local CPU's seconds per weight value, by type (0 where not priced)
+    seconds: dict[str, float] = field(default_factory=dict)  # the θ step's own steps, for convert's report
 
     @property
     def upgrades(self) -> dict[str, str]:
@@ -193,33 +232,20 @@ class MixAllocation:
                 "sensitivity": self.sensitivity, "speed_price": self.speed_price, "type_seconds": self.type_seconds}
 
 
-class _Residuals:
-    """A weight's weighted residual at a type, as the allocation sees it.
+def _candidate_step(first: TypeStep, base_error: float, ggml_type: str, error: float, n_bytes: int,
+                    theta: bool) -> TypeStep:
+    """A weight's step at a candidate type, as the allocation sees it.
 
     Every type: ‖E·S‖² with S = diag(√E[x²]), cheap. With θ, the spectrum at a candidate type is the base
-    type's (from the θ fit's own metric) times the ratio of the two diagonal errors: fitting a rank-64 θ at
-    every candidate type of every weight took minutes per type on the 135M default model (one SVD each), and
-    a finer type's quantization noise is the same kind of noise, smaller. The θ an upgraded weight keeps is
-    then fitted for real to its new residual.
+    type's (`first`, from the θ fit's own metric) times the ratio of the two diagonal errors: fitting a rank-64
+    θ at every candidate type of every weight took minutes per type on the 135M default model (one SVD each),
+    and a finer type's quantization noise is the same kind of noise, smaller. The θ an upgraded weight keeps
+    is then fitted for real to its new residual.
     """
-
-    def __init__(self, weights: Callable[[str], np.ndarray], calibration: Calibration | None):
-        self.weights, self.calibration = weights, calibration
-        self.base: dict[str, tuple[float, TypeStep]] = {}  # name -> (diagonal error, θ-metric step) at the base
-
-    def diagonal_error(self, name: str, dequantized: np.ndarray) -> float:
-        residual = (self.weights(name) - dequantized).astype(np.float64)
-        scale = (np.ones(residual.shape[1]) if self.calibration is None
-                 else self.calibration.mean_squares[name].astype(np.float64))
-        return float((residual ** 2 @ scale).sum())
-
-    def step(self, name: str, ggml_type: str, dequantized: np.ndarray, n_bytes: int) -> TypeStep:
-        error = self.diagonal_error(name, dequantized)
-        if name not in self.base:  # types only
-            return TypeStep(ggml_type, n_bytes, error, np.zeros(0))
-        base_error, base = self.base[name]
-        ratio = error / base_error if base_error > 0 else 0.0
-        return TypeStep(ggml_type, n_bytes, base.error * ratio, base.energy * ratio)
+    if not theta:
+        return TypeStep(ggml_type, n_bytes, error, np.zeros(0))
+    ratio = error / base_error if base_error > 0 else 0.0
+    return TypeStep(ggml_type, n_bytes, first.error * ratio, first.energy * ratio)
 
 
 def allocate_mix(model_path: Path, base_path: Path, ftype: int, imatrix: dict[str, np.ndarray] | None,
@@ -227,44 +253,42 @@ def allocate_mix(model_path: Path, base_path: Path, ftype: int, imatrix: dict[st
                  calib_text: Text, budget: ThetaBudget, max_weights: int | None, gamma: float, settings: FitSettings,
                  work_dir: Path, threads: int = 0, progress: bool = True,
                  speed_price: float = SPEED_PRICE) -> MixAllocation:
-    """convert's type-and-θ step: every candidate type quantized once (the whole model, with the importance
-    matrix, by llama.cpp), each weight's residual measured at each and its product time priced by the local CPU's
-    speed of that type (engine.measure.type_speed), one greedy, the mixed file quantized."""
-    base = TensorSource(base_path)
-    model = TensorSource(model_path)
+    """convert's type-and-θ step: each weight's residual measured at each candidate type (quantized weight by
+    weight with its importance row, `candidates.py`) and its product time priced by the local CPU's speed of that
+    type (engine.measure.type_speed), one greedy, the mixed file quantized by llama.cpp."""
+    base, model = TensorSource(base_path), TensorSource(model_path)
     base_types = {n: base.info(n).type for n in names}
     theta = max_weights != 0
-    residuals = _Residuals(weights, calibration)
+    times = StepTimes()
     if theta:  # the base type's spectra and the per-kind sensitivity that converts energy into NLL
         fitted = fit_pass(base_path, weights, names, calibration, calib_text, gamma, settings, work_dir, threads,
                           progress)
         sensitivity = fitted.sensitivity
-        steps = {n: [TypeStep(base_types[n].name, 0, fitted.total_energy[n], fitted.energy[n])] for n in names}
-        residuals.base = {n: (residuals.diagonal_error(n, base.dequantize(n)), steps[n][0]) for n in names}
+        times.seconds.update(fitted.seconds)
     else:  # types only: every kind's weighted residual counts alike
         sensitivity = {k: {"nll_drop": None, "energy": None, "sensitivity": 1.0}
                        for k in sorted({weight_kind(n) for n in names})}
-        steps = {n: [residuals.step(n, base_types[n].name, base.dequantize(n), 0)] for n in names}
     ladders = {n: candidate_types(base_types[n], base.info(n).shape[0], model.info(n).type) for n in names}
     types = sorted({t for ladder in ladders.values() for t in ladder} | set(base_types.values()))
     speed = type_seconds(types, threads) if speed_price > 0 else dict.fromkeys((t.name for t in types), 0.0)
-    values = {n: int(np.prod(base.numpy_shape(n))) for n in names}
-    steps = {n: [replace(s, seconds=values[n] * speed[s.type]) for s in steps[n]] for n in names}
     pad = base.layout.alignment
-    for ggml_type in tqdm(sorted({t for ladder in ladders.values() for t in ladder}, key=bits_per_weight),
-                          desc="candidate types", unit="type", disable=not progress, leave=False):
-        chosen = {n: ggml_type for n, ladder in ladders.items() if ggml_type in ladder}
-        path = work_dir / f"candidate-{ggml_type.name}.gguf"
-        quantize_model(model_path, path, ftype, imatrix, threads, chosen)
-        check_types(path, chosen)
-        candidate = TensorSource(path)
-        for n in chosen:
-            extra = (_padded(candidate.info(n).n_bytes, pad) - _padded(base.info(n).n_bytes, pad)
-                     + type_listing_bytes(n, ggml_type.name))
-            step = residuals.step(n, ggml_type.name, candidate.dequantize(n), extra)
-            steps[n].append(replace(step, seconds=values[n] * speed[ggml_type.name]))
-        del candidate
-        path.unlink()
+    steps: dict[str, list[TypeStep]] = {}
+    with times.step("theta candidate types"):
+        for n in tqdm(names, desc="candidate types", unit="weight", disable=not progress, leave=False):
+            weight, at_base = weights(n), base.dequantize(n)
+            scale = (np.ones(weight.shape[1]) if calibration is None
+                     else calibration.mean_squares[n].astype(np.float64))
+            base_error = diagonal_error(weight, at_base, scale)
+            first = (TypeStep(base_types[n].name, 0, fitted.total_energy[n], fitted.energy[n]) if theta
+                     else TypeStep(base_types[n].name, 0, base_error, np.zeros(0)))
+            errors = candidate_errors(model, n, weight, at_base, ladders[n],
+                                      None if imatrix is None else imatrix.get(n), scale, threads)
+            steps[n] = [first]
+            for ggml_type, error in errors.items():
+                extra = (_padded(TensorSpec(n, weight.shape, ggml_type).n_bytes, pad)
+                         - _padded(base.info(n).n_bytes, pad) + type_listing_bytes(n, ggml_type.name))
+                steps[n].append(_candidate_step(first, base_error, ggml_type.name, error, extra, theta))
+            steps[n] = [replace(s, seconds=weight.size * speed[s.type]) for s in steps[n]]
     costs = [WeightSteps(n, tuple(steps[n]), component_bytes(*base.numpy_shape(n)), listing_bytes(n)) for n in names]
     budget_bytes = budget.bytes_for(base_path.stat().st_size)
     choices = allocate_mix_math(costs, {k: v["sensitivity"] for k, v in sensitivity.items()}, budget_bytes,
@@ -272,8 +296,9 @@ def allocate_mix(model_path: Path, base_path: Path, ftype: int, imatrix: dict[st
     pinned = {t.name: t.type for t in base.layout.tensors if _is_quantized(t.type)}
     pinned |= {n: GGMLQuantizationType[c.type] for n, c in choices.items()}
     mixed = work_dir / "mixed.gguf"
-    quantize_model(model_path, mixed, ftype, imatrix, threads, pinned)  # every weight named: no mixture rule moves it
-    check_types(mixed, pinned)
+    with times.step("theta mixed file"):
+        quantize_model(model_path, mixed, ftype, imatrix, threads, pinned)  # every weight named: no rule moves it
+        check_types(mixed, pinned)
     written = TensorSource(mixed)
     fitter = ThetaFitter(ALLOCATION_MAX_RANK, calibration, settings)
     fits = {}
@@ -287,7 +312,7 @@ def allocate_mix(model_path: Path, base_path: Path, ftype: int, imatrix: dict[st
             factors, share = fitter.fit(n, weights(n) - written.dequantize(n), c.rank)
         fits[n] = WeightFit(quantize_int8(factors), share, None, 0)
     return MixAllocation(mixed, choices, fits, {n: t.name for n, t in base_types.items()}, budget_bytes,
-                         mix_bytes(costs, choices), max_weights, sensitivity, speed_price, speed)
+                         mix_bytes(costs, choices), max_weights, sensitivity, speed_price, speed, times.seconds)
 
 
 def _padded(n_bytes: int, alignment: int) -> int:

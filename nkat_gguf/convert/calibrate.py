@@ -17,8 +17,10 @@ from tqdm import tqdm
 
 from nkat_gguf.engine.calibrate.calibration import (
     WINDOW,
+    CachedMoments,
     GraphStatistics,
     cache_key,
+    cache_path,
     collect_statistics,
     load_cached,
     store_cached,
@@ -100,25 +102,27 @@ def calibrate(model_path: Path, text: Text, calib_tokens: int | None = None, sec
     groups = layer_groups(layout, names, memory) if second_moments and memory is not None else [names]
     model_sha = model_sha256 or sha256_file(model_path)
 
-    def run(weights: set[str], outer: bool | set[str], group: str) -> GraphStatistics:
+    def run(weights: set[str], outer: bool | set[str], group: str) -> tuple[GraphStatistics, Mapping[str, np.ndarray]]:
+        """The statistics and their second moments: read from the cache entry when there is one (one input's
+        Σxxᵀ in memory at a time), else those just collected."""
         key = cache_key(model_sha, text.sha256, len(windows), WINDOW, group)
         stats = load_cached(key, bool(outer)) if cache else None
         if stats is None:
             stats = collect_statistics(model_path, windows, weights, outer, threads, progress)
-            if cache:
-                store_cached(key, stats, bool(outer))
-        return stats
+            if not cache:
+                return stats, stats.take_second_moments() if outer else {}
+            store_cached(key, stats, bool(outer))
+            stats.outer_sums = {}  # on disk now: held again one input at a time
+        return stats, CachedMoments(cache_path(key), stats) if outer else {}
 
     grouped = len(groups) > 1
-    stats = run(names, groups[0] if grouped else second_moments, _group_tag(groups[0]) if grouped else "")
+    stats, first = run(names, groups[0] if grouped else second_moments, _group_tag(groups[0]) if grouped else "")
     if save_imatrix is not None:
         write_imatrix_file(save_imatrix, stats.sums, stats.counts, [text.source], len(windows), WINDOW)
-    first = stats.take_second_moments() if second_moments else {}
     moments: Mapping[str, np.ndarray] = first
     if grouped:
         expected = {n for n, size in moment_bytes(layout, set(stats.sums)).items() if size}
-        moments = GroupedMoments(groups, expected, first,
-                                 lambda group: run(group, group, _group_tag(group)).take_second_moments())
+        moments = GroupedMoments(groups, expected, first, lambda group: run(group, group, _group_tag(group))[1])
     return Calibration(stats.mean_squares(), stats.tokens, text.sha256, text.source, moments, len(groups))
 
 

@@ -2,7 +2,8 @@
 
 `check_options` is the one place a `convert` call's options are checked: the paths here, γ and imatrix files
 by format/, the type by llama.cpp's quantizer, the weights by selection.py, θ's fit by theta_fit.py, the
-budgets by math/allocation.py, --calib-memory by moment_groups.py, and SO8T's options by SO8T. Every
+budgets by math/allocation.py, --calib-memory by moment_groups.py, --max-memory by memory.py (the peak by
+docs/CALIBRATION.md's formula, from the tensor shapes), and SO8T's options by SO8T. Every
 refusal is one line; what the checks resolve (types, weights, budgets, the rotation plan) is what the
 later steps use, so no step parses an option again.
 """
@@ -14,7 +15,9 @@ from pathlib import Path
 
 from gguf.constants import Keys
 
+from nkat_gguf.convert.allocate import ALLOCATION_MAX_RANK
 from nkat_gguf.convert.calibrate import Calibration
+from nkat_gguf.convert.memory import MemoryEstimate, check_max_memory, estimate
 from nkat_gguf.convert.moment_groups import parse_memory
 from nkat_gguf.convert.options import ConvertOptions
 from nkat_gguf.convert.selection import resolve_tensor_types, select_tensors
@@ -53,6 +56,7 @@ class CheckedOptions:
     calib_memory: int  # --calib-memory in bytes
     needs_calibration: bool  # convert calibrates (unless a calibration is passed in)
     reads_text: bool  # a step reads the calibration text
+    memory: MemoryEstimate  # the peak by docs/CALIBRATION.md's formula, checked against --max-memory
 
 
 def check_options(opts: ConvertOptions, calibration: Calibration | None) -> CheckedOptions:
@@ -84,8 +88,14 @@ def check_options(opts: ConvertOptions, calibration: Calibration | None) -> Chec
                          or opts.save_imatrix is not None)
     reads_text = ((needs_calibration and calibration is None) or budget is not None or byte_budget is not None
                   or opts.calibrate_temperature or opts.theta_train != "none")
+    file_bytes = max(input_path.stat().st_size, Path(opts.reference).stat().st_size if opts.reference else 0)
+    allocates = budget is not None or byte_budget is not None
+    memory = estimate(layout, file_bytes, names, calib_memory,
+                      opts.theta_fit == "whiten" and opts.theta_calib == "activation" and (wants_theta or allocates),
+                      ALLOCATION_MAX_RANK if allocates else opts.theta_rank, needs_calibration and calibration is None)
+    check_max_memory(opts.max_memory, memory)
     return CheckedOptions(opts, layout, source, reference, names, outtype, ftype, fit, so8t, budget, tensor_types,
-                          byte_budget, theta_weights, calib_memory, needs_calibration, reads_text)
+                          byte_budget, theta_weights, calib_memory, needs_calibration, reads_text, memory)
 
 
 def reference_source(input_source: TensorSource, reference: Path | None) -> TensorSource:

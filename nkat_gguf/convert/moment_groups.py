@@ -78,8 +78,8 @@ class GroupedMoments(Mapping[str, np.ndarray]):
     `collect(group)` runs the calibration pass for a group and returns its second moments.
     """
 
-    def __init__(self, groups: list[set[str]], expected: set[str], first: dict[str, np.ndarray],
-                 collect: Callable[[set[str]], dict[str, np.ndarray]]):
+    def __init__(self, groups: list[set[str]], expected: set[str], first: Mapping[str, np.ndarray],
+                 collect: Callable[[set[str]], Mapping[str, np.ndarray]]):
         self.groups, self._expected, self._collect = groups, expected, collect
         self._group_of = {name: i for i, group in enumerate(groups) for name in group}
         self._loaded, self._held = 0, first

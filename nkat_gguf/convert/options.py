@@ -36,6 +36,7 @@ class ConvertOptions:
     selective_layers: list[str] | tuple[str, ...] | None = None  # None: every attention/FFN weight
     calib_text: Path | None = None
     calib_memory: str = DEFAULT_CALIB_MEMORY  # Σxxᵀ held at once; above it, passes per group of layers
+    max_memory: str | None = None  # refuse before any work a run whose formula peak exceeds it (convert/memory.py)
     calib_tokens: int | None = None  # None: DEFAULT_CALIB_TOKENS, or all whole windows of a shorter text
     save_imatrix: Path | None = None  # also write the calibration as a llama.cpp imatrix GGUF
     theta_calib: ThetaCalib = "activation"

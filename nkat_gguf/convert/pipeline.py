@@ -10,7 +10,7 @@ in metadata (NKAT format v2), so a stock llama.cpp loads it as the plain quantiz
 from __future__ import annotations
 
 import resource
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +24,7 @@ from nkat_gguf.convert.theta_fit import WeightFit, fit_weights, replace_tensors
 from nkat_gguf.convert.theta_train import TrainSettings, train_theta, trained_figures
 from nkat_gguf.convert.write import provenance, write_temperature, write_theta
 from nkat_gguf.engine.llama.quantize import check_types, fallbacks, quantize_model
+from nkat_gguf.errors import NkatError
 from nkat_gguf.format.atomic import work_dir
 from nkat_gguf.format.gguf_file import GGUFLayout
 from nkat_gguf.format.imatrix import input_widths, missing_note, read_imatrix_file
@@ -60,6 +61,7 @@ class Theta:
     quantized: Path
     allocation: dict | None
     types: dict[str, str] | None = None  # under --byte-budget: the weights given another type than the base's
+    seconds: dict[str, float] = field(default_factory=dict)  # under a budget: the θ step's own steps
 
 
 def convert(opts: ConvertOptions, calibration: Calibration | None = None) -> ConvertReport:
@@ -67,43 +69,58 @@ def convert(opts: ConvertOptions, calibration: Calibration | None = None) -> Con
     (not with so8t: a calibration of the unrotated model does not describe the rotated one)."""
     times = StepTimes()
     opts = opts.resolved()
-    with times.step("total"):
-        inputs = read_input(check_options(opts, calibration))
-        report = ConvertReport(str(opts.input), str(opts.output), inputs.outtype, opts.theta_rank, opts.gamma,
-                               "none", opts.theta_fit, "none", input_bytes=Path(opts.input).stat().st_size)
-        with work_dir(Path(opts.output).parent, "convert") as tmp:
-            model, so8t = bake(inputs, Path(tmp))
-            if so8t is not None:
-                times.seconds.update(so8t.seconds)
-            if inputs.needs_calibration and calibration is None:  # llama.cpp evaluates the weights θ aims at
-                with times.step("calibrate"):
-                    calibration = calibrate_model(inputs, model, report.notes)
-            for_theta = calibration_for_theta(inputs, calibration, report.notes)
-            imatrix, imatrix_source = load_imatrix(inputs, model, calibration, report.notes)
-            with times.step("quantize"):
-                quantized = quantize(inputs, model, imatrix, imatrix_source, Path(tmp))
-            with times.step("theta"):
-                theta = fit_theta(inputs, model, quantized, for_theta, Path(tmp))
-                if opts.theta_train != "none" and theta.fits:
-                    trained = train_theta(TrainSettings.of(opts), model.reference, theta.quantized, theta.fits,
-                                          opts.gamma, inputs.calib_text, opts.progress)
-                    theta, report.theta_train = replace(theta, fits=trained.fits), trained.summary
-                record = NkatTheta(opts.gamma, {n: f.theta for n, f in theta.fits.items()},
-                                   provenance(inputs, calibration, quantized.imatrix_source, theta.allocation,
-                                              theta.types, so8t, report.theta_train))
-            written = Path(tmp) / "with-theta.gguf" if opts.calibrate_temperature else Path(opts.output)
-            with times.step("write"):
-                metadata = write_theta(theta.quantized, written, record)
-            if opts.calibrate_temperature:
-                with times.step("temperature"):
-                    report.temperature = asdict(write_temperature(written, Path(opts.output), inputs))
-        report.calibration = "activation" if for_theta else "none"
-        _fill_report(report, quantized, theta, metadata, so8t)
+    checked = None
+    try:
+        with times.step("total"):
+            checked = check_options(opts, calibration)
+            report, so8t = _steps(read_input(checked), calibration, times)
+    except MemoryError:  # the work directory and the atomic output are gone by now: nothing is left behind
+        step = " / ".join(times.current[1:]) or "read"
+        needed = "" if checked is None else (f"; by docs/CALIBRATION.md's formula it needs about "
+                                             f"{checked.memory.peak / (1 << 30):.2f} GiB ({checked.memory.describe()})")
+        raise NkatError(f"convert ran out of memory in its {step} step{needed}") from None
     report.seconds = times.rounded()
     report.peak_resident_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     if so8t is not None:
         so8t.write_report(report.as_dict())
     return report
+
+
+def _steps(inputs: Inputs, calibration: Calibration | None, times: StepTimes) -> tuple[ConvertReport, BakeStep | None]:
+    """bake -> calibrate -> quantize -> θ -> write (-> temperature), each step timed."""
+    opts = inputs.opts
+    report = ConvertReport(str(opts.input), str(opts.output), inputs.outtype, opts.theta_rank, opts.gamma,
+                           "none", opts.theta_fit, "none", input_bytes=Path(opts.input).stat().st_size)
+    with work_dir(Path(opts.output).parent, "convert") as tmp:
+        model, so8t = bake(inputs, Path(tmp))
+        if so8t is not None:
+            times.seconds.update(so8t.seconds)
+        if inputs.needs_calibration and calibration is None:  # llama.cpp evaluates the weights θ aims at
+            with times.step("calibrate"):
+                calibration = calibrate_model(inputs, model, report.notes)
+        for_theta = calibration_for_theta(inputs, calibration, report.notes)
+        imatrix, imatrix_source = load_imatrix(inputs, model, calibration, report.notes)
+        with times.step("quantize"):
+            quantized = quantize(inputs, model, imatrix, imatrix_source, Path(tmp))
+        with times.step("theta"):
+            theta = fit_theta(inputs, model, quantized, for_theta, Path(tmp))
+            if opts.theta_train != "none" and theta.fits:
+                trained = train_theta(TrainSettings.of(opts), model.reference, theta.quantized, theta.fits,
+                                      opts.gamma, inputs.calib_text, opts.progress)
+                theta, report.theta_train = replace(theta, fits=trained.fits), trained.summary
+            record = NkatTheta(opts.gamma, {n: f.theta for n, f in theta.fits.items()},
+                               provenance(inputs, calibration, quantized.imatrix_source, theta.allocation,
+                                          theta.types, so8t, report.theta_train))
+        times.seconds.update(theta.seconds)
+        written = Path(tmp) / "with-theta.gguf" if opts.calibrate_temperature else Path(opts.output)
+        with times.step("write"):
+            metadata = write_theta(theta.quantized, written, record)
+        if opts.calibrate_temperature:
+            with times.step("temperature"):
+                report.temperature = asdict(write_temperature(written, Path(opts.output), inputs))
+    report.calibration = "activation" if for_theta else "none"
+    _fill_report(report, quantized, theta, metadata, so8t)
+    return report, so8t
 
 
 def bake(inputs: Inputs, tmp: Path) -> tuple[Model, BakeStep | None]:
@@ -179,12 +196,12 @@ def fit_theta(inputs: Inputs, model: Model, quantized: Quantized, calibration: C
         mix = allocate_mix(model.path, quantized.path, inputs.ftype, quantized.imatrix, weights, inputs.names,
                            calibration, inputs.calib_text, inputs.byte_budget, inputs.theta_weights, opts.gamma,
                            inputs.fit, tmp, opts.threads, opts.progress)
-        return Theta(mix.fits, mix.path, mix.summary(), mix.upgrades)
+        return Theta(mix.fits, mix.path, mix.summary(), mix.upgrades, mix.seconds)
     if inputs.budget is not None:
         allocation = allocate_theta(quantized.path, weights, inputs.names, calibration, inputs.calib_text,
                                     inputs.budget, inputs.theta_weights, opts.gamma, inputs.fit, tmp,
                                     opts.threads, opts.progress)
-        return Theta(allocation.fits, quantized.path, allocation.summary())
+        return Theta(allocation.fits, quantized.path, allocation.summary(), seconds=allocation.seconds)
     if opts.theta_rank == 0:
         return Theta({}, quantized.path, None)
     fits, replaced = fit_weights(TensorSource(quantized.path), weights, inputs.names, opts.theta_rank, calibration,

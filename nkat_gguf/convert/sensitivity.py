@@ -12,6 +12,7 @@ NLL gets sensitivity 0: the allocation gives it no rank.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +42,7 @@ def held_out_tokens(model_path: Path, text: Text) -> list[int]:
     return tokens[len(tokens) - n:]
 
 
-def kind_sensitivity(quantized: Path, fits: dict[str, LowRank], energy: dict[str, np.ndarray], text: Text,
+def kind_sensitivity(quantized: Path, fits: Mapping[str, LowRank], energy: dict[str, np.ndarray], text: Text,
                      gamma: float, work_dir: Path, threads: int | None = None,
                      progress: bool = True) -> dict[str, dict[str, float]]:
     """Per kind: NLL drop with theta on that kind only, the energy it captures, and their ratio (sensitivity)."""

@@ -81,7 +81,9 @@ class ThetaFitter:
 
     def __init__(self, rank: int, calibration: Calibration | None, settings: FitSettings):
         self.rank, self.calibration, self.settings = rank, calibration, settings
-        self._cholesky: tuple[int, np.ndarray] | None = None  # (id of the second moment, its factor)
+        # (the second moment, its factor): the moment itself is kept, not its id, since a mapping that reads
+        # moments from disk one at a time frees the last, and a new array may get the freed one's id
+        self._cholesky: tuple[np.ndarray, np.ndarray] | None = None
 
     def fit(self, name: str, residual: np.ndarray, rank: int | None = None) -> tuple[LowRank, float]:
         """Factors at `rank` (default: the fitter's) and the share of the weighted residual they capture."""
@@ -105,10 +107,10 @@ class ThetaFitter:
 
     def _factor(self, name: str) -> np.ndarray:
         moment = self.calibration.second_moments[name]
-        if self._cholesky is None or self._cholesky[0] != id(moment):
+        if self._cholesky is None or self._cholesky[0] is not moment:
             self._cholesky = None  # freed before the next is computed
             try:
-                self._cholesky = id(moment), damped_cholesky(moment, self.settings.resolved_damping)
+                self._cholesky = moment, damped_cholesky(moment, self.settings.resolved_damping)
             except ValueError as exc:
                 raise ValueError(f"{name}: {exc}") from None
         return self._cholesky[1]

@@ -11,12 +11,13 @@ key/value section, so "every tensor of the quantized model unchanged" holds byte
 
 from __future__ import annotations
 
+import hashlib
 import math
 import mmap
 import shutil
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
 MAX_ALIGNMENT = 1 << 16  # llama.cpp accepts any power of two; beyond this the padding alone is absurd
 GGML_MAX_DIMS = 4  # ggml.h: a tensor has at most four dimensions
+LAYOUTS_KEPT = 8  # files whose parsed layout read_layout keeps (a convert reads about five files' layouts)
 
 
 _SCALAR_DTYPES: dict[GGUFValueType, np.dtype] = {
@@ -165,22 +167,42 @@ class _Cursor:
                              f"({self.where})") from None
 
 
+# resolved path -> (file size, digest of the bytes before the tensor data, the layout parsed from them)
+_layouts: dict[Path, tuple[int, bytes, GGUFLayout]] = {}
+
+
 def read_layout(path: str | Path) -> GGUFLayout:
-    """Parse header, metadata and tensor infos; validate that the tensor data is all there."""
+    """Parse header, metadata and tensor infos; validate that the tensor data is all there.
+
+    A convert reads the same few files' layouts many times, and parsing a large tokenizer's strings takes
+    about a second each time, so the last LAYOUTS_KEPT files' layouts are kept: one is reused only while the
+    file has the same size and the same bytes before its tensor data (hashed, milliseconds; a timestamp can
+    miss a rewrite within its clock tick), which are all the layout is read from. The layout returned is
+    shared: do not change it.
+    """
     path = Path(path)
     if not path.is_file():
         raise InputError(f"no such file: {path}")
     size = path.stat().st_size
     if size < 24:
         raise InputError(f"not a GGUF file: {path} ({size} bytes, less than the 24 of a GGUF header)")
+    key = path.resolve()
     with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
         if mm[:4] != GGUF_MAGIC:
             raise InputError(f"not a GGUF file: {path} (magic {bytes(mm[:4])!r}, expected b'GGUF')")
-        cur = _Cursor(mm, path)
-        try:
-            layout = _parse(cur, path, size)
-        finally:
-            cur.buf = b""  # release the mmap export before closing
+        kept = _layouts.pop(key, None)
+        if kept is not None and kept[0] == size and hashlib.blake2b(mm[:kept[2].data_offset]).digest() == kept[1]:
+            layout = kept[2] if kept[2].path == path else replace(kept[2], path=path)
+        else:
+            cur = _Cursor(mm, path)
+            try:
+                layout = _parse(cur, path, size)
+            finally:
+                cur.buf = b""  # release the mmap export before closing
+            kept = (size, hashlib.blake2b(mm[:layout.data_offset]).digest(), layout)
+    _layouts[key] = kept  # last used last: the first is the one dropped
+    while len(_layouts) > LAYOUTS_KEPT:
+        del _layouts[next(iter(_layouts))]
     return layout
 
 
@@ -408,10 +430,11 @@ def write_gguf(
             out.write(struct.pack(f"<{len(ne)}Q", *ne) + struct.pack("<IQ", spec.type, off))
         out.write(b"\0" * ((-out.tell()) % alignment))
         for spec in tensors:
-            raw = np.ascontiguousarray(produce(spec)).tobytes()
-            if len(raw) != spec.n_bytes:
-                raise ValueError(f"{spec.name}: produced {len(raw)} bytes, expected {spec.n_bytes}")
-            out.write(raw + b"\0" * ((-len(raw)) % alignment))
+            data = np.ascontiguousarray(produce(spec))  # written from its own buffer: no bytes copy of a tensor
+            if data.nbytes != spec.n_bytes:
+                raise ValueError(f"{spec.name}: produced {data.nbytes} bytes, expected {spec.n_bytes}")
+            out.write(memoryview(data.reshape(-1)).cast("B"))
+            out.write(b"\0" * ((-data.nbytes) % alignment))
 
 
 def copy_metadata(layout: GGUFLayout, drop_prefixes: tuple[str, ...] = ("GGUF.",)) -> dict[str, Value]:
