@@ -95,9 +95,9 @@ def wide_q4_k(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d / "wide-q4_k_s.gguf"
 
 
-def _types(model: Path, out: Path) -> dict[str, str]:
+def _types(model: Path, out: Path, speed_price: float = 1.0) -> dict[str, str]:
     convert(ConvertOptions(input=model, output=out, outtype="IQ4_NL", theta_rank=0, byte_budget="0.05%",
-                           threads=THREADS, progress=False))
+                           threads=THREADS, progress=False, speed_price=speed_price))
     return {t.name: t.type.name for t in read_layout(out).tensors if t.name.endswith("weight") and t.type.name != "F32"}
 
 

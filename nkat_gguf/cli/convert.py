@@ -13,6 +13,7 @@ from nkat_gguf.cli.qc import format_qc
 from nkat_gguf.math.limits import (
     DAMPING_RANGE,
     DEFAULT_GAMMA,
+    DEFAULT_SPEED_PRICE,
     DEFAULT_TRAIN_LR,
     DEFAULT_TRAIN_STEPS,
     DEFAULT_TRAIN_TOKENS,
@@ -104,6 +105,11 @@ def _tensor_types(_ctx: click.Context, _param: click.Parameter, items: tuple[str
 @click.option("--theta-train-tokens", type=click.IntRange(*TRAIN_TOKENS_RANGE), default=DEFAULT_TRAIN_TOKENS,
               show_default=True, help="Calibration tokens --theta-train trains on, in whole windows of 512 "
                                       "(the first windows of the calibration text).")
+@click.option("--speed-price", type=click.FloatRange(min=0), default=DEFAULT_SPEED_PRICE, show_default=True,
+              help="Price each type by its measured speed on this CPU (a small probe, cached per CPU and llama.cpp "
+                   "build): a type change that makes a weight x % slower must lower its error by this times x % of "
+                   "the base type's. 0: types chosen by error per byte alone. Measure on a quiet machine: the "
+                   "cache keeps the first probe ($NKAT_CACHE_DIR/type-speed).")
 @click.option("--imatrix", default="auto", show_default=True,
               help="Importance matrix for quantization: auto (from the calibration), none, or a llama.cpp "
                    "imatrix file (GGUF or legacy .dat).")
@@ -133,7 +139,7 @@ def convert(input_: str, output: Path, outtype: str | None, reference: Path | No
             calib_text: Path | None, calib_tokens: int | None, calib_memory: str | None, max_memory: str | None,
             save_imatrix: Path | None, theta_calib: str,
             theta_fit: str, theta_damping: float | None, theta_rounds: int, theta_train: str,
-            theta_train_steps: int, theta_train_lr: float, theta_train_tokens: int, imatrix: str, threads: int, so8t: str,
+            theta_train_steps: int, theta_train_lr: float, theta_train_tokens: int, speed_price: float, imatrix: str, threads: int, so8t: str,
             so8t_seed: int | None, so8t_heads: bool, force: bool, report_dir: Path | None,
             optimize_rank: bool, calibrate_temperature: bool, as_json: bool) -> None:
     """Quantize a GGUF with llama.cpp and store theta (what quantization lost, low rank) in its metadata.
@@ -163,7 +169,7 @@ def convert(input_: str, output: Path, outtype: str | None, reference: Path | No
         so8t=So8tOptions(mode=so8t, seed=so8t_seed, heads=so8t_heads, force=force, report_dir=report_dir),
         calibrate_temperature=calibrate_temperature, progress=progress_wanted(as_json),
         theta_train=theta_train, theta_train_steps=theta_train_steps, theta_train_lr=theta_train_lr,
-        theta_train_tokens=theta_train_tokens,
+        theta_train_tokens=theta_train_tokens, speed_price=speed_price,
         **{k: v for k, v in given.items() if v is not None})
     if optimize_rank:
         from nkat_gguf.optimizer.outputs import format_summary

@@ -40,6 +40,7 @@ from nkat_gguf.math.allocation import (
     weight_kind,
 )
 from nkat_gguf.math.allocation import allocate_mix as allocate_mix_math
+from nkat_gguf.math.limits import DEFAULT_SPEED_PRICE
 from nkat_gguf.math.theta import LowRank, quantize_int8
 from nkat_gguf.texts import Text
 from nkat_gguf.timing import StepTimes
@@ -184,9 +185,6 @@ CANDIDATE_TYPES = (GGMLQuantizationType.Q3_K, GGMLQuantizationType.IQ4_XS, GGMLQ
                    GGMLQuantizationType.IQ4_NL, GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q4_1,
                    GGMLQuantizationType.Q5_0, GGMLQuantizationType.Q5_K, GGMLQuantizationType.Q5_1,
                    GGMLQuantizationType.Q6_K, GGMLQuantizationType.Q8_0)
-# κ of math.allocation.allocate_mix: a type change that makes the weights' products 1 % slower must lower their
-# sensitivity-weighted error by at least 1 % of the base type's
-SPEED_PRICE = 1.0
 
 
 def bits_per_weight(ggml_type: GGMLQuantizationType) -> float:
@@ -252,7 +250,7 @@ def allocate_mix(model_path: Path, base_path: Path, ftype: int, imatrix: dict[st
                  weights: Callable[[str], np.ndarray], names: list[str], calibration: Calibration | None,
                  calib_text: Text, budget: ThetaBudget, max_weights: int | None, gamma: float, settings: FitSettings,
                  work_dir: Path, threads: int = 0, progress: bool = True,
-                 speed_price: float = SPEED_PRICE) -> MixAllocation:
+                 speed_price: float = DEFAULT_SPEED_PRICE) -> MixAllocation:
     """convert's type-and-θ step: each weight's residual measured at each candidate type (quantized weight by
     weight with its importance row, `candidates.py`) and its product time priced by the local CPU's speed of that
     type (engine.measure.type_speed), one greedy, the mixed file quantized by llama.cpp."""

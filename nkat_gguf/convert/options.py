@@ -9,6 +9,7 @@ from nkat_gguf.math.limits import (
     DEFAULT_BYTE_BUDGET,
     DEFAULT_GAMMA,
     DEFAULT_OUTTYPE,
+    DEFAULT_SPEED_PRICE,
     DEFAULT_THETA_RANK,
     DEFAULT_TRAIN_LR,
     DEFAULT_TRAIN_STEPS,
@@ -55,6 +56,9 @@ class ConvertOptions:
     # under a budget, the most weights that carry θ (4 graph operations each); 0: θ on no weight (types only);
     # None: DEFAULT_THETA_WEIGHTS capped at the model's weights
     theta_weights: int | None = None
+    # κ: a type change that makes the weights' products x % slower must lower their error by κ·x % of the base's
+    # (the local CPU's per-type speed, engine/measure/type_speed.py); 0: by error per byte alone
+    speed_price: float = DEFAULT_SPEED_PRICE
     calibrate_temperature: bool = False  # fit T on the calibration text (theta at γ) and store it
     # learned θ (convert/theta_train.py), trained from the closed-form fit on the first calibration windows; the
     # mode's default stays none until measurements choose one

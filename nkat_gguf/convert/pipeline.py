@@ -195,7 +195,7 @@ def fit_theta(inputs: Inputs, model: Model, quantized: Quantized, calibration: C
     if inputs.byte_budget is not None:
         mix = allocate_mix(model.path, quantized.path, inputs.ftype, quantized.imatrix, weights, inputs.names,
                            calibration, inputs.calib_text, inputs.byte_budget, inputs.theta_weights, opts.gamma,
-                           inputs.fit, tmp, opts.threads, opts.progress)
+                           inputs.fit, tmp, opts.threads, opts.progress, speed_price=opts.speed_price)
         return Theta(mix.fits, mix.path, mix.summary(), mix.upgrades, mix.seconds)
     if inputs.budget is not None:
         allocation = allocate_theta(quantized.path, weights, inputs.names, calibration, inputs.calib_text,

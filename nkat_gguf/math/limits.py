@@ -46,3 +46,9 @@ MIN_LONGTEXT_TOKENS = 2 * DROP_WINDOW  # below this the drop window and the drif
 
 # perplexity and KLD contexts (--ctx): below this a chunk scores too few tokens for a meaningful mean and error
 MIN_N_CTX = 16
+
+# convert --speed-price: κ of the allocation's speed price (0: types chosen by error per byte alone). Off by default:
+# the probe's per-type seconds (engine/measure/type_speed.py) measured on a loaded 2-core machine spread 50× between
+# types of equal kernels, and a price from noise made the default model's default file 2.6× worse in KLD
+# (BENCHMARKS.md, "Types chosen, not fixed").
+DEFAULT_SPEED_PRICE = 0.0
