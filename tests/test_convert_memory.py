@@ -101,8 +101,6 @@ def _peak_of_convert(model: Path, out: Path) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="measured on branch stream (d 256, f 1024): 4 → 16 layers grew the peak by "
-                   "100 MB against 45 MB of file, the peak in the θ step's fit pass and sensitivity run; not yet found")
 def test_peak_memory_does_not_grow_with_the_layers(tmp_path: Path) -> None:
     """4 and 16 layers whose weights outweigh the embedding table: the peak grows by the file's growth (llama.cpp
     maps it whole) and by no more than one tolerance; the whole-model dicts and candidate files grew it by more."""
