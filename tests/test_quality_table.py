@@ -17,6 +17,7 @@ from nkat_gguf.cli import main
 from nkat_gguf.engine.llama.runtime import RuntimeOptions
 from nkat_gguf.evaluate.quality import QualitySettings, format_quality_table, quality_table
 from nkat_gguf.format.gguf_file import read_layout
+from nkat_gguf.math.limits import DEFAULT_OUTTYPE
 from nkat_gguf.texts import builtin_text
 
 SETTINGS = QualitySettings(theta_rank=4, n_ctx=64, n_chunks=2, repetitions=1, n_prompt=64, n_gen=8, progress=False)
@@ -95,5 +96,5 @@ def test_cli_is_a_thin_shell(table: tuple[dict, Path], tiny_f32: Path, monkeypat
     assert json.loads(run.output)["variants"].keys() == table[0]["variants"].keys()
     model, text, runtime_options, settings, reference, calib_text, out_dir = calls[0]
     assert (model, reference, calib_text, out_dir) == (tiny_f32, None, None, None)
-    assert (settings.theta_rank, settings.n_ctx, settings.n_chunks, settings.outtype) == (4, 64, 3, "Q4_0")
+    assert (settings.theta_rank, settings.n_ctx, settings.n_chunks, settings.outtype) == (4, 64, 3, DEFAULT_OUTTYPE)
     assert runtime_options.n_ctx >= settings.n_prompt  # the speed runs need room for pp512
