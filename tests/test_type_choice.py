@@ -47,6 +47,30 @@ def test_nothing_to_free_keeps_the_base() -> None:
     assert allocate_mix([w], ONE, 0, 0) == {w.name: Choice("IQ4_NL", 0)}
 
 
+def test_a_kind_whose_theta_measured_nothing_is_not_free_to_downgrade() -> None:
+    """θ's sensitivity 0 on a kind (its θ did not lower the NLL) must not price that kind's type error at 0: it was
+    sent to its cheapest type and the budget it freed stayed unspent (Qwen2.5-Coder-1.5B, 82 MB)."""
+    mute = weight("blk.0.ffn_down.weight", ("IQ4_NL", 0, 10.0, 0.0), ("Q3_K", -100, 30.0, 0.0),
+                  ("Q6_K", 100, 2.0, 0.0))
+    copy = weight("blk.0.ffn_up.weight", ("IQ4_NL", 0, 10.0, 0.0), ("Q4_K", 0, 0.0, 0.0))
+    choices = allocate_mix([mute, copy], {"ffn_down": 0.0, "ffn_up": 1.0}, 100, 0)
+    assert choices == {mute.name: Choice("Q6_K", 0), copy.name: Choice("Q4_K", 0)}
+    assert mix_bytes([mute, copy], choices) == 100
+
+
+def test_theta_is_dropped_where_the_type_copies_the_reference() -> None:
+    """A copy of the reference leaves no residual: the θ a weight bought at the base (cheaper per benefit than
+    the copy's bytes) is dropped when it moves to the copy, and the bytes it frees go to another weight's θ."""
+    energy = np.array([4.0, 2.0, 1.0])
+    copied = WeightSteps("blk.0.ffn_up.weight", (TypeStep("IQ4_NL", 0, 10.0, energy),
+                                                 TypeStep("Q6_K", 1_000, 0.0, np.zeros(3))), 90, 150)
+    other = WeightSteps("blk.1.ffn_up.weight", (TypeStep("IQ4_NL", 0, 10.0, energy),), 90, 150)
+    theta = 150 + 3 * 90
+    choices = allocate_mix([copied, other], ONE, 1_000 + theta, None)
+    assert choices == {copied.name: Choice("Q6_K", 0), other.name: Choice("IQ4_NL", 3)}
+    assert mix_bytes([copied, other], choices) == 1_000 + theta
+
+
 @pytest.mark.parametrize("budget", [0, 500, 3_000])
 @pytest.mark.parametrize("max_weights", [0, 2, None])
 def test_budget_holds_with_cheaper_types_and_theta(budget: int, max_weights: int | None) -> None:
@@ -114,3 +138,21 @@ def test_q4_k_is_kept_on_a_q4_k_input_and_less_when_priced_slower(wide_q4_k: Pat
     type_prices(THREADS, {"Q4_K": 20.0})
     slow = _types(wide_q4_k, tmp_path / "slow.gguf")
     assert not [n for n, t in slow.items() if n.startswith("blk.") and t == "Q4_K"], slow
+
+
+def test_every_weight_kept_as_the_input_wrote_it_when_affordable_and_no_theta_on_copies(
+        wide_q4_k: Path, tmp_path: Path) -> None:
+    """On a Q4_K_S input at +3 %, keeping every weight at the input's type is affordable (Q4_K costs IQ4_NL's
+    bytes, the one Q5_K less than 3 %) and leaves no error: every weight is kept and no θ is stored on a copy.
+    Before, the kinds whose θ lowered no NLL were priced 0, sent to Q3_K and the bytes they freed left unspent,
+    and θ went to copies with nothing to correct (both on Qwen2.5-Coder-1.5B, and here)."""
+    from nkat_gguf.format.nkat import read_theta
+
+    out = tmp_path / "kept.gguf"
+    report = convert(ConvertOptions(input=wide_q4_k, output=out, outtype="IQ4_NL", byte_budget="3%",
+                                    threads=THREADS, progress=False))
+    given = {t.name: t.type.name for t in read_layout(wide_q4_k).tensors if t.name.startswith("blk.")}
+    written = {t.name: t.type.name for t in read_layout(out).tensors if t.name.startswith("blk.")}
+    assert written == given
+    assert report.allocation["spent_bytes"] >= 0
+    assert not read_theta(out).tensors

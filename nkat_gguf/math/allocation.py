@@ -176,21 +176,36 @@ class Choice:
     rank: int
 
 
-def _left_error(step: TypeStep, rank: int) -> float:
-    return step.error - float(step.energy[:rank].sum())
-
-
 @dataclass(frozen=True)
 class _Prices:
-    """What a move is worth: gain[w] per unit of weighted error, and `per_second` per second of product time
-    (the speed price: a slower type must buy that much more error reduction)."""
+    """What a move is worth: `types[w]` per unit of a type's weighted error, `theta[w]` per unit of the energy θ
+    captures, and `per_second` per second of product time (the speed price: a slower type must buy that much
+    more error reduction). The two gains differ only where θ's measured sensitivity is not positive (see
+    `type_gains`)."""
 
-    gains: dict[str, float]
+    types: dict[str, float]
+    theta: dict[str, float]
     per_second: float
 
     def value(self, w: WeightSteps, step: TypeStep, rank: int) -> float:
         """The weight's priced loss at a step and rank: lower is better."""
-        return self.gains[w.name] * _left_error(step, min(rank, step.energy.size)) + self.per_second * step.seconds
+        captured = float(step.energy[:min(rank, step.energy.size)].sum())
+        return self.types[w.name] * step.error - self.theta[w.name] * captured + self.per_second * step.seconds
+
+
+def type_gains(sensitivity: dict[str, float]) -> dict[str, float]:
+    """The per-kind price of a type's weighted error: the measured sensitivity, and where that is not positive
+    (θ on the kind did not lower the calibration NLL, so it measured nothing), the median of the positive ones.
+    A kind priced at 0 was free to move to its cheapest type and its weights could buy nothing back: on
+    Qwen2.5-Coder-1.5B two kinds (56 weights) went to Q3_K and 82 MB of the budget stayed unspent."""
+    positive = sorted(v for v in sensitivity.values() if v > 0)
+    neutral = float(np.median(positive)) if positive else 1.0
+    return {k: v if v > 0 else neutral for k, v in sensitivity.items()}
+
+
+def _useful_rank(step: TypeStep, rank: int) -> int:
+    """The rank a weight keeps at a step: its components of no energy there (a copy of the reference) dropped."""
+    return min(rank, int(np.count_nonzero(step.energy > 0)))
 
 
 Move = tuple[float, float, int, int, int]  # (benefit per byte, benefit, cost, new step, new rank)
@@ -201,16 +216,22 @@ def _best_move(w: WeightSteps, at: int, rank: int, prices: _Prices, left: int, m
     """The affordable move of best benefit per byte, or None. A move of no cost in bytes (a type of the same or
     fewer bytes with a lower priced loss) ranks first, by its benefit.
 
-    A type change keeps the rank, its θ refitted to the new residual, and costs no graph operation; a θ
-    component costs its bytes, and the weight's first one also its keys and four graph operations.
+    A type change keeps the rank, its θ refitted to the new residual, and costs no graph operation, except for
+    the components the new type leaves nothing to capture with (a copy of the reference has no residual):
+    those are dropped and their bytes freed. A θ component costs its bytes, and the weight's first one also
+    its keys and four graph operations.
     """
     best = None
     step = w.steps[at]
     here = prices.value(w, step, rank)
     candidates = []
-    if theta and rank < step.energy.size and (rank > 0 or may_open):
+    if theta and rank < step.energy.size and step.energy[rank] > 0 and (rank > 0 or may_open):
         candidates.append((w.component_bytes + (w.open_bytes if rank == 0 else 0), at, rank + 1))
-    candidates += [(s.bytes - step.bytes, j, min(rank, s.energy.size)) for j, s in enumerate(w.steps) if j != at]
+    for j, s in enumerate(w.steps):
+        if j != at:
+            kept = _useful_rank(s, rank)
+            freed = (rank - kept) * w.component_bytes + (w.open_bytes if rank > 0 and kept == 0 else 0)
+            candidates.append((s.bytes - step.bytes - freed, j, kept))
     for cost, j, r in candidates:
         benefit = here - prices.value(w, w.steps[j], r)
         if cost > left or benefit <= 0:
@@ -261,10 +282,11 @@ def _mix_greedy(weights: list[WeightSteps], prices: _Prices, budget: int, theta_
             continue
         rank = state[name][1]
         left -= move[2]
-        opened += rank == 0 and move[4] > 0
+        closed = rank > 0 and move[4] == 0
+        opened += (move[4] > 0) - (rank > 0)
         state[name] = target
         push(name)
-        if move[2] < 0:  # bytes freed: the weights that could afford nothing may now
+        if move[2] < 0 or closed:  # bytes or an operation freed: the weights that could afford nothing may now
             for other in sorted(idle):
                 idle.discard(other)
                 push(other)
@@ -285,10 +307,12 @@ def allocate_mix(weights: list[WeightSteps], sensitivity: dict[str, float], budg
     """
     if budget_bytes < 0:
         raise ValueError("budget_bytes must be >= 0")
+    kinds = type_gains(sensitivity)
     gains = {w.name: float(sensitivity.get(weight_kind(w.name), 0.0)) for w in weights}
-    base_loss = sum(gains[w.name] * w.steps[0].error for w in weights)
+    types = {w.name: kinds.get(weight_kind(w.name), 0.0) for w in weights}
+    base_loss = sum(types[w.name] * w.steps[0].error for w in weights)
     base_seconds = sum(w.steps[0].seconds for w in weights)
-    prices = _Prices(gains, speed_price * base_loss / base_seconds if base_seconds > 0 else 0.0)
+    prices = _Prices(types, gains, speed_price * base_loss / base_seconds if base_seconds > 0 else 0.0)
     limit = len(weights) if max_weights is None else max_weights
     everyone = {w.name for w in weights} if limit > 0 else set()
     state = _mix_greedy(weights, prices, budget_bytes, everyone, len(weights))
