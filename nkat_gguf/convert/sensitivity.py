@@ -6,8 +6,8 @@ that theta captures there. The text is the end of the calibration split (its las
 never an evaluation text. With the default calibration (32 windows of 512, nearly all of the built-in
 split) those windows are among the ones whose statistics fitted theta: the sensitivity only ranks the
 kinds against each other, and the evaluation texts stay unseen. A kind whose theta does not lower the
-NLL gets sensitivity 0: the allocation gives it no rank, and prices its types' error at the median of the
-other kinds' (math/allocation.type_gains), not at 0.
+NLL gets sensitivity 0: the allocation gives it no rank, and prices its types' error at the least positive
+sensitivity of the other kinds (math/allocation.type_gains), not at 0.
 """
 
 from __future__ import annotations
