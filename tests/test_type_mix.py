@@ -217,3 +217,18 @@ def test_the_library_default_is_the_command_default(tiny_f32: Path, tmp_path: Pa
     for key in ("outtype", "theta_rank", "gamma", "imatrix", "allocation", "types", "tensors"):
         assert by_cli[key] == report[key], key
     assert (tmp_path / "cli.gguf").read_bytes() == (tmp_path / "library.gguf").read_bytes()
+
+
+@pytest.mark.parametrize("outtype", ["F32", "f16"])
+def test_an_unquantized_outtype_writes_every_weight_at_it_with_no_theta(tiny_f32: Path, tmp_path: Path,
+                                                                        outtype: str) -> None:
+    """`convert --outtype F32 --so8t random` is how the off-grid reference is made: nothing is lost, so the default
+    allocates nothing and fits no θ (the allocation's mixed file had llama.cpp refuse every pinned type)."""
+    assert ConvertOptions(input=tiny_f32, output=tmp_path / "x.gguf", outtype=outtype).resolved().byte_budget is None
+    out = tmp_path / "full.gguf"
+    cli = CliRunner().invoke(main, ["convert", "--input", str(tiny_f32), "-o", str(out), "--outtype", outtype,
+                                    "--json"])
+    assert cli.exit_code == 0, cli.output
+    weights = [t for t in read_layout(out).tensors if t.name.startswith("blk.") and t.name.endswith("_v.weight")]
+    assert weights and all(t.type.name == outtype.upper() for t in weights)
+    assert not nkat.read_theta(out).tensors

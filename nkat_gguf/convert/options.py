@@ -19,6 +19,7 @@ from nkat_gguf.math.limits import (
 )
 from nkat_gguf.so8t import So8tOptions
 
+UNQUANTIZED_OUTTYPES = ("F32", "F16", "BF16")  # outtypes that lose nothing: no types to allocate, no θ
 DEFAULT_CALIB_MEMORY = "4GiB"  # the second moments of a whole 7B llama (6.4 GB) take two passes, the default model one
 
 
@@ -71,7 +72,11 @@ class ConvertOptions:
     def resolved(self) -> ConvertOptions:
         """These options with convert's defaults filled in, the one place they are decided: the allocation of
         types and θ ranks under DEFAULT_BYTE_BUDGET unless a uniform `theta_rank` or a θ-only `theta_budget`
-        is asked for. `theta_weights` stays None (the default count is capped at the model's weights on read)."""
+        is asked for, and for an unquantized outtype (F32, F16, BF16: `--so8t` rotations written at full
+        precision) no θ and no allocation. `theta_weights` stays None (the default count is capped at the model's
+        weights on read)."""
+        if self.outtype.upper() in UNQUANTIZED_OUTTYPES:  # nothing is lost, so nothing to allocate or correct
+            return replace(self, theta_rank=0 if self.theta_rank is None else self.theta_rank)
         by_hand = self.theta_rank is not None or self.theta_budget is not None
         return replace(self, theta_rank=DEFAULT_THETA_RANK if self.theta_rank is None else self.theta_rank,
                        byte_budget=self.byte_budget if self.byte_budget is not None or by_hand else DEFAULT_BYTE_BUDGET)
