@@ -107,6 +107,13 @@ class _Collector:
         self._products: dict[int, np.ndarray] = {}  # width -> float32 (in, in) buffer for one window's xᵀx
         self.callback = llama_cpp.ggml_backend_sched_eval_callback(self._call)  # kept alive with the collector
 
+    def release(self) -> None:
+        """Free the buffers now: the callback refers back to the collector, so that cycle would hold them (4 MiB
+        per 1,024-wide input) until Python's cycle collector ran, one more each calibration pass."""
+        self._products.clear()
+        self._staging = np.empty(0, dtype=np.uint8)
+        self.callback = None
+
     def new_graph(self) -> None:
         """Tensor addresses of graph nodes identify shared inputs only within one graph."""
         self._inputs.clear()
@@ -259,7 +266,10 @@ def collect_statistics(model_path: Path, windows: list[list[int]], weights: set[
         weights = {t.name for t in read_layout(model_path).tensors}
     outer = set(weights) if second_moments is True else set(second_moments or ())
     collector = _Collector(weights, outer)
-    _evaluate(model_path, windows, threads, progress, collector)
+    try:
+        _evaluate(model_path, windows, threads, progress, collector)
+    finally:
+        collector.release()
     if not collector.stats.sums:
         raise NkatError(f"llama.cpp evaluated {model_path.name} but multiplied none of its weights in a way the "
                         "calibration can read")

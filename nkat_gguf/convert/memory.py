@@ -6,6 +6,8 @@ exceeds is refused in one line with what the run needs, and nothing is written.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import re
 from dataclasses import dataclass
 
@@ -17,6 +19,8 @@ from nkat_gguf.format.imatrix import NEVER_RECORDED, input_widths
 
 PROCESS_BYTES = 256 << 20  # the interpreter with numpy, torch and llama.cpp loaded (about 234 MiB here)
 FIT_BYTES_PER_ELEMENT = 32  # W_ref, the weight at its type, the residual (float32), E·L and its float64 source
+MMAP_THRESHOLD = 128 << 10  # glibc's default, fixed: arrays above it are mapped alone and unmapped when freed
+_M_MMAP_THRESHOLD = -3  # malloc.h; setting it also stops glibc's dynamic raise of the threshold
 SHARED_INPUT = re.compile(r"\.(attn_k|attn_v|ffn_up)\.")  # these read the input of attn_q / ffn_gate
 
 
@@ -69,3 +73,18 @@ def check_max_memory(limit: str | None, needed: MemoryEstimate) -> None:
     if needed.peak > parse_memory(limit, "--max-memory"):
         raise InputError(f"convert needs about {needed.peak / (1 << 30):.2f} GiB of memory ({needed.describe()}), "
                          f"more than --max-memory {limit}")
+
+
+def return_freed_memory() -> None:
+    """Make glibc give every freed large array back to the system (Linux with glibc; elsewhere nothing).
+
+    glibc raises its mmap threshold each time a mapped block is freed, up to 32 MiB, so after the first weights
+    the per-weight arrays (residuals, factors, quantized rows) come from the heap, and freed heap is rarely
+    returned: on a 16-layer synthetic model the peak grew by twice the file's growth over a 4-layer one
+    (684 MiB against 598), by less than the file's growth with the threshold fixed (495 against 471).
+    """
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc (macOS, musl, Windows): nothing to set
+        return
+    mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)

@@ -19,6 +19,7 @@ from nkat_gguf.convert.allocate import allocate_mix, allocate_theta
 from nkat_gguf.convert.calibrate import DEFAULT_CALIB_TOKENS, Calibration, calibrate
 from nkat_gguf.convert.checks import check_options
 from nkat_gguf.convert.inputs import Inputs, read_input
+from nkat_gguf.convert.memory import return_freed_memory
 from nkat_gguf.convert.options import ConvertOptions, ConvertReport
 from nkat_gguf.convert.theta_fit import WeightFit, fit_weights, replace_tensors
 from nkat_gguf.convert.theta_train import TrainSettings, train_theta, trained_figures
@@ -69,6 +70,7 @@ def convert(opts: ConvertOptions, calibration: Calibration | None = None) -> Con
     (not with so8t: a calibration of the unrotated model does not describe the rotated one)."""
     times = StepTimes()
     opts = opts.resolved()
+    return_freed_memory()
     checked = None
     try:
         with times.step("total"):
